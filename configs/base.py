@@ -1,0 +1,73 @@
+"""Shared defaults of every experiment; each config file changes a few fields on top."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "finetune"  # "finetune" (property regression) or "pretrain" (denoising)
+    c.seed = 123
+    c.num_devices = 0  # 0: every visible accelerator
+    c.distributed = False  # multi-host: call jax.distributed.initialize()
+    c.init_checkpoint = ""  # fine-tuning: a pre-training workdir whose encoder to start from
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = "data/jarvis_dft3d.jsonl.gz"
+    c.data.task = "formation_energy_peratom"
+    c.data.units = "auto"  # "auto": from the task table in dpf_jax/data/pipeline.py
+    c.data.target_transform = "auto"  # "", "log10", or "auto" (log10 for MP K_VRH/G_VRH)
+    c.data.val_fraction = 0.05  # pre-training corpus: held-out share for validation
+    c.data.cache_dir = ".cache/graphs"
+    c.data.num_workers = 0  # graph building processes; 0 = all cores
+    c.data.max_records = 0  # 0 = all; smoke runs use a few hundred
+
+    c.graph = ml_collections.ConfigDict()
+    c.graph.cutoff = 8.0
+    c.graph.max_neighbors = 12
+    c.graph.use_lattice = True
+
+    c.model = ml_collections.ConfigDict()
+    c.model.num_layers = 5
+    c.model.channels = 128
+    c.model.heads = 4
+    c.model.rbf_bins = 128
+    c.model.cutoff = 8.0
+    c.model.dtype = "float32"
+    # Matmul precision: "default" (JAX's float32 default: TF32 on recent NVIDIA GPUs),
+    # "highest" (true float32), or "bf16" (bfloat16 activations, float32 params and loss).
+    c.model.precision = "default"
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.weight_decay = 1e-5
+    c.optim.pct_start = 0.3
+    c.optim.div_factor = 25.0
+    c.optim.final_div_factor = 1e4
+    c.optim.cycle_momentum = True
+    c.optim.base_momentum = 0.85
+    c.optim.max_momentum = 0.95
+    c.optim.clip_norm = 5.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 500
+    c.train.batch_size = 32
+    c.train.standardize_targets = True
+    c.train.eval_every_epochs = 1
+    c.train.log_every_steps = 20
+    c.train.checkpoint_every_steps = 0  # 0: at every epoch end only
+    c.train.max_steps = 0  # >0: stop (and checkpoint) there, as if interrupted; rerun resumes
+    c.train.num_budget_levels = 2
+    c.train.prefetch = 2
+    c.train.progress_bar = True
+
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.corruption = "paper"
+    c.pretrain.mask_fraction = 0.0
+    c.pretrain.position_scale = 0.0
+    c.pretrain.position_fraction = 1.0
+    c.pretrain.lattice_scale = 0.0
+    c.pretrain.rebuild_topology = False
+    c.pretrain.type_weight = 1.0
+    c.pretrain.position_weight = 1.0
+    c.pretrain.lattice_weight = 1.0
+    return c

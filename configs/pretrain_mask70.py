@@ -1,0 +1,9 @@
+"""DPF pre-training: mask 70% of each crystal's atoms (unknown type) and predict them."""
+
+from configs import pretrain_base
+
+
+def get_config():
+    c = pretrain_base.get_config()
+    c.pretrain.mask_fraction = 0.7
+    return c

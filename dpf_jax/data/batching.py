@@ -1,0 +1,292 @@
+"""Padded, fixed-shape `jraph.GraphsTuple` batches of crystal graphs.
+
+Batch layout (every array numpy on the host; the training code adds a leading device axis):
+
+  nodes   = {"species":   int32[N]   atomic number Z, 0 for padding (and for masked atoms),
+             "positions": float32[N,3] Cartesian Å,
+             "graph":     int32[N]   index of the node's graph in this batch,
+             "mask":      bool[N]    True for real atoms}
+  edges   = {"images":    int32[E,3] integer image of the receiver (see graphs.py),
+             "mask":      bool[E]}
+  globals = {"lattice":   float32[G,3,3] rows = lattice vectors (identity for padding graphs),
+             "target":    float32[G] raw target (0 where absent),
+             "index":     int32[G] position of the crystal in the global batch (-1: padding),
+             "mask":      bool[G]}
+  senders, receivers: int32[E]; n_node, n_edge: int32[G].
+
+Padding follows `jraph.pad_with_graphs`: one padding graph holds every padding node and edge
+(padding edges are self-loops on the first padding node), the remaining padding graphs are
+empty. Edges stay sorted by receiver because padding indices exceed every real index.
+
+Budgets: a handful of (n_node, n_edge) levels per batch, chosen from the dataset's own size
+distribution so that padding waste stays low while jit compiles only a few shapes; a batch
+that exceeds every level gets a new, larger level (logged) instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import jraph
+import numpy as np
+
+from dpf_jax.data.graphs import CrystalGraph
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Budget:
+    """Padded sizes of one device's share of a batch (padding included)."""
+
+    n_node: int
+    n_edge: int
+    n_graph: int
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+def graph_to_jraph(graph: CrystalGraph, target: float | None = None) -> jraph.GraphsTuple:
+    """One unpadded single-crystal GraphsTuple in the batch layout of this module."""
+    c = graph.crystal
+    n, e = graph.num_nodes, graph.num_edges
+    return jraph.GraphsTuple(
+        nodes={
+            "species": c.numbers.astype(np.int32),
+            "positions": c.cart_coords.astype(np.float32),
+            "graph": np.zeros(n, np.int32),
+            "mask": np.ones(n, bool),
+        },
+        edges={"images": graph.images.astype(np.int32), "mask": np.ones(e, bool)},
+        senders=graph.senders.astype(np.int32),
+        receivers=graph.receivers.astype(np.int32),
+        globals={
+            "lattice": c.lattice.astype(np.float32)[None],
+            "target": np.array([0.0 if target is None else target], np.float32),
+            "index": np.zeros(1, np.int32),
+            "mask": np.ones(1, bool),
+        },
+        n_node=np.array([n], np.int32),
+        n_edge=np.array([e], np.int32),
+    )
+
+
+def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index: int = 0) -> jraph.GraphsTuple:
+    """Concatenates single-crystal graphs and pads them to `budget` with `jraph` padding.
+
+    `first_index` is the position of the first graph in the global batch (see "index").
+    """
+    n_graph = len(graphs)
+    if n_graph >= budget.n_graph:
+        raise ValueError(f"{n_graph} graphs do not fit a budget of {budget.n_graph} (one is padding)")
+    if graphs:
+        batch = jraph.batch_np(list(graphs))
+    else:  # an empty device share (last partial batch on many devices)
+        batch = jraph.GraphsTuple(
+            nodes={"species": np.zeros(0, np.int32), "positions": np.zeros((0, 3), np.float32),
+                   "graph": np.zeros(0, np.int32), "mask": np.zeros(0, bool)},
+            edges={"images": np.zeros((0, 3), np.int32), "mask": np.zeros(0, bool)},
+            senders=np.zeros(0, np.int32), receivers=np.zeros(0, np.int32),
+            globals={"lattice": np.zeros((0, 3, 3), np.float32), "target": np.zeros(0, np.float32),
+                     "index": np.zeros(0, np.int32), "mask": np.zeros(0, bool)},
+            n_node=np.zeros(0, np.int32), n_edge=np.zeros(0, np.int32))
+    n_node, n_edge = int(batch.n_node.sum()), int(batch.n_edge.sum())
+    if n_node >= budget.n_node or n_edge > budget.n_edge:
+        raise ValueError(f"batch of {n_node} nodes / {n_edge} edges exceeds {budget}")
+    padded = jraph.pad_with_graphs(batch, budget.n_node, budget.n_edge, budget.n_graph)
+    # jraph pads with zeros; fix the fields whose zero is not a neutral value.
+    graph_index = np.repeat(np.arange(budget.n_graph, dtype=np.int32), padded.n_node)
+    lattice = padded.globals["lattice"].copy()
+    lattice[n_graph:] = np.eye(3, dtype=np.float32)  # keeps lattice inverses finite on padding
+    index = np.full(budget.n_graph, -1, np.int32)
+    index[:n_graph] = np.arange(first_index, first_index + n_graph)
+    return padded._replace(
+        nodes={**padded.nodes, "graph": graph_index},
+        globals={**padded.globals, "lattice": lattice, "index": index},
+        senders=padded.senders.astype(np.int32),
+        receivers=padded.receivers.astype(np.int32),
+        n_node=padded.n_node.astype(np.int32),
+        n_edge=padded.n_edge.astype(np.int32),
+    )
+
+
+def stack_device_batches(batches: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
+    """Stacks equally padded per-device batches along a new leading device axis."""
+    import jax  # tree utilities only; no device work
+
+    return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+
+
+def choose_budgets(
+    n_nodes: np.ndarray,
+    n_edges: np.ndarray,
+    graphs_per_device: int,
+    num_levels: int = 2,
+    num_samples: int = 512,
+    seed: int = 0,
+    node_multiple: int = 64,
+    edge_multiple: int = 512,
+) -> list[Budget]:
+    """Picks `num_levels` padding budgets from random batches of this dataset.
+
+    Level k covers the k/num_levels quantile of simulated batch totals (the last level is the
+    largest simulated batch plus 5%), so most batches use a budget not much above their size.
+    """
+    n_nodes = np.asarray(n_nodes, np.int64)
+    n_edges = np.asarray(n_edges, np.int64)
+    if n_nodes.size == 0:
+        raise ValueError("cannot choose padding budgets for an empty dataset")
+    g = min(graphs_per_device, n_nodes.size)
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(n_nodes.size, size=g, replace=False) for _ in range(num_samples)])
+    tot_n, tot_e = n_nodes[idx].sum(1), n_edges[idx].sum(1)
+    budgets = set()
+    for k in range(1, num_levels + 1):
+        if k == num_levels:
+            bn, be = tot_n.max() * 1.05, tot_e.max() * 1.05
+        else:
+            q = k / num_levels
+            bn, be = np.quantile(tot_n, q), np.quantile(tot_e, q)
+        # a single crystal must always fit alone
+        bn = max(bn, n_nodes.max()) + 1
+        be = max(be, n_edges.max())
+        budgets.add(Budget(_round_up(bn, node_multiple), _round_up(be, edge_multiple), graphs_per_device + 1))
+    return sorted(budgets)
+
+
+def fit_budget(budgets: list[Budget], n_node: int, n_edge: int, n_graph: int) -> Budget:
+    """The smallest budget holding a share of this size; a new one (logged) if none does."""
+    for b in budgets:
+        if n_node < b.n_node and n_edge <= b.n_edge and n_graph < b.n_graph:
+            return b
+    top = budgets[-1] if budgets else Budget(64, 512, n_graph + 1)
+    new = Budget(
+        max(top.n_node, _round_up((n_node + 1) * 1.25, 64)),
+        max(top.n_edge, _round_up(n_edge * 1.25, 512)),
+        max(top.n_graph, n_graph + 1),
+    )
+    log.warning("batch of %d nodes / %d edges exceeds every padding budget; adding %s "
+                "(one more jit compilation)", n_node, n_edge, new)
+    budgets.append(new)
+    budgets.sort()
+    return new
+
+
+def split_evenly(items: Sequence, parts: int) -> list[list]:
+    """Contiguous, near-equal chunks (sizes differ by at most one)."""
+    n = len(items)
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [list(items[bounds[i]:bounds[i + 1]]) for i in range(parts)]
+
+
+class GraphBatcher:
+    """Turns a list of single-crystal GraphsTuples into padded, device-stacked batches.
+
+    Each global batch holds `batch_size` crystals split evenly over `num_devices` shares; each
+    share is padded to the same budget, so the result has a leading axis of `num_devices`.
+    """
+
+    def __init__(self, graphs: Sequence[jraph.GraphsTuple], batch_size: int, num_devices: int = 1,
+                 budgets: list[Budget] | None = None, num_levels: int = 2, seed: int = 0):
+        if batch_size % num_devices:
+            raise ValueError(f"batch size {batch_size} is not divisible by {num_devices} devices")
+        if not graphs:
+            raise ValueError("no graphs to batch")
+        self.graphs = list(graphs)
+        self.batch_size = batch_size
+        self.num_devices = num_devices
+        self.per_device = batch_size // num_devices
+        self.n_node = np.array([int(g.n_node[0]) for g in self.graphs])
+        self.n_edge = np.array([int(g.n_edge[0]) for g in self.graphs])
+        self.budgets = list(budgets) if budgets else choose_budgets(
+            self.n_node, self.n_edge, self.per_device, num_levels=num_levels, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def num_batches(self, drop_remainder: bool = False) -> int:
+        n = len(self.graphs)
+        return n // self.batch_size if drop_remainder else -(-n // self.batch_size)
+
+    def epoch_order(self, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+        """The crystal order of one epoch: a pure function of (seed, epoch)."""
+        order = np.arange(len(self.graphs))
+        if shuffle:
+            np.random.default_rng([seed, epoch]).shuffle(order)
+        return order
+
+    def make_batch(self, indices: Sequence[int]) -> jraph.GraphsTuple:
+        shares = split_evenly(list(indices), self.num_devices)
+        sizes = [(int(self.n_node[s].sum()), int(self.n_edge[s].sum()), len(s)) for s in shares]
+        budget = fit_budget(self.budgets, max(s[0] for s in sizes), max(s[1] for s in sizes),
+                            max(s[2] for s in sizes))
+        starts = np.cumsum([0] + [len(s) for s in shares])
+        return stack_device_batches([pad_graphs([self.graphs[i] for i in s], budget, int(start))
+                                     for s, start in zip(shares, starts)])
+
+    def iterate(self, seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_remainder: bool = False,
+                start_batch: int = 0) -> Iterator[jraph.GraphsTuple]:
+        """Batches of one epoch, starting at batch `start_batch` (for exact resumption)."""
+        order = self.epoch_order(seed, epoch, shuffle)
+        for b in range(start_batch, self.num_batches(drop_remainder)):
+            yield self.make_batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+
+    def padding_waste(self, seed: int = 0) -> dict:
+        """Fraction of padded node and edge slots over one epoch (for benchmarks and logs)."""
+        real_n = real_e = tot_n = tot_e = 0
+        order = self.epoch_order(seed, 0, True)
+        for b in range(self.num_batches()):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            shares = split_evenly(list(idx), self.num_devices)
+            budget = fit_budget(self.budgets, max(int(self.n_node[s].sum()) for s in shares),
+                                max(int(self.n_edge[s].sum()) for s in shares), max(len(s) for s in shares))
+            real_n += int(self.n_node[idx].sum())
+            real_e += int(self.n_edge[idx].sum())
+            tot_n += budget.n_node * self.num_devices
+            tot_e += budget.n_edge * self.num_devices
+        return {"node_padding": 1 - real_n / tot_n, "edge_padding": 1 - real_e / tot_e}
+
+
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+    """Runs `iterator` on a background thread, keeping up to `size` items ready.
+
+    Exceptions raised by the producer are re-raised in the consumer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=size)
+    sentinel = object()
+    stop = threading.Event()
+
+    def producer():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(sentinel)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is sentinel:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

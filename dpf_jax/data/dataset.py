@@ -1,0 +1,169 @@
+"""Dataset preparation: records → graphs, built once in parallel and cached on disk.
+
+The cache key is the SHA-256 of the input file plus the graph parameters and the builder
+version, so editing the file or changing the cutoff rebuilds, and everything else reuses the
+cache (a second run starts in seconds). Records that fail to parse or to build a graph are
+skipped, counted and reported — never a crash halfway through an epoch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dpf_jax.data.graphs import CrystalGraph, build_crystal_graph
+from dpf_jax.data.records import Crystal, CrystalError
+
+log = logging.getLogger(__name__)
+
+# Bump when build_crystal_graph changes its output, to invalidate old caches.
+GRAPH_BUILDER_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphParams:
+    cutoff: float = 8.0
+    max_neighbors: int = 12
+    use_lattice: bool = True
+
+    def key(self) -> str:
+        return f"c{self.cutoff:g}-k{self.max_neighbors}-l{int(self.use_lattice)}-v{GRAPH_BUILDER_VERSION}"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build_one(args):
+    crystal, params = args
+    try:
+        g = build_crystal_graph(crystal, cutoff=params.cutoff, max_neighbors=params.max_neighbors,
+                                use_lattice=params.use_lattice)
+        return g.senders, g.receivers, g.images, None
+    except CrystalError as e:
+        return None, None, None, e.reason
+    except Exception as e:  # noqa: BLE001 - one bad structure must not stop the dataset
+        return None, None, None, f"graph construction failed: {type(e).__name__}: {e}"
+
+
+def _build_chunk(chunk):
+    return [_build_one(a) for a in chunk]
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 16))
+
+
+def build_graphs(
+    crystals: Sequence[Crystal],
+    params: GraphParams = GraphParams(),
+    workers: int | None = None,
+    progress: bool = True,
+    desc: str = "building graphs",
+) -> tuple[list[CrystalGraph | None], list[tuple[str, str]]]:
+    """Graphs of `crystals` (None where a structure fails) and the (id, reason) of failures."""
+    workers = default_workers() if not workers else workers
+    jobs = [(c, params) for c in crystals]
+    results: list = []
+    bar = tqdm(total=len(jobs), desc=desc, unit="crystal", disable=not progress, leave=False)
+    if workers <= 1 or len(jobs) < 256:
+        for job in jobs:
+            results.append(_build_one(job))
+            bar.update()
+    else:
+        chunk = max(16, min(256, math.ceil(len(jobs) / (workers * 8))))
+        chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
+        # spawn, not fork: forking a process that has initialised JAX can deadlock.
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for res in pool.map(_build_chunk, chunks):
+                results.extend(res)
+                bar.update(len(res))
+    bar.close()
+    graphs: list[CrystalGraph | None] = []
+    skipped: list[tuple[str, str]] = []
+    for c, (s, r, im, reason) in zip(crystals, results):
+        if reason is not None:
+            graphs.append(None)
+            skipped.append((c.id, reason))
+        else:
+            graphs.append(CrystalGraph(c, s, r, im))
+    return graphs, skipped
+
+
+def _save_cache(path: Path, ids, graphs):
+    n_edge = np.array([-1 if g is None else g.num_edges for g in graphs], np.int64)
+    ok = [g for g in graphs if g is not None]
+    cat = lambda name, shape: (np.concatenate([getattr(g, name) for g in ok]) if ok
+                               else np.zeros(shape, np.int32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
+    os.close(fd)
+    with open(tmp, "wb") as f:
+        np.savez(f, ids=np.array(ids, dtype=str), n_edge=n_edge, senders=cat("senders", (0,)),
+                 receivers=cat("receivers", (0,)), images=cat("images", (0, 3)))
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+
+
+def _load_cache(path: Path, crystals: Sequence[Crystal]):
+    with np.load(path) as z:
+        ids, n_edge = z["ids"], z["n_edge"]
+        if len(ids) != len(crystals) or any(i != c.id for i, c in zip(ids, crystals)):
+            return None
+        s, r, im = z["senders"], z["receivers"], z["images"]
+    offsets = np.concatenate([[0], np.cumsum(np.maximum(n_edge, 0))])
+    graphs = []
+    for k, c in enumerate(crystals):
+        if n_edge[k] < 0:
+            graphs.append(None)
+        else:
+            a, b = offsets[k], offsets[k + 1]
+            graphs.append(CrystalGraph(c, s[a:b], r[a:b], im[a:b]))
+    return graphs
+
+
+def cached_graphs(
+    crystals: Sequence[Crystal],
+    source_file: str | os.PathLike,
+    params: GraphParams = GraphParams(),
+    cache_dir: str | os.PathLike | None = ".cache/graphs",
+    workers: int | None = None,
+    progress: bool = True,
+) -> tuple[list[CrystalGraph | None], list[tuple[str, str]]]:
+    """`build_graphs`, through an on-disk cache keyed by the file's hash and `params`."""
+    if not cache_dir:
+        return build_graphs(crystals, params, workers, progress)
+    digest = file_sha256(source_file)[:16]
+    path = Path(cache_dir) / f"{Path(source_file).name}.{digest}.{params.key()}.npz"
+    reasons_path = path.with_suffix(".skipped.json")
+    if path.exists():
+        graphs = _load_cache(path, crystals)
+        if graphs is not None:
+            skipped = json.loads(reasons_path.read_text()) if reasons_path.exists() else []
+            log.info("loaded %d cached graphs from %s", sum(g is not None for g in graphs), path)
+            return graphs, [tuple(x) for x in skipped]
+        log.warning("graph cache %s does not match the records; rebuilding", path)
+    graphs, skipped = build_graphs(crystals, params, workers, progress,
+                                   desc=f"graphs of {Path(source_file).name}")
+    try:
+        _save_cache(path, [c.id for c in crystals], graphs)
+        reasons_path.write_text(json.dumps(skipped))
+    except OSError as e:  # a read-only cache location is not fatal
+        log.warning("could not write graph cache %s: %s", path, e)
+    return graphs, skipped

@@ -1,0 +1,163 @@
+"""From a dataset file to the graph lists a run trains on: records → cached graphs → splits.
+
+Pure host-side code (numpy, no JAX). Every skipped record is counted and reported once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dpf_jax.data.dataset import GraphParams, cached_graphs
+from dpf_jax.data.graphs import CrystalGraph
+from dpf_jax.data.readers import load_dataset_records
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+# Units and target transform of the benchmark tasks ("auto" in a config resolves through this).
+# MP moduli are regressed as log10(GPa), as Matformer and MEGNet do.
+KNOWN_TASKS = {
+    "formation_energy_peratom": ("eV/atom", ""),
+    "optb88vdw_bandgap": ("eV", ""),
+    "optb88vdw_total_energy": ("eV/atom", ""),
+    "ehull": ("eV/atom", ""),
+    "mbj_bandgap": ("eV", ""),
+    "bulk_modulus_kv": ("GPa", ""),
+    "shear_modulus_gv": ("GPa", ""),
+    "formation_energy_per_atom": ("eV/atom", ""),
+    "band_gap": ("eV", ""),
+    "K_VRH": ("log10(GPa)", "log10"),
+    "G_VRH": ("log10(GPa)", "log10"),
+}
+
+
+def task_units_and_transform(task: str, units: str = "auto", transform: str = "auto") -> tuple[str, str]:
+    known_units, known_transform = KNOWN_TASKS.get(task, ("", ""))
+    return (known_units if units == "auto" else units,
+            known_transform if transform == "auto" else transform)
+
+
+@dataclasses.dataclass
+class SplitData:
+    """Graphs and raw targets of one split (targets NaN for unlabeled data)."""
+
+    graphs: list[CrystalGraph]
+    targets: np.ndarray
+
+    def __len__(self):
+        return len(self.graphs)
+
+    @property
+    def ids(self) -> list[str]:
+        return [g.crystal.id for g in self.graphs]
+
+
+@dataclasses.dataclass
+class PreparedData:
+    splits: dict[str, SplitData]
+    skipped: list[tuple[str, str]]
+    num_records: int
+    source: str
+
+    def summary(self) -> str:
+        sizes = "/".join(str(len(self.splits.get(s, SplitData([], np.zeros(0))))) for s in SPLITS)
+        return (f"{self.source}: {self.num_records} records, train/val/test {sizes}, "
+                f"{len(self.skipped)} skipped")
+
+
+def _report_skipped(skipped: Sequence[tuple[str, str]], total: int, source: str):
+    if skipped:
+        log.warning("%s: skipped %d of %d records", source, len(skipped), total)
+        for rid, reason in skipped[:10]:
+            log.warning("  skipped %s: %s", rid, reason)
+        if len(skipped) > 10:
+            log.warning("  ... and %d more (see skipped.json in the workdir)", len(skipped) - 10)
+
+
+def _hash_fraction(seed: int, rid: str) -> float:
+    h = hashlib.sha256(f"{seed}:{rid}".encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2.0**64
+
+
+def transform_target(values: np.ndarray, transform: str) -> tuple[np.ndarray, np.ndarray]:
+    """Applies a target transform; returns (values, keep mask). "log10" drops values <= 0."""
+    if not transform:
+        return values, np.isfinite(values)
+    if transform == "log10":
+        keep = np.isfinite(values) & (values > 0)
+        out = np.full_like(values, np.nan)
+        out[keep] = np.log10(values[keep])
+        return out, keep
+    raise ValueError(f"unknown target transform {transform!r} (use '' or 'log10')")
+
+
+def load_graphs(path: str, params: GraphParams, cache_dir: str | None, workers: int | None,
+                max_records: int = 0, progress: bool = True):
+    """All records of a dataset file with their graphs; failures collected in `skipped`."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    data = load_dataset_records(path)
+    records = data.records[:max_records] if max_records else data.records
+    graphs, failed = cached_graphs(records, path, params, cache_dir, workers, progress)
+    skipped = list(data.skipped) + list(failed)
+    pairs = [(r, g) for r, g in zip(records, graphs) if g is not None]
+    return pairs, skipped, len(records) + len(data.skipped)
+
+
+def prepare_labeled(path: str, task: str, params: GraphParams = GraphParams(), transform: str = "",
+                    cache_dir: str | None = ".cache/graphs", workers: int | None = None,
+                    max_records: int = 0, progress: bool = True) -> PreparedData:
+    """Train/val/test graphs of `task` using the official split stored in each record."""
+    pairs, skipped, total = load_graphs(path, params, cache_dir, workers, max_records, progress)
+    known = {t for r, _ in pairs for t in r.split}
+    if task not in known:
+        raise ValueError(f"task {task!r} not found in {path}; tasks with a split there: {sorted(known)}")
+    splits = {s: ([], []) for s in SPLITS}
+    dropped = 0
+    for r, g in pairs:
+        s = r.split.get(task)
+        if s is None or task not in r.targets:
+            continue
+        value = np.array([r.targets[task]], np.float64)
+        value, keep = transform_target(value, transform)
+        if not keep[0]:
+            dropped += 1
+            continue
+        if s not in splits:
+            skipped.append((r.id, f"unknown split {s!r} for task {task!r}"))
+            continue
+        splits[s][0].append(g)
+        splits[s][1].append(value[0])
+    if dropped:
+        log.warning("%s/%s: dropped %d records whose target is invalid for transform %r",
+                    path, task, dropped, transform)
+    _report_skipped(skipped, total, path)
+    out = {s: SplitData(g, np.asarray(t, np.float64)) for s, (g, t) in splits.items()}
+    if not out["train"].graphs:
+        raise ValueError(f"task {task!r} in {path} has no training records")
+    return PreparedData(out, skipped, total, f"{path}:{task}")
+
+
+def prepare_unlabeled(path: str, params: GraphParams = GraphParams(), val_fraction: float = 0.05,
+                      seed: int = 0, cache_dir: str | None = ".cache/graphs",
+                      workers: int | None = None, max_records: int = 0, progress: bool = True) -> PreparedData:
+    """A pre-training corpus split into train/val by a hash of (seed, id) — stable as it grows."""
+    pairs, skipped, total = load_graphs(path, params, cache_dir, workers, max_records, progress)
+    train, val = [], []
+    for r, g in pairs:
+        (val if _hash_fraction(seed, r.id) < val_fraction else train).append(g)
+    _report_skipped(skipped, total, path)
+    if not train:
+        raise ValueError(f"no usable structures in {path}")
+    nan = lambda n: np.full(n, math.nan)
+    splits = {"train": SplitData(train, nan(len(train))), "val": SplitData(val, nan(len(val))),
+              "test": SplitData([], nan(0))}
+    return PreparedData(splits, skipped, total, path)

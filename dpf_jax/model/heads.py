@@ -1,0 +1,124 @@
+"""Denoising heads on the shared Matformer encoder (DESIGN.md §3), Flax linen.
+
+    model = DenoisingModel(encoder=MatformerEncoder(), types=True, positions=True, lattice=True)
+    variables = model.init(key, batch, train=False)
+    out, updates = model.apply(variables, batch, train=True, mutable=["batch_stats"])
+    out["type_logits"]   float32 [N, 95]  class c = atomic number Z - 1 (Z = 1..95)
+    out["displacement"]  float32 [N, 3]   Å, rotation-equivariant, translation-invariant
+    out["lattice"]       float32 [G, 6]   (a, b, c, alpha, beta, gamma) in the loss's normalisation
+
+Only enabled heads appear in the dict (and own parameters). The encoder's parameter subtree
+is named "encoder", exactly as in `MatformerRegressor`, so fine-tuning copies
+`params["encoder"]` (and `batch_stats["encoder"]`) from a pre-training checkpoint into a fresh
+regressor. Masked atoms come in as species 0, which the encoder embeds with the all-zero
+"unknown" row of the CGCNN table. Rows of padding nodes / graphs are meaningless (the padding
+edges add nothing; losses must mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpf_jax.model.layers import (Dtype, Linear, Precision, gather, gather_sorted, mean_pool, rbf_expansion,
+                                  segment_sum_sorted)
+from dpf_jax.model.matformer import EncoderOutput, MatformerEncoder
+
+NUM_TYPES = 95  # classes Z = 1..95 (DESIGN.md §3); atoms with Z > 95 cannot be type targets
+
+
+class TypeHead(nn.Module):
+    """Dense over node features -> `num_types` logits per node (class = Z - 1)."""
+
+    num_types: int = NUM_TYPES
+    dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, nodes):
+        return Linear(self.num_types, True, self.dtype, self.precision, name="dense")(nodes).astype(jnp.float32)
+
+
+class PositionHead(nn.Module):
+    """Equivariant displacement: d_i = sum over edges e = (j -> i) of w_e * r_e / |r_e|.
+
+    w_e = MLP([h_i, h_j, rbf(|r_e|)]) is one invariant scalar per edge (SiLU MLP with
+    `hidden` units, two hidden layers); r_e is the edge vector from the sender j to the
+    receiver's image i, so rotating positions and lattice together rotates d, and translating
+    every atom leaves it unchanged. Padding edges are masked out. The first layer is split
+    per input block (h_i W_a + h_j W_b + rbf W_c), so h_i W_a and h_j W_b are computed per node
+    and gathered. Note the lattice self-loops (+a and -a, ...) of an atom have equal weights
+    and cancel exactly, as they should.
+    """
+
+    hidden: int = 128
+    rbf_bins: int = 128
+    cutoff: float = 8.0
+    dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, nodes, edge_vec, edge_len, senders, receivers, edge_mask):
+        dt, prec = self.dtype, self.precision
+        n_node = nodes.shape[0]
+        h_recv = Linear(self.hidden, True, dt, prec, name="lin_receiver")(nodes)
+        h_send = Linear(self.hidden, False, dt, prec, name="lin_sender")(nodes)
+        rbf = rbf_expansion(edge_len, 0.0, self.cutoff, self.rbf_bins)
+        z = gather_sorted(h_recv, receivers) + gather(h_send, senders) \
+            + Linear(self.hidden, False, dt, prec, name="lin_rbf")(rbf)
+        z = jax.nn.silu(z)
+        z = jax.nn.silu(Linear(self.hidden, True, dt, prec, name="hidden")(z))
+        w = Linear(1, True, dt, prec, name="out")(z)[:, 0].astype(jnp.float32)
+        w = jnp.where(edge_mask, w, 0.0)
+        unit = edge_vec.astype(jnp.float32) / edge_len.astype(jnp.float32)[:, None]
+        return segment_sum_sorted(w[:, None] * unit, receivers, n_node)
+
+
+class LatticeHead(nn.Module):
+    """Masked mean of node features per crystal -> Dense(hidden) -> SiLU -> Dense(6)."""
+
+    hidden: int = 128
+    num_outputs: int = 6
+    dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, nodes, graph_index, node_mask, num_graphs: int):
+        pooled = mean_pool(nodes, graph_index, node_mask, num_graphs)
+        h = jax.nn.silu(Linear(self.hidden, True, self.dtype, self.precision, name="hidden")(pooled))
+        return Linear(self.num_outputs, True, self.dtype, self.precision, name="out")(h).astype(jnp.float32)
+
+
+class DenoisingModel(nn.Module):
+    """Shared `MatformerEncoder` ("encoder") + the denoising heads switched on by fields.
+
+    `__call__(graph, train)` -> dict with "type_logits" [N, 95] (if `types`), "displacement"
+    [N, 3] (if `positions`), "lattice" [G, 6] (if `lattice`), all float32.
+    """
+
+    encoder: MatformerEncoder = dataclasses.field(default_factory=MatformerEncoder)
+    types: bool = True
+    positions: bool = True
+    lattice: bool = True
+    num_types: int = NUM_TYPES
+    head_hidden: int = 128
+
+    @nn.compact
+    def __call__(self, graph, train: bool) -> dict:
+        enc: EncoderOutput = self.encoder(graph, train)
+        dt, prec = self.encoder.dtype, self.encoder.precision
+        out = {}
+        if self.types:
+            out["type_logits"] = TypeHead(self.num_types, dt, prec, name="type_head")(enc.nodes)
+        if self.positions:
+            out["displacement"] = PositionHead(self.head_hidden, self.encoder.rbf_bins, self.encoder.cutoff, dt,
+                                               prec, name="position_head")(
+                enc.nodes, enc.edge_vec, enc.edge_len, graph.senders, graph.receivers,
+                graph.edges["mask"].astype(bool))
+        if self.lattice:
+            out["lattice"] = LatticeHead(self.head_hidden, 6, dt, prec, name="lattice_head")(
+                enc.nodes, graph.nodes["graph"], graph.nodes["mask"], graph.n_node.shape[0])
+        return out

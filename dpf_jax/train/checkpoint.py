@@ -1,0 +1,87 @@
+"""Orbax checkpoints: the latest state (for resumption) and the best by validation metric.
+
+Layout under a workdir:
+  checkpoints/latest/<step>/   the newest two states (a crash while writing keeps the older)
+  checkpoints/best/<step>/     the state with the lowest validation metric so far
+Each checkpoint holds the whole `TrainState` plus a small JSON `meta` (epoch, metric, config).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def _manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+class Checkpointer:
+    def __init__(self, workdir: str | os.PathLike):
+        root = Path(workdir) / "checkpoints"
+        self.latest = _manager(root / "latest", 2)
+        self.best = _manager(root / "best", 1)
+
+    @staticmethod
+    def _save(manager, step: int, state, meta: dict):
+        manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+
+    def save_latest(self, state, meta: dict):
+        self._save(self.latest, int(jax.device_get(state.step)), state, meta)
+
+    def save_best(self, state, meta: dict):
+        self._save(self.best, int(jax.device_get(state.step)), state, meta)
+
+    def wait(self):
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def restore(self, which: str, template) -> tuple[Any, dict] | None:
+        """Restores `which` ("latest" or "best") into the structure of `template`; None if absent."""
+        manager = self.latest if which == "latest" else self.best
+        step = manager.latest_step()
+        if step is None:
+            return None
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"])
+
+    def close(self):
+        self.wait()
+        self.latest.close()
+        self.best.close()
+
+
+def find_checkpoint_dir(path: str | os.PathLike) -> tuple[Path, int]:
+    """Resolves a workdir, a checkpoints/{best,latest} folder or a step folder to (manager dir, step)."""
+    p = Path(path)
+    candidates = [p / "checkpoints" / "best", p / "checkpoints" / "latest", p]
+    for c in candidates:
+        if c.is_dir():
+            steps = sorted(int(d.name) for d in c.iterdir() if d.is_dir() and d.name.isdigit())
+            if steps:
+                return c, steps[-1]
+    if p.is_dir() and p.name.isdigit() and (p / "state").exists():
+        return p.parent, int(p.name)
+    raise FileNotFoundError(f"no Orbax checkpoint found under {p} (looked in checkpoints/best, "
+                            "checkpoints/latest and the folder itself)")
+
+
+def load_raw_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Loads a checkpoint's state as nested dicts of numpy arrays (no template), and its meta."""
+    directory, step = find_checkpoint_dir(path)
+    with ocp.CheckpointManager(directory.absolute()) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    state = jax.tree_util.tree_map(np.asarray, restored["state"])
+    return state, dict(restored["meta"])

@@ -1,0 +1,445 @@
+"""`train_and_evaluate(config, workdir)`: the whole run, for fine-tuning and pre-training alike.
+
+What a user sees: a progress bar per epoch (loss, crystals/s), one line of metrics per epoch in
+`<workdir>/metrics.csv` (and TensorBoard when `tensorboardX` is installed), checkpoints under
+`<workdir>/checkpoints/`, and at the end `<workdir>/results.json` with the test MAE of the final
+and of the best-validation model. A killed run started again with the same command resumes
+from its latest checkpoint exactly (same data order, same random keys).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from dpf_jax.data.batching import GraphBatcher, graph_to_jraph, prefetch
+from dpf_jax.data.dataset import GraphParams
+from dpf_jax.data.pipeline import (PreparedData, SplitData, prepare_labeled, prepare_unlabeled,
+                                   task_units_and_transform)
+from dpf_jax.tasks.losses import lattice_param_stats
+from dpf_jax.train import checkpoint as ckpt_lib
+from dpf_jax.train.objectives import DenoisingObjective, RegressionObjective
+from dpf_jax.train.optim import make_optimizer
+from dpf_jax.train.parallel import (make_mesh, maybe_initialize_distributed, prefetch_to_device,
+                                    put_replicated)
+from dpf_jax.train.step import TrainState, create_state, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRETRAIN_WORKDIR = "runs/pretrain_mask30"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------- set-up
+
+def check_workdir(workdir: Path, min_free_mb: int = 200) -> None:
+    """Fails before training if the workdir is unwritable or the disk nearly full."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"workdir {workdir} is not writable: {e}") from e
+    free_mb = shutil.disk_usage(workdir).free / 2**20
+    if free_mb < min_free_mb:
+        raise TrainingError(f"only {free_mb:.0f} MB free on the disk of {workdir}; "
+                            f"need at least {min_free_mb} MB for checkpoints")
+
+
+def _graph_params(config) -> GraphParams:
+    g = config.graph
+    return GraphParams(cutoff=g.cutoff, max_neighbors=g.max_neighbors, use_lattice=g.use_lattice)
+
+
+def load_data(config) -> PreparedData:
+    d = config.data
+    common = dict(params=_graph_params(config), cache_dir=d.cache_dir or None,
+                  workers=d.num_workers or None, max_records=d.max_records)
+    if config.mode == "pretrain":
+        return prepare_unlabeled(d.path, val_fraction=d.val_fraction, seed=config.seed, **common)
+    if config.mode == "finetune":
+        _, transform = task_units_and_transform(d.task, d.units, d.target_transform)
+        return prepare_labeled(d.path, d.task, transform=transform, **common)
+    raise ValueError(f"config.mode must be 'pretrain' or 'finetune', got {config.mode!r}")
+
+
+def make_objective(config):
+    if config.mode == "pretrain":
+        p = config.pretrain
+        if not (p.mask_fraction or p.position_scale or p.lattice_scale):
+            raise ValueError("pre-training needs at least one of pretrain.mask_fraction, "
+                             "pretrain.position_scale, pretrain.lattice_scale")
+        return DenoisingObjective(config.model, config.pretrain)
+    return RegressionObjective(config.model)
+
+
+def data_stats(config, data: PreparedData) -> dict:
+    """Training-set statistics the objective needs; stored in the train state (checkpointed)."""
+    train = data.splits["train"]
+    stats = {"target_mean": np.float32(0.0), "target_std": np.float32(1.0),
+             "lattice_mean": np.zeros(6, np.float32), "lattice_std": np.ones(6, np.float32)}
+    if config.mode == "finetune" and config.train.standardize_targets:
+        stats["target_mean"] = np.float32(np.mean(train.targets))
+        std = float(np.std(train.targets))
+        stats["target_std"] = np.float32(std if std > 1e-8 else 1.0)
+    if config.mode == "pretrain" and config.pretrain.lattice_scale:
+        mean, std = lattice_param_stats([g.crystal.lattice for g in train.graphs])
+        stats["lattice_mean"], stats["lattice_std"] = np.float32(mean), np.float32(std)
+    return stats
+
+
+def make_batcher(split: SplitData, config, num_devices: int, budgets=None) -> GraphBatcher | None:
+    if not split.graphs:
+        return None
+    targets = np.nan_to_num(split.targets, nan=0.0)
+    graphs = [graph_to_jraph(g, float(t)) for g, t in zip(split.graphs, targets)]
+    return GraphBatcher(graphs, config.train.batch_size, num_devices, budgets=budgets,
+                        num_levels=config.train.num_budget_levels, seed=config.seed)
+
+
+def restore_encoder(state: TrainState, path: str) -> TrainState:
+    """Copies a pre-trained encoder (params and BatchNorm statistics) into `state`.
+
+    The architecture must match exactly; otherwise the error lists every differing parameter.
+    """
+    raw, meta = ckpt_lib.load_raw_checkpoint(path)
+    src_params = raw.get("params", {}).get("encoder")
+    if src_params is None:
+        raise TrainingError(f"checkpoint {path} holds no 'encoder' parameters "
+                            f"(top-level params: {sorted(raw.get('params', {}))})")
+    flat_src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(src_params)[0]}
+    flat_dst = {jax.tree_util.keystr(k): v for k, v in
+                jax.tree_util.tree_flatten_with_path(state.params["encoder"])[0]}
+    problems = []
+    for k in sorted(set(flat_src) | set(flat_dst)):
+        if k not in flat_src:
+            problems.append(f"  {k}: missing in the checkpoint")
+        elif k not in flat_dst:
+            problems.append(f"  {k}: not in this model")
+        elif tuple(flat_src[k].shape) != tuple(flat_dst[k].shape):
+            problems.append(f"  {k}: checkpoint {tuple(flat_src[k].shape)} vs model {tuple(flat_dst[k].shape)}")
+    if problems:
+        raise TrainingError(f"the encoder in {path} does not match this model's architecture:\n"
+                            + "\n".join(problems))
+    cast = lambda dst, src: jnp.asarray(src, dtype=dst.dtype)
+    params = dict(state.params)
+    params["encoder"] = jax.tree_util.tree_map(cast, state.params["encoder"], src_params)
+    batch_stats = dict(state.batch_stats)
+    src_bs = raw.get("batch_stats", {}).get("encoder")
+    if src_bs is not None and "encoder" in batch_stats:
+        batch_stats["encoder"] = jax.tree_util.tree_map(cast, batch_stats["encoder"], src_bs)
+    log.info("initialised the encoder from the pre-trained checkpoint %s (step %s)", path, meta.get("step"))
+    return state.replace(params=params, batch_stats=batch_stats)
+
+
+def resolve_init_checkpoint(config) -> str | None:
+    path = config.get("init_checkpoint", "")
+    if not path or config.mode != "finetune":
+        return None
+    if Path(path).exists():
+        print(f"Fine-tuning from the pre-trained encoder in {path}", flush=True)
+        return path
+    if path == DEFAULT_PRETRAIN_WORKDIR:
+        print(f"No pre-trained checkpoint at {path}: training from scratch "
+              "(run configs/pretrain_mask30.py first to fine-tune from pre-training)", flush=True)
+        return None
+    raise FileNotFoundError(f"init_checkpoint {path!r} does not exist")
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+def evaluate(eval_step, state, batcher: GraphBatcher, mesh, key) -> tuple[dict, np.ndarray]:
+    """Metrics over a whole split and the per-crystal predictions in the split's order."""
+    totals: dict[str, np.ndarray] = {}
+    preds = np.full(len(batcher), np.nan)
+    order = batcher.epoch_order(0, 0, shuffle=False)
+    host_batches = list(batcher.iterate(shuffle=False))
+    for b, (host, dev) in enumerate(zip(host_batches, prefetch_to_device(iter(host_batches), mesh))):
+        terms, p = jax.device_get(eval_step(state, dev, key))
+        for name, (s, c) in terms.items():
+            acc = totals.setdefault(name, np.zeros(2))
+            acc += (float(s), float(c))
+        index, mask = host.globals["index"], host.globals["mask"]
+        start = b * batcher.batch_size
+        preds[order[start + index[mask]]] = np.asarray(p)[mask]
+    metrics = {name: s / max(c, 1.0) for name, (s, c) in totals.items()}
+    return metrics, preds
+
+
+# ---------------------------------------------------------------------------- the run itself
+
+class MetricsWriter:
+    """metrics.csv (one row per epoch; rows past a resumed epoch are dropped) + TensorBoard."""
+
+    def __init__(self, workdir: Path, resume_epoch: int):
+        self.path = workdir / "metrics.csv"
+        self.rows = []
+        if self.path.exists() and resume_epoch > 0:
+            with open(self.path) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < resume_epoch]
+        self.tb = None
+        try:
+            from tensorboardX import SummaryWriter  # optional
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict):
+        self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.path.with_suffix(".csv.part")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
+
+
+def _flatten_terms(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{k}": float(v) for k, v in metrics.items()}
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    workdir = Path(workdir)
+    check_workdir(workdir)
+    _add_file_logging(workdir)
+    maybe_initialize_distributed(config.get("distributed", False))
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    mesh = make_mesh(config.get("num_devices", 0) or None)
+    num_devices = mesh.size
+    objective = make_objective(config)
+    init_path = resolve_init_checkpoint(config)  # fail fast, before data preparation
+    data = load_data(config)
+    log.info("%s", data.summary())
+    if data.skipped:
+        (workdir / "skipped.json").write_text(json.dumps(data.skipped, indent=1))
+    stats = data_stats(config, data)
+
+    train_b = make_batcher(data.splits["train"], config, num_devices)
+    val_b = make_batcher(data.splits["val"], config, num_devices)
+    test_b = make_batcher(data.splits["test"], config, num_devices)
+    drop = len(train_b) >= config.train.batch_size  # full train batches, as the reference does
+    steps_per_epoch = train_b.num_batches(drop_remainder=drop)
+    total_steps = steps_per_epoch * config.train.epochs
+    tx = make_optimizer(config.optim, total_steps)
+    model = objective.make_model()
+
+    example = jax.tree_util.tree_map(lambda x: x[0], next(train_b.iterate(shuffle=False)))
+    state = create_state(model, tx, example, config.seed, stats)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    log.info("model: %s with %d parameters on %d device(s) (%s)", type(model).__name__, n_params,
+             num_devices, jax.devices()[0].platform)
+
+    checkpointer = ckpt_lib.Checkpointer(workdir)
+    restored = checkpointer.restore("latest", state)
+    best_metric, best_epoch = math.inf, -1
+    if restored is not None:
+        state, meta = restored
+        best_metric, best_epoch = meta.get("best_metric", math.inf), meta.get("best_epoch", -1)
+        print(f"Resuming from {workdir}/checkpoints/latest at step {int(state.step)}", flush=True)
+    elif init_path:
+        state = restore_encoder(state, init_path)
+    state = put_replicated(state, mesh)
+
+    train_step = make_train_step(objective, model, tx, mesh)
+    eval_step = make_eval_step(objective, model, mesh)
+    eval_key = put_replicated(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**30), mesh)
+    metric_name = "mae" if config.mode == "finetune" else "loss"
+
+    step = int(jax.device_get(state.step))
+    start_epoch, start_batch = divmod(step, steps_per_epoch)
+    writer = MetricsWriter(workdir, start_epoch)
+    log_every = max(1, config.train.log_every_steps)
+    ckpt_every = config.train.checkpoint_every_steps
+    max_steps = config.train.get("max_steps", 0)
+
+    def meta(epoch):
+        return {"step": int(jax.device_get(state.step)), "epoch": epoch, "best_metric": best_metric,
+                "best_epoch": best_epoch, "mode": config.mode, "steps_per_epoch": steps_per_epoch,
+                "config": json.loads(config.to_json_best_effort())}
+
+    def on_signal(signum, frame):
+        raise _Interrupted(f"signal {signum}")
+
+    old_handler = signal.signal(signal.SIGTERM, on_signal) if _main_thread() else None
+    try:
+        for epoch in range(start_epoch, config.train.epochs):
+            t0 = time.time()
+            first = start_batch if epoch == start_epoch else 0
+            batches = prefetch(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop,
+                                               start_batch=first), config.train.prefetch)
+            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.train.epochs}",
+                       unit="step", leave=False, disable=not config.train.progress_bar)
+            pending, sums, n_crystals = [], {}, 0
+            stopped = False
+            for host_batch_dev in prefetch_to_device(batches, mesh, config.train.prefetch):
+                if max_steps and step >= max_steps:
+                    stopped = True
+                    break
+                state, m = train_step(state, host_batch_dev)
+                pending.append((int(step), m))
+                step += 1
+                n_crystals += config.train.batch_size
+                bar.update()
+                if len(pending) >= log_every:
+                    _drain(pending, sums)
+                    bar.set_postfix(loss=f"{sums['loss'][0] / max(sums['loss'][1], 1):.4g}",
+                                    cryst_s=f"{n_crystals / (time.time() - t0):.0f}")
+                if ckpt_every and step % ckpt_every == 0:
+                    checkpointer.save_latest(state, meta(epoch))
+            if stopped:
+                # stopped mid-epoch on purpose: save and leave, as an interruption would
+                _drain(pending, sums)
+                bar.close()
+                checkpointer.save_latest(state, meta(epoch))
+                checkpointer.close()
+                log.warning("stopped at train.max_steps=%d (step %d); run again to resume", max_steps, step)
+                return {"stopped_at_step": step}
+            _drain(pending, sums)
+            bar.close()
+            elapsed = time.time() - t0
+            row = {"epoch": epoch, "step": step, "time_s": elapsed,
+                   "crystals_per_s": n_crystals / max(elapsed, 1e-9),
+                   "lr": float(_current_lr(state))}
+            row.update({f"train_{k}": s / max(c, 1) for k, (s, c) in sums.items()})
+            if val_b is not None and ((epoch + 1) % config.train.eval_every_epochs == 0
+                                      or epoch + 1 == config.train.epochs):
+                val_metrics, _ = evaluate(eval_step, state, val_b, mesh, eval_key)
+                row.update(_flatten_terms("val", val_metrics))
+                if metric_name == "mae":
+                    current = float(val_metrics["mae"])
+                else:  # pre-training: the weighted total of the validation denoising losses
+                    current = float(objective.total_loss({k: (v, 1.0) for k, v in val_metrics.items()}))
+                row["val_" + metric_name] = current
+                if current < best_metric:
+                    best_metric, best_epoch = current, epoch
+                    checkpointer.save_best(state, meta(epoch))
+            writer.write(row)
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
+                                                          f"{k}={v}" for k, v in row.items()))
+            checkpointer.save_latest(state, meta(epoch + 1))
+    except (KeyboardInterrupt, _Interrupted) as e:
+        log.warning("interrupted (%s): saving the latest checkpoint at step %d", e, int(jax.device_get(state.step)))
+        checkpointer.save_latest(state, meta(int(jax.device_get(state.step)) // steps_per_epoch))
+        checkpointer.close()
+        raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    checkpointer.wait()
+
+    results = final_results(config, objective, state, checkpointer, eval_step, mesh, eval_key,
+                            {"train": train_b, "val": val_b, "test": test_b}, data, metric_name)
+    results.update({"best_epoch": best_epoch, "best_val_" + metric_name: best_metric,
+                    "num_parameters": int(n_params), "num_devices": num_devices,
+                    "platform": jax.devices()[0].platform, "steps": int(jax.device_get(state.step)),
+                    "skipped_records": len(data.skipped),
+                    "init_checkpoint": init_path or ""})
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2), flush=True)
+    checkpointer.close()
+    return results
+
+
+def final_results(config, objective, state, checkpointer, eval_step, mesh, key, batchers, data,
+                  metric_name) -> dict:
+    """Test metrics of the final model and of the best-validation checkpoint."""
+    out: dict[str, Any] = {"mode": config.mode}
+    split = "test" if batchers["test"] is not None else "val"
+    b = batchers[split]
+    if b is None:
+        return out
+    final_metrics, preds = evaluate(eval_step, state, b, mesh, key)
+    out.update({f"{split}_{k}_final": float(v) for k, v in final_metrics.items()})
+    best = checkpointer.restore("best", jax.device_get(state))
+    if best is not None:
+        best_state = put_replicated(best[0], mesh)
+        best_metrics, best_preds = evaluate(eval_step, best_state, b, mesh, key)
+        out.update({f"{split}_{k}_best_val": float(v) for k, v in best_metrics.items()})
+    if config.mode == "finetune":
+        out["task"] = config.data.task
+        out["units"] = task_units_and_transform(config.data.task, config.data.units,
+                                                config.data.target_transform)[0]
+        out["mean_predictor_mae"] = float(np.mean(np.abs(data.splits[split].targets
+                                                         - np.mean(data.splits["train"].targets))))
+        ids = data.splits[split].ids
+        with open(Path(checkpointer.latest.directory).parent.parent / f"predictions_{split}.csv", "w") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "target", "prediction"])
+            for i, t, p in zip(ids, data.splits[split].targets, preds):
+                w.writerow([i, f"{t:.6g}", f"{p:.6g}"])
+    return out
+
+
+def _drain(pending: list, sums: dict) -> None:
+    """Fetches buffered step metrics (one host sync) and stops at the first non-finite step."""
+    if not pending:
+        return
+    fetched = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, fetched):
+        if not bool(m["finite"]):
+            raise TrainingError(f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}); "
+                                "the parameters were left unchanged and no NaN was checkpointed. "
+                                "Try a lower learning rate or check the data.")
+        acc = sums.setdefault("loss", [0.0, 0])
+        acc[0] += float(m["loss"])
+        acc[1] += 1
+        for name, (tsum, tcount) in m["terms"].items():
+            a = sums.setdefault(name, [0.0, 0.0])
+            a[0] += float(tsum)
+            a[1] += float(tcount)
+    pending.clear()
+
+
+def _current_lr(state) -> float:
+    for leaf_state in state.opt_state:
+        hp = getattr(leaf_state, "hyperparams", None)
+        if hp is not None:
+            return float(jax.device_get(hp["learning_rate"]))
+    return float("nan")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _add_file_logging(workdir: Path) -> None:
+    root = logging.getLogger()
+    path = str(workdir / "train.log")
+    if not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(h)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)

@@ -1,0 +1,87 @@
+"""Data parallelism over every visible accelerator: one `Mesh` axis named "data".
+
+A batch carries a leading device axis (see `dpf_jax.data.batching.GraphBatcher`): each device
+gets one self-contained padded share of the global batch. The forward pass runs per device
+under `shard_map`; losses, metrics and BatchNorm statistics are summed across the "data" axis
+with `lax.psum`, so the program computes the same numbers on 1 or N devices. Gradients are
+taken outside the `shard_map`, which lets JAX transpose the collectives itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+AXIS = "data"
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+    """Multi-host: `jax.distributed.initialize()` (coordinator from the usual env variables)."""
+    if enabled:
+        jax.distributed.initialize()
+        log.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise ValueError(f"asked for {num_devices} devices but only {len(devices)} are visible")
+        devices = devices[:num_devices]
+    return Mesh(np.array(devices), (AXIS,))
+
+
+def shard_map(f, mesh: Mesh, in_specs, out_specs):
+    """`jax.shard_map` on current JAX, the experimental one on older releases."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    from jax.experimental.shard_map import shard_map as _sm  # jax < 0.6
+
+    return _sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(AXIS))
+
+
+def put_batch(batch, mesh: Mesh):
+    """Host batch with a leading device axis → device arrays sharded along it (async copy)."""
+    sharding = batch_sharded(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    # multi-host: each process holds the shares of its own local devices
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def put_replicated(tree, mesh: Mesh):
+    return jax.device_put(tree, replicated(mesh))
+
+
+def prefetch_to_device(iterator, mesh: Mesh, size: int = 2):
+    """Keeps `size` batches in flight to the devices ahead of the step that needs them."""
+    import collections
+    import itertools
+
+    queue = collections.deque()
+    it = iter(iterator)
+
+    def enqueue(n):
+        for item in itertools.islice(it, n):
+            queue.append(put_batch(item, mesh))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)

@@ -1,0 +1,112 @@
+"""The train state pytree and the jitted, data-parallel train and evaluation steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from dpf_jax.train.parallel import AXIS, shard_map
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly: checkpointed whole.
+
+    `key` is the run's base PRNG key (raw uint32 form); the key of step s is
+    fold_in(key, s), so randomness is a pure function of (seed, step).
+    `stats` holds data statistics the model depends on (target mean/std, lattice stats).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    key: jax.Array
+    stats: Any
+
+
+def create_state(model, tx, example_graph, seed: int, stats: dict) -> TrainState:
+    """Initialises parameters on one device share of an example batch (no device axis)."""
+    key = jax.random.PRNGKey(seed)
+    init_key, run_key = jax.random.split(key)
+    variables = jax.jit(lambda k, g: model.init(k, g, train=False))(init_key, example_graph)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      key=run_key, stats=jax.tree_util.tree_map(jnp.asarray, stats))
+
+
+def _squeeze(tree):
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def _psum_terms(terms):
+    return jax.tree_util.tree_map(lambda x: jax.lax.psum(jnp.asarray(x, jnp.float32), AXIS), terms)
+
+
+def make_forward(objective, model, mesh, train: bool):
+    """Per-device forward under shard_map → (global loss, (new batch_stats, terms, outputs))."""
+
+    def per_device(params, batch_stats, stats, batch, key):
+        graph = _squeeze(batch)
+        graph, targets = objective.prepare(key, graph, stats)
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train:
+            outputs, mutated = model.apply(variables, graph, train=True, mutable=["batch_stats"])
+            new_stats = mutated["batch_stats"]
+        else:
+            outputs = model.apply(variables, graph, train=False)
+            new_stats = batch_stats
+        terms, predictions = objective.loss_terms(outputs, graph, targets, stats)
+        terms = _psum_terms(terms)
+        loss = objective.total_loss(terms)
+        if predictions is None:
+            predictions = jnp.zeros_like(graph.globals["target"])
+        return loss, (new_stats, terms, predictions[None])
+
+    return shard_map(per_device, mesh,
+                     in_specs=(P(), P(), P(), P(AXIS), P()),
+                     out_specs=(P(), (P(), P(), P(AXIS))))
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def make_train_step(objective, model, tx, mesh):
+    """jit(state, batch) → (state, metrics). A non-finite loss or gradient leaves the state
+    unchanged and reports `finite=False`, so no NaN ever reaches parameters or checkpoints."""
+    forward = make_forward(objective, model, mesh, train=True)
+
+    def train_step(state: TrainState, batch):
+        key = jax.random.fold_in(state.key, state.step)
+        grad_fn = jax.value_and_grad(forward, has_aux=True)
+        (loss, (new_bs, terms, _)), grads = grad_fn(state.params, state.batch_stats, state.stats, batch, key)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+                                  batch_stats=keep(new_bs, state.batch_stats),
+                                  opt_state=keep(new_opt, state.opt_state))
+        metrics = {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), "terms": terms}
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(objective, model, mesh):
+    """jit(state, batch, key) → (terms, predictions [devices, graphs]) in eval mode."""
+    forward = make_forward(objective, model, mesh, train=False)
+
+    def eval_step(state: TrainState, batch, key):
+        _, (_, terms, predictions) = forward(state.params, state.batch_stats, state.stats, batch, key)
+        return terms, predictions
+
+    return jax.jit(eval_step)

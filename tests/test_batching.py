@@ -1,0 +1,109 @@
+"""Padded batches: jraph calls we rely on, budgets, masks, device shares, order, prefetch."""
+
+import jraph
+import numpy as np
+import pytest
+
+from conftest import DATA
+from dpf_jax.data.batching import (Budget, GraphBatcher, choose_budgets, fit_budget, graph_to_jraph,
+                                   pad_graphs, prefetch, split_evenly)
+from dpf_jax.data.graphs import build_crystal_graph
+from dpf_jax.data.readers import load_dataset_records
+
+
+@pytest.fixture(scope="module")
+def jarvis_graphs():
+    records = load_dataset_records(DATA / "jarvis_dft3d.jsonl.gz").records[:120]
+    graphs = [build_crystal_graph(r) for r in records]
+    return [graph_to_jraph(g, r.targets["formation_energy_peratom"]) for g, r in zip(graphs, records)]
+
+
+def test_jraph_batch_and_pad_work_on_this_jax(jarvis_graphs):
+    """The jraph functions we use (batch_np, pad_with_graphs, padding masks) on current JAX."""
+    gs = jarvis_graphs[:5]
+    batch = jraph.batch_np(gs)
+    n, e = int(batch.n_node.sum()), int(batch.n_edge.sum())
+    padded = jraph.pad_with_graphs(batch, n + 7, e + 11, 8)
+    assert padded.n_node.shape == (8,) and int(padded.n_node.sum()) == n + 7
+    mask = np.asarray(jraph.get_graph_padding_mask(padded))
+    np.testing.assert_array_equal(mask, [True] * 5 + [False] * 3)
+    node_mask = np.asarray(jraph.get_node_padding_mask(padded))
+    assert node_mask.sum() == n and not node_mask[n:].any()
+
+
+def test_pad_graphs_layout(jarvis_graphs):
+    gs = jarvis_graphs[:4]
+    n = sum(int(g.n_node[0]) for g in gs)
+    e = sum(int(g.n_edge[0]) for g in gs)
+    b = pad_graphs(gs, Budget(n + 5, e + 100, 7), first_index=10)
+    assert b.nodes["mask"].sum() == n and b.edges["mask"].sum() == e and b.globals["mask"].sum() == 4
+    # masks agree with jraph's own
+    np.testing.assert_array_equal(b.nodes["mask"], np.asarray(jraph.get_node_padding_mask(b)))
+    np.testing.assert_array_equal(b.edges["mask"], np.asarray(jraph.get_edge_padding_mask(b)))
+    # node -> graph index matches n_node; edges stay within their own graph and sorted
+    np.testing.assert_array_equal(np.bincount(b.nodes["graph"], minlength=7), b.n_node)
+    assert np.all(np.diff(b.receivers) >= 0)
+    real = b.edges["mask"]
+    assert np.all(b.nodes["graph"][b.senders[real]] == b.nodes["graph"][b.receivers[real]])
+    # padding graphs get an identity lattice, indices -1; real ones their position in the batch
+    np.testing.assert_array_equal(b.globals["lattice"][4:], np.broadcast_to(np.eye(3), (3, 3, 3)))
+    np.testing.assert_array_equal(b.globals["index"], [10, 11, 12, 13, -1, -1, -1])
+    np.testing.assert_allclose(b.globals["target"][:4], [g.globals["target"][0] for g in gs])
+
+
+def test_budget_too_small_is_an_error(jarvis_graphs):
+    with pytest.raises(ValueError, match="exceeds"):
+        pad_graphs(jarvis_graphs[:4], Budget(3, 10, 6))
+
+
+def test_budgets_fit_every_batch_and_grow_for_outliers(jarvis_graphs):
+    n_node = np.array([int(g.n_node[0]) for g in jarvis_graphs])
+    n_edge = np.array([int(g.n_edge[0]) for g in jarvis_graphs])
+    budgets = choose_budgets(n_node, n_edge, graphs_per_device=16, num_levels=3)
+    assert 1 <= len(budgets) <= 3 and all(b.n_graph == 17 for b in budgets)
+    # the biggest single crystal always fits one budget
+    assert budgets[-1].n_node > n_node.max() and budgets[-1].n_edge >= n_edge.max()
+    # a share larger than every budget gets a new, larger one instead of being dropped
+    top = budgets[-1]
+    big = fit_budget(budgets, top.n_node * 3, top.n_edge * 3, 16)
+    assert big.n_node > top.n_node * 3 and big.n_edge >= top.n_edge * 3 and big in budgets
+
+
+def test_batcher_covers_every_crystal_once_per_epoch_on_4_devices(jarvis_graphs):
+    batcher = GraphBatcher(jarvis_graphs, batch_size=32, num_devices=4, seed=3)
+    seen = []
+    for b in batcher.iterate(seed=3, epoch=1, shuffle=True):
+        assert b.nodes["species"].shape[0] == 4  # leading device axis
+        for d in range(4):
+            m = b.globals["mask"][d]
+            seen.extend(b.globals["target"][d][m].tolist())
+    assert len(seen) == len(jarvis_graphs)  # the last partial batch is kept
+    np.testing.assert_allclose(sorted(seen), sorted(float(g.globals["target"][0]) for g in jarvis_graphs))
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch(jarvis_graphs):
+    b = GraphBatcher(jarvis_graphs, batch_size=16)
+    np.testing.assert_array_equal(b.epoch_order(7, 2, True), b.epoch_order(7, 2, True))
+    assert not np.array_equal(b.epoch_order(7, 2, True), b.epoch_order(7, 3, True))
+    # resuming at batch k gives the same batches as the uninterrupted epoch from k on
+    full = list(b.iterate(seed=7, epoch=2))
+    resumed = list(b.iterate(seed=7, epoch=2, start_batch=3))
+    for x, y in zip(full[3:], resumed):
+        np.testing.assert_array_equal(x.nodes["positions"], y.nodes["positions"])
+
+
+def test_split_evenly():
+    assert sorted(len(p) for p in split_evenly(list(range(10)), 4)) == [2, 2, 3, 3]
+    assert sum(split_evenly(list(range(10)), 4), []) == list(range(10))
+    assert sum(split_evenly(list(range(3)), 4), []) == [0, 1, 2]
+
+
+def test_prefetch_passes_items_and_errors():
+    assert list(prefetch(iter(range(5)), 2)) == [0, 1, 2, 3, 4]
+
+    def broken():
+        yield 1
+        raise RuntimeError("bad record")
+
+    with pytest.raises(RuntimeError, match="bad record"):
+        list(prefetch(broken(), 2))

@@ -1,0 +1,95 @@
+"""Dataset preparation: parallel graph building, the on-disk cache, skipped records, splits."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from conftest import DATA
+from dpf_jax.data.dataset import GraphParams, build_graphs, cached_graphs
+from dpf_jax.data.graphs import build_crystal_graph
+from dpf_jax.data.pipeline import prepare_labeled, prepare_unlabeled
+from dpf_jax.data.readers import load_dataset_records
+
+
+def _subset(tmp_path, n, corrupt=()):
+    """The first n JARVIS records as a new file; `corrupt` line numbers get an overlapping atom."""
+    lines = gzip.open(DATA / "jarvis_dft3d.jsonl.gz", "rt").read().splitlines()[:n]
+    for k in corrupt:
+        rec = json.loads(lines[k])
+        rec["species"].append(rec["species"][0])
+        rec["frac_coords"].append([x + 0.001 for x in rec["frac_coords"][0]])
+        lines[k] = json.dumps(rec)
+    path = tmp_path / "subset.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def test_parallel_build_equals_serial():
+    records = load_dataset_records(DATA / "jarvis_dft3d.jsonl.gz").records[:300]
+    parallel, skipped = build_graphs(records, workers=2, progress=False)
+    assert not skipped
+    for r, g in zip(records[::37], parallel[::37]):
+        ref = build_crystal_graph(r)
+        np.testing.assert_array_equal(g.senders, ref.senders)
+        np.testing.assert_array_equal(g.receivers, ref.receivers)
+        np.testing.assert_array_equal(g.images, ref.images)
+
+
+def test_cache_roundtrip_and_key(tmp_path):
+    path = _subset(tmp_path, 60)
+    records = load_dataset_records(path).records
+    cache = tmp_path / "cache"
+    first, _ = cached_graphs(records, path, cache_dir=cache, workers=1, progress=False)
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1
+    second, _ = cached_graphs(records, path, cache_dir=cache, workers=1, progress=False)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.senders, b.senders)
+    # other graph parameters → another cache entry
+    cached_graphs(records, path, GraphParams(cutoff=6.0), cache_dir=cache, workers=1, progress=False)
+    assert len(list(cache.glob("*.npz"))) == 2
+    # a changed file → another cache entry (keyed by content hash)
+    path = _subset(tmp_path, 59)  # same file name, other content
+    recs2 = load_dataset_records(path).records
+    cached_graphs(recs2, path, cache_dir=cache, workers=1, progress=False)
+    assert len(list(cache.glob("*.npz"))) == 3
+
+
+def test_bad_structures_are_skipped_counted_and_named(tmp_path):
+    path = _subset(tmp_path, 40, corrupt=(3, 17))
+    data = prepare_labeled(str(path), "formation_energy_peratom", cache_dir=None, workers=1, progress=False)
+    assert len(data.skipped) == 2
+    bad_ids = {rid for rid, _ in data.skipped}
+    lines = gzip.open(path, "rt").read().splitlines()
+    assert bad_ids == {json.loads(lines[3])["id"], json.loads(lines[17])["id"]}
+    assert all("overlap" in reason for _, reason in data.skipped)
+    total = sum(len(s) for s in data.splits.values())
+    assert total == 38
+
+
+def test_official_splits_and_log10_transform():
+    data = prepare_labeled(str(DATA / "mp_megnet.jsonl.gz"), "K_VRH", transform="log10",
+                           cache_dir=None, workers=2, progress=False)
+    sizes = {k: len(v) for k, v in data.splits.items()}
+    # 899/112/113 in the data README, less any non-positive moduli dropped by log10
+    assert 890 <= sizes["train"] <= 899 and 105 <= sizes["val"] <= 112 and 105 <= sizes["test"] <= 113
+    assert np.all(data.splits["train"].targets < 3.5) and np.all(data.splits["train"].targets > -1)
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="not found"):
+        prepare_labeled(str(DATA / "jarvis_dft3d.jsonl.gz"), "no_such_task", cache_dir=None,
+                        max_records=20, progress=False)
+
+
+def test_unlabeled_split_is_stable():
+    a = prepare_unlabeled(str(DATA / "pretrain.jsonl.gz"), max_records=200, cache_dir=None,
+                          workers=1, progress=False, seed=0, val_fraction=0.1)
+    b = prepare_unlabeled(str(DATA / "pretrain.jsonl.gz"), max_records=200, cache_dir=None,
+                          workers=1, progress=False, seed=0, val_fraction=0.1)
+    assert a.splits["val"].ids == b.splits["val"].ids
+    assert 5 <= len(a.splits["val"]) <= 40 and len(a.splits["train"]) + len(a.splits["val"]) == 200

@@ -1,0 +1,435 @@
+"""Matformer encoder / regressor (dpf_jax.model) on real JARVIS structures.
+
+Invariance tests (atom order, translation, unit-cell choice) build a plain radius graph with
+pymatgen, whose own invariance is exact by construction, so they test the model alone (the
+k-NN graph with lattice self-loops is not supercell-invariant by design: its lattice edges
+are the cell vectors). The other tests use the package's `build_crystal_graph`.
+"""
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import pytest
+
+from conftest import DATA
+from dpf_jax.data.batching import Budget, graph_to_jraph, pad_graphs
+from dpf_jax.data.graphs import CrystalGraph, build_crystal_graph
+from dpf_jax.data.readers import iter_jsonl
+from dpf_jax.data.records import Crystal
+from dpf_jax.model.atom_features import cgcnn_feature_table
+from dpf_jax.model.layers import MatformerConv, rbf_expansion
+from dpf_jax.model.matformer import (REFERENCE_NUM_PARAMS, REFERENCE_NUM_PARAMS_PER_LAYER, MatformerEncoder,
+                                     MatformerRegressor, count_params, params_from_torch_state_dict,
+                                     params_to_torch_state_dict)
+
+SMALL = dict(num_layers=2, channels=32, heads=2, precision="highest")
+tree_map = jax.tree_util.tree_map
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+@pytest.fixture(scope="module")
+def crystals():
+    """Small real crystals (2..8 atoms) from the shipped JARVIS file."""
+    out = [c for c in itertools.islice(iter_jsonl(DATA / "jarvis_dft3d.jsonl.gz"), 80) if 2 <= c.num_atoms <= 8]
+    assert len(out) >= 12
+    return out[:12]
+
+
+def radius_graph(c: Crystal, cutoff: float = 5.0) -> CrystalGraph:
+    from pymatgen.core import Lattice, Structure
+
+    s = Structure(Lattice(c.lattice), c.numbers.tolist(), c.frac_coords)
+    center, neighbor, offset, _ = s.get_neighbor_list(cutoff)
+    # vec = pos[neighbor] + offset @ L - pos[center]: sender = center, receiver = neighbour
+    key = np.concatenate([neighbor[:, None], center[:, None], np.rint(offset).astype(int)], 1)
+    key = key[np.lexsort(key.T[::-1])]
+    return CrystalGraph(c, key[:, 1].astype(np.int32), key[:, 0].astype(np.int32), key[:, 2:].astype(np.int32))
+
+
+def unpadded_batch(graphs):
+    b = jraph.batch_np([graph_to_jraph(g) for g in graphs])
+    return b._replace(nodes={**b.nodes, "graph": np.repeat(np.arange(len(graphs), dtype=np.int32), b.n_node)})
+
+
+def padded_batch(graphs, extra_nodes=5, extra_edges=40, extra_graphs=2):
+    n = sum(g.num_nodes for g in graphs)
+    e = sum(g.num_edges for g in graphs)
+    return pad_graphs([graph_to_jraph(g) for g in graphs],
+                      Budget(n + extra_nodes, e + extra_edges, len(graphs) + extra_graphs))
+
+
+def to_device(b):
+    return tree_map(jnp.asarray, b)
+
+
+_NORMS = ("layer_norm", "msg_layer_1", "bn")
+
+
+def np_variables(shapes, seed=0):
+    """Random float32 variables for a tree of shapes (from `jax.eval_shape` of an init): kernels
+    ~ U(+-1/sqrt(fan_in)) like PyTorch, and non-trivial norm scales / biases and running
+    statistics, so tests exercise every parameter. Host numpy: no RNG kernels to compile."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            b = 1.0 / math.sqrt(s.shape[0])
+            x = rng.uniform(-b, b, s.shape)
+        elif name == "scale":
+            x = 1.0 + 0.2 * rng.standard_normal(s.shape)
+        elif name == "var":
+            x = rng.uniform(0.5, 2.0, s.shape)
+        else:  # bias, running mean
+            x = 0.2 * rng.standard_normal(s.shape)
+        return jnp.asarray(x, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def model_variables(model, batch, seed=0):
+    shapes = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b, train=False), to_device(batch))
+    return np_variables(dict(shapes), seed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def predict_eval(model, variables, batch):
+    """(predictions [G], encoder node features [N, C]) in eval mode, one compilation per shape."""
+    y, state = model.apply(variables, batch, train=False, mutable=["intermediates"],
+                           capture_intermediates=lambda mdl, _: isinstance(mdl, MatformerEncoder))
+    return y, state["intermediates"]["encoder"]["__call__"][0].nodes
+
+
+# ------------------------------------------------------------------------ parameters, tables
+
+def test_parameter_count_and_reference_names(crystals):
+    batch = to_device(padded_batch([build_crystal_graph(c) for c in crystals[:2]]))
+    v = jax.eval_shape(lambda: MatformerRegressor().init(jax.random.PRNGKey(0), batch, train=False))
+    # 2,782,849 take part in the reference forward pass; the reference module reports 2,880,641
+    # because it also holds the unused edge_init / angle_init_layers (97,792 parameters).
+    assert count_params(v["params"]) == REFERENCE_NUM_PARAMS == 2_782_849
+    assert count_params(v["params"]["encoder"]["att_layers_3"]) == REFERENCE_NUM_PARAMS_PER_LAYER == 544_256
+    assert sorted(v["params"]) == ["encoder", "fc", "fc_out"]
+    assert sorted(v["params"]["encoder"]) == sorted(
+        ["atom_embedding", "rbf_1", "rbf_3"] + [f"att_layers_{i}" for i in range(5)])
+    v = tree_map(lambda s: np.random.default_rng(0).standard_normal(s.shape).astype(np.float32), v)
+    sd = params_to_torch_state_dict(v)
+    layer0 = sorted(k[len("att_layers.0."):] for k in sd if k.startswith("att_layers.0."))
+    assert layer0 == sorted([
+        "lin_key.weight", "lin_key.bias", "lin_query.weight", "lin_query.bias", "lin_value.weight",
+        "lin_value.bias", "lin_edge.weight", "lin_skip.weight", "lin_skip.bias", "lin_concate.weight",
+        "lin_concate.bias", "lin_msg_update.weight", "lin_msg_update.bias", "msg_layer.0.weight",
+        "msg_layer.0.bias", "msg_layer.1.weight", "msg_layer.1.bias", "bn.weight", "bn.bias",
+        "bn.running_mean", "bn.running_var", "layer_norm.weight", "layer_norm.bias"])
+    assert sd["att_layers.0.lin_msg_update.weight"].shape == (384, 384)
+    assert sd["att_layers.0.lin_edge.weight"].shape == (512, 128)  # torch: [out, in]
+    assert {"fc.0.weight", "fc_out.weight", "rbf.1.weight", "rbf.3.weight", "atom_embedding.weight"} <= set(sd)
+    sd["edge_init.weight"] = np.zeros((1, 1))  # unused reference modules are dropped
+    sd["att_layers.0.bn.num_batches_tracked"] = np.zeros(())
+    back = params_from_torch_state_dict(sd)
+    assert jax.tree_util.tree_all(tree_map(np.array_equal, back, v))
+
+
+def test_cgcnn_table():
+    t = cgcnn_feature_table()
+    assert t.shape == (101, 92) and t.dtype == np.float32
+    assert not t[0].any() and t[1:].any(axis=1).all()
+    specie = pytest.importorskip("jarvis.core.specie")
+    for z, sym in [(1, "H"), (14, "Si"), (83, "Bi"), (100, "Fm")]:
+        np.testing.assert_array_equal(t[z], specie.get_node_attributes(sym, atom_features="cgcnn"))
+
+
+# ------------------------------------------------------------- one layer vs a numpy reference
+
+def _numpy_matformer_conv(p, x, edge_attr, senders, receivers, node_mask, edge_mask, heads, channels,
+                          train, stats):
+    """The reference MatformerConv forward, written independently, float64, loop over edges."""
+    p = tree_map(lambda a: np.asarray(a, np.float64), p)
+    H, C = heads, channels
+    lin = lambda q, z: z @ q["kernel"] + (q["bias"] if "bias" in q else 0.0)  # noqa: E731
+
+    def ln(z, q):
+        mu = z.mean(-1, keepdims=True)
+        var = ((z - mu) ** 2).mean(-1, keepdims=True)
+        return (z - mu) / np.sqrt(var + 1e-5) * q["scale"] + q["bias"]
+
+    n = x.shape[0]
+    q = lin(p["lin_query"], x).reshape(n, H, C)
+    k = lin(p["lin_key"], x).reshape(n, H, C)
+    v = lin(p["lin_value"], x).reshape(n, H, C)
+    agg = np.zeros((n, H, C))
+    for e in range(len(senders)):
+        if not edge_mask[e]:
+            continue
+        i, j = receivers[e], senders[e]
+        ed = lin(p["lin_edge"], edge_attr[e]).reshape(H, C)
+        query = np.concatenate([q[i], q[i], q[i]], -1)
+        key = np.concatenate([k[i], k[j], ed], -1)
+        alpha = query * key / math.sqrt(3 * C)
+        out = lin(p["lin_msg_update"], np.concatenate([v[i], v[j], ed], -1))
+        out = out * (1.0 / (1.0 + np.exp(-ln(alpha, p["layer_norm"]))))
+        out = ln(lin(p["msg_layer_0"], out), p["msg_layer_1"])
+        agg[i] += out
+    out = lin(p["lin_concate"], agg.reshape(n, H * C))
+    real = out[node_mask]
+    if train:
+        mean, var = real.mean(0), real.var(0)
+        new_stats = {"mean": 0.1 * mean + 0.9 * stats["mean"],
+                     "var": 0.1 * real.var(0, ddof=1) + 0.9 * stats["var"]}
+    else:
+        mean, var, new_stats = stats["mean"], stats["var"], stats
+    out = (out - mean) / np.sqrt(var + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+    out = out / (1.0 + np.exp(-out))
+    return out + lin(p["lin_skip"], x), new_stats
+
+
+def test_conv_matches_numpy_reference(crystals):
+    graphs = [build_crystal_graph(c) for c in crystals[:3]]
+    b = padded_batch(graphs)
+    H, C, n_edge_feat = 2, 16, 24
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((b.nodes["mask"].shape[0], C)).astype(np.float32)
+    edge_attr = rng.standard_normal((b.senders.shape[0], n_edge_feat)).astype(np.float32)
+    conv = MatformerConv(channels=C, heads=H, precision="highest")
+    args = (jnp.asarray(x), jnp.asarray(edge_attr), jnp.asarray(b.senders), jnp.asarray(b.receivers),
+            jnp.asarray(b.nodes["mask"]), jnp.asarray(b.edges["mask"]))
+    variables = np_variables(dict(jax.eval_shape(lambda: conv.init(jax.random.PRNGKey(0), *args, train=False))), 3)
+    stats = variables["batch_stats"]
+
+    @jax.jit
+    def run(variables):
+        y_train, upd = conv.apply(variables, *args, train=True, mutable=["batch_stats"])
+        return y_train, upd["batch_stats"]["bn"], conv.apply(variables, *args, train=False)
+
+    y_train, stats_train, y_eval = run(variables)
+    m = b.nodes["mask"]
+    for train, got, got_stats in ((True, y_train, stats_train), (False, y_eval, stats["bn"])):
+        want, want_stats = _numpy_matformer_conv(
+            variables["params"], x.astype(np.float64), edge_attr.astype(np.float64), b.senders, b.receivers,
+            m, b.edges["mask"], H, C, train, tree_map(np.asarray, stats["bn"]))
+        np.testing.assert_allclose(np.asarray(got)[m], want[m], rtol=2e-4, atol=2e-4)
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(np.asarray(got_stats[name]), want_stats[name], rtol=1e-4, atol=1e-5)
+
+
+def test_regressor_matches_numpy_reference(crystals):
+    """Whole forward pass (CGCNN embedding, RBF edge MLP, conv, masked mean, fc, fc_out), eval
+    mode, against float64 numpy on host-side geometry."""
+    graphs = [build_crystal_graph(c) for c in crystals[:3]]
+    b = padded_batch(graphs)
+    H, C = 2, 8
+    model = MatformerRegressor(encoder=MatformerEncoder(num_layers=1, channels=C, heads=H, precision="highest"),
+                               fc_features=8)
+    variables = model_variables(model, b, seed=5)
+    got = np.asarray(jax.jit(lambda v, bb: model.apply(v, bb, train=False))(variables, to_device(b)))
+
+    p = tree_map(lambda a: np.asarray(a, np.float64), variables["params"])
+    enc = p["encoder"]
+    lin = lambda q, z: z @ q["kernel"] + q["bias"]  # noqa: E731
+    n_real, e_real = sum(g.num_nodes for g in graphs), sum(g.num_edges for g in graphs)
+    x = lin(enc["atom_embedding"], cgcnn_feature_table()[b.nodes["species"][:n_real]].astype(np.float64))
+    d = np.linalg.norm(np.concatenate([g.edge_vectors() for g in graphs]), axis=1)
+    mu = np.linspace(0.0, 8.0, 128)
+    rbf = np.exp(-(d[:, None] - mu) ** 2 / (mu[1] - mu[0]))
+    ea = lin(enc["rbf_3"], np.log1p(np.exp(lin(enc["rbf_1"], rbf))))
+    x, _ = _numpy_matformer_conv(enc["att_layers_0"], x, ea, b.senders[:e_real], b.receivers[:e_real],
+                                 np.ones(n_real, bool), np.ones(e_real, bool), H, C, False,
+                                 tree_map(np.asarray, variables["batch_stats"]["encoder"]["att_layers_0"]["bn"]))
+    graph_of = b.nodes["graph"][:n_real]
+    pooled = np.stack([x[graph_of == k].mean(0) for k in range(len(graphs))])
+    h = lin(p["fc"], pooled)
+    want = lin(p["fc_out"], h / (1 + np.exp(-h)))[:, 0]
+    np.testing.assert_allclose(got[:len(graphs)], want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- invariances
+
+def _supercell(c: Crystal) -> Crystal:
+    f = np.concatenate([c.frac_coords, c.frac_coords + [1.0, 0.0, 0.0]]) / [2.0, 1.0, 1.0]
+    lat = c.lattice * np.array([[2.0], [1.0], [1.0]])
+    return c.replace(lattice=lat, numbers=np.tile(c.numbers, 2), frac_coords=f)
+
+
+def _other_cell(c: Crystal) -> Crystal:
+    m = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, -1.0, 1.0]])  # unimodular
+    return c.replace(lattice=m @ c.lattice, frac_coords=c.frac_coords @ np.linalg.inv(m))
+
+
+def test_invariances(crystals):
+    """Eval mode (running BatchNorm statistics): atom order, rigid translation (atoms wrapped
+    back into the cell, so images change) and the choice of cell (2x1x1 supercell, unimodular
+    change of basis) leave predictions unchanged and permute / copy node features."""
+    cs = crystals[:4]
+    rng = np.random.default_rng(0)
+    perms = [rng.permutation(c.num_atoms) for c in cs]
+    variants = {
+        "base": cs,
+        "permuted": [c.replace(numbers=c.numbers[p], frac_coords=c.frac_coords[p]) for c, p in zip(cs, perms)],
+        "translated": [c.replace(frac_coords=np.mod(c.frac_coords + rng.uniform(size=3), 1.0)) for c in cs],
+        "supercell": [_supercell(c) for c in cs],
+        "other_cell": [_other_cell(c) for c in cs],
+    }
+    graphs = {k: [radius_graph(c) for c in v] for k, v in variants.items()}
+    budget = Budget(max(sum(g.num_nodes for g in v) for v in graphs.values()) + 1,
+                    max(sum(g.num_edges for g in v) for v in graphs.values()), len(cs) + 1)
+    batches = {k: to_device(pad_graphs([graph_to_jraph(g) for g in v], budget)) for k, v in graphs.items()}
+    model = MatformerRegressor(encoder=MatformerEncoder(**SMALL))
+    variables = model_variables(model, batches["base"])
+    out = {k: tree_map(np.asarray, predict_eval(model, variables, b)) for k, b in batches.items()}
+
+    y0, nodes0 = out["base"][0][:4], out["base"][1]
+    assert np.std(y0) > 1e-3  # distinct crystals give distinct predictions
+    for k in ("permuted", "translated", "supercell", "other_cell"):
+        np.testing.assert_allclose(out[k][0][:4], y0, rtol=1e-5, atol=1e-5, err_msg=k)
+    offsets = np.cumsum([0] + [c.num_atoms for c in cs])
+    for c, p, o in zip(cs, perms, offsets):
+        np.testing.assert_allclose(out["permuted"][1][o:o + c.num_atoms], nodes0[o:o + c.num_atoms][p],
+                                   rtol=1e-4, atol=1e-4)
+    n0 = cs[0].num_atoms  # the supercell's second copy of crystal 0 = crystal 0
+    np.testing.assert_allclose(out["supercell"][1][n0:2 * n0], nodes0[:n0], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ padding
+
+def _train_apply(model, variables, batch):
+    def loss_fn(params):
+        y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch, train=True,
+                             mutable=["batch_stats"])
+        mask = batch.globals["mask"]
+        return jnp.sum(jnp.where(mask, (y - 1.0) ** 2, 0.0)), (y, upd)
+
+    (_, (y, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    return y, upd["batch_stats"], grads
+
+
+train_apply = jax.jit(_train_apply, static_argnums=0)
+
+
+def test_padding_does_not_leak(crystals):
+    """Unpadded and two differently padded batches: same predictions, BN statistics, gradients."""
+    graphs = [build_crystal_graph(c) for c in crystals[:4]]
+    model = MatformerRegressor(encoder=MatformerEncoder(**SMALL))
+    variables = model_variables(model, padded_batch(graphs))
+    results = [train_apply(model, variables, to_device(b)) for b in (
+        unpadded_batch(graphs), padded_batch(graphs, 1, 0, 1), padded_batch(graphs, 70, 900, 4))]
+    y_ref, stats_ref, grads_ref = results[0]
+    assert y_ref.shape == (4,)
+    for y, stats, grads in results[1:]:
+        np.testing.assert_allclose(np.asarray(y[:4]), np.asarray(y_ref), rtol=1e-5, atol=1e-6)
+        tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, stats_ref)
+        tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), grads, grads_ref)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(results[2][2]))
+
+
+def test_cross_device_batchnorm_statistics(crystals):
+    """BatchNorm with `axis_name`, run on two shares under `vmap` and under `shard_map` (two
+    fake CPU devices), equals BatchNorm over the whole global batch on one device."""
+    graphs = [build_crystal_graph(c) for c in crystals[:4]]
+    budget = Budget(32, 1024, 4)
+    shares = [pad_graphs([graph_to_jraph(g) for g in part], budget) for part in (graphs[:2], graphs[2:])]
+    whole = to_device(pad_graphs([graph_to_jraph(g) for g in graphs], Budget(64, 2048, 8)))
+    single = MatformerRegressor(encoder=MatformerEncoder(**SMALL))
+    mapped = MatformerRegressor(encoder=MatformerEncoder(**SMALL, axis_name="batch"))
+    variables = model_variables(single, shares[0])
+    y_ref, stats_ref, grads_ref = train_apply(single, variables, whole)
+    y_ref = np.asarray(y_ref)
+
+    def local(b):
+        y, upd = mapped.apply(variables, b, train=True, mutable=["batch_stats"])
+        return y, upd["batch_stats"]
+
+    stacked = to_device(tree_map(lambda *xs: np.stack(xs), *shares))
+    y, stats = jax.jit(jax.vmap(local, axis_name="batch"))(stacked)
+    np.testing.assert_allclose(np.asarray(y[:, :2]).reshape(-1), y_ref[:4], rtol=1e-5, atol=1e-6)
+    for i in range(2):
+        tree_map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6), stats, stats_ref)
+
+    if len(jax.devices()) < 2 or not hasattr(jax, "shard_map"):
+        pytest.skip("shard_map part needs 2 devices and jax.shard_map")
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))
+    folded = to_device(tree_map(lambda *xs: np.concatenate(xs), *shares))  # each shard keeps local indices
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),), out_specs=(P("batch"), P())))
+    y, stats = f(folded)
+    np.testing.assert_allclose(np.asarray(y)[[0, 1, 4, 5]], y_ref[:4], rtol=1e-5, atol=1e-6)
+    tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, stats_ref)
+
+
+# --------------------------------------------------------------------------- dtype, misc
+
+def test_bfloat16_close_to_float32(crystals):
+    graphs = [build_crystal_graph(c) for c in crystals[:4]]
+    batch = to_device(padded_batch(graphs))
+    f32 = MatformerEncoder(num_layers=3, channels=64, heads=4)
+    bf16 = MatformerEncoder(num_layers=3, channels=64, heads=4, dtype=jnp.bfloat16)
+    variables = model_variables(f32, padded_batch(graphs))
+    run = jax.jit(lambda v: (f32.apply(v, batch, train=False), bf16.apply(v, batch, train=False)))
+    out32, out16 = run(variables)
+    assert out16.nodes.dtype == jnp.float32
+    assert jax.tree_util.tree_all(tree_map(lambda p: p.dtype == jnp.float32, variables["params"]))
+    m = np.asarray(batch.nodes["mask"])
+    a, b = np.asarray(out32.nodes)[m], np.asarray(out16.nodes)[m]
+    assert np.all(np.isfinite(b))
+    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert 0 < rel < 3e-2, rel
+    np.testing.assert_array_equal(out16.edge_len, out32.edge_len)  # geometry stays float32
+
+
+def test_flax_init_and_masked_species(crystals):
+    """Flax init gives PyTorch-style bounds, BN running stats (0, 1); species 0 (a masked
+    atom) is embedded from the all-zero "unknown" row, i.e. as the atom_embedding bias."""
+    graphs = [build_crystal_graph(c) for c in crystals[:2]]
+    b = padded_batch(graphs)
+    species = b.nodes["species"].copy()
+    species[0] = 0
+    masked = to_device(b._replace(nodes={**b.nodes, "species": species}))
+    enc = MatformerEncoder(num_layers=1, channels=8, heads=2)
+    v = jax.jit(enc.init, static_argnames="train")(jax.random.PRNGKey(0), masked, train=False)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(v["params"])[0]:
+        name, parent = path[-1].key, path[-2].key
+        if name == "kernel":
+            bound = 1 / math.sqrt(leaf.shape[0])
+            assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.5 * bound, path
+        elif parent in _NORMS:
+            np.testing.assert_array_equal(leaf, 1.0 if name == "scale" else 0.0)
+    bn = v["batch_stats"]["att_layers_0"]["bn"]
+    np.testing.assert_array_equal(bn["mean"], 0.0)
+    np.testing.assert_array_equal(bn["var"], 1.0)
+    enc0 = MatformerEncoder(num_layers=0, channels=8)
+    v0 = {"params": {k: v["params"][k] for k in ("atom_embedding", "rbf_1", "rbf_3")}}
+    out = jax.jit(lambda v: enc0.apply(v, masked, train=False))(v0)
+    np.testing.assert_allclose(np.asarray(out.nodes[0]), np.asarray(v["params"]["atom_embedding"]["bias"]),
+                               rtol=1e-6)
+
+
+def test_full_model_train_step_and_gradients(crystals):
+    """The full-size model on real graphs: finite outputs and gradients w.r.t. params,
+    positions and lattice (padding included); BatchNorm statistics move in train mode."""
+    graphs = [build_crystal_graph(c) for c in crystals[:6]]
+    batch = to_device(padded_batch(graphs))
+    model = MatformerRegressor()
+    variables = model_variables(model, padded_batch(graphs))
+
+    @jax.jit
+    def step(variables, pos, lattice):
+        def loss_fn(params, pos, lattice):
+            b = batch._replace(nodes={**batch.nodes, "positions": pos}, globals={**batch.globals, "lattice": lattice})
+            y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, b, train=True,
+                                 mutable=["batch_stats"])
+            return jnp.sum(jnp.where(b.globals["mask"], y ** 2, 0.0)), (y, upd)
+        return jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(variables["params"], pos, lattice)
+
+    (loss, (y, upd)), grads = step(variables, batch.nodes["positions"], batch.globals["lattice"])
+    assert y.shape == (batch.n_node.shape[0],) and np.isfinite(float(loss))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
+    assert np.abs(np.asarray(grads[1])).max() > 0  # forces flow back into positions
+    before = variables["batch_stats"]["encoder"]["att_layers_0"]["bn"]["mean"]
+    after = upd["batch_stats"]["encoder"]["att_layers_0"]["bn"]["mean"]
+    assert not np.allclose(before, after)

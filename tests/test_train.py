@@ -1,0 +1,173 @@
+"""Training: data parallelism (4 fake devices = 1 device), exact resumption, learning on real
+data, NaN guard, fine-tuning from a pre-trained encoder, and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import DATA, REPO
+from configs import finetune_jarvis, pretrain_mask30
+from dpf_jax.train import loop
+from dpf_jax.train.checkpoint import load_raw_checkpoint
+from dpf_jax.train.optim import make_optimizer
+from dpf_jax.train.parallel import make_mesh, put_batch, put_replicated
+from dpf_jax.train.step import create_state, make_forward
+
+
+def tiny(config, records=96, epochs=2, batch=16):
+    """A small model and data slice so CPU tests run in seconds; the code path is the real one."""
+    config.model.num_layers = 2
+    config.model.channels = 16
+    config.model.heads = 2
+    config.model.rbf_bins = 16
+    config.data.max_records = records
+    config.data.cache_dir = ""
+    config.data.num_workers = 1
+    config.train.epochs = epochs
+    config.train.batch_size = batch
+    config.train.progress_bar = False
+    config.init_checkpoint = ""
+    return config
+
+
+def _loss_and_grads(config, data, stats, num_devices):
+    mesh = make_mesh(num_devices)
+    batcher = loop.make_batcher(data.splits["train"], config, num_devices)
+    objective = loop.make_objective(config)
+    model = objective.make_model()
+    tx = make_optimizer(config.optim, 10)
+    host = next(batcher.iterate(seed=0, epoch=0, shuffle=True))
+    example = jax.tree_util.tree_map(lambda x: x[0], host)
+    # identical initial parameters whatever the device count (same seed, same model)
+    state = create_state(model, tx, example, 0, stats)
+    forward = make_forward(objective, model, mesh, train=True)
+    key = jax.random.PRNGKey(5)
+    fn = jax.jit(jax.value_and_grad(forward, has_aux=True))
+    (loss, (bs, terms, _)), grads = fn(put_replicated(state.params, mesh), put_replicated(state.batch_stats, mesh),
+                                       put_replicated(state.stats, mesh), put_batch(host, mesh), key)
+    return jax.device_get((loss, bs, terms, grads))
+
+
+@pytest.mark.parametrize("make_config", [finetune_jarvis.get_config, pretrain_mask30.get_config])
+def test_four_devices_match_one_device(make_config):
+    assert len(jax.devices()) >= 4, "conftest sets 4 fake CPU devices"
+    config = tiny(make_config(), records=64, batch=32)
+    if config.mode == "pretrain":
+        config.data.path = str(DATA / "pretrain.jsonl.gz")
+        config.pretrain.position_scale = 0.1
+        config.pretrain.lattice_scale = 0.1
+    data = loop.load_data(config)
+    stats = loop.data_stats(config, data)
+    one = _loss_and_grads(config, data, stats, 1)
+    four = _loss_and_grads(config, data, stats, 4)
+    np.testing.assert_allclose(one[0], four[0], rtol=2e-5)
+    for name in one[2]:
+        np.testing.assert_allclose(one[2][name], four[2][name], rtol=2e-5, atol=1e-6, err_msg=name)
+    flat1, _ = jax.tree_util.tree_flatten(one[3])
+    flat4, _ = jax.tree_util.tree_flatten(four[3])
+    for g1, g4 in zip(flat1, flat4):
+        np.testing.assert_allclose(g1, g4, rtol=2e-4, atol=2e-6)
+    for s1, s4 in zip(jax.tree_util.tree_leaves(one[1]), jax.tree_util.tree_leaves(four[1])):
+        np.testing.assert_allclose(s1, s4, rtol=1e-5, atol=1e-6)  # synchronised BatchNorm stats
+
+
+def _final_params(workdir):
+    state, meta = load_raw_checkpoint(os.path.join(workdir, "checkpoints", "latest"))
+    return state["params"], meta
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    config = tiny(finetune_jarvis.get_config(), records=80, epochs=2, batch=16)
+    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
+    assert straight["steps"] == 8  # 64 training crystals / 16, 2 epochs (drop_last)
+    config.train.max_steps = 5  # "killed" mid-epoch 2
+    out = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert out == {"stopped_at_step": 5}
+    config.train.max_steps = 0
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert resumed["steps"] == 8
+    p1, _ = _final_params(tmp_path / "straight")
+    p2, _ = _final_params(tmp_path / "resumed")
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+        np.testing.assert_array_equal(a, b)
+    assert resumed["test_mae_final"] == straight["test_mae_final"]
+
+
+def test_training_beats_the_mean_predictor_on_real_data(tmp_path):
+    config = tiny(finetune_jarvis.get_config(), records=400, epochs=6, batch=32)
+    config.model.channels = 32
+    res = loop.train_and_evaluate(config, str(tmp_path))
+    assert res["test_mae_final"] < 0.8 * res["mean_predictor_mae"], res
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("epoch")
+    assert (tmp_path / "predictions_test.csv").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_no_nan_checkpoint(tmp_path):
+    config = tiny(finetune_jarvis.get_config(), records=64, epochs=3, batch=16)
+    config.optim.learning_rate = 1e30
+    config.optim.clip_norm = 0.0
+    with pytest.raises(loop.TrainingError, match=r"non-finite .* at step \d+"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    ckpt = tmp_path / "checkpoints" / "latest"
+    if ckpt.exists() and any(ckpt.iterdir()):
+        params, _ = _final_params(tmp_path)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_finetuning_starts_from_the_pretrained_encoder(tmp_path):
+    pre = tiny(pretrain_mask30.get_config(), records=64, epochs=1, batch=16)
+    pre_dir = tmp_path / "pre"
+    loop.train_and_evaluate(pre, str(pre_dir))
+    ft = tiny(finetune_jarvis.get_config(), records=64, epochs=1, batch=16)
+    data = loop.load_data(ft)
+    objective = loop.make_objective(ft)
+    model = objective.make_model()
+    tx = make_optimizer(ft.optim, 4)
+    batcher = loop.make_batcher(data.splits["train"], ft, 1)
+    example = jax.tree_util.tree_map(lambda x: x[0], next(batcher.iterate(shuffle=False)))
+    state = create_state(model, tx, example, 0, loop.data_stats(ft, data))
+    restored = loop.restore_encoder(state, str(pre_dir))
+    raw, _ = load_raw_checkpoint(pre_dir / "checkpoints" / "latest")
+    for a, b in zip(jax.tree_util.tree_leaves(restored.params["encoder"]),
+                    jax.tree_util.tree_leaves(raw["params"]["encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    # the property head stays freshly initialised
+    for a, b in zip(jax.tree_util.tree_leaves(restored.params["fc_out"]),
+                    jax.tree_util.tree_leaves(state.params["fc_out"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a different architecture is refused with the differing parameters listed
+    ft.model.channels = 8
+    other = loop.make_objective(ft).make_model()
+    state8 = create_state(other, tx, example, 0, loop.data_stats(ft, data))
+    with pytest.raises(loop.TrainingError, match="does not match"):
+        loop.restore_encoder(state8, str(pre_dir))
+
+
+def _cli(*args, cwd=REPO, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "dpf_jax.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_runs_and_reports_bad_config(tmp_path):
+    common = ["--config.model.num_layers=1", "--config.model.channels=8", "--config.model.heads=1",
+              "--config.model.rbf_bins=8", "--config.data.max_records=48", "--config.data.cache_dir=",
+              "--config.train.epochs=1", "--config.train.batch_size=16", "--config.train.progress_bar=False"]
+    bad = _cli("--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path / "bad"),
+               "--config.data.task=no_such_task", *common)
+    assert bad.returncode != 0 and "no_such_task" in bad.stderr
+    missing = _cli("--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path / "m"),
+                   "--config.data.path=does/not/exist.jsonl.gz", *common)
+    assert missing.returncode != 0 and "does/not/exist.jsonl.gz" in missing.stderr
+    ok = _cli("--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path / "ok"),
+              "--config.init_checkpoint=", *common)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    res = json.loads((tmp_path / "ok" / "results.json").read_text())
+    assert np.isfinite(res["test_mae_final"]) and res["task"] == "formation_energy_peratom"
