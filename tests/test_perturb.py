@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from pymatgen.core import Element, Lattice, Structure
 
+from dpf_jax.data import geometry
 from dpf_jax.data.batching import Budget, graph_to_jraph, pad_graphs, split_evenly
 from dpf_jax.data.graphs import build_crystal_graph
 from dpf_jax.data.records import Crystal
@@ -80,14 +81,7 @@ def node_slices(batch):
 
 
 def edge_vectors(batch):
-    try:
-        from dpf_jax.data.geometry import edge_vectors as ev
-    except ImportError:  # pragma: no cover - geometry.py is written by another helper
-        def ev(g):
-            pos, lat = g.nodes["positions"], g.globals["lattice"]
-            L = lat[g.nodes["graph"][g.senders]]
-            return pos[g.receivers] + jnp.einsum("ei,eij->ej", g.edges["images"].astype(pos.dtype), L) - pos[g.senders]
-    return np.asarray(ev(batch))
+    return np.asarray(geometry.edge_vectors(batch))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +230,7 @@ def test_lattice_param_roundtrip_matches_pymatgen():
     np.testing.assert_allclose(np.abs(np.linalg.det(rebuilt)), np.abs(np.linalg.det(lats)), rtol=1e-8)
 
 
-def _pymatgen_check(batch_out, graphs, frac_clean_check=None):
+def _pymatgen_check(batch_out, graphs):
     """Edge vectors recomputed on device vs pymatgen on the perturbed structures."""
     vec = edge_vectors(batch_out)
     pos = np.asarray(batch_out.nodes["positions"], np.float64)

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from dpf_jax.data.records import Crystal, CrystalError, validate_crystal
+from dpf_jax.data.records import ELEMENT_SYMBOLS, Crystal, CrystalError, validate_crystal
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,7 @@ _SYMBOL_TO_Z: dict[str, int] | None = None
 def _symbol_table() -> dict[str, int]:
     global _SYMBOL_TO_Z
     if _SYMBOL_TO_Z is None:
-        from pymatgen.core.periodic_table import Element
-
-        _SYMBOL_TO_Z = {Element.from_Z(z).symbol: z for z in range(1, 119)}
+        _SYMBOL_TO_Z = {sym: z for z, sym in enumerate(ELEMENT_SYMBOLS, start=1)}
     return _SYMBOL_TO_Z
 
 

@@ -88,6 +88,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 import numpy as np
+
 try:
     from jax.extend.random import threefry_2x32
 except ImportError:  # pragma: no cover - older/newer layouts
