@@ -71,8 +71,13 @@ from dpf_jax.data.records import Crystal, CrystalError, validate_crystal  # noqa
 LATTICE_IMAGES = np.array([(0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 1, 1), (1, 0, 1), (1, 1, 0)], dtype=np.int64)
 # jarvis-tools `get_all_neighbors(bond_tol=0.15)`: neighbours at d <= this are dropped.
 JARVIS_BOND_TOL = 0.15
-# Largest number of float64 pair distances evaluated at once (bounds memory to ~100 MB).
+# Largest number of float64 pair distances the numpy search evaluates at once (~100 MB peak).
 _CHUNK_PAIRS = 1 << 21
+# "auto" uses the numpy image search up to this many (atom, atom, image) triples per pass and
+# pymatgen's cell-list search (Cython) above it; measured crossover on one core, see
+# scripts/results/bench_graphs.md.
+_AUTO_NUMPY_MAX_TRIPLES = 100_000
+_METHODS = ("auto", "numpy", "pymatgen")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -168,7 +173,7 @@ def _distances(t: np.ndarray, cart: np.ndarray, rows: slice) -> np.ndarray:
     return np.sqrt(d, out=d)
 
 
-def _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, check_overlap):
+def _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, check_overlap, method):
     """jarvis `get_all_neighbors(r)` followed by the k-th-shell selection of every atom.
 
     Returns ((i, j, image), None, None) with the kept neighbours (image `image` of atom j is a
@@ -177,6 +182,8 @@ def _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, check_ove
     """
     n = frac.shape[0]
     box, t, zero = _image_search_box(lattice, frac, cart, r)
+    if method == "pymatgen" or (method == "auto" and box.shape[0] * n * n > _AUTO_NUMPY_MAX_TRIPLES):
+        return _knn_pymatgen(crystal, lattice, cart, r, max_neighbors, min_distance, check_overlap)
     per_row = box.shape[0] * n
     rows_per_chunk = max(1, _CHUNK_PAIRS // per_row)
     drop_close = min_distance <= JARVIS_BOND_TOL  # else the overlap check already excludes them
@@ -187,7 +194,8 @@ def _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, check_ove
         ar = np.arange(stop - start)
         d[ar, zero, ar + start] = np.inf  # an atom is not its own neighbour
         if check_overlap and d.min() < min_distance:
-            _raise_overlap(crystal, d, box, start, min_distance)
+            a, k, j = np.unravel_index(int(np.argmin(d)), d.shape)
+            _raise_overlap(crystal, start + int(a), int(j), box[k], float(d[a, k, j]), min_distance)
         dd = d.reshape(stop - start, per_row)
         if drop_close:
             dd[dd <= JARVIS_BOND_TOL] = np.inf
@@ -204,16 +212,48 @@ def _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, check_ove
     return tuple(np.concatenate(x) for x in zip(*found)), None, None
 
 
-def _raise_overlap(crystal, d, box, start, min_distance):
-    a, k, j = np.unravel_index(int(np.argmin(d)), d.shape)
-    i, j, image = start + int(a), int(j), tuple(int(x) for x in box[k])
-    dmin = float(d[a, k, j])
+def _knn_pymatgen(crystal, lattice, cart, r, max_neighbors, min_distance, check_overlap):
+    """As `_knn`, with pymatgen's `find_points_in_spheres` (cell lists) finding the candidates.
+
+    pymatgen only proposes candidates (cutoff r + 1e-5 Å); their distances are recomputed with
+    jarvis' arithmetic, and the cutoff and k-th-shell comparisons use those, as in `_knn`.
+    """
+    from pymatgen.optimization.neighbors import find_points_in_spheres
+
+    n = cart.shape[0]
+    pts = np.ascontiguousarray(cart)
+    ci, pj, img, _ = find_points_in_spheres(
+        pts, pts, float(r) + 1e-5, np.ones(3, dtype=np.int64), np.ascontiguousarray(lattice), 1e-8
+    )
+    z = (img @ lattice + cart[pj]) - cart[ci]  # == np.dot(image, L) per row, bitwise
+    z *= z
+    d = z[:, 0] + z[:, 1]
+    d += z[:, 2]
+    np.sqrt(d, out=d)
+    d[(ci == pj) & ~img.any(axis=1)] = np.inf  # an atom is not its own neighbour
+    if check_overlap and d.size and d.min() < min_distance:
+        e = int(np.argmin(d))
+        _raise_overlap(crystal, int(ci[e]), int(pj[e]), img[e], float(d[e]), min_distance)
+    ok = (d <= r) & (d > JARVIS_BOND_TOL)
+    ci, pj, img, d = ci[ok], pj[ok], img[ok], d[ok]
+    counts = np.bincount(ci, minlength=n)
+    if counts.min() < max_neighbors:
+        a = int(np.argmin(counts))
+        return None, a, int(counts[a])
+    order = np.lexsort((d, ci))
+    kth = d[order[np.cumsum(counts) - counts + (max_neighbors - 1)]]
+    keep = d <= kth[ci]
+    return (ci[keep], pj[keep], np.rint(img[keep]).astype(np.int64)), None, None
+
+
+def _raise_overlap(crystal, i, j, image, d, min_distance):
+    image = tuple(int(round(float(x))) for x in image)
     if i == j:
         msg = f"atom {i} and its own periodic image {image} overlap"
     else:
         msg = f"atoms {min(i, j)} and {max(i, j)} overlap"
     where = f", periodic image {image}" if i != j and any(image) else ""
-    raise CrystalError(crystal.id, f"{msg} (d={dmin:.4g} Å < {min_distance:g} Å{where})")
+    raise CrystalError(crystal.id, f"{msg} (d={d:.4g} Å < {min_distance:g} Å{where})")
 
 
 def build_crystal_graph(
@@ -225,6 +265,7 @@ def build_crystal_graph(
     *,
     max_cutoff: float = 128.0,
     dedup_self_images: bool = False,
+    method: str = "auto",
 ) -> CrystalGraph:
     """Builds the reference Matformer graph of `crystal` (../shared/DESIGN.md §2).
 
@@ -247,6 +288,10 @@ def build_crystal_graph(
       max_cutoff: the reference grows the cutoff without limit until every atom has k
         neighbours; we raise `CrystalError` instead once it would exceed this (Å).
       dedup_self_images: drop the duplicate copies of self-image edges (not the reference).
+      method: candidate search. "numpy": bounded lattice-image search, all atom pairs
+        (fastest for small cells); "pymatgen": pymatgen's Cython cell-list search (fastest
+        for large cells); "auto" (default) picks by the size of the image search. Distances
+        are recomputed the reference's way in both, so all give the same graph.
 
     Returns:
       A `CrystalGraph` with int32 senders, receivers and (E, 3) images, sorted by receiver,
@@ -261,6 +306,8 @@ def build_crystal_graph(
         raise ValueError(f"max_neighbors must be >= 1, got {max_neighbors}")
     if not 0 < cutoff <= max_cutoff:
         raise ValueError(f"need 0 < cutoff <= max_cutoff, got cutoff={cutoff}, max_cutoff={max_cutoff}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if min_distance > cutoff:
         raise ValueError(f"min_distance ({min_distance}) must not exceed cutoff ({cutoff})")
     lattice = crystal.lattice
@@ -269,7 +316,7 @@ def build_crystal_graph(
     cart = np.dot(frac, np.around(lattice, decimals=5))  # jarvis' Atoms.cart_coords, same call
 
     r = float(cutoff)
-    found, atom, count = _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, True)
+    found, atom, count = _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, True, method)
     while found is None:  # the reference's cutoff growth
         longest = _jarvis_max_length(lattice)
         r_new = longest if r < longest else 2 * r
@@ -281,7 +328,7 @@ def build_crystal_graph(
                 f"max_cutoff={max_cutoff:g} Å (isolated atom or too much vacuum?)",
             )
         r = r_new
-        found, atom, count = _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, False)
+        found, atom, count = _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, False, method)
     i, j, img = found
 
     # Canonize (i, j, n) -> (min(i, j), max(i, j), +-n) and encode as one int64:
@@ -297,7 +344,8 @@ def build_crystal_graph(
     if use_lattice:
         diag = np.arange(n, dtype=np.int64) * (n + 1) * b3
         codes = np.concatenate([codes, (diag[:, None] + (LATTICE_IMAGES @ w + off * w.sum())[None, :]).ravel()])
-    codes = np.unique(codes)  # the canonical edge set
+    codes.sort()
+    codes = codes[np.concatenate(([True], codes[1:] != codes[:-1]))]  # the canonical edge set
     pair, digits = np.divmod(codes, b3)
     a, b = np.divmod(pair, n)
     neg = 2 * off * w.sum() - digits  # digits of -image

@@ -31,12 +31,13 @@ from dpf_jax.data.dataset import GraphParams
 from dpf_jax.data.pipeline import (PreparedData, SplitData, prepare_labeled, prepare_unlabeled,
                                    task_units_and_transform)
 from dpf_jax.tasks.losses import lattice_param_stats
+from dpf_jax.tasks.rebuild import RebuildingBatcher
 from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train.objectives import DenoisingObjective, RegressionObjective
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import (make_mesh, maybe_initialize_distributed, prefetch_to_device,
                                     put_replicated)
-from dpf_jax.train.step import TrainState, create_state, make_eval_step, make_train_step
+from dpf_jax.train.step import TrainState, create_state, make_eval_step, make_train_step, split_seed
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,17 @@ def data_stats(config, data: PreparedData) -> dict:
     return stats
 
 
-def make_batcher(split: SplitData, config, num_devices: int, budgets=None) -> GraphBatcher | None:
+def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_fn=None) -> GraphBatcher | None:
+    """The split's batcher; in pre-training with `rebuild_topology`, one that perturbs on the
+    host and rebuilds each perturbed crystal's graph, keyed by `key_fn(epoch, batch)`."""
     if not split.graphs:
         return None
+    if config.mode == "pretrain" and config.pretrain.rebuild_topology and key_fn is not None:
+        g = config.graph
+        return RebuildingBatcher(split.graphs, config.train.batch_size, num_devices,
+                                 DenoisingObjective(config.model, config.pretrain).perturb_cfg(), key_fn,
+                                 dict(cutoff=g.cutoff, max_neighbors=g.max_neighbors, use_lattice=g.use_lattice),
+                                 num_levels=config.train.num_budget_levels, seed=0)
     targets = np.nan_to_num(split.targets, nan=0.0)
     graphs = [graph_to_jraph(g, float(t)) for g, t in zip(split.graphs, targets)]
     # budgets are sampled with a fixed seed, not the run's: runs that differ only in seed then
@@ -246,11 +255,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (workdir / "skipped.json").write_text(json.dumps(data.skipped, indent=1))
     stats = data_stats(config, data)
 
-    train_b = make_batcher(data.splits["train"], config, num_devices)
-    val_b = make_batcher(data.splits["val"], config, num_devices)
-    test_b = make_batcher(data.splits["test"], config, num_devices)
-    drop = len(train_b) >= config.train.batch_size  # full train batches, as the reference does
-    steps_per_epoch = train_b.num_batches(drop_remainder=drop)
+    _, run_key = split_seed(config.seed)
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**30)
+    n_train = len(data.splits["train"])
+    drop = n_train >= config.train.batch_size  # full train batches, as the reference does
+    steps_per_epoch = n_train // config.train.batch_size if drop else 1
+    # key of the step that consumes batch b of epoch e (used when perturbing on the host)
+    train_key_fn = lambda e, b: jax.random.fold_in(run_key, e * steps_per_epoch + b)
+    train_b = make_batcher(data.splits["train"], config, num_devices, key_fn=train_key_fn)
+    val_b = make_batcher(data.splits["val"], config, num_devices, key_fn=lambda e, b: eval_key)
+    test_b = make_batcher(data.splits["test"], config, num_devices, key_fn=lambda e, b: eval_key)
+    assert steps_per_epoch == train_b.num_batches(drop_remainder=drop)
     total_steps = steps_per_epoch * config.train.epochs
     tx = make_optimizer(config.optim, total_steps)
     model = objective.make_model()
@@ -274,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     train_step = make_train_step(objective, model, tx, mesh)
     eval_step = make_eval_step(objective, model, mesh)
-    eval_key = put_replicated(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**30), mesh)
+    eval_key = put_replicated(eval_key, mesh)
     metric_name = "mae" if config.mode == "finetune" else "loss"
 
     step = int(jax.device_get(state.step))
@@ -445,3 +460,4 @@ def _add_file_logging(workdir: Path) -> None:
         root.addHandler(h)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it touches

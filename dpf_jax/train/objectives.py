@@ -17,6 +17,7 @@ import ml_collections
 from dpf_jax.model.heads import DenoisingModel
 from dpf_jax.model.matformer import MatformerEncoder, MatformerRegressor
 from dpf_jax.tasks import losses, perturb
+from dpf_jax.tasks.rebuild import targets_from_batch
 from dpf_jax.train.parallel import AXIS
 
 Terms = Mapping[str, tuple[jax.Array, jax.Array]]
@@ -91,6 +92,8 @@ class DenoisingObjective:
 
     def prepare(self, key, graph, stats):
         del stats
+        if self.pretrain_cfg.rebuild_topology:  # perturbed (and re-graphed) by the input pipeline
+            return graph, targets_from_batch(graph)
         return perturb.perturb(key, graph, self.perturb_cfg())
 
     def loss_terms(self, outputs, graph, targets, stats) -> tuple[Terms, Any]:

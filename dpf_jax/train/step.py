@@ -30,10 +30,14 @@ class TrainState:
     stats: Any
 
 
+def split_seed(seed: int):
+    """(parameter-init key, run key) of a seed; the key of step s is fold_in(run key, s)."""
+    return jax.random.split(jax.random.PRNGKey(seed))
+
+
 def create_state(model, tx, example_graph, seed: int, stats: dict) -> TrainState:
     """Initialises parameters on one device share of an example batch (no device axis)."""
-    key = jax.random.PRNGKey(seed)
-    init_key, run_key = jax.random.split(key)
+    init_key, run_key = split_seed(seed)
     variables = jax.jit(lambda k, g: model.init(k, g, train=False))(init_key, example_graph)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,

@@ -1,0 +1,304 @@
+"""Reproduce the paper's comparisons on the shipped data: scratch Matformer vs DPF pre-training.
+
+    python scripts/reproduce.py                      # full sweep (a GPU job)
+    python scripts/reproduce.py --quick              # tiny models and epochs, 2 CPU cores
+    python scripts/reproduce.py --recipe reference --methods scratch pretrain_mask30   # parity
+
+For every pre-training config it pre-trains once (runs/reproduce/pretrain/<config>), then
+fine-tunes every task from scratch and from each pre-trained encoder with a fixed set of seeds
+(runs/reproduce/finetune/<task>/<method>/seed<k>). A finished run (its results.json exists) is
+never redone and an unfinished one resumes from its checkpoint, so the sweep can be stopped and
+continued across sessions. Outputs (under --out, default results/):
+
+  reproduce.md    test MAE (mean ± std over seeds) per task and method, change vs scratch
+  reproduce.json  every number: per run, per seed, per epoch
+  curves_<dataset>.png  validation MAE per epoch during fine-tuning, one panel per task
+
+Methods are "scratch" or the name of a pre-training config ("pretrain_mask30"); append
+"+rebuild" (e.g. "pretrain_pos30+rebuild") to pre-train with the k-NN topology rebuilt from
+each perturbed structure instead of kept from the clean one (the paper's §5.3 hypothesis).
+
+Recipes: "paper" fine-tunes as the paper does (500 epochs, batch 32); "reference" trains as
+../shared/reference_results.md measured the PyTorch Matformer (batch 64, 500 epochs on JARVIS
+and the MP moduli, 100 on MP formation energy and band gap) — the parity comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+PRETRAIN_CONFIGS = [f"pretrain_{k}{v}" for k, vs in
+                    (("mask", (30, 50, 70)), ("pos", (10, 30, 50)), ("lattice", (10, 30, 50))) for v in vs]
+JARVIS_TASKS = ["formation_energy_peratom", "optb88vdw_bandgap", "optb88vdw_total_energy", "ehull", "mbj_bandgap"]
+MP_TASKS = ["formation_energy_per_atom", "band_gap", "G_VRH", "K_VRH"]
+ALL_TASKS = [f"jarvis:{t}" for t in JARVIS_TASKS] + [f"mp:{t}" for t in MP_TASKS]
+REFERENCE_EPOCHS = {"mp:formation_energy_per_atom": 100, "mp:band_gap": 100}  # others: 500
+
+# Tiny settings of --quick: the real code path, small enough for 2 CPU cores.
+QUICK_MODEL = ["--config.model.num_layers=1", "--config.model.channels=16", "--config.model.heads=1",
+               "--config.model.rbf_bins=16"]
+QUICK_PRETRAIN = ["--config.data.max_records=192", "--config.train.epochs=1", "--config.train.batch_size=32"]
+QUICK_FINETUNE = ["--config.data.max_records=160", "--config.train.epochs=2", "--config.train.batch_size=32"]
+
+
+def task_config(task: str) -> tuple[str, str]:
+    dataset, name = task.split(":", 1)
+    if dataset not in ("jarvis", "mp"):
+        raise ValueError(f"task {task!r}: use jarvis:<task> or mp:<task>")
+    return f"configs/finetune_{dataset}.py", name
+
+
+def split_method(method: str) -> tuple[str, bool]:
+    base, _, flag = method.partition("+")
+    if flag not in ("", "rebuild"):
+        raise ValueError(f"method {method!r}: only the suffix '+rebuild' is known")
+    return base, flag == "rebuild"
+
+
+def pretrain_run(method: str, args) -> tuple[str, list[str]]:
+    base, rebuild = split_method(method)
+    workdir = Path(args.runs) / "pretrain" / method
+    flags = [f"--config=configs/{base}.py", f"--workdir={workdir}",
+             f"--config.pretrain.rebuild_topology={rebuild}"]
+    if args.quick:
+        flags += QUICK_MODEL + QUICK_PRETRAIN
+    if args.pretrain_epochs:
+        flags.append(f"--config.train.epochs={args.pretrain_epochs}")
+    return str(workdir), flags
+
+
+def finetune_run(task: str, method: str, seed: int, args) -> tuple[str, list[str]]:
+    config_file, name = task_config(task)
+    workdir = Path(args.runs) / "finetune" / task.replace(":", "_") / method / f"seed{seed}"
+    init = "" if method == "scratch" else str(Path(args.runs) / "pretrain" / method)
+    flags = [f"--config={config_file}", f"--workdir={workdir}", f"--config.data.task={name}",
+             f"--config.seed={seed}", f"--config.init_checkpoint={init}"]
+    if args.recipe == "reference":
+        flags += ["--config.train.batch_size=64", f"--config.train.epochs={REFERENCE_EPOCHS.get(task, 500)}"]
+    if args.quick:
+        flags += QUICK_MODEL + QUICK_FINETUNE
+    if args.finetune_epochs:
+        flags.append(f"--config.train.epochs={args.finetune_epochs}")
+    return str(workdir), flags + list(args.extra)
+
+
+def run_main(workdir: str, flags: list[str], env: dict, log_dir: Path) -> dict:
+    """One training run in its own process (own device memory share); skipped when finished."""
+    results = Path(workdir) / "results.json"
+    if results.exists():
+        return json.loads(results.read_text())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / (workdir.replace("/", "_") + ".log")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "dpf_jax.main", *flags], cwd=REPO, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not results.exists():
+        tail = log_path.read_text()[-2000:]
+        raise RuntimeError(f"run {workdir} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    out = json.loads(results.read_text())
+    out["wall_s"] = time.time() - t0
+    results.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def run_all(jobs, parallel: int, log_dir: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
+    if parallel > 1:  # several runs share one GPU: split its memory
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
+    failures = []
+    with cf.ThreadPoolExecutor(max(1, parallel)) as pool:
+        futures = {pool.submit(run_main, w, f, env, log_dir): w for w, f in jobs}
+        for fut in cf.as_completed(futures):
+            try:
+                fut.result()
+                print(f"done: {futures[fut]}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report every failure, keep the sweep going
+                failures.append(str(e))
+                print(f"FAILED: {futures[fut]}\n{e}", flush=True)
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed; rerun to retry them (finished runs are kept)")
+
+
+# ------------------------------------------------------------------------------- reporting
+
+def _read_curve(workdir: Path) -> list[float]:
+    path = workdir / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [float(r["val_mae"]) for r in csv.DictReader(f) if r.get("val_mae")]
+
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def collect(tasks, methods, seeds, args) -> dict:
+    out = {"tasks": {}, "methods": methods, "seeds": seeds, "recipe": args.recipe, "quick": args.quick,
+           "pretrain": {}}
+    for m in methods:
+        if m != "scratch":
+            res = Path(args.runs) / "pretrain" / m / "results.json"
+            out["pretrain"][m] = json.loads(res.read_text()) if res.exists() else None
+    for task in tasks:
+        t = out["tasks"][task] = {}
+        for m in methods:
+            runs = []
+            for s in seeds:
+                wd = Path(finetune_run(task, m, s, args)[0])
+                res = json.loads((wd / "results.json").read_text()) if (wd / "results.json").exists() else None
+                runs.append({"seed": s, "results": res, "val_mae_curve": _read_curve(wd)})
+            finals = [r["results"].get("test_mae_final") for r in runs if r["results"]]
+            bests = [r["results"].get("test_mae_best_val") for r in runs if r["results"]]
+            t[m] = {"runs": runs, "test_mae_final": _mean_std(finals), "test_mae_best_val": _mean_std(bests),
+                    "units": next((r["results"].get("units") for r in runs if r["results"]), ""),
+                    "n_seeds_done": len(finals)}
+    return out
+
+
+def _fmt(ms, digits=4):
+    m, s = ms
+    return "—" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown_table(summary: dict, key: str = "test_mae_final") -> str:
+    methods = summary["methods"]
+    lines = ["| task | units | " + " | ".join(methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for task, per in summary["tasks"].items():
+        scratch = per.get("scratch", {}).get(key, (None, None))[0]
+        cells = []
+        for m in methods:
+            ms = per[m][key]
+            cell = _fmt(ms)
+            if m != "scratch" and ms[0] is not None and scratch:
+                cell += f" ({100 * (ms[0] - scratch) / scratch:+.1f}%)"
+            if per[m]["n_seeds_done"] < len(summary["seeds"]):
+                cell += f" [{per[m]['n_seeds_done']}/{len(summary['seeds'])} seeds]"
+            cells.append(cell)
+        units = next((per[m]["units"] for m in methods if per[m]["units"]), "")
+        lines.append(f"| {task} | {units} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(summary: dict, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib is not installed: no plots (pip install dpf_jax[plots])")
+        return []
+    paths = []
+    for dataset in ("jarvis", "mp"):
+        tasks = [t for t in summary["tasks"] if t.startswith(dataset + ":")]
+        if not tasks:
+            continue
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for m in summary["methods"]:
+                curves = [r["val_mae_curve"] for r in summary["tasks"][task][m]["runs"] if r["val_mae_curve"]]
+                if not curves:
+                    continue
+                n = min(len(c) for c in curves)
+                mean = np.mean([c[:n] for c in curves], axis=0)
+                ax.plot(np.arange(1, n + 1), mean, label=m, lw=1.2 if m != "scratch" else 2.0,
+                        color="black" if m == "scratch" else None)
+            ax.set_title(task.split(":", 1)[1], fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.set_yscale("log")
+            ax.set_ylabel(f"val MAE ({summary['tasks'][task][summary['methods'][0]]['units']})")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"curves_{dataset}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(summary: dict, out_dir: Path, name: str, header: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    text = [header, "", "Test MAE of the final model, mean ± std over seeds "
+            f"{summary['seeds']} (change vs scratch):", "", markdown_table(summary, "test_mae_final"), "",
+            "Test MAE of the best-validation checkpoint:", "", markdown_table(summary, "test_mae_best_val"), ""]
+    (out_dir / f"{name}.md").write_text("\n".join(text))
+    plot_curves(summary, out_dir)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="scratch and/or pre-training config names (default: scratch + all nine)")
+    p.add_argument("--tasks", nargs="+", default=None, help=f"default: {' '.join(ALL_TASKS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--recipe", choices=["paper", "reference"], default="paper")
+    p.add_argument("--quick", action="store_true", help="tiny model and data: minutes on 2 CPU cores")
+    p.add_argument("--parallel", type=int, default=1, help="fine-tuning runs at once (share one GPU)")
+    p.add_argument("--pretrain-epochs", type=int, default=0)
+    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--runs", default="runs/reproduce")
+    p.add_argument("--out", default="results")
+    p.add_argument("--name", default="reproduce")
+    p.add_argument("--report-only", action="store_true", help="only collect finished runs and write reports")
+    p.add_argument("--extra", nargs="*", default=[], help="extra --config.x=y flags for fine-tuning runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.methods = args.methods or ["scratch", "pretrain_mask30", "pretrain_pos10", "pretrain_lattice10"]
+        args.tasks = args.tasks or ["jarvis:formation_energy_peratom", "mp:band_gap"]
+        if args.runs == "runs/reproduce":
+            args.runs = "runs/reproduce_quick"
+        if args.name == "reproduce":
+            args.name = "reproduce_quick"
+    args.methods = args.methods or ["scratch"] + PRETRAIN_CONFIGS
+    args.tasks = args.tasks or ALL_TASKS
+    for t in args.tasks:
+        task_config(t)
+    for m in args.methods:
+        if m != "scratch" and split_method(m)[0] not in PRETRAIN_CONFIGS:
+            raise SystemExit(f"unknown method {m!r}: scratch or one of {PRETRAIN_CONFIGS} (+rebuild)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t0 = time.time()
+    log_dir = Path(args.runs) / "logs"
+    if not args.report_only:
+        pre = [pretrain_run(m, args) for m in args.methods if m != "scratch"]
+        print(f"pre-training {len(pre)} config(s)", flush=True)
+        run_all(pre, 1, log_dir)  # one at a time: each fills the accelerator
+        fine = [finetune_run(t, m, s, args) for t in args.tasks for m in args.methods for s in args.seeds]
+        print(f"fine-tuning {len(fine)} run(s), {args.parallel} at a time", flush=True)
+        run_all(fine, args.parallel, log_dir)
+    summary = collect(args.tasks, args.methods, args.seeds, args)
+    summary["wall_s"] = time.time() - t0
+    header = (f"# DPF reproduction on the shipped data ({'quick' if args.quick else args.recipe} recipe)")
+    write_report(summary, Path(args.out), args.name, header)
+    print(markdown_table(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
