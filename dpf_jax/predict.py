@@ -23,7 +23,16 @@ Command line (prints a CSV on stdout, or writes it with --output; messages go to
 
 Everything is batched (--batch-size, default 64 crystals) and runs data-parallel on every local
 device JAX sees (the GPUs when a CUDA jaxlib is installed, else the CPU), in eval mode
-(BatchNorm running statistics), so a crystal's prediction does not depend on the batch.
+(BatchNorm running statistics), so a crystal's prediction does not depend on the batch or on
+the order of the inputs. A checkpoint saved on any number of devices loads on any other.
+
+The graph is the reference Matformer's (k nearest neighbours with k-th-shell ties, lattice
+self-loop edges to the atom's own images at a, b, c, b+c, a+c, a+b, duplicated self-image
+edges), so the prediction depends on the cell chosen for small cells: a supercell's lattice
+self-loops are longer, and its self-image edges become edges between distinct atoms. Cells
+whose lattice vectors (and face diagonals) are well beyond the cutoff give the same
+prediction for the cell and its supercells; for others, predict the cell the model was
+trained on (JARVIS / MP give conventional or primitive cells as in their datasets).
 
 Python API:
 
@@ -45,11 +54,10 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -61,6 +69,10 @@ SPLIT_CHOICES = ("train", "val", "test")
 
 class PredictionError(RuntimeError):
     """A checkpoint that cannot predict, or inputs that could not be predicted."""
+
+
+class CheckpointError(PredictionError):
+    """The checkpoint or workdir cannot predict (missing, pre-training run, no property head)."""
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -76,9 +88,11 @@ def reduced_formula(numbers: Sequence[int]) -> str:
     except ImportError:  # the GPU image may lack pymatgen: a plain reduced formula
         from dpf_jax.data.records import ELEMENT_SYMBOLS
 
-        zs, counts = np.unique(numbers, return_counts=True)
+        zs, first, counts = np.unique(numbers, return_index=True, return_counts=True)
         g = int(np.gcd.reduce(counts))
-        return "".join(ELEMENT_SYMBOLS[z - 1] + (str(c // g) if c // g > 1 else "") for z, c in zip(zs, counts))
+        order = np.argsort(first)  # elements in order of first appearance
+        return "".join(ELEMENT_SYMBOLS[zs[k] - 1] + (str(counts[k] // g) if counts[k] // g > 1 else "")
+                       for k in order)
 
 
 def linear_units(units: str) -> str:
@@ -95,6 +109,13 @@ def _linear_column(units: str, prefix: str) -> str:
     return f"{prefix}_{safe}"
 
 
+def load_raw_checkpoint(path, step=None):
+    """`dpf_jax.train.checkpoint.load_raw_checkpoint`, imported lazily (keeps `import dpf_jax` light)."""
+    from dpf_jax.train.checkpoint import load_raw_checkpoint as load
+
+    return load(path, step)
+
+
 def _find_config_json(path: Path) -> Path | None:
     """config.json of the workdir that holds `path` (a workdir, checkpoints/x or a step folder)."""
     for p in [path, *list(path.parents)[:3]]:
@@ -103,8 +124,8 @@ def _find_config_json(path: Path) -> Path | None:
     return None
 
 
-def _checkpoint_location(path: Path, which: str) -> tuple[Path, str]:
-    """The Orbax manager folder to restore from and the checkpoint actually used."""
+def _checkpoint_location(path: Path, which: str) -> tuple[Path, int, str]:
+    """(Orbax manager folder, step, "best" | "latest" | "given") of the checkpoint to restore."""
     from dpf_jax.train.checkpoint import find_checkpoint_dir
 
     if which not in ("best", "latest"):
@@ -114,20 +135,20 @@ def _checkpoint_location(path: Path, which: str) -> tuple[Path, str]:
         order = [which] + [w for w in ("best", "latest") if w != which]
         for w in order:
             try:
-                directory, _ = find_checkpoint_dir(root / w)
+                directory, step = find_checkpoint_dir(root / w)
             except FileNotFoundError:
                 continue
             if w != which:
                 print(f"note: {path} has no '{which}' checkpoint; using '{w}'", file=sys.stderr)
-            return directory, w
-        raise PredictionError(f"no checkpoint under {root} (expected checkpoints/best/<step> or "
+            return directory, step, w
+        raise CheckpointError(f"no checkpoint under {root} (expected checkpoints/best/<step> or "
                               "checkpoints/latest/<step>; did the run get past its first epoch?)")
     try:  # a checkpoints/<which> folder or a step folder given directly
-        directory, _ = find_checkpoint_dir(path)
+        directory, step = find_checkpoint_dir(path)
     except FileNotFoundError as e:
-        raise PredictionError(str(e)) from None
+        raise CheckpointError(str(e)) from None
     name = directory.name if directory.name in ("best", "latest") else "given"
-    return directory, name
+    return directory, step, name
 
 
 # ------------------------------------------------------------------------------ the predictor
@@ -152,35 +173,32 @@ class Predictor:
 
     def __init__(self, checkpoint: str | os.PathLike, which: str = "best",
                  batch_size: int = DEFAULT_BATCH_SIZE, num_devices: int | None = None,
-                 workers: int | None = 1):
-        import jax
+                 workers: int | None = 1, load: bool = True):
+        """Reads the run's config and finds its checkpoint (no JAX device work); `load=True`
+        also restores the checkpoint now (else on first use, see `load`)."""
         import ml_collections
 
         from dpf_jax.data.pipeline import task_units_and_transform
-        from dpf_jax.train.checkpoint import load_raw_checkpoint
 
         path = Path(checkpoint)
         if not path.exists():
-            raise PredictionError(f"checkpoint {path} does not exist")
+            raise CheckpointError(f"checkpoint {path} does not exist")
         config_path = _find_config_json(path)
         config_dict = json.loads(config_path.read_text()) if config_path else None
         if config_dict is not None:
             self._check_mode(config_dict.get("mode"), path)
-        directory, self.which = _checkpoint_location(path, which)
-        raw, meta = load_raw_checkpoint(directory)
-        if config_dict is None:
+        directory, step, self.which = _checkpoint_location(path, which)
+        self.checkpoint_dir = directory / str(step)
+        self.step = step
+        self._raw = None
+        if config_dict is None:  # a checkpoint folder outside its workdir: the meta has the config
+            self._raw, meta = load_raw_checkpoint(directory, step)
             config_dict = meta.get("config")
             if not config_dict:
-                raise PredictionError(f"no config.json next to {path} and none in the checkpoint's meta")
-        self._check_mode(config_dict.get("mode", meta.get("mode")), path)
-        params = raw.get("params", {})
-        if "fc_out" not in params or "encoder" not in params:
-            raise PredictionError(f"checkpoint {directory} has no property head (params: {sorted(params)}); "
-                                  "only fine-tuning checkpoints can predict")
+                raise CheckpointError(f"no config.json next to {path} and none in the checkpoint's meta")
+            self._check_mode(config_dict.get("mode", meta.get("mode")), path)
         self.config = ml_collections.ConfigDict(config_dict)
         self.workdir = config_path.parent if config_path else path
-        self.checkpoint_dir = directory
-        self.step = int(meta.get("step", -1))
         d = self.config.data
         self.task = d.task
         units, self.transform = task_units_and_transform(d.task, d.get("units", "auto"),
@@ -193,32 +211,51 @@ class Predictor:
                 pass
         self.units = units
         self.workers = workers
-
-        from dpf_jax.train.parallel import make_mesh
-        n_local = len(jax.local_devices())
-        self.num_devices = min(num_devices or n_local, n_local)
-        self.mesh = make_mesh(self.num_devices)
         self.batch_size = max(int(batch_size), 1)
-        self._raw = raw
+        self._requested_devices = num_devices
+        self.num_devices = None
+        self.mesh = None
         self._state = None
         self._eval_step = None
         self._key = None
+        if load:
+            self.load()
+
+    def load(self) -> "Predictor":
+        """Restores the checkpoint (host numpy, whatever devices saved it) and places it on
+        every local device. Done on first use otherwise; graph building before it may use
+        forked worker processes, which must happen before JAX initialises its backends."""
+        if self._state is not None:
+            return self
+        import jax
+
+        from dpf_jax.train.parallel import make_mesh
+
+        if self._raw is None:
+            self._raw, _ = load_raw_checkpoint(self.checkpoint_dir.parent, self.step)
+        params = self._raw.get("params", {})
+        if "fc_out" not in params or "encoder" not in params:
+            raise CheckpointError(f"checkpoint {self.checkpoint_dir} has no property head (params: "
+                                  f"{sorted(params)}); only fine-tuning checkpoints can predict")
+        n_local = len(jax.local_devices())
+        self.num_devices = min(self._requested_devices or n_local, n_local)
+        self.mesh = make_mesh(self.num_devices)
+        self._setup()
+        return self
 
     @staticmethod
     def _check_mode(mode, path):
         if mode == "pretrain":
-            raise PredictionError(
+            raise CheckpointError(
                 f"{path} is a pre-training (denoising) run: it has no property head, so it cannot "
                 "predict. Fine-tune it first (configs/finetune_*.py with --config.init_checkpoint="
                 f"{path}) and predict with the fine-tuning workdir.")
         if mode not in (None, "finetune"):
-            raise PredictionError(f"{path}: unknown run mode {mode!r} (expected 'finetune')")
+            raise CheckpointError(f"{path}: unknown run mode {mode!r} (expected 'finetune')")
 
     # -------------------------------------------------------------------------- device side
 
     def _setup(self):
-        if self._eval_step is not None:
-            return
         import jax
         import jax.numpy as jnp
 
@@ -238,6 +275,7 @@ class Predictor:
         self._state = put_replicated(state, self.mesh)
         self._key = put_replicated(jax.random.PRNGKey(0), self.mesh)
         self._eval_step = make_eval_step(objective, model, self.mesh)
+        self._raw = None  # the device copy is all that is needed from now on
 
     def _batch_size_for(self, n: int) -> int:
         nd = self.num_devices
@@ -259,7 +297,7 @@ class Predictor:
         n = len(graphs)
         if n == 0:
             return np.zeros(0), None
-        self._setup()
+        self.load()
         tg = np.zeros(n) if targets is None else np.nan_to_num(np.asarray(targets, np.float64), nan=0.0)
         jr = [graph_to_jraph(g, float(t)) for g, t in zip(graphs, tg)]
         batcher = GraphBatcher(jr, self._batch_size_for(n), self.num_devices,
@@ -305,15 +343,17 @@ class Predictor:
         from dpf_jax.data.dataset import build_graphs
 
         crystals = list(crystals)
-        graphs, failures = build_graphs(crystals, self._graph_params(), workers=self.workers,
-                                        progress=progress, desc="building graphs")
+        graphs, failed = build_graphs(crystals, self._graph_params(), workers=self.workers,
+                                      progress=progress, desc="building graphs")
+        reasons = iter([reason for _, reason in failed])
+        failures = [(_label(c), next(reasons)) for c, g in zip(crystals, graphs) if g is None]
         ok = [i for i, g in enumerate(graphs) if g is not None]
         values = np.full(len(crystals), np.nan)
         t = None if targets is None else [targets[i] for i in ok]
         preds, mae = self.predict_graphs([graphs[i] for i in ok], t, progress=progress)
         values[ok] = preds
         tv = None if targets is None else np.asarray(targets, np.float64)
-        return Prediction(crystals, values, list(failures), tv, mae)
+        return Prediction(crystals, values, failures, tv, mae)
 
     def _to_crystals(self, inputs, expand: bool) -> tuple[list, list[int], list[tuple[str, str]]]:
         """Inputs -> (Crystal records, index of the input each came from, read failures)."""
@@ -351,7 +391,8 @@ class Predictor:
                     raise CrystalError(str(k), f"cannot predict a {type(item).__name__}: expected a pymatgen "
                                        "Structure, an ASE Atoms, a Crystal or a structure file path")
             except CrystalError as e:
-                failures.append((e.record, e.reason))
+                path_like = isinstance(item, (str, os.PathLike))
+                failures.append((e.record if path_like else f"input {k}", e.reason))
                 continue
             crystals.extend(got)
             origin.extend([k] * len(got))
@@ -428,6 +469,16 @@ class Predictor:
                           np.asarray(sd.targets, np.float64), mae)
 
 
+def _label(c) -> str:
+    """How a structure is named in failure reports: its file (and frame), else its input index."""
+    if c.source.startswith("file:"):
+        p = c.source[len("file:"):]
+        return p if c.id in (Path(p).stem, Path(p).name, p) else f"{p} ({c.id})"
+    if c.source in ("pymatgen", "ase"):
+        return f"input {c.id} ({reduced_formula(c.numbers)})"
+    return c.id
+
+
 def _as_list(inputs) -> list:
     """One input (a path, a structure, a Crystal) or an iterable of them -> a list."""
     from dpf_jax.data.records import Crystal
@@ -499,10 +550,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (see the module docstring)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("dpf_jax.data.readers").setLevel(logging.ERROR)  # failures are listed below
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # failures are listed by this command itself; Orbax's absl warnings are noise here
+    quiet = [logging.getLogger(n) for n in ("dpf_jax.data.readers", "absl")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        return _main(args)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _main(args) -> int:
     err = sys.stderr
     if args.split and args.inputs:
         print("error: give either structure files/folders or --split, not both", file=err)
@@ -515,37 +578,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     progress = err.isatty()
     try:
+        # the checkpoint is restored after graph building (forked workers before JAX starts)
         model = Predictor(args.checkpoint, which=args.which, batch_size=args.batch_size,
-                          num_devices=args.num_devices or None, workers=args.workers or None)
-    except (PredictionError, ValueError, FileNotFoundError) as e:
+                          num_devices=args.num_devices or None, workers=args.workers or None, load=False)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=err)
         return 1
-    import jax
+    print(f"{model.task} [{model.units}] from {model.checkpoint_dir} ({model.which})", file=err)
 
-    dev = jax.local_devices()[0]
-    print(f"{model.task} [{model.units}] from {model.checkpoint_dir} (step {model.step}, {model.which}); "
-          f"{model.num_devices} {dev.platform} device(s)", file=err)
-
-    if args.split:
-        try:
+    try:
+        if args.split:
             res = model.score_split(args.split, args.data, progress=progress)
-        except (PredictionError, FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=err)
-            return 2
-        failures = []
-        rows = model.rows(res, with_targets=True)
-    else:
-        from dpf_jax.data.readers import expand_structure_paths, read_structure_files
+            failures = []
+            rows = model.rows(res, with_targets=True)
+        else:
+            from dpf_jax.data.readers import expand_structure_paths, read_structure_files
 
-        files = expand_structure_paths(args.inputs, recursive=args.recursive)
-        if not files:
-            print(f"error: no structure files (*.cif, POSCAR*, CONTCAR*, *.vasp, *.xyz, *.extxyz) in "
-                  f"{' '.join(args.inputs)}", file=err)
-            return 2
-        records, failures = read_structure_files(files)
-        res = model.predict_crystals(records, progress=progress)
-        failures = list(failures) + list(res.failures)
-        rows = model.rows(res)
+            files = expand_structure_paths(args.inputs, recursive=args.recursive)
+            if not files:
+                print(f"error: no structure files (*.cif, POSCAR*, CONTCAR*, *.vasp, *.xyz, *.extxyz) in "
+                      f"{' '.join(args.inputs)}", file=err)
+                return 2
+            records, failures = read_structure_files(files)
+            res = model.predict_crystals(records, progress=progress)
+            failures = list(failures) + list(res.failures)
+            rows = model.rows(res)
+    except CheckpointError as e:
+        print(f"error: {e}", file=err)
+        return 1
+    except (PredictionError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=err)
+        return 2
 
     for rid, reason in failures:
         print(f"skipped {rid}: {reason}", file=err)
@@ -556,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({model.which} checkpoint, step {model.step})", file=err)
     else:
         print(f"predicted {len(rows)} structure(s); {len(failures)} skipped", file=err)
+    if model.mesh is not None:
+        print(f"ran on {model.num_devices} {model.mesh.devices.flat[0].platform} device(s)", file=err)
     if not rows:
         print("error: nothing could be predicted", file=err)
         return 2

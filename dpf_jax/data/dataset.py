@@ -66,6 +66,15 @@ def _build_chunk(chunk):
     return [_build_one(a) for a in chunk]
 
 
+def _pool_context():
+    """fork where available: unlike spawn it does not re-run the user's __main__ script in
+    every worker (a script without an `if __name__ == "__main__"` guard would recurse). The
+    workers only run numpy code, never JAX, and the pool is started before the training loop
+    initialises any accelerator."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
 def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 16))
 
@@ -89,12 +98,18 @@ def build_graphs(
     else:
         chunk = max(16, min(256, math.ceil(len(jobs) / (workers * 8))))
         chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
-        # spawn, not fork: forking a process that has initialised JAX can deadlock.
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for res in pool.map(_build_chunk, chunks):
-                results.extend(res)
-                bar.update(len(res))
+        try:
+            with cf.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+                for res in pool.map(_build_chunk, chunks):
+                    results.extend(res)
+                    bar.update(len(res))
+        except (cf.process.BrokenProcessPool, OSError) as e:
+            log.warning("parallel graph building failed (%s); building serially", e)
+            results = []
+            bar.reset()
+            for job in jobs:
+                results.append(_build_one(job))
+                bar.update()
     bar.close()
     graphs: list[CrystalGraph | None] = []
     skipped: list[tuple[str, str]] = []
@@ -150,7 +165,8 @@ def cached_graphs(
     if not cache_dir:
         return build_graphs(crystals, params, workers, progress)
     digest = file_sha256(source_file)[:16]
-    path = Path(cache_dir) / f"{Path(source_file).name}.{digest}.{params.key()}.npz"
+    # the record count is part of the key: a --config.data.max_records smoke run gets its own entry
+    path = Path(cache_dir) / f"{Path(source_file).name}.{digest}.n{len(crystals)}.{params.key()}.npz"
     reasons_path = path.with_suffix(".skipped.json")
     if path.exists():
         graphs = _load_cache(path, crystals)

@@ -23,8 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpf_jax.model.layers import (Dtype, Linear, Precision, gather, gather_sorted, mean_pool, rbf_expansion,
-                                  segment_sum_sorted)
+from dpf_jax.model.layers import Dtype, Linear, Precision, gather, mean_pool, rbf_expansion, segment_sum_sorted
 from dpf_jax.model.matformer import EncoderOutput, MatformerEncoder
 
 NUM_TYPES = 95  # classes Z = 1..95 (DESIGN.md §3); atoms with Z > 95 cannot be type targets
@@ -67,7 +66,7 @@ class PositionHead(nn.Module):
         h_recv = Linear(self.hidden, True, dt, prec, name="lin_receiver")(nodes)
         h_send = Linear(self.hidden, False, dt, prec, name="lin_sender")(nodes)
         rbf = rbf_expansion(edge_len, 0.0, self.cutoff, self.rbf_bins)
-        z = gather_sorted(h_recv, receivers) + gather(h_send, senders) \
+        z = gather(h_recv, receivers) + gather(h_send, senders) \
             + Linear(self.hidden, False, dt, prec, name="lin_rbf")(rbf)
         z = jax.nn.silu(z)
         z = jax.nn.silu(Linear(self.hidden, True, dt, prec, name="hidden")(z))

@@ -43,7 +43,7 @@ import numpy as np
 
 from dpf_jax.data.geometry import edge_geometry
 from dpf_jax.model.atom_features import cgcnn_feature_table
-from dpf_jax.model.layers import Dtype, Linear, MatformerConv, Precision, mean_pool, rbf_expansion
+from dpf_jax.model.layers import Dtype, Linear, MatformerConv, Precision, gather, mean_pool, rbf_expansion
 
 REFERENCE_NUM_PARAMS = 2_782_849
 REFERENCE_NUM_PARAMS_PER_LAYER = 544_256
@@ -77,6 +77,7 @@ class MatformerEncoder(nn.Module):
     axis_name: str | None = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
+    formulation: str = "node"
 
     @nn.compact
     def __call__(self, graph, train: bool) -> EncoderOutput:
@@ -91,14 +92,14 @@ class MatformerEncoder(nn.Module):
         # atoms, padding) is the all-zero "unknown" row, i.e. its embedding is the bias.
         table = jnp.asarray(cgcnn_feature_table())
         emb = Linear(self.channels, True, dt, self.precision, name="atom_embedding")(table)
-        x = emb[graph.nodes["species"]]
+        x = gather(emb, graph.nodes["species"], dt)
 
         rbf = rbf_expansion(length, 0.0, self.cutoff, self.rbf_bins)
         edge_attr = Linear(self.channels, True, dt, self.precision, name="rbf_1")(rbf)
         edge_attr = Linear(self.channels, True, dt, self.precision, name="rbf_3")(jax.nn.softplus(edge_attr))
 
         for layer in range(self.num_layers):
-            x = MatformerConv(self.channels, self.heads, self.axis_name, dt, self.precision,
+            x = MatformerConv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
                               name=f"att_layers_{layer}")(
                 x, edge_attr, senders, receivers, node_mask, edge_mask, train)
         return EncoderOutput(x.astype(jnp.float32), vec, length)

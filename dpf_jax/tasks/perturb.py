@@ -548,8 +548,10 @@ def perturb_crystals_host(key, crystals: Sequence[Crystal], cfg, indices: Sequen
 
     `key`: the step key the device would get (a jax key, or an int seed → `PRNGKey(seed)`);
     `indices`: each crystal's position in the global batch (default 0, 1, ...). Runs the jnp
-    `perturb` on the CPU on an edge-free batch of these crystals, so the noise is exactly that of
-    the device path (positions and lattice are float32, as in a device batch).
+    `perturb` (jitted) on the CPU on an edge-free batch of these crystals: the random draws are
+    those of the device path, and the results agree with it to float32 rounding (positions and
+    lattice are float32, as in a device batch). Feed the rebuilt graphs to the model WITHOUT
+    perturbing them again on device.
 
     Returns per crystal (perturbed Crystal, targets) with numpy targets keyed as `perturb`'s:
     node targets (n,) / (n, 3), lattice targets (6,) and a scalar "lattice_mask". The Crystal's

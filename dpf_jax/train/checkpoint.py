@@ -77,11 +77,29 @@ def find_checkpoint_dir(path: str | os.PathLike) -> tuple[Path, int]:
                             "checkpoints/latest and the folder itself)")
 
 
-def load_raw_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
-    """Loads a checkpoint's state as nested dicts of numpy arrays (no template), and its meta."""
-    directory, step = find_checkpoint_dir(path)
-    with ocp.CheckpointManager(directory.absolute()) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    state = jax.tree_util.tree_map(np.asarray, restored["state"])
+def load_raw_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
+    """A checkpoint's state as nested dicts of host numpy arrays (no template), and its meta.
+
+    `path`: a workdir, a checkpoints/<which> folder or a step folder (see `find_checkpoint_dir`);
+    with `step`, `path` is the Orbax manager folder. Every array is restored as numpy whatever
+    devices saved it, so a checkpoint written on 8 GPUs (or 4 fake CPU devices) loads on one
+    device, where Orbax's sharding-preserving restore fails with "Topology mismatch".
+    """
+    if step is None:
+        directory, step = find_checkpoint_dir(path)
+    else:
+        directory = Path(path)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns about metadata files it does not need
+    try:
+        md = ocp.PyTreeCheckpointer().metadata((directory / str(step) / "state").absolute())
+        tree = getattr(md, "item_metadata", md)
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        with ocp.CheckpointManager(directory.absolute()) as manager:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(restore_args=restore_args), meta=ocp.args.JsonRestore()))
+    finally:
+        absl_logger.setLevel(level)
+    state = jax.tree_util.tree_map(np.asarray, dict(restored["state"]))
     return state, dict(restored["meta"])

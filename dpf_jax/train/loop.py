@@ -245,11 +245,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     maybe_initialize_distributed(config.get("distributed", False))
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    mesh = make_mesh(config.get("num_devices", 0) or None)
-    num_devices = mesh.size
     objective = make_objective(config)
     init_path = resolve_init_checkpoint(config)  # fail fast, before data preparation
-    data = load_data(config)
+    data = load_data(config)  # before JAX starts its backends (graph workers are forked)
+    mesh = make_mesh(config.get("num_devices", 0) or None)
+    num_devices = mesh.size
     log.info("%s", data.summary())
     if data.skipped:
         (workdir / "skipped.json").write_text(json.dumps(data.skipped, indent=1))

@@ -1,0 +1,823 @@
+"""Times the full jitted training step (forward, backward, optimiser update) of the training code.
+
+    python scripts/bench_train.py                        # real data, 2 models x B 64/256 x 3 precisions
+    python scripts/bench_train.py --synthetic            # JARVIS-like synthetic crystals instead
+    python scripts/bench_train.py --data real synthetic  # both, in one process
+    python scripts/bench_train.py --epoch                # input-pipeline check: one pre-training epoch
+    python scripts/bench_train.py --small                # tiny model, few steps (CPU smoke test)
+    options: --models finetune pretrain_mask30 (any configs/<name>.py; "finetune" = finetune_jarvis)
+             --batch-sizes 64 256   --precision default highest bf16   --steps 300 --warmup 10
+             --pool 20   --num-devices 0 (all)   --dump-npz PATH   --out scripts/results/bench_train_<tag>.json
+             --tag TAG   --synthetic-count 4096   --synthetic-edges-per-atom 36 (0: the real builder's k = 12)
+
+What is timed. Everything is the project's own code: `loop.make_objective`, `loop.make_batcher`
+(GraphBatcher, the config's padding budgets), `loop.data_stats`, `make_optimizer`, `create_state`,
+`make_train_step` (jit, donated state, shard_map over `make_mesh()`), `put_batch` /
+`put_replicated`. A pool of `--pool` distinct batches (successive shuffled epochs of the training
+split, full batches only, as a run draws them) is built on the host and put on the device first;
+then the step runs cycling over the pool, `jax.block_until_ready(state)` closing each block of one
+pass over the pool. Host work is therefore excluded from the "pure step" figures. The first call
+on each padded shape (compilation + one step) is timed separately and reported as `compile_s`;
+then `--warmup` steps; then ceil(steps / pool) timed blocks. Figures are the median block; the
+spread is reported as min / max over blocks (and p10 / p90 of the per-step time).
+
+Reported per (data, model, batch size, precision): `crystals_per_s` (real crystals),
+`edges_per_s` (real directed edges), `step_ms`, `tflops` (achieved, from the analytic count on
+REAL nodes/edges below, i.e. model FLOPs as in MFU), `tflops_executed` (the same formula on the
+PADDED sizes: what the device actually ran), their fraction of the H100/H200 dense peak of the
+matching unit, XLA's own cost analysis (flops and bytes accessed, per step) for comparison,
+padding waste (pool and whole epoch), peak device memory (`memory_stats()["peak_bytes_in_use"]`,
+process-cumulative, so monotone over the run; None on CPU) and XLA's memory analysis of the
+compiled step (argument + output + temp - alias bytes, largest padded shape), and the number of
+compilations (jit cache entries) the step needed.
+
+FLOP count (derived from dpf_jax/model/{matformer,layers,heads}.py; multiply-add = 2 FLOPs; only
+matrix products are counted). C = channels (128), H = heads (4), R = rbf_bins (128), L = layers
+(5), h = head hidden width (128), K = 95 type classes, F = fc width (128); N, E, G = nodes, edges
+and graphs of a batch.
+  encoder, per edge:  rbf_1 2RC + rbf_3 2C^2 + L * 14HC^2
+                      (lin_edge 2HC^2, e @ W3 6HC^2, msg_layer_0 6HC^2)
+  encoder, per node:  L * (20HC^2 + 2C^2)
+                      (q, k, v 6HC^2; v @ W1, v @ W2 12HC^2; lin_concate 2HC^2; lin_skip 2C^2)
+  encoder, per step:  2 * 101 * 92 * C (atom_embedding applied to the element table)
+  regression head:    mean pool (one-hot matmul) 2 G_pad N_pad C per device share
+                      [counted as 2NC on real sizes]; per graph fc 2CF + fc_out 2F
+  type head:          per node 2CK
+  position head:      per node 4Ch; per edge 2Rh + 2h^2 + 2h
+  lattice head:       mean pool as above; per graph 2Ch + 12h
+Training step: every matmul runs three times (forward, input gradient, weight gradient), except
+those whose input does not depend on the parameters (the element-table embedding, rbf_1 and the
+position head's lin_rbf, which read constant RBF features: no input gradient, 2x) and the
+one-hot pooling (no weight: 2x). The elementwise work (LayerNorms over 3C, sigmoid gate,
+products, segment sums: ~30 kFLOP per edge and layer, ~3% of the forward) and the optimiser
+update (~20 FLOP per parameter) are not counted. With the default model: forward 4.653 MFLOP
+per edge + 6.717 MFLOP per node (+0.024 type head); training step 13.93 MFLOP per edge + 20.15
+MFLOP per node (+0.073 type head): at ~25 directed edges per atom ~0.37 GFLOP per atom.
+
+`--dump-npz PATH` writes the exact batches each group timed (real part only, the device shares
+of a batch concatenated; padding is implementation-specific) under keys
+"<data>_<model>_bs<B>/<i>/<field>", fields: senders, receivers (int32 [E], indices into the
+batch's N nodes, edges sorted by receiver within each crystal), images (int32 [E, 3], integer
+lattice offset of the receiver: vec = pos[r] + images @ lattice[g] - pos[s]), positions
+(float32 [N, 3], Cartesian Å), lattice (float32 [G, 3, 3], rows = lattice vectors),
+atomic_numbers (int32 [N], before any masking), n_node, n_edge (int32 [G]), target
+(float32 [G]); plus "<group>/<i>/budget" (int32 [3]: padded n_node, n_edge, n_graph per device
+share) and "<group>/<i>/num_devices".
+
+`--epoch`: a whole pre-training epoch over the shipped corpus through the real input pipeline
+(GraphBatcher.iterate in a `prefetch` thread, `prefetch_to_device`, the jitted step, metrics
+drained every `log_every_steps` as train/loop.py does), wall clock from the start of the epoch
+to the last step's completion / number of crystals, compared with the pure step throughput on
+the very same batches put on the device beforehand (target: within 15%). Compilation of every
+padded shape happens before the clock starts. Defaults in this mode: model pretrain_mask30,
+batch 256, precision default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # configs/ is a plain folder next to the package
+    sys.path.insert(0, str(REPO))
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")  # graph-building progress bars (read at tqdm import)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dpf_jax.data.batching import prefetch  # noqa: E402
+from dpf_jax.data.dataset import GraphParams, build_graphs  # noqa: E402
+from dpf_jax.data.graphs import build_crystal_graph  # noqa: E402
+from dpf_jax.data.pipeline import PreparedData, SplitData  # noqa: E402
+from dpf_jax.data.records import Crystal  # noqa: E402
+from dpf_jax.model.atom_features import cgcnn_feature_table  # noqa: E402
+from dpf_jax.model.heads import NUM_TYPES  # noqa: E402
+from dpf_jax.train import loop  # noqa: E402
+from dpf_jax.train.optim import make_optimizer  # noqa: E402
+from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_batch, put_replicated  # noqa: E402
+from dpf_jax.train.step import create_state, make_train_step  # noqa: E402
+
+log = logging.getLogger("bench_train")
+
+MODEL_ALIASES = {"finetune": "finetune_jarvis"}
+PRECISIONS = ("default", "highest", "bf16")
+
+# Dense peak rates (TFLOP/s) of the unit each precision runs on; H100 SXM and H200 share the
+# GH100 compute figures (NVIDIA datasheets, without sparsity).
+PEAKS = {
+    "h100": {"tf32": 494.7, "bf16": 989.4, "fp32": 66.9, "hbm_tb_s": 3.35},
+    "h200": {"tf32": 494.7, "bf16": 989.4, "fp32": 66.9, "hbm_tb_s": 4.8},
+}
+PRECISION_UNIT = {"default": "tf32", "highest": "fp32", "bf16": "bf16"}
+
+# JARVIS-like synthetic crystals (--synthetic).
+SYNTH_MEDIAN_ATOMS = 8.0
+SYNTH_LOG_SIGMA = 0.8  # lognormal: mean ~11 atoms, 99th percentile ~50
+SYNTH_MAX_ATOMS = 140
+SYNTH_VOLUME_PER_ATOM = 18.0  # Å^3
+SYNTH_MIN_DISTANCE = 1.2  # Å, periodic images included
+SYNTH_MAX_K = 48
+
+
+# ----------------------------------------------------------------------------------- FLOPs
+
+def matmul_table(model_cfg, mode: str, heads: dict) -> list[tuple[str, str, float, int]]:
+    """Every matrix product of one forward pass: (name, scaling, FLOP coefficient, train factor).
+
+    scaling: "edge" | "node" | "graph" | "step" (constant) | "pool" (x G*N of a device share).
+    train factor: how many times the product runs in a training step (3, or 2, see module doc).
+    """
+    C, H, R, L = model_cfg.channels, model_cfg.heads, model_cfg.rbf_bins, model_cfg.num_layers
+    T, Fa = cgcnn_feature_table().shape
+    h = F = 128  # head_hidden of DenoisingModel, fc_features of MatformerRegressor
+    t = [("atom_embedding", "step", 2 * T * Fa * C, 2),
+         ("rbf_1", "edge", 2 * R * C, 2),
+         ("rbf_3", "edge", 2 * C * C, 3),
+         ("lin_edge", "edge", L * 2 * H * C * C, 3)]
+    formulation = model_cfg.get("formulation", "node")
+    if formulation == "node":  # lin_msg_update split: value parts per node (see MatformerConv)
+        t += [("e@W3 (lin_msg_update)", "edge", L * 6 * H * C * C, 3),
+              ("lin_query/key/value", "node", L * 6 * H * C * C, 3),
+              ("v@W1, v@W2 (lin_msg_update)", "node", L * 12 * H * C * C, 3)]
+    elif formulation == "edge":  # the reference's per-edge evaluation
+        t += [("lin_query/key/value (x_i), key/value (x_j)", "edge", L * 10 * H * C * C, 3),
+              ("lin_msg_update", "edge", L * 18 * H * C * C, 3)]
+    else:
+        raise ValueError(f"no FLOP model for formulation {formulation!r}")
+    t += [("msg_layer_0", "edge", L * 6 * H * C * C, 3),
+          ("lin_concate", "node", L * 2 * H * C * C, 3),
+          ("lin_skip", "node", L * 2 * C * C, 3)]
+    if mode == "finetune":
+        t += [("mean_pool", "pool", 2 * C, 2), ("fc", "graph", 2 * C * F, 3), ("fc_out", "graph", 2 * F, 3)]
+    else:
+        if heads.get("types"):
+            t += [("type_head", "node", 2 * C * NUM_TYPES, 3)]
+        if heads.get("positions"):
+            t += [("position_head lin_receiver/sender", "node", 4 * C * h, 3),
+                  ("position_head lin_rbf", "edge", 2 * R * h, 2),
+                  ("position_head hidden/out", "edge", 2 * h * h + 2 * h, 3)]
+        if heads.get("lattice"):
+            t += [("lattice_head mean_pool", "pool", 2 * C, 2),
+                  ("lattice_head hidden/out", "graph", 2 * C * h + 12 * h, 3)]
+    return t
+
+
+def flop_coefficients(table) -> dict:
+    """Per-node / per-edge / per-graph / per-step / pool coefficients, forward and train."""
+    out = {"forward": {}, "train": {}}
+    for _, scale, c, factor in table:
+        out["forward"][scale] = out["forward"].get(scale, 0) + c
+        out["train"][scale] = out["train"].get(scale, 0) + c * factor
+    return out
+
+
+def batch_sizes_of(host_batch) -> dict:
+    """Real and padded sizes of a device-stacked host batch (leading device axis)."""
+    D = host_batch.n_node.shape[0]
+    return {"devices": D,
+            "real_nodes": int(host_batch.nodes["mask"].sum()),
+            "real_edges": int(host_batch.edges["mask"].sum()),
+            "real_graphs": int(host_batch.globals["mask"].sum()),
+            "pad_nodes": int(host_batch.nodes["mask"].size),
+            "pad_edges": int(host_batch.edges["mask"].size),
+            "pad_graphs": int(host_batch.globals["mask"].size)}
+
+
+def step_flops(coef: dict, s: dict, padded: bool) -> float:
+    """FLOPs of one training step on a batch of sizes `s` (see `batch_sizes_of`)."""
+    if padded:
+        n, e, g = s["pad_nodes"], s["pad_edges"], s["pad_graphs"]
+        pool = (s["pad_graphs"] // s["devices"]) * (s["pad_nodes"] // s["devices"]) * s["devices"]
+    else:
+        n, e, g = s["real_nodes"], s["real_edges"], s["real_graphs"]
+        pool = n  # a plain per-graph sum of the real nodes' features
+    return (coef.get("edge", 0) * e + coef.get("node", 0) * n + coef.get("graph", 0) * g
+            + coef.get("step", 0) * s["devices"] + coef.get("pool", 0) * pool)
+
+
+# --------------------------------------------------------------------------------- configs
+
+def make_config(name: str, args, batch_size: int, precision: str):
+    module = importlib.import_module(f"configs.{MODEL_ALIASES.get(name, name)}")
+    config = module.get_config()
+    config.init_checkpoint = ""
+    config.train.batch_size = batch_size
+    config.train.progress_bar = False
+    config.model.precision = precision
+    path = Path(config.data.path)
+    if not path.is_absolute() and not path.exists():
+        config.data.path = str(REPO / path)
+    if config.data.cache_dir and not Path(config.data.cache_dir).is_absolute():
+        config.data.cache_dir = str(REPO / config.data.cache_dir)
+    if args.small:
+        config.model.num_layers = 2
+        config.model.channels = 16
+        config.model.heads = 2
+        config.model.rbf_bins = 16
+        config.data.max_records = args.max_records or 96
+        config.data.cache_dir = ""
+        config.data.num_workers = 1
+        config.train.num_budget_levels = 1  # one compilation per configuration
+    elif args.max_records:
+        config.data.max_records = args.max_records
+    return config
+
+
+def model_label(name: str) -> str:
+    return MODEL_ALIASES.get(name, name)
+
+
+# ------------------------------------------------------------------------------ synthetic
+
+def _periodic_min_distance(frac_new, frac, lattice, images) -> float:
+    d = ((frac_new - frac)[:, None, :] + images[None]) @ lattice
+    return float(np.sqrt(np.min(np.sum(d * d, axis=-1))))
+
+
+def synthetic_crystals(count: int, seed: int = 0) -> list[Crystal]:
+    """JARVIS-like random crystals: n ~ lognormal(median 8, sigma 0.8) clipped to 1..140 atoms,
+    a cubic-ish cell (lengths x U(0.85, 1.15), shears up to 10%) of 18 Å^3 per atom, uniform
+    fractional coordinates with every periodic pair > 1.2 Å apart, Z uniform in 1..83."""
+    rng = np.random.default_rng(seed)
+    images = np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"), -1).reshape(-1, 3)
+    self_images = images[np.any(images != 0, axis=1)]
+    out = []
+    while len(out) < count:
+        n = int(np.clip(round(rng.lognormal(math.log(SYNTH_MEDIAN_ATOMS), SYNTH_LOG_SIGMA)), 1, SYNTH_MAX_ATOMS))
+        volume = n * SYNTH_VOLUME_PER_ATOM
+        lat = np.diag(rng.uniform(0.85, 1.15, 3))
+        lat[1, 0], lat[2, 0], lat[2, 1] = rng.uniform(-0.1, 0.1, 3)
+        lat *= (volume / abs(np.linalg.det(lat))) ** (1.0 / 3.0)
+        if np.sqrt(np.min(np.sum((self_images @ lat) ** 2, -1))) < SYNTH_MIN_DISTANCE:
+            continue
+        frac = np.zeros((0, 3))
+        tries = 0
+        while len(frac) < n and tries < 200 * n:
+            tries += 1
+            x = rng.random(3)
+            if len(frac) and _periodic_min_distance(x, frac, lat, images) < SYNTH_MIN_DISTANCE:
+                continue
+            frac = np.vstack([frac, x])
+        if len(frac) < n:
+            continue
+        out.append(Crystal(f"synthetic-{len(out)}", lat, rng.integers(1, 84, n), frac))
+    return out
+
+
+def _edges_per_atom(crystals, k: int) -> float:
+    gs = [build_crystal_graph(c, max_neighbors=k) for c in crystals]
+    return sum(g.num_edges for g in gs) / sum(g.num_nodes for g in gs)
+
+
+def choose_k(crystals, target: float) -> tuple[int, float]:
+    """Smallest k-NN count whose real graphs give ~`target` directed edges per atom.
+
+    The real builder (k = 12) gives ~25 per atom on every shipped dataset and on these random
+    cells alike, whatever the density (k nearest neighbours do not depend on it); larger k is
+    the only way to reach denser graphs with real geometry."""
+    k, epa = 12, _edges_per_atom(crystals, 12)
+    if not target or epa >= target:
+        return k, epa
+    prev = (k, epa)
+    for k in range(13, SYNTH_MAX_K + 1):
+        epa = _edges_per_atom(crystals, k)
+        if epa >= target:
+            return (k, epa) if epa - target <= target - prev[1] else prev
+        prev = (k, epa)
+    return prev
+
+
+def synthetic_data(args) -> tuple[PreparedData, dict]:
+    count = args.synthetic_count or (48 if args.small else 4096)
+    t0 = time.perf_counter()
+    crystals = synthetic_crystals(count, seed=args.seed)
+    k, epa = choose_k(crystals[:128], args.synthetic_edges_per_atom)
+    graphs, skipped = build_graphs(crystals, GraphParams(max_neighbors=k),
+                                   workers=1 if args.small else None, progress=False)
+    graphs = [g for g in graphs if g is not None]
+    targets = np.random.default_rng(args.seed + 1).normal(size=len(graphs))
+    nat = np.array([g.num_nodes for g in graphs])
+    info = {"count": len(graphs), "skipped": len(skipped), "max_neighbors": k,
+            "edges_per_atom": sum(g.num_edges for g in graphs) / int(nat.sum()),
+            "edges_per_atom_target": args.synthetic_edges_per_atom,
+            "atoms_mean": float(nat.mean()), "atoms_median": float(np.median(nat)),
+            "atoms_max": int(nat.max()), "volume_per_atom": SYNTH_VOLUME_PER_ATOM,
+            "lognormal_median": SYNTH_MEDIAN_ATOMS, "lognormal_sigma": SYNTH_LOG_SIGMA,
+            "build_s": time.perf_counter() - t0}
+    print(f"synthetic: {len(graphs)} crystals, k = {k} neighbours -> {info['edges_per_atom']:.1f} "
+          f"directed edges/atom (target {args.synthetic_edges_per_atom}), mean {nat.mean():.1f} atoms, "
+          f"built in {info['build_s']:.1f} s", flush=True)
+    nan = lambda n: np.full(n, math.nan)  # noqa: E731
+    splits = {"train": SplitData(graphs, targets), "val": SplitData([], nan(0)), "test": SplitData([], nan(0))}
+    return PreparedData(splits, [], len(crystals), "synthetic"), info
+
+
+# ---------------------------------------------------------------------------------- device
+
+def device_info(mesh) -> dict:
+    d = jax.devices()[0]
+    info = {"platform": d.platform, "device_kind": d.device_kind, "num_devices": int(mesh.size),
+            "visible_devices": len(jax.devices()), "jax": jax.__version__}
+    try:
+        import jaxlib
+
+        info["jaxlib"] = jaxlib.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    for mod in ("flax", "optax"):
+        try:
+            info[mod] = importlib.import_module(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    stats = _memory_stats()
+    if stats:
+        info["bytes_limit"] = stats.get("bytes_limit")
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    return info
+
+
+def _memory_stats() -> dict | None:
+    try:
+        return jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def peaks_for(kind: str) -> dict | None:
+    k = kind.lower()
+    for name, p in PEAKS.items():
+        if name in k:
+            return p
+    return None
+
+
+def _cost(compiled) -> dict:
+    out = {}
+    try:
+        ca = compiled.cost_analysis()
+        if isinstance(ca, (list, tuple)):
+            ca = ca[0] if ca else {}
+        out["flops"] = float(ca.get("flops", float("nan")))
+        out["bytes_accessed"] = float(ca.get("bytes accessed", float("nan")))
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        m = compiled.memory_analysis()
+        out["memory_bytes"] = int(m.argument_size_in_bytes + m.output_size_in_bytes
+                                  + m.temp_size_in_bytes - m.alias_size_in_bytes)
+        out["temp_bytes"] = int(m.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def shape_key(batch) -> tuple:
+    return (int(batch.nodes["mask"].shape[-1]), int(batch.edges["mask"].shape[-1]),
+            int(batch.globals["mask"].shape[-1]))
+
+
+def _cache_size(fn) -> int | None:
+    try:
+        return int(fn._cache_size())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ------------------------------------------------------------------------------------ data
+
+class DataCache:
+    """Prepared data per (data kind, config data fields), loaded once per process."""
+
+    def __init__(self, args):
+        self.args = args
+        self.store = {}
+        self.synthetic_info = None
+
+    def get(self, kind: str, config) -> PreparedData:
+        if kind == "synthetic":
+            key = ("synthetic",)
+            if key not in self.store:
+                self.store[key], self.synthetic_info = synthetic_data(self.args)
+            return self.store[key]
+        key = ("real", config.mode, config.data.path, config.data.task, config.data.max_records)
+        if key not in self.store:
+            t0 = time.perf_counter()
+            self.store[key] = loop.load_data(config)
+            print(f"{self.store[key].summary()} (loaded in {time.perf_counter() - t0:.1f} s)", flush=True)
+        return self.store[key]
+
+
+def host_pool(batcher, config, size: int, drop: bool) -> list:
+    """`size` distinct batches: successive shuffled epochs, as a run draws them."""
+    pool, epoch = [], 0
+    while len(pool) < size:
+        n_before = len(pool)
+        for b in batcher.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop):
+            pool.append(b)
+            if len(pool) == size:
+                break
+        epoch += 1
+        if len(pool) == n_before:
+            raise ValueError("the training split yields no batch")
+    return pool
+
+
+def dump_group(dump: dict, group: str, pool) -> None:
+    """The real part of each batch, device shares concatenated (node indices offset)."""
+    for i, b in enumerate(pool):
+        D = b.n_node.shape[0]
+        parts = {k: [] for k in ("senders", "receivers", "images", "positions", "lattice", "atomic_numbers",
+                                 "n_node", "n_edge", "target")}
+        offset = 0
+        for d in range(D):
+            nm, em, gm = b.nodes["mask"][d], b.edges["mask"][d], b.globals["mask"][d]
+            n_real = int(nm.sum())
+            assert nm[:n_real].all() and em[:int(em.sum())].all() and gm[:int(gm.sum())].all()
+            parts["senders"].append(b.senders[d][em] + offset)
+            parts["receivers"].append(b.receivers[d][em] + offset)
+            parts["images"].append(b.edges["images"][d][em])
+            parts["positions"].append(b.nodes["positions"][d][nm])
+            parts["atomic_numbers"].append(b.nodes["species"][d][nm])
+            parts["lattice"].append(b.globals["lattice"][d][gm])
+            parts["n_node"].append(b.n_node[d][gm])
+            parts["n_edge"].append(b.n_edge[d][gm])
+            parts["target"].append(b.globals["target"][d][gm])
+            offset += n_real
+        for k, v in parts.items():
+            dump[f"{group}/{i}/{k}"] = np.concatenate(v)
+        dump[f"{group}/{i}/budget"] = np.array(shape_key(b), np.int32)
+        dump[f"{group}/{i}/num_devices"] = np.array(D, np.int32)
+
+
+# ------------------------------------------------------------------------------ benchmark
+
+def build_run(config, data, mesh, pool_host):
+    """State, jitted step and table of the run, exactly as train/loop.py builds them."""
+    objective = loop.make_objective(config)
+    model = objective.make_model()
+    tx = make_optimizer(config.optim, 10_000)
+    stats = loop.data_stats(config, data)
+    example = jax.tree_util.tree_map(lambda x: x[0], pool_host[0])
+    state = create_state(model, tx, example, config.seed, stats)
+    n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(state.params))
+    state = put_replicated(state, mesh)
+    train_step = make_train_step(objective, model, tx, mesh)
+    heads = getattr(objective, "enabled", {})
+    table = matmul_table(config.model, config.mode, heads)
+    return state, train_step, table, n_params
+
+
+def compile_shapes(train_step, state, dev_batches, host_batches):
+    """First call on every distinct padded shape, timed (compilation + one step)."""
+    compile_s, costs = {}, {}
+    for dev, host in zip(dev_batches, host_batches):
+        key = shape_key(host)
+        if key in compile_s:
+            continue
+        t0 = time.perf_counter()
+        state, _ = train_step(state, dev)
+        jax.block_until_ready(state)
+        compile_s[key] = time.perf_counter() - t0
+        try:  # a cache hit of the executable jit just built: costs no compilation
+            costs[key] = _cost(train_step.lower(state, dev).compile())
+        except Exception as e:  # noqa: BLE001
+            log.info("no cost analysis: %s", e)
+            costs[key] = {}
+    return state, compile_s, costs
+
+
+def _summary(xs):
+    xs = sorted(xs)
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1],
+            "p10": float(np.percentile(xs, 10)), "p90": float(np.percentile(xs, 90))}
+
+
+def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump) -> dict:
+    config = make_config(name, args, batch_size, precision)
+    data = cache.get(data_kind, config)
+    D = mesh.size
+    batcher = loop.make_batcher(data.splits["train"], config, D)
+    drop = len(batcher) >= batch_size
+    pool_size = args.pool or (3 if args.small else 20)
+    pool_host = host_pool(batcher, config, pool_size, drop)
+    group = f"{data_kind}_{model_label(name)}_bs{batch_size}"
+    if dump is not None and not any(k.startswith(group + "/") for k in dump):
+        dump_group(dump, group, pool_host)
+
+    state, train_step, table, n_params = build_run(config, data, mesh, pool_host)
+    coef = flop_coefficients(table)["train"]
+    sizes = [batch_sizes_of(b) for b in pool_host]
+    pool_dev = [put_batch(b, mesh) for b in pool_host]
+    jax.block_until_ready(pool_dev)
+
+    state, compile_s, costs = compile_shapes(train_step, state, pool_dev, pool_host)
+    for i in range(args.warmup if args.warmup is not None else (2 if args.small else 10)):
+        state, _ = train_step(state, pool_dev[i % len(pool_dev)])
+    jax.block_until_ready(state)
+
+    steps = args.steps or (6 if args.small else 300)
+    blocks = max(1, -(-steps // len(pool_dev)))
+    times = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for dev in pool_dev:
+            state, _ = train_step(state, dev)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    mem = _memory_stats()
+    n_compiled = _cache_size(train_step)
+
+    # per-pass totals over the pool
+    P = len(pool_dev)
+    tot = {k: sum(s[k] for s in sizes) for k in sizes[0] if k != "devices"}
+    flops_real = sum(step_flops(coef, s, padded=False) for s in sizes)
+    flops_pad = sum(step_flops(coef, s, padded=True) for s in sizes)
+    xla_flops = sum(costs.get(shape_key(b), {}).get("flops", math.nan) for b in pool_host)
+    xla_bytes = sum(costs.get(shape_key(b), {}).get("bytes_accessed", math.nan) for b in pool_host)
+    t_med = statistics.median(times)
+    per_step = [t / P for t in times]
+    peaks = peaks_for(jax.devices()[0].device_kind)
+    unit = PRECISION_UNIT[precision]
+    res = {
+        "data": data_kind, "model": model_label(name), "mode": config.mode, "batch_size": batch_size,
+        "precision": precision, "num_devices": D, "num_parameters": n_params,
+        "crystals_per_s": tot["real_graphs"] / t_med,
+        "crystals_per_s_min": tot["real_graphs"] / max(times),
+        "crystals_per_s_max": tot["real_graphs"] / min(times),
+        "edges_per_s": tot["real_edges"] / t_med,
+        "padded_edges_per_s": tot["pad_edges"] / t_med,
+        "step_ms": 1e3 * t_med / P, "step_ms_min": 1e3 * min(times) / P, "step_ms_max": 1e3 * max(times) / P,
+        "step_ms_p10": 1e3 * float(np.percentile(per_step, 10)),
+        "step_ms_p90": 1e3 * float(np.percentile(per_step, 90)),
+        "timed_steps": blocks * P, "blocks": blocks, "pool": P,
+        "tflops": flops_real / t_med / 1e12, "tflops_executed": flops_pad / t_med / 1e12,
+        "gflop_per_step": flops_real / P / 1e9, "gflop_per_step_executed": flops_pad / P / 1e9,
+        "xla_gflop_per_step": xla_flops / P / 1e9, "xla_tflops": xla_flops / t_med / 1e12,
+        "xla_gb_accessed_per_step": xla_bytes / P / 1e9, "xla_tb_per_s": xla_bytes / t_med / 1e12,
+        "peak_unit": unit,
+        "peak_fraction": (flops_real / t_med / 1e12 / peaks[unit]) if peaks else None,
+        "peak_fraction_executed": (flops_pad / t_med / 1e12 / peaks[unit]) if peaks else None,
+        "mean_real_nodes": tot["real_nodes"] / P, "mean_real_edges": tot["real_edges"] / P,
+        "edges_per_atom": tot["real_edges"] / tot["real_nodes"],
+        "node_padding": 1 - tot["real_nodes"] / tot["pad_nodes"],
+        "edge_padding": 1 - tot["real_edges"] / tot["pad_edges"],
+        "graph_padding": 1 - tot["real_graphs"] / tot["pad_graphs"],
+        "budgets": sorted({shape_key(b) for b in pool_host}),
+        "compile_s": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in compile_s.items()},
+        "compile_s_total": sum(compile_s.values()),
+        "jit_cache_entries": n_compiled,
+        "peak_bytes_in_use": (mem or {}).get("peak_bytes_in_use"),
+        "bytes_in_use": (mem or {}).get("bytes_in_use"),
+        "xla_step_memory_bytes": max((c.get("memory_bytes", 0) for c in costs.values()), default=None),
+    }
+    res.update({f"epoch_{k}": v for k, v in batcher.padding_waste(config.seed).items()})
+    res["flops_per_step_coefficients"] = coef
+    if peaks:
+        res["floor_ms_compute_xla"] = 1e3 * (xla_flops / P) / (peaks[unit] * 1e12)
+        res["floor_ms_bytes_xla"] = 1e3 * (xla_bytes / P) / (peaks["hbm_tb_s"] * 1e12)
+    del state, pool_dev
+    return res
+
+
+# ---------------------------------------------------------------------------------- epoch
+
+def epoch_one(args, name, batch_size, precision, mesh, cache) -> dict:
+    config = make_config(name, args, batch_size, precision)
+    data = cache.get("synthetic" if args.data == ["synthetic"] else "real", config)
+    D = mesh.size
+    train_b = loop.make_batcher(data.splits["train"], config, D)
+    drop = len(train_b) >= batch_size
+    epoch = 0
+    t0 = time.perf_counter()
+    host = list(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop))
+    host_s = time.perf_counter() - t0
+    state, train_step, table, n_params = build_run(config, data, mesh, host)
+    coef = flop_coefficients(table)["train"]
+    n_crystals = sum(int(b.globals["mask"].sum()) for b in host)
+    flops_real = sum(step_flops(coef, batch_sizes_of(b), padded=False) for b in host)
+
+    devs = [put_batch(b, mesh) for b in host]
+    jax.block_until_ready(devs)
+    state, compile_s, _ = compile_shapes(train_step, state, devs, host)
+    log_every = max(1, config.train.log_every_steps)
+    repeats = 2 if args.small else 3
+
+    def pipeline_epoch(state):
+        pending, sums = [], {}
+        t_start = time.perf_counter()
+        t_first = None
+        batches = prefetch(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop),
+                           config.train.prefetch)
+        for i, dev in enumerate(prefetch_to_device(batches, mesh, config.train.prefetch)):
+            if t_first is None:
+                t_first = time.perf_counter()
+            state, m = train_step(state, dev)
+            pending.append((i, m))
+            if len(pending) >= log_every:
+                loop._drain(pending, sums)
+        loop._drain(pending, sums)
+        jax.block_until_ready(state)
+        t_end = time.perf_counter()
+        return state, t_end - t_start, t_end - t_first
+
+    def pure_epoch(state):
+        t_start = time.perf_counter()
+        for dev in devs:
+            state, _ = train_step(state, dev)
+        jax.block_until_ready(state)
+        return state, time.perf_counter() - t_start
+
+    pipe, pipe_from_first, pure = [], [], []
+    for _ in range(repeats):  # interleaved, so drifts of the device clock hit both alike
+        state, t_all, t_first = pipeline_epoch(state)
+        pipe.append(t_all)
+        pipe_from_first.append(t_first)
+        state, t = pure_epoch(state)
+        pure.append(t)
+    mem = _memory_stats()
+    res = {
+        "data": "synthetic" if args.data == ["synthetic"] else "real", "model": model_label(name),
+        "batch_size": batch_size, "precision": precision, "num_devices": D,
+        "steps": len(host), "crystals": n_crystals, "repeats": repeats,
+        "crystals_per_s_pipeline": n_crystals / statistics.median(pipe),
+        "crystals_per_s_pipeline_from_first_batch": n_crystals / statistics.median(pipe_from_first),
+        "crystals_per_s_pure_step": n_crystals / statistics.median(pure),
+        "pipeline_epoch_s": pipe, "pipeline_epoch_s_from_first_batch": pipe_from_first, "pure_epoch_s": pure,
+        "host_batches_per_s": len(host) / host_s, "host_crystals_per_s": n_crystals / host_s,
+        "tflops_pure": flops_real / statistics.median(pure) / 1e12,
+        "compile_s": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in compile_s.items()},
+        "jit_cache_entries": _cache_size(train_step),
+        "peak_bytes_in_use": (mem or {}).get("peak_bytes_in_use"),
+    }
+    res["pipeline_over_pure"] = res["crystals_per_s_pipeline"] / res["crystals_per_s_pure_step"]
+    res["within_15_percent"] = bool(res["pipeline_over_pure"] >= 0.85)
+    del state, devs
+    return res
+
+
+# ------------------------------------------------------------------------------------ main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None,
+                   help="finetune (= finetune_jarvis), pretrain_mask30, or any configs/<name>")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="global batch sizes")
+    p.add_argument("--precision", nargs="+", default=None, choices=PRECISIONS,
+                   help="config.model.precision values to time")
+    p.add_argument("--synthetic", action="store_true", help="JARVIS-like synthetic crystals (= --data synthetic)")
+    p.add_argument("--data", nargs="+", default=None, choices=("real", "synthetic"))
+    p.add_argument("--steps", type=int, default=None, help="timed steps (rounded up to whole pool passes)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after compilation")
+    p.add_argument("--pool", type=int, default=None, help="distinct batches on the device")
+    p.add_argument("--num-devices", type=int, default=0, help="0: every visible device")
+    p.add_argument("--max-records", type=int, default=0, help="cap on dataset records (0: all)")
+    p.add_argument("--synthetic-count", type=int, default=0)
+    p.add_argument("--synthetic-edges-per-atom", type=float, default=36.0,
+                   help="target directed edges per atom (0: the real builder's k = 12, ~25/atom)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic crystals")
+    p.add_argument("--dump-npz", default=None, help="write the timed batches here")
+    p.add_argument("--out", default=None, help="JSON results (default scripts/results/bench_train_<tag>.json)")
+    p.add_argument("--tag", default=None)
+    p.add_argument("--epoch", action="store_true", help="input-pipeline check over a whole epoch")
+    p.add_argument("--small", action="store_true", help="tiny model, few steps (CPU smoke test)")
+    args = p.parse_args(argv)
+    if args.synthetic:
+        args.data = ["synthetic"]
+    args.data = args.data or ["real"]
+    if args.epoch:
+        args.models = args.models or ["pretrain_mask30"]
+        args.batch_sizes = args.batch_sizes or ([16] if args.small else [256])
+        args.precision = args.precision or ["default"]
+    else:
+        args.models = args.models or ["finetune", "pretrain_mask30"]
+        args.batch_sizes = args.batch_sizes or ([8] if args.small else [64, 256])
+        args.precision = args.precision or list(PRECISIONS)
+    return args
+
+
+def _fmt(x, spec):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def print_table(results, epochs):
+    if results:
+        print("\n{:9s} {:16s} {:>4s} {:8s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
+            "data", "model", "B", "prec", "step_ms", "cryst/s", "Medge/s", "TFLOP/s", "%peak",
+            "pad n/e", "xla TB/s", "compile", "peakGB"))
+        for r in results:
+            pf = r["peak_fraction"]
+            print("{:9s} {:16s} {:>4d} {:8s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
+                r["data"], r["model"][:16], r["batch_size"], r["precision"], _fmt(r["step_ms"], ".2f"),
+                _fmt(r["crystals_per_s"], ".0f"), _fmt(r["edges_per_s"] / 1e6, ".2f"), _fmt(r["tflops"], ".2f"),
+                _fmt(None if pf is None else 100 * pf, ".1f"),
+                f"{100 * r['node_padding']:.0f}/{100 * r['edge_padding']:.0f}%", _fmt(r["xla_tb_per_s"], ".2f"),
+                _fmt(r["compile_s_total"], ".1f") + "s",
+                _fmt(None if r["peak_bytes_in_use"] is None else r["peak_bytes_in_use"] / 1e9, ".2f")))
+    for e in epochs:
+        print(f"\nepoch ({e['data']} {e['model']} B={e['batch_size']} {e['precision']}, {e['steps']} steps, "
+              f"{e['crystals']} crystals): pipeline {e['crystals_per_s_pipeline']:.0f} crystals/s "
+              f"(from first batch {e['crystals_per_s_pipeline_from_first_batch']:.0f}), pure step "
+              f"{e['crystals_per_s_pure_step']:.0f} crystals/s -> {100 * e['pipeline_over_pure']:.1f}% "
+              f"({'within' if e['within_15_percent'] else 'NOT within'} 15%); host batching alone "
+              f"{e['host_crystals_per_s']:.0f} crystals/s")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cache = DataCache(args)
+    # all data first: graph building forks worker processes, which must happen before JAX
+    # starts its backends (as train/loop.py does)
+    for data_kind in (["synthetic" if args.data == ["synthetic"] else "real"] if args.epoch else args.data):
+        for name in args.models:
+            cache.get(data_kind, make_config(name, args, args.batch_sizes[0], args.precision[0]))
+    mesh = make_mesh(args.num_devices or None)
+    dev = device_info(mesh)
+    print(f"device: {dev['device_kind']} x{dev['num_devices']} ({dev['platform']}), jax {dev['jax']}", flush=True)
+    dump = {} if args.dump_npz else None
+    results, epochs, failures = [], [], []
+    t_start = time.perf_counter()
+    if args.epoch:
+        for name in args.models:
+            for bs in args.batch_sizes:
+                for prec in args.precision:
+                    e = epoch_one(args, name, bs, prec, mesh, cache)
+                    epochs.append(e)
+                    print(f"epoch {e['model']} B={bs} {prec}: pipeline/pure = {100 * e['pipeline_over_pure']:.1f}%",
+                          flush=True)
+    else:
+        for data_kind in args.data:
+            for name in args.models:
+                for bs in args.batch_sizes:
+                    for prec in args.precision:
+                        try:
+                            r = bench_one(args, data_kind, name, bs, prec, mesh, cache, dump)
+                        except Exception as ex:  # noqa: BLE001 - e.g. out of memory: report, go on
+                            if args.small:
+                                raise
+                            failures.append({"data": data_kind, "model": model_label(name), "batch_size": bs,
+                                             "precision": prec, "error": f"{type(ex).__name__}: {ex}"[:2000]})
+                            print(f"FAILED {data_kind} {name} B={bs} {prec}: {type(ex).__name__}: {ex}", flush=True)
+                            continue
+                        results.append(r)
+                        print(f"{data_kind} {r['model']} B={bs} {prec}: {r['step_ms']:.2f} ms/step "
+                              f"[{r['step_ms_min']:.2f}-{r['step_ms_max']:.2f}], {r['crystals_per_s']:.0f} crystals/s, "
+                              f"{r['tflops']:.2f} TFLOP/s, compile {r['compile_s_total']:.1f} s "
+                              f"({len(r['compile_s'])} shapes)", flush=True)
+
+    tables = {}
+    for name in args.models:
+        config = make_config(name, args, args.batch_sizes[0], "default")
+        tables[model_label(name)] = [list(row) for row in matmul_table(
+            config.model, config.mode, getattr(loop.make_objective(config), "enabled", {}))]
+    out = {
+        "device": dev,
+        "args": {k: v for k, v in vars(args).items()},
+        "flop_model": {
+            "description": "analytic matmul FLOPs per training step (see scripts/bench_train.py docstring): "
+                           "sum over matmuls of coefficient x (nodes | edges | graphs | 1 | G*N per device) x "
+                           "train factor (3, or 2 where no input gradient / no weight); tflops uses real "
+                           "sizes, tflops_executed padded sizes",
+            "peaks_tflops": PEAKS,
+            "precision_unit": PRECISION_UNIT,
+            "matmuls": tables,
+            "matmul_columns": ["name", "scales with", "forward FLOP coefficient", "train factor"],
+        },
+        "synthetic": cache.synthetic_info,
+        "results": results,
+        "epoch": epochs,
+        "failures": failures,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    kind = dev["device_kind"].lower()
+    chip = next((c for c in PEAKS if c in kind), dev["platform"])
+    tag = args.tag or "_".join(filter(None, [chip,
+                                             "synthetic" if args.data == ["synthetic"] else None,
+                                             "epoch" if args.epoch else None, "small" if args.small else None]))
+    path = Path(args.out) if args.out else REPO / "scripts" / "results" / f"bench_train_{tag}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    if dump is not None:
+        Path(args.dump_npz).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.dump_npz, **dump)
+        print(f"wrote {len(dump)} arrays to {args.dump_npz}", flush=True)
+    print_table(results, epochs)
+    print(f"\nwrote {path} ({out['wall_s']:.0f} s)", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""scripts/bench_train.py: runs end to end on CPU (--small), writes its JSON and .npz dump,
+and its FLOP count matches the numbers documented in the script."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from configs import base
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_script()
+
+FIELDS = ("senders", "receivers", "images", "positions", "lattice", "atomic_numbers", "n_node", "n_edge")
+
+
+def test_flop_count_of_the_default_model():
+    cfg = base.get_config().model
+    fwd = bench.flop_coefficients(bench.matmul_table(cfg, "finetune", {}))["forward"]
+    train = bench.flop_coefficients(bench.matmul_table(cfg, "finetune", {}))["train"]
+    assert fwd["edge"] == 4_653_056 and fwd["node"] == 6_717_440
+    assert train["edge"] == 13_926_400 and train["node"] == 3 * 6_717_440
+    pre = bench.flop_coefficients(bench.matmul_table(cfg, "pretrain", {"types": True}))["train"]
+    assert pre["node"] == 3 * (6_717_440 + 2 * 128 * 95)
+    assert "pool" not in pre and pre["edge"] == train["edge"]
+
+
+def test_synthetic_crystals_follow_the_distribution():
+    crystals = bench.synthetic_crystals(64, seed=3)
+    n = np.array([c.num_atoms for c in crystals])
+    assert n.min() >= 1 and n.max() <= bench.SYNTH_MAX_ATOMS and 4 <= np.median(n) <= 14
+    for c in crystals[:8]:
+        assert abs(abs(np.linalg.det(c.lattice)) / c.num_atoms - bench.SYNTH_VOLUME_PER_ATOM) < 1e-6
+    k, epa = bench.choose_k(crystals[:24], 36.0)
+    assert k > 12 and abs(epa - 36.0) < 3.0
+
+
+def test_small_benchmark_writes_json_and_batches(tmp_path):
+    out, npz = tmp_path / "bench.json", tmp_path / "batches.npz"
+    res = bench.main(["--small", "--models", "finetune", "--precision", "default", "--batch-sizes", "8",
+                      "--pool", "2", "--steps", "2", "--warmup", "1", "--out", str(out), "--dump-npz", str(npz)])
+    data = json.loads(out.read_text())
+    assert data["results"] and data["results"][0] == json.loads(json.dumps(res["results"][0]))
+    r = data["results"][0]
+    for key in ("crystals_per_s", "crystals_per_s_min", "crystals_per_s_max", "edges_per_s", "step_ms",
+                "tflops", "tflops_executed", "node_padding", "edge_padding", "compile_s", "peak_bytes_in_use",
+                "xla_step_memory_bytes", "jit_cache_entries"):
+        assert key in r, key
+    assert r["crystals_per_s"] > 0 and r["tflops"] > 0 and 0 <= r["edge_padding"] < 1
+    assert r["crystals_per_s_min"] <= r["crystals_per_s"] <= r["crystals_per_s_max"]
+    assert r["jit_cache_entries"] in (None, len(r["compile_s"]))  # no recompilation while timed
+    assert data["device"]["num_devices"] == 4 and data["device"]["jax"]
+
+    z = np.load(npz)
+    groups = sorted({k.split("/")[0] for k in z.files})
+    assert groups == ["real_finetune_jarvis_bs8"]
+    for i in range(2):
+        b = {f: z[f"real_finetune_jarvis_bs8/{i}/{f}"] for f in FIELDS}
+        n_node, n_edge = b["n_node"], b["n_edge"]
+        assert len(n_node) == len(n_edge) == 8 == len(b["lattice"])
+        assert n_node.sum() == len(b["positions"]) == len(b["atomic_numbers"])
+        assert n_edge.sum() == len(b["senders"]) == len(b["receivers"]) == len(b["images"])
+        assert b["positions"].shape[1] == 3 and b["lattice"].shape[1:] == (3, 3) and b["images"].shape[1] == 3
+        assert (b["atomic_numbers"] > 0).all()
+        # every edge stays inside its own crystal (device shares concatenated with offsets)
+        lo = np.repeat(np.cumsum(n_node) - n_node, n_edge)
+        hi = np.repeat(np.cumsum(n_node), n_edge)
+        for idx in (b["senders"], b["receivers"]):
+            assert ((idx >= lo) & (idx < hi)).all()
+        budget = z[f"real_finetune_jarvis_bs8/{i}/budget"]
+        assert budget[1] * 4 >= n_edge.sum() and budget[2] == 8 // 4 + 1
+
+
+def test_small_epoch_check(tmp_path):
+    out = tmp_path / "epoch.json"
+    res = bench.main(["--small", "--epoch", "--num-devices", "1", "--out", str(out)])
+    (e,) = json.loads(out.read_text())["epoch"]
+    assert e == json.loads(json.dumps(res["epoch"][0]))
+    assert e["model"] == "pretrain_mask30" and e["steps"] >= 1 and e["crystals"] == 16 * e["steps"]
+    for key in ("crystals_per_s_pipeline", "crystals_per_s_pure_step", "pipeline_over_pure",
+                "host_crystals_per_s", "within_15_percent"):
+        assert key in e, key
+    assert e["crystals_per_s_pipeline"] > 0 and e["crystals_per_s_pure_step"] > 0
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-v"])
