@@ -6,8 +6,10 @@
     python scripts/bench_train.py --epoch                # input-pipeline check: one pre-training epoch
     python scripts/bench_train.py --small                # tiny model, few steps (CPU smoke test)
     options: --models finetune pretrain_mask30 (any configs/<name>.py; "finetune" = finetune_jarvis)
-             --batch-sizes 64 256   --precision default highest bf16   --steps 300 --warmup 10
-             --pool 20   --num-devices 0 (all)   --dump-npz PATH   --out scripts/results/bench_train_<tag>.json
+             --batch-sizes 64 256   --precision default highest bf16   --formulation edge node
+             --steps 200 --warmup 10 --max-seconds 5 (per configuration)   --pool 20
+             --time-budget 540 (s; no configuration starts past it)
+             --num-devices 0 (all)   --dump-npz PATH   --out scripts/results/bench_train_<tag>.json
              --tag TAG   --synthetic-count 4096   --synthetic-edges-per-atom 36 (0: the real builder's k = 12)
 
 What is timed. Everything is the project's own code: `loop.make_objective`, `loop.make_batcher`
@@ -18,10 +20,11 @@ split, full batches only, as a run draws them) is built on the host and put on t
 then the step runs cycling over the pool, `jax.block_until_ready(state)` closing each block of one
 pass over the pool. Host work is therefore excluded from the "pure step" figures. The first call
 on each padded shape (compilation + one step) is timed separately and reported as `compile_s`;
-then `--warmup` steps; then ceil(steps / pool) timed blocks. Figures are the median block; the
-spread is reported as min / max over blocks (and p10 / p90 of the per-step time).
+then `--warmup` steps; then up to ceil(steps / pool) timed blocks (fewer once `--max-seconds`
+have passed and at least 3 blocks are done). Figures are the median block; the spread is
+reported as min / max over blocks (and p10 / p90 of the per-step time).
 
-Reported per (data, model, batch size, precision): `crystals_per_s` (real crystals),
+Reported per (data, model, batch size, precision, formulation): `crystals_per_s` (real crystals),
 `edges_per_s` (real directed edges), `step_ms`, `tflops` (achieved, from the analytic count on
 REAL nodes/edges below, i.e. model FLOPs as in MFU), `tflops_executed` (the same formula on the
 PADDED sizes: what the device actually ran), their fraction of the H100/H200 dense peak of the
@@ -34,25 +37,32 @@ compilations (jit cache entries) the step needed.
 FLOP count (derived from dpf_jax/model/{matformer,layers,heads}.py; multiply-add = 2 FLOPs; only
 matrix products are counted). C = channels (128), H = heads (4), R = rbf_bins (128), L = layers
 (5), h = head hidden width (128), K = 95 type classes, F = fc width (128); N, E, G = nodes, edges
-and graphs of a batch.
-  encoder, per edge:  rbf_1 2RC + rbf_3 2C^2 + L * 14HC^2
-                      (lin_edge 2HC^2, e @ W3 6HC^2, msg_layer_0 6HC^2)
-  encoder, per node:  L * (20HC^2 + 2C^2)
-                      (q, k, v 6HC^2; v @ W1, v @ W2 12HC^2; lin_concate 2HC^2; lin_skip 2C^2)
-  encoder, per step:  2 * 101 * 92 * C (atom_embedding applied to the element table)
-  regression head:    mean pool (one-hot matmul) 2 G_pad N_pad C per device share
-                      [counted as 2NC on real sizes]; per graph fc 2CF + fc_out 2F
-  type head:          per node 2CK
-  position head:      per node 4Ch; per edge 2Rh + 2h^2 + 2h
-  lattice head:       mean pool as above; per graph 2Ch + 12h
+and graphs of a batch. MatformerConv has two exact formulations (MatformerEncoder.formulation;
+the model's own default is timed unless --formulation names others):
+  "edge" (the reference's order of operations):
+    per edge:  L * 36HC^2  (lin_edge 2HC^2; lin_query/key/value on x_i and lin_key/value on
+               x_j 10HC^2; lin_msg_update on [v_i|v_j|e] 18HC^2; msg_layer_0 6HC^2)
+    per node:  L * (2HC^2 + 2C^2)  (lin_concate, lin_skip)
+  "node" (lin_msg_update split in row blocks; value parts and q, k computed per node):
+    per edge:  L * 14HC^2  (lin_edge 2HC^2, e @ W3 6HC^2, msg_layer_0 6HC^2)
+    per node:  L * (20HC^2 + 2C^2)  (q, k, v 6HC^2; v @ W1, v @ W2 12HC^2; lin_concate 2HC^2;
+               lin_skip 2C^2)
+  both:      per edge rbf_1 2RC + rbf_3 2C^2; per step 2 * 101 * 92 * C (atom_embedding
+             applied to the element table)
+  regression head:  mean pool (one-hot matmul) 2 G_pad N_pad C per device share [counted as 2NC
+                    on real sizes]; per graph fc 2CF + fc_out 2F
+  type head:        per node 2CK
+  position head:    per node 4Ch; per edge 2Rh + 2h^2 + 2h
+  lattice head:     mean pool as above; per graph 2Ch + 12h
 Training step: every matmul runs three times (forward, input gradient, weight gradient), except
 those whose input does not depend on the parameters (the element-table embedding, rbf_1 and the
 position head's lin_rbf, which read constant RBF features: no input gradient, 2x) and the
 one-hot pooling (no weight: 2x). The elementwise work (LayerNorms over 3C, sigmoid gate,
-products, segment sums: ~30 kFLOP per edge and layer, ~3% of the forward) and the optimiser
-update (~20 FLOP per parameter) are not counted. With the default model: forward 4.653 MFLOP
-per edge + 6.717 MFLOP per node (+0.024 type head); training step 13.93 MFLOP per edge + 20.15
-MFLOP per node (+0.073 type head): at ~25 directed edges per atom ~0.37 GFLOP per atom.
+products, segment sums: ~30 kFLOP per edge and layer, ~3% of the forward; XLA's own count came
+out 3% above this one) and the optimiser update (~20 FLOP per parameter) are not counted.
+Default model, training step: "edge" 35.55 MFLOP per edge + 2.46 MFLOP per node; "node" 13.93
+MFLOP per edge + 20.15 MFLOP per node (type head +0.073 MFLOP per node). At the ~25 directed
+edges per atom of the real graphs: ~0.89 ("edge") / ~0.37 ("node") GFLOP per atom.
 
 `--dump-npz PATH` writes the exact batches each group timed (real part only, the device shares
 of a batch concatenated; padding is implementation-specific) under keys
@@ -76,7 +86,6 @@ batch 256, precision default.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import logging
@@ -133,7 +142,15 @@ SYNTH_MAX_K = 48
 
 # ----------------------------------------------------------------------------------- FLOPs
 
-def matmul_table(model_cfg, mode: str, heads: dict) -> list[tuple[str, str, float, int]]:
+def model_formulation(model_cfg) -> str:
+    """config.model.formulation if set, else the default of MatformerEncoder."""
+    from dpf_jax.model.matformer import MatformerEncoder
+
+    return model_cfg.get("formulation", None) or MatformerEncoder.formulation
+
+
+def matmul_table(model_cfg, mode: str, heads: dict, formulation: str | None = None
+                 ) -> list[tuple[str, str, float, int]]:
     """Every matrix product of one forward pass: (name, scaling, FLOP coefficient, train factor).
 
     scaling: "edge" | "node" | "graph" | "step" (constant) | "pool" (x G*N of a device share).
@@ -146,7 +163,7 @@ def matmul_table(model_cfg, mode: str, heads: dict) -> list[tuple[str, str, floa
          ("rbf_1", "edge", 2 * R * C, 2),
          ("rbf_3", "edge", 2 * C * C, 3),
          ("lin_edge", "edge", L * 2 * H * C * C, 3)]
-    formulation = model_cfg.get("formulation", "node")
+    formulation = formulation or model_formulation(model_cfg)
     if formulation == "node":  # lin_msg_update split: value parts per node (see MatformerConv)
         t += [("e@W3 (lin_msg_update)", "edge", L * 6 * H * C * C, 3),
               ("lin_query/key/value", "node", L * 6 * H * C * C, 3),
@@ -463,20 +480,35 @@ def dump_group(dump: dict, group: str, pool) -> None:
 
 # ------------------------------------------------------------------------------ benchmark
 
-def build_run(config, data, mesh, pool_host):
-    """State, jitted step and table of the run, exactly as train/loop.py builds them."""
+_INITIAL_STATES: dict = {}
+
+
+def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None):
+    """State, jitted step and table of the run, exactly as train/loop.py builds them.
+
+    The initial state (float32 parameters, whatever the precision) is built once per
+    `reuse_key` and copied for the other batch sizes and precisions: one `model.init`
+    compilation per model instead of one per configuration."""
     objective = loop.make_objective(config)
     model = objective.make_model()
+    if formulation and model.encoder.formulation != formulation:
+        # same parameters, another exact evaluation order of MatformerConv (--formulation)
+        model = model.clone(encoder=model.encoder.clone(formulation=formulation))
     tx = make_optimizer(config.optim, 10_000)
-    stats = loop.data_stats(config, data)
-    example = jax.tree_util.tree_map(lambda x: x[0], pool_host[0])
-    state = create_state(model, tx, example, config.seed, stats)
-    n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(state.params))
-    state = put_replicated(state, mesh)
+    host_state = _INITIAL_STATES.get(reuse_key) if reuse_key is not None else None
+    if host_state is None:
+        stats = loop.data_stats(config, data)
+        example = jax.tree_util.tree_map(lambda x: x[0], pool_host[0])
+        host_state = jax.device_get(create_state(model, tx, example, config.seed, stats))
+        if reuse_key is not None:
+            _INITIAL_STATES[reuse_key] = host_state
+    n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(host_state.params))
+    state = put_replicated(host_state, mesh)
     train_step = make_train_step(objective, model, tx, mesh)
     heads = getattr(objective, "enabled", {})
-    table = matmul_table(config.model, config.mode, heads)
-    return state, train_step, table, n_params
+    formulation = getattr(getattr(model, "encoder", None), "formulation", None)
+    table = matmul_table(config.model, config.mode, heads, formulation)
+    return state, train_step, table, n_params, formulation
 
 
 def compile_shapes(train_step, state, dev_batches, host_batches):
@@ -498,13 +530,7 @@ def compile_shapes(train_step, state, dev_batches, host_batches):
     return state, compile_s, costs
 
 
-def _summary(xs):
-    xs = sorted(xs)
-    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1],
-            "p10": float(np.percentile(xs, 10)), "p90": float(np.percentile(xs, 90))}
-
-
-def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump) -> dict:
+def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, formulation=None) -> dict:
     config = make_config(name, args, batch_size, precision)
     data = cache.get(data_kind, config)
     D = mesh.size
@@ -516,7 +542,10 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump) -
     if dump is not None and not any(k.startswith(group + "/") for k in dump):
         dump_group(dump, group, pool_host)
 
-    state, train_step, table, n_params = build_run(config, data, mesh, pool_host)
+    print(f"{data_kind} {model_label(name)} B={batch_size} {precision} {formulation or ''}: "
+          "compiling and timing...", flush=True)
+    state, train_step, table, n_params, formulation = build_run(
+        config, data, mesh, pool_host, reuse_key=(data_kind, name, mesh.size), formulation=formulation)
     coef = flop_coefficients(table)["train"]
     sizes = [batch_sizes_of(b) for b in pool_host]
     pool_dev = [put_batch(b, mesh) for b in pool_host]
@@ -527,15 +556,19 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump) -
         state, _ = train_step(state, pool_dev[i % len(pool_dev)])
     jax.block_until_ready(state)
 
-    steps = args.steps or (6 if args.small else 300)
-    blocks = max(1, -(-steps // len(pool_dev)))
+    steps = args.steps or (6 if args.small else 200)
+    max_blocks = max(1, -(-steps // len(pool_dev)))
     times = []
-    for _ in range(blocks):
+    t_timed = time.perf_counter()
+    while len(times) < max_blocks:
         t0 = time.perf_counter()
         for dev in pool_dev:
             state, _ = train_step(state, dev)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
+        if args.max_seconds and len(times) >= 3 and time.perf_counter() - t_timed > args.max_seconds:
+            break  # slow configurations: at least 3 blocks, then stop at the time cap
+    blocks = len(times)
     mem = _memory_stats()
     n_compiled = _cache_size(train_step)
 
@@ -552,7 +585,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump) -
     unit = PRECISION_UNIT[precision]
     res = {
         "data": data_kind, "model": model_label(name), "mode": config.mode, "batch_size": batch_size,
-        "precision": precision, "num_devices": D, "num_parameters": n_params,
+        "precision": precision, "formulation": formulation, "num_devices": D, "num_parameters": n_params,
         "crystals_per_s": tot["real_graphs"] / t_med,
         "crystals_per_s_min": tot["real_graphs"] / max(times),
         "crystals_per_s_max": tot["real_graphs"] / min(times),
@@ -587,13 +620,12 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump) -
     if peaks:
         res["floor_ms_compute_xla"] = 1e3 * (xla_flops / P) / (peaks[unit] * 1e12)
         res["floor_ms_bytes_xla"] = 1e3 * (xla_bytes / P) / (peaks["hbm_tb_s"] * 1e12)
-    del state, pool_dev
     return res
 
 
 # ---------------------------------------------------------------------------------- epoch
 
-def epoch_one(args, name, batch_size, precision, mesh, cache) -> dict:
+def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) -> dict:
     config = make_config(name, args, batch_size, precision)
     data = cache.get("synthetic" if args.data == ["synthetic"] else "real", config)
     D = mesh.size
@@ -603,7 +635,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache) -> dict:
     t0 = time.perf_counter()
     host = list(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop))
     host_s = time.perf_counter() - t0
-    state, train_step, table, n_params = build_run(config, data, mesh, host)
+    state, train_step, table, n_params, formulation = build_run(config, data, mesh, host, formulation=formulation)
     coef = flop_coefficients(table)["train"]
     n_crystals = sum(int(b.globals["mask"].sum()) for b in host)
     flops_real = sum(step_flops(coef, batch_sizes_of(b), padded=False) for b in host)
@@ -649,7 +681,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache) -> dict:
     mem = _memory_stats()
     res = {
         "data": "synthetic" if args.data == ["synthetic"] else "real", "model": model_label(name),
-        "batch_size": batch_size, "precision": precision, "num_devices": D,
+        "batch_size": batch_size, "precision": precision, "formulation": formulation, "num_devices": D,
         "steps": len(host), "crystals": n_crystals, "repeats": repeats,
         "crystals_per_s_pipeline": n_crystals / statistics.median(pipe),
         "crystals_per_s_pipeline_from_first_batch": n_crystals / statistics.median(pipe_from_first),
@@ -663,7 +695,6 @@ def epoch_one(args, name, batch_size, precision, mesh, cache) -> dict:
     }
     res["pipeline_over_pure"] = res["crystals_per_s_pipeline"] / res["crystals_per_s_pure_step"]
     res["within_15_percent"] = bool(res["pipeline_over_pure"] >= 0.85)
-    del state, devs
     return res
 
 
@@ -682,6 +713,13 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=None, help="timed steps (rounded up to whole pool passes)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after compilation")
     p.add_argument("--pool", type=int, default=None, help="distinct batches on the device")
+    p.add_argument("--max-seconds", type=float, default=5.0,
+                   help="stop timing a configuration after this long (at least 3 pool passes; 0: no cap)")
+    p.add_argument("--time-budget", type=float, default=540.0,
+                   help="start no configuration past this many seconds (0: none); the JSON is rewritten "
+                        "after every configuration, so a run cut short keeps its results")
+    p.add_argument("--formulation", nargs="+", default=None, choices=("edge", "node"),
+                   help="MatformerConv formulation(s) to time (default: the model's own)")
     p.add_argument("--num-devices", type=int, default=0, help="0: every visible device")
     p.add_argument("--max-records", type=int, default=0, help="cap on dataset records (0: all)")
     p.add_argument("--synthetic-count", type=int, default=0)
@@ -708,19 +746,33 @@ def parse_args(argv):
     return args
 
 
+def _json_safe(x):
+    """NaN / inf -> None (strict JSON), numpy scalars and arrays -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if hasattr(x, "tolist"):
+        return _json_safe(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def _fmt(x, spec):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def print_table(results, epochs):
     if results:
-        print("\n{:9s} {:16s} {:>4s} {:8s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
-            "data", "model", "B", "prec", "step_ms", "cryst/s", "Medge/s", "TFLOP/s", "%peak",
+        print("\n{:9s} {:16s} {:>4s} {:8s} {:4s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
+            "data", "model", "B", "prec", "form", "step_ms", "cryst/s", "Medge/s", "TFLOP/s", "%peak",
             "pad n/e", "xla TB/s", "compile", "peakGB"))
         for r in results:
             pf = r["peak_fraction"]
-            print("{:9s} {:16s} {:>4d} {:8s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
-                r["data"], r["model"][:16], r["batch_size"], r["precision"], _fmt(r["step_ms"], ".2f"),
+            print("{:9s} {:16s} {:>4d} {:8s} {:4s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
+                r["data"], r["model"][:16], r["batch_size"], r["precision"], str(r["formulation"])[:4],
+                _fmt(r["step_ms"], ".2f"),
                 _fmt(r["crystals_per_s"], ".0f"), _fmt(r["edges_per_s"] / 1e6, ".2f"), _fmt(r["tflops"], ".2f"),
                 _fmt(None if pf is None else 100 * pf, ".1f"),
                 f"{100 * r['node_padding']:.0f}/{100 * r['edge_padding']:.0f}%", _fmt(r["xla_tb_per_s"], ".2f"),
@@ -737,7 +789,9 @@ def print_table(results, epochs):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    _INITIAL_STATES.clear()  # initial states are reused within one run only
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    t_start = time.perf_counter()
     cache = DataCache(args)
     # all data first: graph building forks worker processes, which must happen before JAX
     # starts its backends (as train/loop.py does)
@@ -748,60 +802,14 @@ def main(argv=None) -> dict:
     dev = device_info(mesh)
     print(f"device: {dev['device_kind']} x{dev['num_devices']} ({dev['platform']}), jax {dev['jax']}", flush=True)
     dump = {} if args.dump_npz else None
-    results, epochs, failures = [], [], []
-    t_start = time.perf_counter()
-    if args.epoch:
-        for name in args.models:
-            for bs in args.batch_sizes:
-                for prec in args.precision:
-                    e = epoch_one(args, name, bs, prec, mesh, cache)
-                    epochs.append(e)
-                    print(f"epoch {e['model']} B={bs} {prec}: pipeline/pure = {100 * e['pipeline_over_pure']:.1f}%",
-                          flush=True)
-    else:
-        for data_kind in args.data:
-            for name in args.models:
-                for bs in args.batch_sizes:
-                    for prec in args.precision:
-                        try:
-                            r = bench_one(args, data_kind, name, bs, prec, mesh, cache, dump)
-                        except Exception as ex:  # noqa: BLE001 - e.g. out of memory: report, go on
-                            if args.small:
-                                raise
-                            failures.append({"data": data_kind, "model": model_label(name), "batch_size": bs,
-                                             "precision": prec, "error": f"{type(ex).__name__}: {ex}"[:2000]})
-                            print(f"FAILED {data_kind} {name} B={bs} {prec}: {type(ex).__name__}: {ex}", flush=True)
-                            continue
-                        results.append(r)
-                        print(f"{data_kind} {r['model']} B={bs} {prec}: {r['step_ms']:.2f} ms/step "
-                              f"[{r['step_ms_min']:.2f}-{r['step_ms_max']:.2f}], {r['crystals_per_s']:.0f} crystals/s, "
-                              f"{r['tflops']:.2f} TFLOP/s, compile {r['compile_s_total']:.1f} s "
-                              f"({len(r['compile_s'])} shapes)", flush=True)
+    results, epochs, failures, skipped = [], [], [], []
 
     tables = {}
     for name in args.models:
         config = make_config(name, args, args.batch_sizes[0], "default")
-        tables[model_label(name)] = [list(row) for row in matmul_table(
-            config.model, config.mode, getattr(loop.make_objective(config), "enabled", {}))]
-    out = {
-        "device": dev,
-        "args": {k: v for k, v in vars(args).items()},
-        "flop_model": {
-            "description": "analytic matmul FLOPs per training step (see scripts/bench_train.py docstring): "
-                           "sum over matmuls of coefficient x (nodes | edges | graphs | 1 | G*N per device) x "
-                           "train factor (3, or 2 where no input gradient / no weight); tflops uses real "
-                           "sizes, tflops_executed padded sizes",
-            "peaks_tflops": PEAKS,
-            "precision_unit": PRECISION_UNIT,
-            "matmuls": tables,
-            "matmul_columns": ["name", "scales with", "forward FLOP coefficient", "train factor"],
-        },
-        "synthetic": cache.synthetic_info,
-        "results": results,
-        "epoch": epochs,
-        "failures": failures,
-        "wall_s": time.perf_counter() - t_start,
-    }
+        tables[model_label(name)] = {f: [list(row) for row in matmul_table(
+            config.model, config.mode, getattr(loop.make_objective(config), "enabled", {}), f)]
+            for f in ("edge", "node")}
     kind = dev["device_kind"].lower()
     chip = next((c for c in PEAKS if c in kind), dev["platform"])
     tag = args.tag or "_".join(filter(None, [chip,
@@ -809,7 +817,69 @@ def main(argv=None) -> dict:
                                              "epoch" if args.epoch else None, "small" if args.small else None]))
     path = Path(args.out) if args.out else REPO / "scripts" / "results" / f"bench_train_{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+    def write_out() -> dict:  # after every configuration: a killed run keeps what it measured
+        out = {
+            "device": dev,
+            "args": dict(vars(args)),
+            "flop_model": {
+                "description": "analytic matmul FLOPs per training step (see scripts/bench_train.py docstring): "
+                               "sum over matmuls of coefficient x (nodes | edges | graphs | 1 | G*N per device) "
+                               "x train factor (3, or 2 where no input gradient / no weight); tflops uses real "
+                               "sizes, tflops_executed padded sizes",
+                "peaks_tflops": PEAKS,
+                "precision_unit": PRECISION_UNIT,
+                "matmuls": tables,
+                "matmul_columns": ["name", "scales with", "forward FLOP coefficient", "train factor"],
+            },
+            "synthetic": cache.synthetic_info,
+            "results": results,
+            "epoch": epochs,
+            "failures": failures,
+            "skipped_for_time": skipped,
+            "wall_s": time.perf_counter() - t_start,
+        }
+        out = _json_safe(out)
+        path.write_text(json.dumps(out, indent=1, default=str))
+        return out
+
+    forms = args.formulation or [None]
+    datas = [None] if args.epoch else args.data
+    jobs = [(d, n, b, p, f) for d in datas for n in args.models for b in args.batch_sizes
+            for p in args.precision for f in forms]
+    last = 0.0
+    for i, (data_kind, name, bs, prec, form) in enumerate(jobs):
+        elapsed = time.perf_counter() - t_start
+        if args.time_budget and i and elapsed + last > args.time_budget:
+            skipped.extend({"data": d, "model": model_label(n), "batch_size": b, "precision": p,
+                            "formulation": f} for d, n, b, p, f in jobs[i:])
+            print(f"time budget of {args.time_budget:.0f} s reached after {elapsed:.0f} s: skipping the "
+                  f"{len(jobs) - i} remaining configuration(s)", flush=True)
+            break
+        t_job = time.perf_counter()
+        try:
+            if args.epoch:
+                e = epoch_one(args, name, bs, prec, mesh, cache, form)
+                epochs.append(e)
+                print(f"epoch {e['model']} B={bs} {prec} {e['formulation']}: "
+                      f"pipeline/pure = {100 * e['pipeline_over_pure']:.1f}%", flush=True)
+            else:
+                r = bench_one(args, data_kind, name, bs, prec, mesh, cache, dump, form)
+                results.append(r)
+                print(f"{data_kind} {r['model']} B={bs} {prec} {r['formulation']}: {r['step_ms']:.2f} ms/step "
+                      f"[{r['step_ms_min']:.2f}-{r['step_ms_max']:.2f}], {r['crystals_per_s']:.0f} crystals/s, "
+                      f"{r['tflops']:.2f} TFLOP/s, compile {r['compile_s_total']:.1f} s "
+                      f"({len(r['compile_s'])} shapes), {time.perf_counter() - t_job:.0f} s in all", flush=True)
+        except Exception as ex:  # noqa: BLE001 - e.g. out of memory: report, go on
+            if args.small:
+                raise
+            failures.append({"data": data_kind, "model": model_label(name), "batch_size": bs,
+                             "precision": prec, "formulation": form, "error": f"{type(ex).__name__}: {ex}"[:2000]})
+            print(f"FAILED {data_kind} {name} B={bs} {prec}: {type(ex).__name__}: {ex}", flush=True)
+        last = time.perf_counter() - t_job
+        write_out()
+
+    out = write_out()
     if dump is not None:
         Path(args.dump_npz).parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.dump_npz, **dump)

@@ -47,7 +47,6 @@ def main():
             raise ValueError(f"Z={z}: expected {NUM_FEATURES} features, got {len(row)}")
         table[z] = row
     # cross-check against the accessor the reference uses (keyed by element symbol)
-    from jarvis.core.specie import Specie  # noqa: F401
     for z, sym in ((1, "H"), (8, "O"), (26, "Fe"), (92, "U"), (100, "Fm")):
         assert list(table[z]) == list(specie.get_node_attributes(sym, atom_features="cgcnn")), sym
 

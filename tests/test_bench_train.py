@@ -25,13 +25,18 @@ FIELDS = ("senders", "receivers", "images", "positions", "lattice", "atomic_numb
 
 def test_flop_count_of_the_default_model():
     cfg = base.get_config().model
-    fwd = bench.flop_coefficients(bench.matmul_table(cfg, "finetune", {}))["forward"]
-    train = bench.flop_coefficients(bench.matmul_table(cfg, "finetune", {}))["train"]
-    assert fwd["edge"] == 4_653_056 and fwd["node"] == 6_717_440
-    assert train["edge"] == 13_926_400 and train["node"] == 3 * 6_717_440
-    pre = bench.flop_coefficients(bench.matmul_table(cfg, "pretrain", {"types": True}))["train"]
+    coef = lambda mode, heads, f: bench.flop_coefficients(bench.matmul_table(cfg, mode, heads, f))  # noqa: E731
+    node = coef("finetune", {}, "node")
+    assert node["forward"]["edge"] == 4_653_056 and node["forward"]["node"] == 6_717_440
+    assert node["train"]["edge"] == 13_926_400 and node["train"]["node"] == 3 * 6_717_440
+    edge = coef("finetune", {}, "edge")
+    assert edge["forward"]["edge"] == 11_862_016 and edge["forward"]["node"] == 819_200
+    assert edge["train"]["edge"] == 35_553_280 and edge["train"]["node"] == 3 * 819_200
+    pre = coef("pretrain", {"types": True}, "node")["train"]
     assert pre["node"] == 3 * (6_717_440 + 2 * 128 * 95)
-    assert "pool" not in pre and pre["edge"] == train["edge"]
+    assert "pool" not in pre and pre["edge"] == node["train"]["edge"]
+    # the model's own default formulation is the one counted when the config names none
+    assert bench.model_formulation(cfg) in ("edge", "node")
 
 
 def test_synthetic_crystals_follow_the_distribution():
@@ -49,13 +54,14 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
     res = bench.main(["--small", "--models", "finetune", "--precision", "default", "--batch-sizes", "8",
                       "--pool", "2", "--steps", "2", "--warmup", "1", "--out", str(out), "--dump-npz", str(npz)])
     data = json.loads(out.read_text())
-    assert data["results"] and data["results"][0] == json.loads(json.dumps(res["results"][0]))
+    assert data["results"] and data["results"][0] == json.loads(json.dumps(res["results"][0], default=str))
     r = data["results"][0]
     for key in ("crystals_per_s", "crystals_per_s_min", "crystals_per_s_max", "edges_per_s", "step_ms",
                 "tflops", "tflops_executed", "node_padding", "edge_padding", "compile_s", "peak_bytes_in_use",
                 "xla_step_memory_bytes", "jit_cache_entries"):
         assert key in r, key
     assert r["crystals_per_s"] > 0 and r["tflops"] > 0 and 0 <= r["edge_padding"] < 1
+    assert r["formulation"] in ("edge", "node")
     assert r["crystals_per_s_min"] <= r["crystals_per_s"] <= r["crystals_per_s_max"]
     assert r["jit_cache_entries"] in (None, len(r["compile_s"]))  # no recompilation while timed
     assert data["device"]["num_devices"] == 4 and data["device"]["jax"]
@@ -84,7 +90,7 @@ def test_small_epoch_check(tmp_path):
     out = tmp_path / "epoch.json"
     res = bench.main(["--small", "--epoch", "--num-devices", "1", "--out", str(out)])
     (e,) = json.loads(out.read_text())["epoch"]
-    assert e == json.loads(json.dumps(res["epoch"][0]))
+    assert e == json.loads(json.dumps(res["epoch"][0], default=str))
     assert e["model"] == "pretrain_mask30" and e["steps"] >= 1 and e["crystals"] == 16 * e["steps"]
     for key in ("crystals_per_s_pipeline", "crystals_per_s_pure_step", "pipeline_over_pure",
                 "host_crystals_per_s", "within_15_percent"):

@@ -338,16 +338,26 @@ def test_methods_agree_on_a_sample():
         assert np.array_equal(graph_array(a), graph_array(b)), c.id
 
 
-@pytest.mark.parametrize("cid", ["JVASP-10", "JVASP-816", "JVASP-121083"])
+def min_neighbour_count(crystal: Crystal, r: float) -> int:
+    counts = collections.Counter(i for i, _, _, _ in brute_force_candidates(crystal, r))
+    return min(counts.get(i, 0) for i in range(crystal.num_atoms))
+
+
+# cutoff 2 Å forces the reference's cutoff growth: to max(a, b, c) (JVASP-816: exactly 12
+# neighbours at that radius, its own image at distance |c| compared with the 6-decimal length),
+# then doubling (JVASP-961: its own image at |a| lies just beyond the rounded max(a, b, c)).
+GROWTH = ["JVASP-10", "JVASP-816", "JVASP-961", "JVASP-114013"]
+
+
+@pytest.mark.parametrize("cid", GROWTH)
 def test_cutoff_growth_matches_reference_rules(cid):
-    """A 3 Å cutoff forces the reference's cutoff growth (to max(a, b, c), then doubling)."""
     c = by_id("jarvis_dft3d", cid)
-    expected = reference_rules(c, brute_force_candidates, cutoff=3.0)
+    assert min_neighbour_count(c, 2.0) < 12  # the growth path is taken
+    expected = reference_rules(c, brute_force_candidates, cutoff=2.0)
     for method in ("numpy", "pymatgen"):
-        assert as_counter(build_crystal_graph(c, cutoff=3.0, method=method)) == expected
+        assert as_counter(build_crystal_graph(c, cutoff=2.0, method=method)) == expected
     # the lattice self-loops are kept after the growth (the reference Matformer drops them)
-    g = build_crystal_graph(c, cutoff=3.0)
-    cnt = as_counter(g)
+    cnt = as_counter(build_crystal_graph(c, cutoff=2.0))
     for i in range(c.num_atoms):
         for im in LATTICE:
             assert cnt[(i, i, im)] >= 1 and cnt[(i, i, tuple(-x for x in im))] >= 1
@@ -363,8 +373,8 @@ def test_cutoff_growth_matches_jarvis_tools():
     bench = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("bench_graphs", bench)
     spec.loader.exec_module(bench)
-    for c in [by_id("jarvis_dft3d", x) for x in ("JVASP-10", "JVASP-816", "JVASP-114013")]:
-        for cutoff in (2.5, 4.0, 8.0):
+    for c in [by_id("jarvis_dft3d", x) for x in GROWTH]:
+        for cutoff in (2.0, 3.0):
             senders, receivers, images = bench.jarvis_reference_graph(c, cutoff=cutoff)
             ours = graph_array(build_crystal_graph(c, cutoff=cutoff))
             assert np.array_equal(ours, edge_array(senders, receivers, images)), (c.id, cutoff)
@@ -438,7 +448,9 @@ def test_unwrapped_coordinates_give_the_same_vectors():
     shift = np.zeros_like(c.frac_coords)
     shift[0] = (2, -1, 3)
     moved = c.replace(frac_coords=c.frac_coords + shift)
-    assert vector_multiset(build_crystal_graph(c)) == vector_multiset(build_crystal_graph(moved))
+    expected = vector_multiset(build_crystal_graph(c))
+    for method in ("numpy", "pymatgen"):
+        assert vector_multiset(build_crystal_graph(moved, method=method)) == expected
 
 
 @pytest.mark.parametrize("cid", ["JVASP-10", "JVASP-114013", "JVASP-42300"])

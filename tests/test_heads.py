@@ -97,10 +97,17 @@ def test_encoder_transfers_to_regressor(graphs):
     assert same(pre_vars["batch_stats"], reg_vars["batch_stats"])
     fine = {"params": {**reg_vars["params"], "encoder": pre_vars["params"]["encoder"]},
             "batch_stats": pre_vars["batch_stats"]}
-    nodes = jax.jit(lambda v1, v2: (pre.apply(v1, batch, False, method=lambda m, b, t: m.encoder(b, t).nodes),
-                                    reg.apply(v2, batch, False, method=lambda m, b, t: m.encoder(b, t).nodes)))
-    nodes_pre, nodes_reg = nodes(pre_vars, fine)
+    run = jax.jit(lambda v1, v2: (pre.apply(v1, batch, False, method=lambda m, b, t: m.encoder(b, t).nodes),
+                                  reg.apply(v2, batch, False, method=lambda m, b, t: m.encoder(b, t).nodes),
+                                  reg.apply(v2, batch, False, return_pooled=True)))
+    nodes_pre, nodes_reg, (y, pooled) = run(pre_vars, fine)
     np.testing.assert_array_equal(np.asarray(nodes_pre), np.asarray(nodes_reg))
+    # pooled = masked mean of node features per crystal (zeros for padding graphs)
+    gi, m = np.asarray(batch.nodes["graph"]), np.asarray(batch.nodes["mask"])
+    for k in range(len(graphs)):
+        np.testing.assert_allclose(pooled[k], np.asarray(nodes_reg)[(gi == k) & m].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pooled)[len(graphs):], 0.0)
+    assert y.shape == (batch.n_node.shape[0],)
 
 
 def test_position_head_equivariance(graphs):

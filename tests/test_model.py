@@ -22,7 +22,7 @@ from dpf_jax.data.graphs import CrystalGraph, build_crystal_graph
 from dpf_jax.data.readers import iter_jsonl
 from dpf_jax.data.records import Crystal
 from dpf_jax.model.atom_features import cgcnn_feature_table
-from dpf_jax.model.layers import MatformerConv, rbf_expansion
+from dpf_jax.model.layers import MatformerConv
 from dpf_jax.model.matformer import (REFERENCE_NUM_PARAMS, REFERENCE_NUM_PARAMS_PER_LAYER, MatformerEncoder,
                                      MatformerRegressor, count_params, params_from_torch_state_dict,
                                      params_to_torch_state_dict)

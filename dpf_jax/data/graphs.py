@@ -48,10 +48,12 @@ cutoff lose their lattice self-loops. We always add them (as does the shipped re
 edge set, `../shared/reference_graphs/`).
 
 Rounding decides ties. On about half of the shipped structures (477 of 940 JARVIS, 2,379 of
-5,221 MP) some atom's k-th neighbour lies in a shell of symmetry-equivalent neighbours whose
-computed distances differ only in the last bits, and the reference keeps only part of that
-shell. We reproduce that by default; ``tie_tolerance=1e-6`` keeps whole shells instead.
-None of the shipped structures needs the cutoff growth at 8 Å.
+5,221 MP) some atom has a neighbour left out although its computed distance is within 1e-6 Å
+of its k-th distance: a shell of symmetry-equivalent neighbours whose distances differ only in
+the last bits, of which the reference keeps part. We reproduce that by default;
+``tie_tolerance=1e-6`` keeps whole shells instead (then the graph no longer matches the
+reference, but is invariant under translations and changes of unit cell). None of the shipped
+structures needs the cutoff growth at 8 Å.
 
 Search. Candidates come from a bounded lattice-image search over all atom pairs in numpy
 (`method="numpy"`, fastest for small cells) or from pymatgen's Cython cell-list
@@ -60,13 +62,18 @@ the size of the image search. Either way the candidates' distances are then comp
 reference's way, so both give the same graph.
 
 Exactness. The candidate distances are computed with the same floating-point operations as
-jarvis-tools (``images @ L`` gives bitwise the same translations as jarvis' per-image
-``np.dot(image, L)`` with the numpy/OpenBLAS we ship; ``frac @ round(L, 5)`` is the same call;
-the squared components are summed in the same order), so the k-th-shell comparisons and the
-cutoff comparisons come out exactly as in the reference. The search itself is complete for any
-fractional coordinates (jarvis' image box can miss neighbours of unwrapped coordinates that
-span more than one cell; for wrapped coordinates, as in every shipped dataset, both are
-complete and agree).
+jarvis-tools: ``frac @ round(L, 5)`` is the same numpy call; ``images @ L`` (one matrix
+product) gives bitwise the same translations as jarvis' per-image ``np.dot(image, L)`` (checked
+with this numpy/OpenBLAS on all 6,161 shipped lattices and 11^3 images each; both use FMA, so a
+naive three-term sum would not); the squared components are summed in numpy's order for a
+length-3 ``np.sum``, ``(x0 + x1) + x2``. So the cutoff and k-th-shell comparisons come out as in
+the reference. (The reference itself is only reproducible on a BLAS that rounds these 3x3
+products the same way.) The search is complete for any fractional coordinates (jarvis' image
+box can miss neighbours when unwrapped coordinates span more than one cell; for wrapped
+coordinates, as in every shipped dataset, both are complete and agree).
+
+Deviation by design: the reference grows the cutoff without limit; we raise `CrystalError`
+once it would pass ``max_cutoff`` (128 Å), e.g. for an isolated atom in a huge vacuum box.
 """
 
 from __future__ import annotations
@@ -90,6 +97,8 @@ _CHUNK_PAIRS = 1 << 21
 # scripts/results/bench_graphs.md.
 _AUTO_NUMPY_MAX_TRIPLES = 100_000
 _METHODS = ("auto", "numpy", "pymatgen")
+# Images are decoded through a lookup table of (2 off + 1)^3 rows up to this offset (~0.8 MB).
+_MAX_TABLE_OFF = 20
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,14 +160,17 @@ def _image_search_box(lattice: np.ndarray, frac: np.ndarray, cart: np.ndarray, r
     ab = ((a1 * b2 - a2 * b1), (a2 * b0 - a0 * b2), (a0 * b1 - a1 * b0))
     vol = abs(a0 * bc[0] + a1 * bc[1] + a2 * bc[2])
     spread = (frac.max(axis=0) - frac.min(axis=0)).tolist()
+    # margin: the reference's Cartesian coordinates use the 5-decimal lattice (<= ~1e-5 Å per
+    # cell of coordinate difference off the exact geometry), plus float rounding
+    r_search = r + 1e-3 * (1.0 + max(spread))
     m = [
-        int(math.floor(r * math.sqrt(x * x + y * y + z * z) / vol * (1.0 + 1e-9) + sp + 1e-9))
+        int(math.floor(r_search * math.sqrt(x * x + y * y + z * z) / vol + sp))
         for (x, y, z), sp in zip((bc, ca, ab), spread)
     ]
     box, boxf = _box(*m)
     t = boxf @ lattice  # bitwise the same as jarvis' per-image np.dot(image, L)
     ext = cart.max(axis=0) - cart.min(axis=0)
-    reach = (r + math.sqrt(float(ext @ ext))) * (1.0 + 1e-9) + 1e-6
+    reach = r_search + math.sqrt(float(ext @ ext))
     keep = np.einsum("ij,ij->i", t, t) <= reach * reach
     box, t = box[keep], t[keep]
     zero = int(np.count_nonzero(keep[: _box_center(m)]))  # index of n = 0 among the kept
@@ -355,23 +367,22 @@ def build_crystal_graph(
     i, j, img = found
 
     # Canonize (i, j, n) -> (min(i, j), max(i, j), +-n) and encode as one int64:
-    # code = pair * base^3 + digits(n), pair = a * n_atoms + b, digits in balanced base `base`.
+    # code = pair * base^3 + digits(n), pair = a * n_atoms + b, digits(n) = (n + off) . (base^2, base, 1).
     off = int(np.abs(img).max()) + 1
     base = 2 * off + 1
     b3 = base**3
-    w = np.array([base * base, base, 1], dtype=np.int64)
+    mid = off * (base * base + base + 1)  # digits of the zero image
+    iw = img @ np.array([base * base, base, 1], dtype=np.int64)  # digits(n) - mid
     swap = j < i
-    pair = np.where(swap, j * n + i, i * n + j)
-    digits = np.where(swap, off * w.sum() - img @ w, img @ w + off * w.sum())
-    codes = pair * b3 + digits
+    codes = (np.minimum(i, j) * n + np.maximum(i, j)) * b3 + mid
+    codes += np.where(swap, -iw, iw)
     if use_lattice:
-        diag = np.arange(n, dtype=np.int64) * (n + 1) * b3
-        codes = np.concatenate([codes, (diag[:, None] + (LATTICE_IMAGES @ w + off * w.sum())[None, :]).ravel()])
+        codes = np.concatenate([codes, _lattice_codes(n, off)])
     codes.sort()
     codes = codes[np.concatenate(([True], codes[1:] != codes[:-1]))]  # the canonical edge set
     pair, digits = np.divmod(codes, b3)
     a, b = np.divmod(pair, n)
-    neg = 2 * off * w.sum() - digits  # digits of -image
+    neg = 2 * mid - digits  # digits of -image
     if dedup_self_images:
         partner = pair * b3 + neg
         pos = np.searchsorted(codes, partner).clip(max=codes.size - 1)
@@ -379,16 +390,36 @@ def build_crystal_graph(
         a, b, pair, digits, neg = a[keep], b[keep], pair[keep], digits[keep], neg[keep]
 
     # Both directions: (receiver b, sender a, image n) and (receiver a, sender b, image -n).
-    directed = np.sort(np.concatenate([(b * n + a) * b3 + digits, pair * b3 + neg]))
+    directed = np.concatenate([(b * n + a) * b3 + digits, pair * b3 + neg])
+    directed.sort()
     rs, digits = np.divmod(directed, b3)
-    receivers, senders = np.divmod(rs, n)
-    images = np.empty((digits.size, 3), dtype=np.int32)
-    images[:, 0], rest = np.divmod(digits, base * base)
-    images[:, 1], images[:, 2] = np.divmod(rest, base)
-    images -= off
-    return CrystalGraph(
-        crystal=crystal,
-        senders=senders.astype(np.int32),
-        receivers=receivers.astype(np.int32),
-        images=images,
-    )
+    receivers, senders = np.divmod(rs.astype(np.int32), np.int32(n))
+    if off <= _MAX_TABLE_OFF:
+        images = _digit_table(off)[digits]
+    else:
+        images = np.empty((digits.size, 3), dtype=np.int32)
+        images[:, 0], rest = np.divmod(digits, base * base)
+        images[:, 1], images[:, 2] = np.divmod(rest, base)
+        images -= off
+    return CrystalGraph(crystal=crystal, senders=senders, receivers=receivers, images=images)
+
+
+@functools.lru_cache(maxsize=64)
+def _digit_table(off: int) -> np.ndarray:
+    """(base^3, 3) int32: the image whose digits (see build_crystal_graph) are the row index."""
+    base = 2 * off + 1
+    g = np.mgrid[0:base, 0:base, 0:base].reshape(3, -1).T - off
+    table = np.ascontiguousarray(g, dtype=np.int32)
+    table.setflags(write=False)
+    return table
+
+
+@functools.lru_cache(maxsize=256)
+def _lattice_codes(n: int, off: int) -> np.ndarray:
+    """Canonical codes of the lattice self-loops (i, i, LATTICE_IMAGES) of atoms 0..n-1."""
+    base = 2 * off + 1
+    digits = (LATTICE_IMAGES + off) @ np.array([base * base, base, 1], dtype=np.int64)
+    codes = (np.arange(n, dtype=np.int64) * (n + 1) * base**3)[:, None] + digits[None, :]
+    codes = codes.ravel()
+    codes.setflags(write=False)
+    return codes

@@ -67,6 +67,8 @@ class MatformerEncoder(nn.Module):
         statistics and the returned node features are float32.
       precision: matmul precision of every Dense (e.g. "highest"; None = backend default,
         TF32 on recent NVIDIA GPUs).
+      formulation: "edge" or "node", two exact ways to evaluate MatformerConv (same params);
+        see `dpf_jax.model.layers.MatformerConv` for their FLOPs and measured speed.
     """
 
     num_layers: int = 5

@@ -402,6 +402,12 @@ def final_results(config, objective, state, checkpointer, eval_step, mesh, key, 
         best_state = put_replicated(best[0], mesh)
         best_metrics, best_preds = evaluate(eval_step, best_state, b, mesh, key)
         out.update({f"{split}_{k}_best_val": float(v) for k, v in best_metrics.items()})
+    if config.mode == "pretrain" and config.pretrain.mask_fraction:
+        # accuracy of always guessing the training set's most frequent element
+        train_z = np.concatenate([g.crystal.numbers for g in data.splits["train"].graphs])
+        top = int(np.bincount(train_z).argmax())
+        split_z = np.concatenate([g.crystal.numbers for g in data.splits[split].graphs])
+        out["type_acc_most_frequent_element_baseline"] = float(np.mean(split_z == top))
     if config.mode == "finetune":
         out["task"] = config.data.task
         out["units"] = task_units_and_transform(config.data.task, config.data.units,
