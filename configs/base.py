@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Matmul precision: "default" (JAX's float32 default: TF32 on recent NVIDIA GPUs),
     # "highest" (true float32), or "bf16" (bfloat16 activations, float32 params and loss).
     c.model.precision = "default"
+    # MatformerConv arrangement, same parameters and maths: "node" applies the per-node parts
+    # of the edge Denses before the gather (fewer FLOPs), "edge" gathers node features first
+    # (more FLOPs, much smaller gathers); see dpf_jax/model/layers.py and scripts/results/PERF_NOTES.md.
+    c.model.formulation = "node"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

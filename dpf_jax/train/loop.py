@@ -36,7 +36,7 @@ from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train.objectives import DenoisingObjective, RegressionObjective
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import (make_mesh, maybe_initialize_distributed, prefetch_to_device,
-                                    put_replicated)
+                                    put_batch, put_replicated)
 from dpf_jax.train.step import TrainState, create_state, make_eval_step, make_train_step, split_seed
 
 log = logging.getLogger(__name__)
@@ -178,21 +178,39 @@ def resolve_init_checkpoint(config) -> str | None:
 # ------------------------------------------------------------------------------ evaluation
 
 def evaluate(eval_step, state, batcher: GraphBatcher, mesh, key) -> tuple[dict, np.ndarray]:
-    """Metrics over a whole split and the per-crystal predictions in the split's order."""
+    """Metrics over a whole split and the per-crystal predictions in the split's order.
+
+    Every batch is dispatched before any result is fetched, so host batching, transfers and
+    device work overlap; one `device_get` at the end.
+    """
+    order = batcher.epoch_order(0, 0, shuffle=False)
+    host_meta, outputs = [], []
+    for host, dev in _with_device_copies(batcher.iterate(shuffle=False), mesh):
+        host_meta.append((host.globals["index"], host.globals["mask"]))
+        outputs.append(eval_step(state, dev, key))
     totals: dict[str, np.ndarray] = {}
     preds = np.full(len(batcher), np.nan)
-    order = batcher.epoch_order(0, 0, shuffle=False)
-    host_batches = list(batcher.iterate(shuffle=False))
-    for b, (host, dev) in enumerate(zip(host_batches, prefetch_to_device(iter(host_batches), mesh))):
-        terms, p = jax.device_get(eval_step(state, dev, key))
+    for b, ((terms, p), (index, mask)) in enumerate(zip(jax.device_get(outputs), host_meta)):
         for name, (s, c) in terms.items():
             acc = totals.setdefault(name, np.zeros(2))
             acc += (float(s), float(c))
-        index, mask = host.globals["index"], host.globals["mask"]
-        start = b * batcher.batch_size
-        preds[order[start + index[mask]]] = np.asarray(p)[mask]
+        preds[order[b * batcher.batch_size + index[mask]]] = np.asarray(p)[mask]
     metrics = {name: s / max(c, 1.0) for name, (s, c) in totals.items()}
     return metrics, preds
+
+
+def _with_device_copies(host_batches, mesh, size: int = 2):
+    """(host batch, its device copy) pairs, built on a background thread, copied ahead."""
+    import collections
+
+    queue = collections.deque()
+    it = prefetch(host_batches, size)
+    for host in it:
+        queue.append((host, put_batch(host, mesh)))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 # ---------------------------------------------------------------------------- the run itself
@@ -327,8 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 step += 1
                 n_crystals += config.train.batch_size
                 bar.update()
-                if len(pending) >= log_every:
-                    _drain(pending, sums)
+                if len(pending) >= log_every + 2:
+                    # fetch all but the two newest steps: no wait on work still in flight
+                    _drain(pending, sums, keep=2)
                     bar.set_postfix(loss=f"{sums['loss'][0] / max(sums['loss'][1], 1):.4g}",
                                     cryst_s=f"{n_crystals / (time.time() - t0):.0f}")
                 if ckpt_every and step % ckpt_every == 0:
@@ -423,12 +442,14 @@ def final_results(config, objective, state, checkpointer, eval_step, mesh, key, 
     return out
 
 
-def _drain(pending: list, sums: dict) -> None:
-    """Fetches buffered step metrics (one host sync) and stops at the first non-finite step."""
-    if not pending:
+def _drain(pending: list, sums: dict, keep: int = 0) -> None:
+    """Fetches buffered step metrics but the `keep` newest (one host sync) and stops at the
+    first non-finite step."""
+    ready = pending[:len(pending) - keep]
+    if not ready:
         return
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
+    fetched = jax.device_get([m for _, m in ready])
+    for (s, _), m in zip(ready, fetched):
         if not bool(m["finite"]):
             raise TrainingError(f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}); "
                                 "the parameters were left unchanged and no NaN was checkpointed. "
@@ -440,7 +461,7 @@ def _drain(pending: list, sums: dict) -> None:
             a = sums.setdefault(name, [0.0, 0.0])
             a[0] += float(tsum)
             a[1] += float(tcount)
-    pending.clear()
+    del pending[:len(ready)]
 
 
 def _current_lr(state) -> float:

@@ -34,7 +34,8 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
     dtype = jnp.bfloat16 if precision == "bf16" else _DTYPES[model_cfg.get("dtype", "float32")]
     return dict(num_layers=model_cfg.num_layers, channels=model_cfg.channels, heads=model_cfg.heads,
                 rbf_bins=model_cfg.rbf_bins, cutoff=model_cfg.cutoff, axis_name=axis_name,
-                dtype=dtype, precision=_PRECISIONS[precision])
+                dtype=dtype, precision=_PRECISIONS[precision],
+                formulation=model_cfg.get("formulation", "node"))
 
 
 @dataclasses.dataclass
