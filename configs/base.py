@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.05  # pre-training corpus: held-out share for validation
     c.data.cache_dir = ".cache/graphs"
     c.data.num_workers = 0  # graph building processes; 0 = all cores
-    c.data.max_records = 0  # 0 = all; smoke runs use a few hundred
+    c.data.max_records = 0  # 0 = all; smoke runs use a few hundred (pre-training: a random subset)
 
     c.graph = ml_collections.ConfigDict()
     c.graph.cutoff = 8.0
@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.progress_bar = True
 
     c.pretrain = ml_collections.ConfigDict()
+    # "paper": the paper's equations, fresh noise each step from the fields below (default);
+    # "official": the authors' released code (configs/pretrain_official.py,
+    # dpf_jax/tasks/official.py): fixed noise drawn once per structure, the fields below unused.
     c.pretrain.corruption = "paper"
     c.pretrain.mask_fraction = 0.0
     c.pretrain.position_scale = 0.0

@@ -2,7 +2,7 @@
 
 Reference equality is checked on EVERY shipped structure: all 940 of the JARVIS subset and all
 5,221 of the MP subset (building both takes ~3 s on one core), against
-`../shared/reference_graphs/*_edges.npz`, as exact multisets of (sender, receiver, integer
+`data/reference_graphs/*_edges.npz` (a copy of ../shared/reference_graphs), as exact multisets of (sender, receiver, integer
 image), the image being recovered from the reference's float32 `vec`.
 
 The independent checks use the reference's rules written out plainly here (per-image loop as
@@ -27,7 +27,6 @@ import gzip
 import itertools
 import json
 import math
-import os
 import pathlib
 
 import numpy as np
@@ -38,7 +37,6 @@ from dpf_jax.data.graphs import LATTICE_IMAGES, CrystalGraph, build_crystal_grap
 from dpf_jax.data.records import Crystal, CrystalError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("DPF_SHARED", REPO.parent / "shared"))
 LATTICE = [tuple(int(x) for x in v) for v in LATTICE_IMAGES]
 
 
@@ -47,10 +45,9 @@ LATTICE = [tuple(int(x) for x in v) for v in LATTICE_IMAGES]
 
 
 def _data_file(name: str) -> pathlib.Path:
-    for p in (REPO / "data" / f"{name}.jsonl.gz", SHARED / "data" / f"{name}.jsonl.gz"):
-        if p.exists():
-            return p
-    pytest.skip(f"{name}.jsonl.gz not found")
+    p = REPO / "data" / f"{name}.jsonl.gz"
+    assert p.exists(), f"{p} is missing"
+    return p
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,9 +77,9 @@ def load_crystals(name: str) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def load_reference(name: str):
-    path = SHARED / "reference_graphs" / f"{name}_edges.npz"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
+    # shipped in data/reference_graphs (copied from ../shared/reference_graphs)
+    path = REPO / "data" / "reference_graphs" / f"{name}_edges.npz"
+    assert path.exists(), f"{path} is missing"
     z = np.load(path)
     return {k: z[k] for k in z.files}
 
@@ -364,8 +361,7 @@ def test_cutoff_growth_matches_reference_rules(cid):
 
 
 def test_cutoff_growth_matches_jarvis_tools():
-    """Optional: jarvis-tools' own functions (loaded without torch/dgl) on the growth path."""
-    pytest.importorskip("jarvis")
+    """jarvis-tools' own functions (loaded without torch/dgl; a test dependency) on the growth path."""
     import importlib.util
     import sys
 
@@ -529,3 +525,16 @@ def test_bad_records_raise():
         build_crystal_graph(Crystal(id="flat", lattice=[[1, 0, 0], [0, 1, 0], [1, 1, 0]], numbers=[1], frac_coords=[[0, 0, 0]]))
     with pytest.raises(ValueError):
         build_crystal_graph(by_id("jarvis_dft3d", "JVASP-10"), method="kdtree")
+
+
+def test_auto_search_falls_back_to_numpy_without_pymatgen(monkeypatch):
+    """The GPU image has no pymatgen: "auto" must then use the numpy search, same graph."""
+    big = [c for c in load_crystals("mp_megnet") if c.num_atoms > 60][:3]
+    assert big
+    with_pmg = [build_crystal_graph(c) for c in big]
+    monkeypatch.setattr(graphs_mod, "_have_pymatgen", lambda: False)
+    for c, g in zip(big, with_pmg):
+        h = build_crystal_graph(c)
+        np.testing.assert_array_equal(g.senders, h.senders)
+        np.testing.assert_array_equal(g.receivers, h.receivers)
+        np.testing.assert_array_equal(g.images, h.images)

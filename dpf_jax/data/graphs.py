@@ -197,6 +197,17 @@ def _distances(t: np.ndarray, cart: np.ndarray, rows: slice) -> np.ndarray:
     return np.sqrt(d, out=d)
 
 
+@functools.lru_cache(maxsize=None)
+def _have_pymatgen() -> bool:
+    """"auto" falls back to the (chunked, identical) numpy search where pymatgen is missing,
+    e.g. on a GPU image that lacks it."""
+    try:
+        from pymatgen.optimization.neighbors import find_points_in_spheres  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, check_overlap, method, tie_tolerance):
     """jarvis `get_all_neighbors(r)` followed by the k-th-shell selection of every atom.
 
@@ -206,7 +217,8 @@ def _knn(crystal, lattice, frac, cart, r, max_neighbors, min_distance, check_ove
     """
     n = frac.shape[0]
     box, t, zero = _image_search_box(lattice, frac, cart, r)
-    if method == "pymatgen" or (method == "auto" and box.shape[0] * n * n > _AUTO_NUMPY_MAX_TRIPLES):
+    big = box.shape[0] * n * n > _AUTO_NUMPY_MAX_TRIPLES
+    if method == "pymatgen" or (method == "auto" and big and _have_pymatgen()):
         return _knn_pymatgen(crystal, lattice, cart, r, max_neighbors, min_distance, check_overlap, tie_tolerance)
     per_row = box.shape[0] * n
     rows_per_chunk = max(1, _CHUNK_PAIRS // per_row)
@@ -393,7 +405,10 @@ def build_crystal_graph(
     directed = np.concatenate([(b * n + a) * b3 + digits, pair * b3 + neg])
     directed.sort()
     rs, digits = np.divmod(directed, b3)
-    receivers, senders = np.divmod(rs.astype(np.int32), np.int32(n))
+    if n < 46_340:  # n * n fits in int32
+        receivers, senders = np.divmod(rs.astype(np.int32), np.int32(n))
+    else:
+        receivers, senders = (x.astype(np.int32) for x in np.divmod(rs, n))
     if off <= _MAX_TABLE_OFF:
         images = _digit_table(off)[digits]
     else:

@@ -100,12 +100,23 @@ def transform_target(values: np.ndarray, transform: str) -> tuple[np.ndarray, np
 
 
 def load_graphs(path: str, params: GraphParams, cache_dir: str | None, workers: int | None,
-                max_records: int = 0, progress: bool = True):
-    """All records of a dataset file with their graphs; failures collected in `skipped`."""
+                max_records: int = 0, progress: bool = True, sample: str = "first"):
+    """All records of a dataset file with their graphs; failures collected in `skipped`.
+
+    `max_records` keeps the first records ("first") or a fixed-seed random subset in file
+    order ("random": for corpora stored source by source, where the first records would all
+    come from one source).
+    """
     if not Path(path).exists():
         raise FileNotFoundError(f"dataset file not found: {path}")
     data = load_dataset_records(path)
-    records = data.records[:max_records] if max_records else data.records
+    records = data.records
+    if max_records and max_records < len(records):
+        if sample == "random":
+            keep = np.sort(np.random.default_rng(0).choice(len(records), max_records, replace=False))
+            records = [records[i] for i in keep]
+        else:
+            records = records[:max_records]
     graphs, failed = cached_graphs(records, path, params, cache_dir, workers, progress)
     skipped = list(data.skipped) + list(failed)
     pairs = [(r, g) for r, g in zip(records, graphs) if g is not None]
@@ -150,7 +161,7 @@ def prepare_unlabeled(path: str, params: GraphParams = GraphParams(), val_fracti
                       seed: int = 0, cache_dir: str | None = ".cache/graphs",
                       workers: int | None = None, max_records: int = 0, progress: bool = True) -> PreparedData:
     """A pre-training corpus split into train/val by a hash of (seed, id) — stable as it grows."""
-    pairs, skipped, total = load_graphs(path, params, cache_dir, workers, max_records, progress)
+    pairs, skipped, total = load_graphs(path, params, cache_dir, workers, max_records, progress, sample="random")
     train, val = [], []
     for r, g in pairs:
         (val if _hash_fraction(seed, r.id) < val_fraction else train).append(g)

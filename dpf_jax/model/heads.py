@@ -7,6 +7,14 @@
     out["displacement"]  float32 [N, 3]   Å, rotation-equivariant, translation-invariant
     out["lattice"]       float32 [G, 6]   (a, b, c, alpha, beta, gamma) in the loss's normalisation
 
+With `official=True` (the authors' released code, `pretrain.corruption = "official"`, DESIGN
+§4) two more heads, each a single Dense as in zjuKeLiu/DPF `models/pyg_att.py`:
+    out["frac_coords"]   float32 [N, 3]   clean fractional coordinates ("frac_head")
+    out["lattice9"]      float32 [G, 9]   clean lattice matrix, row-major, Å ("lattice9_head",
+                                          on the per-crystal mean of the node features)
+(the reference's type head is a 119-way Dense on a 119-way one-hot atom input; ours stays the
+95-way `TypeHead` on CGCNN features.)
+
 Only enabled heads appear in the dict (and own parameters). The encoder's parameter subtree
 is named "encoder", exactly as in `MatformerRegressor`, so fine-tuning copies
 `params["encoder"]` (and `batch_stats["encoder"]`) from a pre-training checkpoint into a fresh
@@ -91,11 +99,37 @@ class LatticeHead(nn.Module):
         return Linear(self.num_outputs, True, self.dtype, self.precision, name="out")(h).astype(jnp.float32)
 
 
+class FracCoordHead(nn.Module):
+    """Dense over node features -> 3 clean fractional coordinates per node (the reference's
+    `position_mlp`, a single Linear). Not equivariant: fractional coordinates are not."""
+
+    dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, nodes):
+        return Linear(3, True, self.dtype, self.precision, name="dense")(nodes).astype(jnp.float32)
+
+
+class Lattice9Head(nn.Module):
+    """Masked mean of node features per crystal -> Dense(9): the clean 3x3 lattice matrix,
+    row-major (the reference's `lattice_mlp`, a single Linear on the mean-pooled features)."""
+
+    dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, nodes, graph_index, node_mask, num_graphs: int):
+        pooled = mean_pool(nodes, graph_index, node_mask, num_graphs)
+        return Linear(9, True, self.dtype, self.precision, name="dense")(pooled).astype(jnp.float32)
+
+
 class DenoisingModel(nn.Module):
     """Shared `MatformerEncoder` ("encoder") + the denoising heads switched on by fields.
 
     `__call__(graph, train)` -> dict with "type_logits" [N, 95] (if `types`), "displacement"
-    [N, 3] (if `positions`), "lattice" [G, 6] (if `lattice`), all float32.
+    [N, 3] (if `positions`), "lattice" [G, 6] (if `lattice`), "frac_coords" [N, 3] and
+    "lattice9" [G, 9] (if `official`), all float32.
     """
 
     encoder: MatformerEncoder = dataclasses.field(default_factory=MatformerEncoder)
@@ -104,6 +138,7 @@ class DenoisingModel(nn.Module):
     lattice: bool = True
     num_types: int = NUM_TYPES
     head_hidden: int = 128
+    official: bool = False  # the authors' released heads (module doc); adds two heads
 
     @nn.compact
     def __call__(self, graph, train: bool) -> dict:
@@ -119,5 +154,9 @@ class DenoisingModel(nn.Module):
                 graph.edges["mask"].astype(bool))
         if self.lattice:
             out["lattice"] = LatticeHead(self.head_hidden, 6, dt, prec, name="lattice_head")(
+                enc.nodes, graph.nodes["graph"], graph.nodes["mask"], graph.n_node.shape[0])
+        if self.official:
+            out["frac_coords"] = FracCoordHead(dt, prec, name="frac_head")(enc.nodes)
+            out["lattice9"] = Lattice9Head(dt, prec, name="lattice9_head")(
                 enc.nodes, graph.nodes["graph"], graph.nodes["mask"], graph.n_node.shape[0])
         return out

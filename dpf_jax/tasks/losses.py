@@ -21,6 +21,9 @@ What counts as one entry:
                      3-vector, so the mean is 3× the per-component MSE);
   lattice_loss:      one lattice parameter (6 per real crystal): the mean is the MSE of the
                      normalised parameters.
+  l1_loss:           one scalar component (mask broadcast over trailing dims), so the mean is
+                     PyTorch's `L1Loss()` (mean over every element): the "official" variant's
+                     fractional-coordinate (3 per atom) and lattice-matrix (9 per crystal) losses.
 """
 
 from __future__ import annotations
@@ -92,6 +95,16 @@ def position_loss(pred, displacement, mask):
     """(Σ_atoms |pred − displacement|², number of atoms) over masked atoms; pred [N, 3]."""
     per_atom = jnp.sum(jnp.square(_clean(pred, mask) - _clean(displacement, mask)), axis=-1)
     return _masked_sum(per_atom, mask)
+
+
+def l1_loss(pred, target, mask):
+    """(Σ |pred − target| over every component of the masked rows, number of components).
+
+    pred/target [N, k] (or [N]), mask bool [N]: e.g. fractional coordinates [N, 3] with the node
+    mask, or lattice matrices [G, 9] with the graph mask. No periodic wrapping (as the reference).
+    """
+    diff = _clean(pred, mask) - _clean(target, mask)
+    return _masked_sum(jnp.abs(diff), mask)
 
 
 def normalise_lattice_params(params, mean, std):

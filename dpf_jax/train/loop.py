@@ -27,13 +27,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpf_jax.data.batching import GraphBatcher, graph_to_jraph, prefetch
-from dpf_jax.data.dataset import GraphParams
+from dpf_jax.data.dataset import GraphParams, default_workers
 from dpf_jax.data.pipeline import (PreparedData, SplitData, prepare_labeled, prepare_unlabeled,
                                    task_units_and_transform)
 from dpf_jax.tasks.losses import lattice_param_stats
+from dpf_jax.tasks.official import OfficialBatcher, drop_single_atom_structures
 from dpf_jax.tasks.rebuild import RebuildingBatcher
 from dpf_jax.train import checkpoint as ckpt_lib
-from dpf_jax.train.objectives import DenoisingObjective, RegressionObjective
+from dpf_jax.train.objectives import DenoisingObjective, OfficialDenoisingObjective, RegressionObjective
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import (make_mesh, maybe_initialize_distributed, prefetch_to_device,
                                     put_batch, put_replicated)
@@ -75,15 +76,28 @@ def load_data(config) -> PreparedData:
     common = dict(params=_graph_params(config), cache_dir=d.cache_dir or None,
                   workers=d.num_workers or None, max_records=d.max_records)
     if config.mode == "pretrain":
-        return prepare_unlabeled(d.path, val_fraction=d.val_fraction, seed=config.seed, **common)
+        data = prepare_unlabeled(d.path, val_fraction=d.val_fraction, seed=config.seed, **common)
+        if _corruption(config) == "official":  # the authors' code drops 1-atom structures (logged)
+            data = drop_single_atom_structures(data)
+        return data
     if config.mode == "finetune":
         _, transform = task_units_and_transform(d.task, d.units, d.target_transform)
         return prepare_labeled(d.path, d.task, transform=transform, **common)
     raise ValueError(f"config.mode must be 'pretrain' or 'finetune', got {config.mode!r}")
 
 
+def _corruption(config) -> str:
+    """config.pretrain.corruption: "paper" (default) or "official" (the authors' released code)."""
+    corruption = config.pretrain.get("corruption", "paper")
+    if corruption not in ("paper", "official"):
+        raise ValueError(f"config.pretrain.corruption must be 'paper' or 'official', got {corruption!r}")
+    return corruption
+
+
 def make_objective(config):
     if config.mode == "pretrain":
+        if _corruption(config) == "official":  # fixed noise, drawn once per crystal by the batcher
+            return OfficialDenoisingObjective(config.model, config.pretrain)
         p = config.pretrain
         if not (p.mask_fraction or p.position_scale or p.lattice_scale):
             raise ValueError("pre-training needs at least one of pretrain.mask_fraction, "
@@ -112,6 +126,13 @@ def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_f
     host and rebuilds each perturbed crystal's graph, keyed by `key_fn(epoch, batch)`."""
     if not split.graphs:
         return None
+    if config.mode == "pretrain" and _corruption(config) == "official":  # corrupted once, here
+        g = config.graph
+        return OfficialBatcher(split.graphs, config.train.batch_size, num_devices, config.seed,
+                               dict(cutoff=g.cutoff, max_neighbors=g.max_neighbors, use_lattice=g.use_lattice),
+                               workers=config.data.num_workers or default_workers(),
+                               progress=config.train.progress_bar, budgets=budgets,
+                               num_levels=config.train.num_budget_levels, seed=0)
     if config.mode == "pretrain" and config.pretrain.rebuild_topology and key_fn is not None:
         g = config.graph
         return RebuildingBatcher(split.graphs, config.train.batch_size, num_devices,
@@ -421,7 +442,7 @@ def final_results(config, objective, state, checkpointer, eval_step, mesh, key, 
         best_state = put_replicated(best[0], mesh)
         best_metrics, best_preds = evaluate(eval_step, best_state, b, mesh, key)
         out.update({f"{split}_{k}_best_val": float(v) for k, v in best_metrics.items()})
-    if config.mode == "pretrain" and config.pretrain.mask_fraction:
+    if config.mode == "pretrain" and (config.pretrain.mask_fraction or _corruption(config) == "official"):
         # accuracy of always guessing the training set's most frequent element
         train_z = np.concatenate([g.crystal.numbers for g in data.splits["train"].graphs])
         top = int(np.bincount(train_z).argmax())

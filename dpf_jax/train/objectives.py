@@ -122,3 +122,41 @@ class DenoisingObjective:
                 s, c = terms[name]
                 total = total + w * s / jnp.maximum(c, 1.0)
         return total
+
+
+# ----------------------------------------------------------------- corruption = "official"
+
+@dataclasses.dataclass
+class OfficialDenoisingObjective:
+    """The authors' released pre-training (DESIGN §4, `dpf_jax.tasks.official`): the input
+    pipeline (`OfficialBatcher`) already corrupted every crystal once and rebuilt its graph;
+    loss = CE(masked atoms) + L1(clean fractional coordinates) + L1(clean lattice matrix),
+    unweighted (the `pretrain.*_weight` and noise-scale fields are not used)."""
+
+    model_cfg: ml_collections.ConfigDict
+    pretrain_cfg: ml_collections.ConfigDict
+    name: str = "denoising_official"
+
+    def make_model(self, axis_name: str | None = AXIS):
+        return DenoisingModel(encoder=MatformerEncoder(**model_kwargs(self.model_cfg, axis_name)),
+                              types=True, positions=False, lattice=False, official=True)
+
+    def prepare(self, key, graph, stats):
+        del key, stats
+        return graph, targets_from_batch(graph)
+
+    def loss_terms(self, outputs, graph, targets, stats) -> tuple[Terms, Any]:
+        del stats
+        s, c, correct = losses.masked_type_loss(outputs["type_logits"], targets["species"], targets["type_mask"])
+        terms = {"type_ce": (s, c), "type_acc": (correct, c),
+                 "frac_l1": losses.l1_loss(outputs["frac_coords"], targets["frac_coords"], graph.nodes["mask"]),
+                 "lattice_l1": losses.l1_loss(outputs["lattice9"], targets["lattice"], targets["lattice_mask"])}
+        return terms, None
+
+    def total_loss(self, terms) -> jax.Array:
+        total = 0.0
+        for name in ("type_ce", "frac_l1", "lattice_l1"):
+            if name in terms:
+                s, c = terms[name]
+                total = total + s / jnp.maximum(c, 1.0)
+        return total
