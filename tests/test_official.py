@@ -142,7 +142,7 @@ def test_single_atom_structures_are_dropped(records, caplog):
     assert single, "the shipped corpus holds 1-atom structures"
     graphs = [build_crystal_graph(r) for r in multi[:4] + single]
     data = PreparedData(splits={"train": SplitData(graphs[:3] + graphs[4:5], np.full(4, np.nan)),
-                                "val": SplitData([graphs[3]] + graphs[5:], np.full(1 + len(single) - 1, np.nan))},
+                                "val": SplitData([graphs[3]] + graphs[5:], np.full(len(graphs) - 4, np.nan))},
                         skipped=[], num_records=len(graphs), source="test")
     with caplog.at_level("INFO"):
         kept = drop_single_atom_structures(data)

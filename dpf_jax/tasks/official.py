@@ -65,6 +65,8 @@ SINGLE_ATOM_REASON = "fewer than 2 atoms: dropped from pre-training as by the au
 # with the seed shifted by this much per attempt: still a pure function of (seed, id)
 RETRY_SEED_STRIDE = 1_000_003
 MAX_ATTEMPTS = 5
+# below this many crystals, corrupt serially (~1 ms per crystal; spawning workers costs seconds)
+PARALLEL_MIN_CRYSTALS = 2048
 
 
 def drop_single_atom_structures(data):
@@ -131,7 +133,7 @@ def precompute(crystals: Sequence[Crystal], seed: int, graph_kwargs: dict | None
     jobs_args = (seed, graph_kwargs, tuple(noise))
     results: list = []
     bar = tqdm(total=len(crystals), desc=desc, unit="crystal", disable=not progress, leave=False)
-    if workers <= 1 or len(crystals) < 256:
+    if workers <= 1 or len(crystals) < PARALLEL_MIN_CRYSTALS:
         for c in crystals:
             results.append(corrupt_and_rebuild(seed, c, graph_kwargs, *noise))
             bar.update()

@@ -9,9 +9,7 @@ taken outside the `shard_map`, which lets JAX transpose the collectives itself.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 
 import jax
 import numpy as np
