@@ -58,9 +58,12 @@ def put_batch(batch, mesh: Mesh):
     sharding = batch_sharded(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
-    # multi-host: each process holds the shares of its own local devices
+    # multi-host: every process builds the same global batch (same seed, same order) and
+    # hands over the shares of its own devices; the global array is assembled from them.
+    me = jax.process_index()
+    local = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == me]
     return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+        lambda x: jax.make_array_from_process_local_data(sharding, x[local], x.shape), batch)
 
 
 def put_replicated(tree, mesh: Mesh):
