@@ -222,14 +222,20 @@ class GraphBatcher:
             np.random.default_rng([seed, epoch]).shuffle(order)
         return order
 
+    def share_budget(self, shares: Sequence[Sequence[int]]) -> Budget:
+        """The padding budget that holds the largest of these device shares."""
+        return fit_budget(self.budgets, max(int(self.n_node[s].sum()) for s in shares),
+                          max(int(self.n_edge[s].sum()) for s in shares), max(len(s) for s in shares))
+
+    def pad_share(self, share: Sequence[int], budget: Budget, first_index: int) -> jraph.GraphsTuple:
+        """One device's padded share (subclasses add fields, e.g. denoising targets)."""
+        return pad_graphs([self.graphs[i] for i in share], budget, first_index)
+
     def make_batch(self, indices: Sequence[int]) -> jraph.GraphsTuple:
         shares = split_evenly(list(indices), self.num_devices)
-        sizes = [(int(self.n_node[s].sum()), int(self.n_edge[s].sum()), len(s)) for s in shares]
-        budget = fit_budget(self.budgets, max(s[0] for s in sizes), max(s[1] for s in sizes),
-                            max(s[2] for s in sizes))
+        budget = self.share_budget(shares)
         starts = np.cumsum([0] + [len(s) for s in shares])
-        return stack_device_batches([pad_graphs([self.graphs[i] for i in s], budget, int(start))
-                                     for s, start in zip(shares, starts)])
+        return stack_device_batches([self.pad_share(s, budget, int(start)) for s, start in zip(shares, starts)])
 
     def iterate(self, seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_remainder: bool = False,
                 start_batch: int = 0) -> Iterator[jraph.GraphsTuple]:
@@ -244,9 +250,7 @@ class GraphBatcher:
         order = self.epoch_order(seed, 0, True)
         for b in range(self.num_batches()):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            shares = split_evenly(list(idx), self.num_devices)
-            budget = fit_budget(self.budgets, max(int(self.n_node[s].sum()) for s in shares),
-                                max(int(self.n_edge[s].sum()) for s in shares), max(len(s) for s in shares))
+            budget = self.share_budget(split_evenly(list(idx), self.num_devices))
             real_n += int(self.n_node[idx].sum())
             real_e += int(self.n_edge[idx].sum())
             tot_n += budget.n_node * self.num_devices

@@ -48,8 +48,7 @@ import jraph
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpf_jax.data.batching import (GraphBatcher, fit_budget, graph_to_jraph, pad_graphs, split_evenly,
-                                   stack_device_batches)
+from dpf_jax.data.batching import GraphBatcher, graph_to_jraph
 from dpf_jax.data.graphs import CrystalGraph
 from dpf_jax.data.records import Crystal
 from dpf_jax.tasks.perturb import (OFFICIAL_LATTICE_NOISE, OFFICIAL_MASK_RATIO, OFFICIAL_POSITION_NOISE,
@@ -176,21 +175,13 @@ class OfficialBatcher(GraphBatcher):
         self.crystals = [g.crystal for g in corrupted]  # the corrupted crystals (masked Z = 0)
         super().__init__([graph_to_jraph(g) for g in corrupted], batch_size, num_devices, **kw)
 
-    def make_batch(self, indices: Sequence[int]) -> jraph.GraphsTuple:
-        shares = split_evenly(list(indices), self.num_devices)
-        sizes = [(int(self.n_node[s].sum()), int(self.n_edge[s].sum()), len(s)) for s in shares]
-        budget = fit_budget(self.budgets, max(s[0] for s in sizes), max(s[1] for s in sizes),
-                            max(s[2] for s in sizes))
-        starts = np.cumsum([0] + [len(s) for s in shares])
-        padded = []
-        for share, start in zip(shares, starts):
-            batch = pad_graphs([self.graphs[i] for i in share], budget, int(start))
-            fields = batch_targets([self.targets[i] for i in share], budget.n_node, budget.n_graph)
-            nodes, globals_ = dict(batch.nodes), dict(batch.globals)
-            for name, value in fields.items():
-                (globals_ if name in GRAPH_TARGETS else nodes)[PREFIX + name] = value
-            padded.append(batch._replace(nodes=nodes, globals=globals_))
-        return stack_device_batches(padded)
+    def pad_share(self, share, budget, first_index: int) -> jraph.GraphsTuple:
+        batch = super().pad_share(share, budget, first_index)
+        fields = batch_targets([self.targets[i] for i in share], budget.n_node, budget.n_graph)
+        nodes, globals_ = dict(batch.nodes), dict(batch.globals)
+        for name, value in fields.items():
+            (globals_ if name in GRAPH_TARGETS else nodes)[PREFIX + name] = value
+        return batch._replace(nodes=nodes, globals=globals_)
 
 
 def batch_targets(targets: Sequence[dict], n_node: int, n_graph: int) -> dict[str, np.ndarray]:
