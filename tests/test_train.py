@@ -170,3 +170,18 @@ def test_cli_runs_and_reports_bad_config(tmp_path):
     assert ok.returncode == 0, ok.stderr[-3000:]
     res = json.loads((tmp_path / "ok" / "results.json").read_text())
     assert np.isfinite(res["test_mae_final"]) and res["task"] == "formation_energy_peratom"
+
+
+def test_checkpoint_boundaries_and_changed_settings(tmp_path):
+    """Periodic saves on epoch ends, a stop exactly at an epoch end, a repeated stop, and a
+    resume with other settings (refused, since it could not be exact)."""
+    config = tiny(finetune_jarvis.get_config(), records=80, epochs=2, batch=16)  # 4 steps / epoch
+    config.train.checkpoint_every_steps = 2
+    config.train.max_steps = 4
+    assert loop.train_and_evaluate(config, str(tmp_path)) == {"stopped_at_step": 4}
+    assert loop.train_and_evaluate(config, str(tmp_path)) == {"stopped_at_step": 4}
+    config.train.max_steps = 0
+    assert loop.train_and_evaluate(config, str(tmp_path))["steps"] == 8
+    config.train.epochs = 3
+    with pytest.raises(loop.TrainingError, match="same settings"):
+        loop.train_and_evaluate(config, str(tmp_path))

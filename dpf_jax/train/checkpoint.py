@@ -33,6 +33,10 @@ class Checkpointer:
 
     @staticmethod
     def _save(manager, step: int, state, meta: dict):
+        # A step is saved at most once: the state of a step is a pure function of (seed, step),
+        # so a second save (epoch end after a periodic save, a resumed epoch) holds nothing new.
+        if int(step) in manager.all_steps():
+            return
         manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
 

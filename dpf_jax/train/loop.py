@@ -320,6 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     best_metric, best_epoch = math.inf, -1
     if restored is not None:
         state, meta = restored
+        _check_resume_compatible(meta, steps_per_epoch, config, workdir)
         best_metric, best_epoch = meta.get("best_metric", math.inf), meta.get("best_epoch", -1)
         print(f"Resuming from {workdir}/checkpoints/latest at step {int(state.step)}", flush=True)
     elif init_path:
@@ -372,6 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     bar.set_postfix(loss=f"{sums['loss'][0] / max(sums['loss'][1], 1):.4g}",
                                     cryst_s=f"{n_crystals / (time.time() - t0):.0f}")
                 if ckpt_every and step % ckpt_every == 0:
+                    _drain(pending, sums)  # never checkpoint past an unchecked step
                     checkpointer.save_latest(state, meta(epoch))
             if stopped:
                 # stopped mid-epoch on purpose: save and leave, as an interruption would
@@ -416,7 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     results = final_results(config, objective, state, checkpointer, eval_step, mesh, eval_key,
                             {"train": train_b, "val": val_b, "test": test_b}, data, metric_name)
-    results.update({"best_epoch": best_epoch, "best_val_" + metric_name: best_metric,
+    results.update({"best_epoch": best_epoch,
+                    "best_val_" + metric_name: best_metric if math.isfinite(best_metric) else None,
                     "num_parameters": int(n_params), "num_devices": num_devices,
                     "platform": jax.devices()[0].platform, "steps": int(jax.device_get(state.step)),
                     "skipped_records": len(data.skipped),
@@ -463,6 +466,16 @@ def final_results(config, objective, state, checkpointer, eval_step, mesh, key, 
     return out
 
 
+def _check_resume_compatible(meta: dict, steps_per_epoch: int, config, workdir) -> None:
+    """Resuming is exact only with the same data and schedule: refuse anything else."""
+    saved_epochs = meta.get("config", {}).get("train", {}).get("epochs", config.train.epochs)
+    if meta.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch or saved_epochs != config.train.epochs:
+        raise TrainingError(
+            f"{workdir} holds a run with {meta.get('steps_per_epoch')} steps per epoch and {saved_epochs} "
+            f"epochs; this config gives {steps_per_epoch} and {config.train.epochs} (changed data, batch "
+            "size or epochs). Resume with the same settings or use another --workdir.")
+
+
 def _drain(pending: list, sums: dict, keep: int = 0) -> None:
     """Fetches buffered step metrics but the `keep` newest (one host sync) and stops at the
     first non-finite step."""
@@ -473,8 +486,8 @@ def _drain(pending: list, sums: dict, keep: int = 0) -> None:
     for (s, _), m in zip(ready, fetched):
         if not bool(m["finite"]):
             raise TrainingError(f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}); "
-                                "the parameters were left unchanged and no NaN was checkpointed. "
-                                "Try a lower learning rate or check the data.")
+                                "the run stopped, no NaN reached the parameters and the latest checkpoint "
+                                "predates that step. Try a lower learning rate or check the data.")
         acc = sums.setdefault("loss", [0.0, 0])
         acc[0] += float(m["loss"])
         acc[1] += 1
