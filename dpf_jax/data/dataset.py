@@ -1,8 +1,9 @@
 """Dataset preparation: records → graphs, built once in parallel and cached on disk.
 
-The cache key is the SHA-256 of the input file plus the graph parameters and the builder
-version, so editing the file or changing the cutoff rebuilds, and everything else reuses the
-cache (a second run starts in seconds). Records that fail to parse or to build a graph are
+The cache key is a SHA-256 of the records as read (ids, lattices, species, coordinates) plus
+the graph parameters and the builder version, so editing the file, taking another subset or
+changing the cutoff rebuilds, and everything else reuses the cache (a second run starts in
+seconds). Records that fail to parse or to build a graph are
 skipped, counted and reported — never a crash halfway through an epoch.
 """
 
@@ -42,11 +43,14 @@ class GraphParams:
         return f"c{self.cutoff:g}-k{self.max_neighbors}-l{int(self.use_lattice)}-v{GRAPH_BUILDER_VERSION}"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def records_digest(crystals: Sequence[Crystal]) -> str:
+    """SHA-256 of the records' ids, lattices, atomic numbers and fractional coordinates."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for c in crystals:
+        h.update(c.id.encode())
+        h.update(c.lattice.tobytes())
+        h.update(c.numbers.tobytes())
+        h.update(c.frac_coords.tobytes())
     return h.hexdigest()
 
 
@@ -164,8 +168,9 @@ def cached_graphs(
     """`build_graphs`, through an on-disk cache keyed by the file's hash and `params`."""
     if not cache_dir:
         return build_graphs(crystals, params, workers, progress)
-    digest = file_sha256(source_file)[:16]
-    # the record count is part of the key: a --config.data.max_records smoke run gets its own entry
+    # Keyed by the records' content (ids, lattices, species, coordinates) as read, not only by the
+    # file: a subset (max_records) or a change in how a reader orders atoms gets its own entry.
+    digest = records_digest(crystals)[:16]
     path = Path(cache_dir) / f"{Path(source_file).name}.{digest}.n{len(crystals)}.{params.key()}.npz"
     reasons_path = path.with_suffix(".skipped.json")
     if path.exists():
