@@ -13,3 +13,19 @@ if str(REPO) not in sys.path:  # configs/ is a plain folder imported by config f
     sys.path.insert(0, str(REPO))
 
 DATA = REPO / "data"
+
+
+def tiny(config, records=96, epochs=2, batch=16, layers=2, channels=16, heads=2):
+    """A small model and data slice so CPU tests run in seconds; the code path is the real one."""
+    config.model.num_layers = layers
+    config.model.channels = channels
+    config.model.heads = heads
+    config.model.rbf_bins = 16
+    config.data.max_records = records
+    config.data.cache_dir = ""
+    config.data.num_workers = 1
+    config.train.epochs = epochs
+    config.train.batch_size = batch
+    config.train.progress_bar = False
+    config.init_checkpoint = ""
+    return config

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DATA
+from conftest import DATA, tiny
 from configs import finetune_jarvis, pretrain_official
 from dpf_jax.data.batching import graph_to_jraph
 from dpf_jax.data.graphs import build_crystal_graph
@@ -21,7 +21,6 @@ from dpf_jax.train import loop
 from dpf_jax.train.checkpoint import load_raw_checkpoint
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.step import create_state
-from test_train import tiny
 
 SEED = 7
 

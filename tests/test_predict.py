@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO
+from conftest import DATA, REPO, tiny
 from configs import finetune_jarvis
 from dpf_jax import predict as predict_lib
 from dpf_jax.data.graphs import CrystalGraph, build_crystal_graph
@@ -36,18 +36,7 @@ def run(tmp_path_factory):
     """A tiny fine-tuning run (the real training code path) and its results.json."""
     from dpf_jax.train.loop import train_and_evaluate
 
-    c = finetune_jarvis.get_config()
-    c.model.num_layers = 1
-    c.model.channels = 8
-    c.model.heads = 1
-    c.model.rbf_bins = 16
-    c.data.max_records = 48
-    c.data.cache_dir = ""
-    c.data.num_workers = 1
-    c.train.epochs = 2
-    c.train.batch_size = 16
-    c.train.progress_bar = False
-    c.init_checkpoint = ""
+    c = tiny(finetune_jarvis.get_config(), records=48, epochs=2, batch=16, layers=1, channels=8, heads=1)
     workdir = tmp_path_factory.mktemp("finetune")
     results = train_and_evaluate(c, str(workdir))
     return workdir, results

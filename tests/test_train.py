@@ -10,29 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO
+from conftest import DATA, REPO, tiny
 from configs import finetune_jarvis, pretrain_mask30
 from dpf_jax.train import loop
 from dpf_jax.train.checkpoint import load_raw_checkpoint
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import make_mesh, put_batch, put_replicated
 from dpf_jax.train.step import create_state, make_forward
-
-
-def tiny(config, records=96, epochs=2, batch=16):
-    """A small model and data slice so CPU tests run in seconds; the code path is the real one."""
-    config.model.num_layers = 2
-    config.model.channels = 16
-    config.model.heads = 2
-    config.model.rbf_bins = 16
-    config.data.max_records = records
-    config.data.cache_dir = ""
-    config.data.num_workers = 1
-    config.train.epochs = epochs
-    config.train.batch_size = batch
-    config.train.progress_bar = False
-    config.init_checkpoint = ""
-    return config
 
 
 def _loss_and_grads(config, data, stats, num_devices):

@@ -16,7 +16,7 @@ import numpy as np
 
 from dpf_jax.data.dataset import GraphParams, cached_graphs
 from dpf_jax.data.graphs import CrystalGraph
-from dpf_jax.data.readers import load_dataset_records
+from dpf_jax.data.readers import TRANSFORMS, load_dataset_records
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ SPLITS = ("train", "val", "test")
 
 # Units and target transform of the benchmark tasks ("auto" in a config resolves through this).
 # MP moduli are regressed as log10(GPa), as Matformer and MEGNet do.
-KNOWN_TASKS = {
+TASK_UNITS_AND_TRANSFORM = {
     "formation_energy_peratom": ("eV/atom", ""),
     "optb88vdw_bandgap": ("eV", ""),
     "optb88vdw_total_energy": ("eV/atom", ""),
@@ -40,7 +40,7 @@ KNOWN_TASKS = {
 
 
 def task_units_and_transform(task: str, units: str = "auto", transform: str = "auto") -> tuple[str, str]:
-    known_units, known_transform = KNOWN_TASKS.get(task, ("", ""))
+    known_units, known_transform = TASK_UNITS_AND_TRANSFORM.get(task, ("", ""))
     return (known_units if units == "auto" else units,
             known_transform if transform == "auto" else transform)
 
@@ -87,18 +87,6 @@ def _hash_fraction(seed: int, rid: str) -> float:
     return int.from_bytes(h[:8], "little") / 2.0**64
 
 
-def transform_target(values: np.ndarray, transform: str) -> tuple[np.ndarray, np.ndarray]:
-    """Applies a target transform; returns (values, keep mask). "log10" drops values <= 0."""
-    if not transform:
-        return values, np.isfinite(values)
-    if transform == "log10":
-        keep = np.isfinite(values) & (values > 0)
-        out = np.full_like(values, np.nan)
-        out[keep] = np.log10(values[keep])
-        return out, keep
-    raise ValueError(f"unknown target transform {transform!r} (use '' or 'log10')")
-
-
 def load_graphs(path: str, params: GraphParams, cache_dir: str | None, workers: int | None,
                 max_records: int = 0, progress: bool = True, sample: str = "first"):
     """All records of a dataset file with their graphs; failures collected in `skipped`.
@@ -131,22 +119,24 @@ def prepare_labeled(path: str, task: str, params: GraphParams = GraphParams(), t
     known = {t for r, _ in pairs for t in r.split}
     if task not in known:
         raise ValueError(f"task {task!r} not found in {path}; tasks with a split there: {sorted(known)}")
+    if transform and transform not in TRANSFORMS:
+        raise ValueError(f"unknown target transform {transform!r}; expected '' or one of {sorted(TRANSFORMS)}")
+    apply = TRANSFORMS[transform] if transform else (lambda v: v)
     splits = {s: ([], []) for s in SPLITS}
     dropped = 0
     for r, g in pairs:
         s = r.split.get(task)
         if s is None or task not in r.targets:
             continue
-        value = np.array([r.targets[task]], np.float64)
-        value, keep = transform_target(value, transform)
-        if not keep[0]:
+        value = apply(r.targets[task])  # None: invalid for the transform (log10 of a value <= 0)
+        if value is None:
             dropped += 1
             continue
         if s not in splits:
             skipped.append((r.id, f"unknown split {s!r} for task {task!r}"))
             continue
         splits[s][0].append(g)
-        splits[s][1].append(value[0])
+        splits[s][1].append(value)
     if dropped:
         log.warning("%s/%s: dropped %d records whose target is invalid for transform %r",
                     path, task, dropped, transform)

@@ -53,7 +53,7 @@ from dpf_jax.data.graphs import CrystalGraph
 from dpf_jax.data.records import Crystal
 from dpf_jax.tasks.perturb import (OFFICIAL_LATTICE_NOISE, OFFICIAL_MASK_RATIO, OFFICIAL_POSITION_NOISE,
                                    official_keeps, perturb_official_host, rebuild_topology)
-from dpf_jax.tasks.rebuild import PREFIX
+from dpf_jax.tasks.rebuild import attach_targets
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +178,7 @@ class OfficialBatcher(GraphBatcher):
     def pad_share(self, share, budget, first_index: int) -> jraph.GraphsTuple:
         batch = super().pad_share(share, budget, first_index)
         fields = batch_targets([self.targets[i] for i in share], budget.n_node, budget.n_graph)
-        nodes, globals_ = dict(batch.nodes), dict(batch.globals)
-        for name, value in fields.items():
-            (globals_ if name in GRAPH_TARGETS else nodes)[PREFIX + name] = value
-        return batch._replace(nodes=nodes, globals=globals_)
+        return attach_targets(batch, fields, GRAPH_TARGETS)
 
 
 def batch_targets(targets: Sequence[dict], n_node: int, n_graph: int) -> dict[str, np.ndarray]:

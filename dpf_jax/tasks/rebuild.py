@@ -63,12 +63,8 @@ class RebuildingBatcher(GraphBatcher):
                             max(len(gs) for gs, _, _ in built))
         padded = []
         for graphs, targets, start in built:
-            batch = pad_graphs(graphs, budget, start)
             host_targets = batch_host_targets(targets, budget.n_node, budget.n_graph) if targets else {}
-            nodes, globals_ = dict(batch.nodes), dict(batch.globals)
-            for name, value in host_targets.items():
-                (globals_ if name in GRAPH_LEVEL else nodes)[PREFIX + name] = value
-            padded.append(batch._replace(nodes=nodes, globals=globals_))
+            padded.append(attach_targets(pad_graphs(graphs, budget, start), host_targets, GRAPH_LEVEL))
         if any(not t for _, t, _ in built):  # an empty device share: give it the same fields
             template = next(p for p, (_, t, _) in zip(padded, built) if t)
             padded = [p if t else _zero_fields_like(p, template) for p, (_, t, _) in zip(padded, built)]
@@ -83,6 +79,15 @@ def _zero_fields_like(batch, template):
     for name, v in template.globals.items():
         if name.startswith(PREFIX):
             globals_[name] = np.zeros_like(v)
+    return batch._replace(nodes=nodes, globals=globals_)
+
+
+def attach_targets(batch: jraph.GraphsTuple, targets: dict, graph_level: Sequence[str]) -> jraph.GraphsTuple:
+    """Stores denoising targets in a padded batch: fields named in `graph_level` per graph, the
+    rest per node, each prefixed `denoise_` (read back by `targets_from_batch`)."""
+    nodes, globals_ = dict(batch.nodes), dict(batch.globals)
+    for name, value in targets.items():
+        (globals_ if name in graph_level else nodes)[PREFIX + name] = value
     return batch._replace(nodes=nodes, globals=globals_)
 
 

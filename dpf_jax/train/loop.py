@@ -10,6 +10,7 @@ from its latest checkpoint exactly (same data order, same random keys).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train.objectives import DenoisingObjective, OfficialDenoisingObjective, RegressionObjective
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import (make_mesh, maybe_initialize_distributed, prefetch_to_device,
-                                    put_batch, put_replicated)
+                                    put_replicated)
 from dpf_jax.train.step import TrainState, create_state, make_eval_step, make_train_step, split_seed
 
 log = logging.getLogger(__name__)
@@ -127,17 +128,15 @@ def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_f
     if not split.graphs:
         return None
     if config.mode == "pretrain" and _corruption(config) == "official":  # corrupted once, here
-        g = config.graph
         return OfficialBatcher(split.graphs, config.train.batch_size, num_devices, config.seed,
-                               dict(cutoff=g.cutoff, max_neighbors=g.max_neighbors, use_lattice=g.use_lattice),
+                               dataclasses.asdict(_graph_params(config)),
                                workers=config.data.num_workers or default_workers(),
                                progress=config.train.progress_bar, budgets=budgets,
                                num_levels=config.train.num_budget_levels, seed=0)
     if config.mode == "pretrain" and config.pretrain.rebuild_topology and key_fn is not None:
-        g = config.graph
         return RebuildingBatcher(split.graphs, config.train.batch_size, num_devices,
                                  DenoisingObjective(config.model, config.pretrain).perturb_cfg(), key_fn,
-                                 dict(cutoff=g.cutoff, max_neighbors=g.max_neighbors, use_lattice=g.use_lattice),
+                                 dataclasses.asdict(_graph_params(config)),
                                  num_levels=config.train.num_budget_levels, seed=0)
     targets = np.nan_to_num(split.targets, nan=0.0)
     graphs = [graph_to_jraph(g, float(t)) for g, t in zip(split.graphs, targets)]
@@ -206,7 +205,7 @@ def evaluate(eval_step, state, batcher: GraphBatcher, mesh, key) -> tuple[dict, 
     """
     order = batcher.epoch_order(0, 0, shuffle=False)
     host_meta, outputs = [], []
-    for host, dev in _with_device_copies(batcher.iterate(shuffle=False), mesh):
+    for host, dev in prefetch_to_device(prefetch(batcher.iterate(shuffle=False)), mesh, with_host=True):
         host_meta.append((host.globals["index"], host.globals["mask"]))
         outputs.append(eval_step(state, dev, key))
     totals: dict[str, np.ndarray] = {}
@@ -218,20 +217,6 @@ def evaluate(eval_step, state, batcher: GraphBatcher, mesh, key) -> tuple[dict, 
         preds[order[b * batcher.batch_size + index[mask]]] = np.asarray(p)[mask]
     metrics = {name: s / max(c, 1.0) for name, (s, c) in totals.items()}
     return metrics, preds
-
-
-def _with_device_copies(host_batches, mesh, size: int = 2):
-    """(host batch, its device copy) pairs, built on a background thread, copied ahead."""
-    import collections
-
-    queue = collections.deque()
-    it = prefetch(host_batches, size)
-    for host in it:
-        queue.append((host, put_batch(host, mesh)))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
 
 
 # ---------------------------------------------------------------------------- the run itself

@@ -70,8 +70,11 @@ def put_replicated(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
-def prefetch_to_device(iterator, mesh: Mesh, size: int = 2):
-    """Keeps `size` batches in flight to the devices ahead of the step that needs them."""
+def prefetch_to_device(iterator, mesh: Mesh, size: int = 2, with_host: bool = False):
+    """Keeps `size` batches in flight to the devices ahead of the step that needs them.
+
+    Yields device batches, or (host batch, device batch) pairs with `with_host`.
+    """
     import collections
     import itertools
 
@@ -80,7 +83,8 @@ def prefetch_to_device(iterator, mesh: Mesh, size: int = 2):
 
     def enqueue(n):
         for item in itertools.islice(it, n):
-            queue.append(put_batch(item, mesh))
+            dev = put_batch(item, mesh)
+            queue.append((item, dev) if with_host else dev)
 
     enqueue(size)
     while queue:
