@@ -49,8 +49,8 @@ def parity_table(summary: dict, reference: dict) -> str:
         row = [task, ref["units"] if ref else "", f"{ref['final']:.3f} / {ref['best_val']:.3f}" if ref else "—"]
         for m in methods:
             for key, rkey in (("test_mae_final", "final"), ("test_mae_best_val", "best_val")):
-                mean, std = per[m][key]
-                row.append("—" if mean is None else f"{mean:.3f} ± {std:.3f}")
+                mean, _ = per[m][key]
+                row.append(reproduce._fmt(per[m][key], 3))
                 row.append("—" if mean is None or not ref else f"{mean / ref[rkey]:.2f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

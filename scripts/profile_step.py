@@ -35,6 +35,68 @@ def timeit(fn, *args, n=20, warmup=3):
     return float(np.median(ts)) * 1e3
 
 
+def _op_names(hlo_text: str) -> dict:
+    """HLO instruction name -> the model code it came from (its metadata op_name)."""
+    import re
+
+    names = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
+        names.setdefault(m.group(1), m.group(2))
+    return names
+
+
+def trace_kernels(run_steps, hlo_text: str, steps: int, top: int) -> dict:
+    """Device time per step by kernel, from a `jax.profiler` trace of `run_steps()`
+    (which runs `steps` steps): total busy ms/step and the `top` kernels with the HLO op and
+    model code each came from."""
+    import collections
+    import glob
+    import gzip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            jax.block_until_ready(run_steps())
+        path = sorted(glob.glob(f"{d}/plugins/profile/*/*.trace.json.gz"))[-1]
+        events = json.load(gzip.open(path))["traceEvents"]
+    pnames = {e["pid"]: e["args"]["name"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, n in pnames.items() if "/device:" in n and "CPU" not in n.upper()}
+    tnames = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in device_pids}
+    # kernels live on the "Stream #k" lines; "XLA Ops"/"XLA Modules" lines repeat them as spans
+    streams = {k for k, n in tnames.items() if n.startswith("Stream")} or set(tnames)
+    per_kernel = collections.defaultdict(lambda: [0.0, 0, ""])
+    busy = 0.0
+    for e in events:
+        if e.get("ph") != "X" or (e["pid"], e.get("tid")) not in streams:
+            continue
+        args_ = e.get("args", {})
+        hlo_op = args_.get("hlo_op", "")
+        key = hlo_op or e["name"]
+        k = per_kernel[key]
+        k[0] += e["dur"] / 1e3 / steps
+        k[1] += 1
+        k[2] = k[2] or e["name"]
+        busy += e["dur"] / 1e3 / steps
+    ops = _op_names(hlo_text)
+    rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
+    return {"device_busy_ms_per_step": busy, "kernels_per_step": sum(v[1] for v in per_kernel.values()) / steps,
+            "device_processes": [pnames[p] for p in device_pids],
+            "device_lines": sorted(set(tnames.values()))[:20],
+            "top": [{"hlo_op": k, "kernel": v[2][:80], "ms_per_step": v[0], "launches_per_step": v[1] / steps,
+                     "source": ops.get(k, "")[-140:]} for k, v in rows[:top]]}
+
+
+def format_kernels(t: dict) -> str:
+    lines = [f"  device busy {t['device_busy_ms_per_step']:.2f} ms/step over "
+             f"{t['kernels_per_step']:.0f} kernel launches/step ({t['device_processes']})"]
+    for r in t["top"]:
+        lines.append(f"  {r['ms_per_step']:7.3f} ms x{r['launches_per_step']:.0f} {r['hlo_op'][:28]:28s} "
+                     f"{r['source'][-90:]}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--batch-size", type=int, default=256)
@@ -44,6 +106,10 @@ def main(argv=None):
     p.add_argument("--small", action="store_true")
     p.add_argument("--variants", nargs="+", default=["node:default", "node:highest", "node:bf16", "edge:default",
                                                       "edge:highest", "edge:bf16"], help="formulation:precision")
+    p.add_argument("--trace", nargs="*", default=None,
+                   help="also capture a profiler trace of these variants (all timed ones if empty) and "
+                        "write the top device kernels per step, mapped to model code, into --out")
+    p.add_argument("--top", type=int, default=25, help="kernels listed per traced variant")
     args = p.parse_args(argv)
 
     import importlib
@@ -97,14 +163,21 @@ def main(argv=None):
             state, m = run(state)
             jax.block_until_ready(m["loss"])
             ts.append((time.perf_counter() - t) / 5)
-        return float(np.median(ts)) * 1e3, compile_s
+        traced = None
+        if args.trace is not None and (not args.trace or f"{formulation}:{precision}" in args.trace):
+            hlo = step.lower(state, batch).compile().as_text()
+            traced = trace_kernels(lambda: run(state), hlo, steps=5, top=args.top)
+        return float(np.median(ts)) * 1e3, compile_s, traced
 
     for variant in args.variants:
         formulation, precision = variant.split(":")
         if True:
             try:
-                ms, cs = step_time(formulation, precision)
+                ms, cs, traced = step_time(formulation, precision)
                 out["ms"][f"train_step_{formulation}_{precision}"] = ms
+                if traced is not None:
+                    out.setdefault("kernels", {})[f"{formulation}_{precision}"] = traced
+                    print(format_kernels(traced), flush=True)
                 print(f"train step {formulation:5s} {precision:8s} {ms:8.2f} ms  "
                       f"({args.batch_size / ms * 1e3:8.0f} crystals/s; compile {cs:.1f} s)", flush=True)
             except Exception as e:  # noqa: BLE001

@@ -149,7 +149,7 @@ def _mean_std(xs):
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
         return None, None
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else None  # no spread from one seed
 
 
 def collect(tasks, methods, seeds, args) -> dict:
@@ -177,7 +177,9 @@ def collect(tasks, methods, seeds, args) -> dict:
 
 def _fmt(ms, digits=4):
     m, s = ms
-    return "—" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+    if m is None:
+        return "—"
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def markdown_table(summary: dict, key: str = "test_mae_final") -> str:
@@ -243,6 +245,15 @@ def write_report(summary: dict, out_dir: Path, name: str, header: str) -> None:
     text = [header, "", "Test MAE of the final model, mean ± std over seeds "
             f"{summary['seeds']} (change vs scratch):", "", markdown_table(summary, "test_mae_final"), "",
             "Test MAE of the best-validation checkpoint:", "", markdown_table(summary, "test_mae_best_val"), ""]
+    if summary.get("pretrain"):
+        text += ["Pre-training runs (validation split of the corpus):", ""]
+        for m, res in summary["pretrain"].items():
+            if res:
+                shown = {k: v for k, v in res.items() if k.startswith(("val_", "type_acc")) and k.endswith(
+                    ("_final", "_baseline"))}
+                text.append(f"* {m}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+                            + f" ({res.get('steps')} steps)")
+        text.append("")
     (out_dir / f"{name}.md").write_text("\n".join(text))
     plot_curves(summary, out_dir)
 

@@ -246,3 +246,12 @@ def test_import_dpf_jax_stays_light():
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() and callable(__import__("dpf_jax").load_model)
+
+
+def test_slim_export_predicts_like_the_run(run, model, jarvis_structures, tmp_path):
+    from dpf_jax.train.export import export_slim_checkpoint
+
+    export_slim_checkpoint(run[0], tmp_path / "slim")
+    slim = predict_lib.load_model(tmp_path / "slim")
+    structures = [s for _, s in jarvis_structures]
+    np.testing.assert_allclose(slim.predict(structures), model.predict(structures), rtol=1e-6, atol=1e-7)

@@ -322,17 +322,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricsWriter(workdir, start_epoch)
     log_every = max(1, config.train.log_every_steps)
     ckpt_every = config.train.checkpoint_every_steps
+    ckpt_every_secs = config.train.get("checkpoint_every_secs", 0)
     max_steps = config.train.get("max_steps", 0)
+    # An Orbax save costs ~0.5-2 s (it waits for the previous write); at every epoch of a
+    # 500-epoch fine-tuning with ~12 steps per epoch that would be most of the run. So the
+    # latest state is written at most every `checkpoint_every_secs` (and at the end, and on
+    # SIGTERM/Ctrl-C); a better validation model is kept as a host copy until then, and
+    # always written before the latest state, so a resumed run finds the best of its past.
+    pending_best: list = []  # [(host state, meta)] of a best model not yet on disk
+    last_save = time.time()
 
     def meta(epoch):
         return {"step": int(jax.device_get(state.step)), "epoch": epoch, "best_metric": best_metric,
                 "best_epoch": best_epoch, "mode": config.mode, "steps_per_epoch": steps_per_epoch,
                 "config": json.loads(config.to_json_best_effort())}
 
-    def on_signal(signum, frame):
-        raise _Interrupted(f"signal {signum}")
+    def save(epoch):
+        nonlocal last_save
+        if pending_best:
+            checkpointer.save_best(*pending_best.pop())
+        checkpointer.save_latest(state, meta(epoch))
+        last_save = time.time()
 
-    old_handler = signal.signal(signal.SIGTERM, on_signal) if _main_thread() else None
+    # SIGTERM / Ctrl-C only set a flag, checked between steps: raised inside a step, the
+    # exception would leave `state` donated to a call whose result is lost (nothing to save).
+    # A second signal stops at once (then only the previous checkpoint remains).
+    stop_signal: list = []
+
+    def on_signal(signum, frame):
+        if stop_signal:
+            raise _Interrupted(f"second signal {signum}")
+        stop_signal.append(signum)
+        log.warning("signal %d: stopping after the current step (send it again to stop at once)", signum)
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    old_handlers = {s: signal.signal(s, on_signal) for s in handled} if _main_thread() else {}
+    pending, sums = [], {}
+
+    def check_stop():
+        if stop_signal:
+            raise _Interrupted(f"signal {stop_signal[0]}")
     try:
         for epoch in range(start_epoch, config.train.epochs):
             t0 = time.time()
@@ -352,6 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 step += 1
                 n_crystals += config.train.batch_size
                 bar.update()
+                check_stop()
                 if len(pending) >= log_every + 2:
                     # fetch all but the two newest steps: no wait on work still in flight
                     _drain(pending, sums, keep=2)
@@ -359,17 +389,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     cryst_s=f"{n_crystals / (time.time() - t0):.0f}")
                 if ckpt_every and step % ckpt_every == 0:
                     _drain(pending, sums)  # never checkpoint past an unchecked step
-                    checkpointer.save_latest(state, meta(epoch))
+                    save(epoch)
             if stopped:
                 # stopped mid-epoch on purpose: save and leave, as an interruption would
                 _drain(pending, sums)
                 bar.close()
-                checkpointer.save_latest(state, meta(epoch))
+                save(epoch)
                 checkpointer.close()
                 log.warning("stopped at train.max_steps=%d (step %d); run again to resume", max_steps, step)
                 return {"stopped_at_step": step}
             _drain(pending, sums)
             bar.close()
+            check_stop()
             elapsed = time.time() - t0
             row = {"epoch": epoch, "step": step, "time_s": elapsed,
                    "crystals_per_s": n_crystals / max(elapsed, 1e-9),
@@ -386,19 +417,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 row["val_" + metric_name] = current
                 if current < best_metric:
                     best_metric, best_epoch = current, epoch
-                    checkpointer.save_best(state, meta(epoch))
+                    pending_best[:] = [(jax.device_get(state), meta(epoch))]
             writer.write(row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                                                           f"{k}={v}" for k, v in row.items()))
-            checkpointer.save_latest(state, meta(epoch + 1))
+            if (not ckpt_every_secs or epoch + 1 == config.train.epochs
+                    or time.time() - last_save >= ckpt_every_secs):
+                save(epoch + 1)
     except (KeyboardInterrupt, _Interrupted) as e:
-        log.warning("interrupted (%s): saving the latest checkpoint at step %d", e, int(jax.device_get(state.step)))
-        checkpointer.save_latest(state, meta(int(jax.device_get(state.step)) // steps_per_epoch))
+        try:
+            at = int(jax.device_get(state.step))
+        except RuntimeError:  # stopped inside a step: its donated input state is gone
+            log.warning("interrupted (%s) inside a step: resume from the previous checkpoint", e)
+            checkpointer.close()
+            raise
+        _drain(pending, sums)
+        log.warning("interrupted (%s): saving the latest checkpoint at step %d", e, at)
+        save(at // steps_per_epoch)
         checkpointer.close()
         raise
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
     checkpointer.wait()
 
     results = final_results(config, objective, state, checkpointer, eval_step, mesh, eval_key,
