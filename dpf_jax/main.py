@@ -28,7 +28,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from dpf_jax.train.loop import TrainingError, train_and_evaluate  # after flags: fast --help
+    from dpf_jax.train.loop import Interrupted, TrainingError, train_and_evaluate  # after flags: fast --help
 
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
@@ -37,6 +37,9 @@ def main(argv):
     except (TrainingError, FileNotFoundError, ValueError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+    except (Interrupted, KeyboardInterrupt) as e:
+        sys.exit(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume from "
+                 f"{workdir}/checkpoints/latest")
 
 
 if __name__ == "__main__":

@@ -96,34 +96,50 @@ def finetune_run(task: str, method: str, seed: int, args) -> tuple[str, list[str
     return str(workdir), flags + list(args.extra)
 
 
-def run_main(workdir: str, flags: list[str], env: dict, log_dir: Path) -> dict:
-    """One training run in its own process (own device memory share); skipped when finished."""
-    results = Path(workdir) / "results.json"
-    if results.exists():
-        return json.loads(results.read_text())
+def finetune_group(task: str, methods: list[str], seeds: list[int], args) -> tuple[str, list[str], list[str]]:
+    """One `dpf_jax.train.multirun` job training every (method, seed) of a task together:
+    (base folder, flags, the runs' workdirs) — the workdirs are those of `finetune_run`."""
+    _, flags = finetune_run(task, methods[0], seeds[0], args)
+    drop = ("--workdir=", "--config.seed=", "--config.init_checkpoint=")
+    base = Path(args.runs) / "finetune" / task.replace(":", "_")
+    inits = ["scratch" if m == "scratch" else str(Path(args.runs) / "pretrain" / m) for m in methods]
+    flags = [f for f in flags if not f.startswith(drop)] + [
+        f"--workdir={base}", "--seeds=" + ",".join(map(str, seeds)), "--init_checkpoints=" + ",".join(inits)]
+    return str(base), flags, [finetune_run(task, m, s, args)[0] for m in methods for s in seeds]
+
+
+def run_main(workdir: str, flags: list[str], env: dict, log_dir: Path, module: str = "dpf_jax.main",
+             run_dirs: list[str] | None = None) -> dict:
+    """Training in its own process (own device memory share), skipped when finished: one run
+    (`dpf_jax.main`), or with `run_dirs` a `dpf_jax.train.multirun` group writing those runs."""
+    run_dirs = run_dirs or [workdir]
+    results = [Path(w) / "results.json" for w in run_dirs]
+    if all(r.exists() for r in results):
+        return json.loads(results[0].read_text())
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / (workdir.replace("/", "_") + ".log")
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "dpf_jax.main", *flags], cwd=REPO, env=env,
+        proc = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not results.exists():
+    if proc.returncode != 0 or not all(r.exists() for r in results):
         tail = log_path.read_text()[-2000:]
         raise RuntimeError(f"run {workdir} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    out = json.loads(results.read_text())
-    out["wall_s"] = time.time() - t0
-    results.write_text(json.dumps(out, indent=2))
-    return out
+    for r in results:
+        out = json.loads(r.read_text())
+        out.setdefault("wall_s", time.time() - t0)
+        r.write_text(json.dumps(out, indent=2))
+    return json.loads(results[0].read_text())
 
 
-def run_all(jobs, parallel: int, log_dir: Path) -> None:
+def run_all(jobs, parallel: int, log_dir: Path, module: str = "dpf_jax.main") -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
     if parallel > 1:  # several runs share one GPU: split its memory
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
     failures = []
     with cf.ThreadPoolExecutor(max(1, parallel)) as pool:
-        futures = {pool.submit(run_main, w, f, env, log_dir): w for w, f in jobs}
+        futures = {pool.submit(run_main, job[0], job[1], env, log_dir, module, *job[2:]): job[0] for job in jobs}
         for fut in cf.as_completed(futures):
             try:
                 fut.result()
@@ -266,7 +282,10 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--recipe", choices=["paper", "reference"], default="paper")
     p.add_argument("--quick", action="store_true", help="tiny model and data: minutes on 2 CPU cores")
-    p.add_argument("--parallel", type=int, default=1, help="fine-tuning runs at once (share one GPU)")
+    p.add_argument("--parallel", type=int, default=1, help="fine-tuning processes at once (share one GPU)")
+    p.add_argument("--together", type=int, default=0,
+                   help="train up to this many fine-tuning runs of a task in one program (vmapped; "
+                        "dpf_jax.train.multirun): far faster on a GPU for small batches; 0 = one process per run")
     p.add_argument("--pretrain-epochs", type=int, default=0)
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.add_argument("--runs", default="runs/reproduce")
@@ -300,9 +319,17 @@ def main(argv=None) -> dict:
         pre = [pretrain_run(m, args) for m in args.methods if m != "scratch"]
         print(f"pre-training {len(pre)} config(s)", flush=True)
         run_all(pre, 1, log_dir)  # one at a time: each fills the accelerator
-        fine = [finetune_run(t, m, s, args) for t in args.tasks for m in args.methods for s in args.seeds]
-        print(f"fine-tuning {len(fine)} run(s), {args.parallel} at a time", flush=True)
-        run_all(fine, args.parallel, log_dir)
+        if args.together:
+            per_group = max(1, args.together // len(args.seeds))
+            groups = [finetune_group(t, args.methods[i:i + per_group], args.seeds, args)
+                      for t in args.tasks for i in range(0, len(args.methods), per_group)]
+            print(f"fine-tuning {sum(len(g[2]) for g in groups)} run(s) in {len(groups)} program(s) of up to "
+                  f"{per_group * len(args.seeds)} runs, {args.parallel} at a time", flush=True)
+            run_all(groups, args.parallel, log_dir, module="dpf_jax.train.multirun")
+        else:
+            fine = [finetune_run(t, m, s, args) for t in args.tasks for m in args.methods for s in args.seeds]
+            print(f"fine-tuning {len(fine)} run(s), {args.parallel} at a time", flush=True)
+            run_all(fine, args.parallel, log_dir)
     summary = collect(args.tasks, args.methods, args.seeds, args)
     summary["wall_s"] = time.time() - t0
     header = (f"# DPF reproduction on the shipped data ({'quick' if args.quick else args.recipe} recipe)")

@@ -29,3 +29,23 @@ def tiny(config, records=96, epochs=2, batch=16, layers=2, channels=16, heads=2)
     config.train.progress_bar = False
     config.init_checkpoint = ""
     return config
+
+
+def terminate_after_epochs(command, metrics_csv, epochs=3, env=None, timeout=300):
+    """Starts `command` (a training CLI), sends SIGTERM once `metrics_csv` has `epochs` rows,
+    waits for it to stop; returns (exit code, its stdout + stderr)."""
+    import signal
+    import subprocess
+    import time
+
+    env = env or dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_csv.exists() and len(metrics_csv.read_text().splitlines()) > epochs:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    return proc.returncode, out

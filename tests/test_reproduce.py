@@ -41,3 +41,18 @@ def test_parity_table_against_the_reference(tmp_path):
         "scratch": {"test_mae_final": (0.2121, 0.01), "test_mae_best_val": (0.2, 0.01)}}}}
     table = parity.parity_table(summary, ref)
     assert "| 1.05 |" in table and "| 0.98 |" in table  # 0.2121 / 0.202, 0.2 / 0.204
+
+
+def test_quick_sweep_with_runs_trained_together(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    argv = ["--quick", "--methods", "scratch", "pretrain_mask30", "--tasks", "mp:band_gap", "--seeds", "0", "1",
+            "--runs", str(runs), "--out", str(out), "--together", "4"]
+    summary = reproduce.main(argv)
+    per = summary["tasks"]["mp:band_gap"]
+    assert per["scratch"]["n_seeds_done"] == 2 and per["pretrain_mask30"]["n_seeds_done"] == 2
+    base = runs / "finetune" / "mp_band_gap"
+    res = json.loads((base / "pretrain_mask30" / "seed1" / "results.json").read_text())
+    assert res["init_checkpoint"].endswith("pretrain/pretrain_mask30") and res["units"] == "eV"
+    assert sorted(res["trained_together_with"]) == sorted(
+        str(base / m / f"seed{s}") for m in ("scratch", "pretrain_mask30") for s in (0, 1))
+    assert json.loads((base / "scratch" / "seed0" / "config.json").read_text())["seed"] == 0

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO, tiny
+from conftest import DATA, REPO, terminate_after_epochs, tiny
 from configs import finetune_jarvis, pretrain_mask30
 from dpf_jax.train import loop
 from dpf_jax.train.checkpoint import load_raw_checkpoint
@@ -200,27 +200,14 @@ def test_deferred_checkpoints_keep_the_best_model(tmp_path):
 def test_sigterm_saves_and_the_rerun_finishes(tmp_path):
     """A SIGTERM mid-run (as a cluster scheduler sends) stops after the current step with a
     checkpoint; the same command then resumes and finishes the run."""
-    import signal
-    import time
 
     args = ["--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path),
             "--config.model.num_layers=1", "--config.model.channels=8", "--config.model.heads=1",
             "--config.model.rbf_bins=8", "--config.data.max_records=64", "--config.data.cache_dir=",
             "--config.train.epochs=400", "--config.train.batch_size=16", "--config.train.progress_bar=False",
             "--config.init_checkpoint="]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "dpf_jax.main", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "metrics.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) > 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0 and "signal 15" in out, out[-3000:]
+    code, out = terminate_after_epochs([sys.executable, "-m", "dpf_jax.main", *args], tmp_path / "metrics.csv")
+    assert code != 0 and "interrupted (signal 15)" in out, out[-3000:]
     _, meta = _final_params(tmp_path)
     assert meta["step"] >= 3 * 3  # 48 training crystals / 16 = 3 steps per epoch, > 2 epochs done
     res = _cli(*args)

@@ -231,9 +231,10 @@ class GraphBatcher:
         """One device's padded share (subclasses add fields, e.g. denoising targets)."""
         return pad_graphs([self.graphs[i] for i in share], budget, first_index)
 
-    def make_batch(self, indices: Sequence[int]) -> jraph.GraphsTuple:
+    def make_batch(self, indices: Sequence[int], budget: Budget | None = None) -> jraph.GraphsTuple:
+        """The padded batch of these crystals (to `budget` if given, else the smallest fitting)."""
         shares = split_evenly(list(indices), self.num_devices)
-        budget = self.share_budget(shares)
+        budget = budget or self.share_budget(shares)
         starts = np.cumsum([0] + [len(s) for s in shares])
         return stack_device_batches([self.pad_share(s, budget, int(start)) for s, start in zip(shares, starts)])
 

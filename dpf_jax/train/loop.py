@@ -197,26 +197,30 @@ def resolve_init_checkpoint(config) -> str | None:
 
 # ------------------------------------------------------------------------------ evaluation
 
-def evaluate(eval_step, state, batcher: GraphBatcher, mesh, key) -> tuple[dict, np.ndarray]:
+def evaluate(eval_step, state, batcher: GraphBatcher, mesh, key, num_runs: int = 0):
     """Metrics over a whole split and the per-crystal predictions in the split's order.
 
     Every batch is dispatched before any result is fetched, so host batching, transfers and
-    device work overlap; one `device_get` at the end.
+    device work overlap; one `device_get` at the end. With `num_runs` (runs stacked along a
+    leading axis, `make_eval_step(..., num_runs)`): a list of metrics per run and predictions
+    [runs, crystals].
     """
+    runs = num_runs or 1
     order = batcher.epoch_order(0, 0, shuffle=False)
     host_meta, outputs = [], []
     for host, dev in prefetch_to_device(prefetch(batcher.iterate(shuffle=False)), mesh, with_host=True):
         host_meta.append((host.globals["index"], host.globals["mask"]))
         outputs.append(eval_step(state, dev, key))
     totals: dict[str, np.ndarray] = {}
-    preds = np.full(len(batcher), np.nan)
+    preds = np.full((runs, len(batcher)), np.nan)
     for b, ((terms, p), (index, mask)) in enumerate(zip(jax.device_get(outputs), host_meta)):
         for name, (s, c) in terms.items():
-            acc = totals.setdefault(name, np.zeros(2))
-            acc += (float(s), float(c))
-        preds[order[b * batcher.batch_size + index[mask]]] = np.asarray(p)[mask]
-    metrics = {name: s / max(c, 1.0) for name, (s, c) in totals.items()}
-    return metrics, preds
+            acc = totals.setdefault(name, np.zeros((runs, 2)))
+            acc += np.stack([np.reshape(s, runs), np.reshape(c, runs)], axis=1)
+        p = np.reshape(p, (runs,) + index.shape)
+        preds[:, order[b * batcher.batch_size + index[mask]]] = p[:, mask]
+    metrics = [{name: float(t[r, 0] / max(t[r, 1], 1.0)) for name, t in totals.items()} for r in range(runs)]
+    return (metrics, preds) if num_runs else (metrics[0], preds[0])
 
 
 # ---------------------------------------------------------------------------- the run itself
@@ -258,8 +262,8 @@ def _flatten_terms(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}_{k}": float(v) for k, v in metrics.items()}
 
 
-class _Interrupted(Exception):
-    pass
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C stopped the run (after saving, unless stopped inside a step)."""
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -351,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def on_signal(signum, frame):
         if stop_signal:
-            raise _Interrupted(f"second signal {signum}")
+            raise Interrupted(f"second signal {signum}")
         stop_signal.append(signum)
         log.warning("signal %d: stopping after the current step (send it again to stop at once)", signum)
 
@@ -361,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def check_stop():
         if stop_signal:
-            raise _Interrupted(f"signal {stop_signal[0]}")
+            raise Interrupted(f"signal {stop_signal[0]}")
     try:
         for epoch in range(start_epoch, config.train.epochs):
             t0 = time.time()
@@ -424,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if (not ckpt_every_secs or epoch + 1 == config.train.epochs
                     or time.time() - last_save >= ckpt_every_secs):
                 save(epoch + 1)
-    except (KeyboardInterrupt, _Interrupted) as e:
+    except (KeyboardInterrupt, Interrupted) as e:
         try:
             at = int(jax.device_get(state.step))
         except RuntimeError:  # stopped inside a step: its donated input state is gone

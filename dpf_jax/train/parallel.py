@@ -53,8 +53,15 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
 
-def put_batch(batch, mesh: Mesh):
-    """Host batch with a leading device axis → device arrays sharded along it (async copy)."""
+def put_batch(batch, mesh: Mesh, run_axis: bool = False):
+    """Host batch with a leading device axis → device arrays sharded along it (async copy).
+
+    `run_axis`: the batch has a leading axis of runs first (`dpf_jax.train.multirun`), then
+    the device axis; it is sharded along the second."""
+    if run_axis:
+        if jax.process_count() > 1:
+            raise NotImplementedError("training several runs together is single-host only")
+        return jax.device_put(batch, NamedSharding(mesh, P(None, AXIS)))
     sharding = batch_sharded(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
@@ -70,7 +77,7 @@ def put_replicated(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
-def prefetch_to_device(iterator, mesh: Mesh, size: int = 2, with_host: bool = False):
+def prefetch_to_device(iterator, mesh: Mesh, size: int = 2, with_host: bool = False, run_axis: bool = False):
     """Keeps `size` batches in flight to the devices ahead of the step that needs them.
 
     Yields device batches, or (host batch, device batch) pairs with `with_host`.
@@ -83,7 +90,7 @@ def prefetch_to_device(iterator, mesh: Mesh, size: int = 2, with_host: bool = Fa
 
     def enqueue(n):
         for item in itertools.islice(it, n):
-            dev = put_batch(item, mesh)
+            dev = put_batch(item, mesh, run_axis)
             queue.append((item, dev) if with_host else dev)
 
     enqueue(size)

@@ -83,9 +83,19 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_train_step(objective, model, tx, mesh):
+def make_train_step(objective, model, tx, mesh, num_runs: int = 0):
     """jit(state, batch) → (state, metrics). A non-finite loss or gradient leaves the state
-    unchanged and reports `finite=False`, so no NaN ever reaches parameters or checkpoints."""
+    unchanged and reports `finite=False`, so no NaN ever reaches parameters or checkpoints.
+
+    With `num_runs` > 0, `state` and `batch` carry a leading axis of independent runs (stacked
+    states, one batch per run; see `dpf_jax.train.multirun`) and the step is vmapped over it.
+    """
+    step = train_step_fn(objective, model, tx, mesh)
+    return jax.jit(jax.vmap(step) if num_runs else step, donate_argnums=(0,))
+
+
+def train_step_fn(objective, model, tx, mesh):
+    """The un-jitted train step of one run (see `make_train_step`)."""
     forward = make_forward(objective, model, mesh, train=True)
 
     def train_step(state: TrainState, batch):
@@ -102,15 +112,19 @@ def make_train_step(objective, model, tx, mesh):
         metrics = {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), "terms": terms}
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    return train_step
 
 
-def make_eval_step(objective, model, mesh):
-    """jit(state, batch, key) → (terms, predictions [devices, graphs]) in eval mode."""
+def make_eval_step(objective, model, mesh, num_runs: int = 0):
+    """jit(state, batch, key) → (terms, predictions [devices, graphs]) in eval mode.
+
+    With `num_runs` > 0, `state` carries a leading axis of runs, all evaluated on the same
+    batch; the outputs gain that leading axis.
+    """
     forward = make_forward(objective, model, mesh, train=False)
 
     def eval_step(state: TrainState, batch, key):
         _, (_, terms, predictions) = forward(state.params, state.batch_stats, state.stats, batch, key)
         return terms, predictions
 
-    return jax.jit(eval_step)
+    return jax.jit(jax.vmap(eval_step, in_axes=(0, None, None)) if num_runs else eval_step)
