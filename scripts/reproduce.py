@@ -6,7 +6,7 @@
 
 For every pre-training config it pre-trains once (runs/reproduce/pretrain/<config>), then
 fine-tunes every task from scratch and from each pre-trained encoder with a fixed set of seeds
-(runs/reproduce/finetune/<task>/<method>/seed<k>). A finished run (its results.json exists) is
+(runs/reproduce/finetune/<task>/<method>/seed<k>; finetune_reference/ for --recipe reference). A finished run (its results.json exists) is
 never redone and an unfinished one resumes from its checkpoint, so the sweep can be stopped and
 continued across sessions. Outputs (under --out, default results/):
 
@@ -81,9 +81,16 @@ def pretrain_run(method: str, args) -> tuple[str, list[str]]:
     return str(workdir), flags
 
 
+def finetune_base(task: str, args) -> Path:
+    """Folder of a task's fine-tuning runs; the recipe is part of the path, so runs of the two
+    recipes never pass for each other (finished runs are skipped by path)."""
+    folder = "finetune" if args.recipe == "paper" else f"finetune_{args.recipe}"
+    return Path(args.runs) / folder / task.replace(":", "_")
+
+
 def finetune_run(task: str, method: str, seed: int, args) -> tuple[str, list[str]]:
     config_file, name = task_config(task)
-    workdir = Path(args.runs) / "finetune" / task.replace(":", "_") / method / f"seed{seed}"
+    workdir = finetune_base(task, args) / method / f"seed{seed}"
     init = "" if method == "scratch" else str(Path(args.runs) / "pretrain" / method)
     flags = [f"--config={config_file}", f"--workdir={workdir}", f"--config.data.task={name}",
              f"--config.seed={seed}", f"--config.init_checkpoint={init}"]
@@ -101,7 +108,7 @@ def finetune_group(task: str, methods: list[str], seeds: list[int], args) -> tup
     (base folder, flags, the runs' workdirs) — the workdirs are those of `finetune_run`."""
     _, flags = finetune_run(task, methods[0], seeds[0], args)
     drop = ("--workdir=", "--config.seed=", "--config.init_checkpoint=")
-    base = Path(args.runs) / "finetune" / task.replace(":", "_")
+    base = finetune_base(task, args)
     inits = ["scratch" if m == "scratch" else str(Path(args.runs) / "pretrain" / m) for m in methods]
     flags = [f for f in flags if not f.startswith(drop)] + [
         f"--workdir={base}", "--seeds=" + ",".join(map(str, seeds)), "--init_checkpoints=" + ",".join(inits)]

@@ -73,6 +73,8 @@ def test_resume_and_refusals(tmp_path):
         multirun.train_runs(_config(epochs=2), specs + multirun.run_workdirs(str(tmp_path / "fresh"), [5], [""]))
     with pytest.raises(ValueError, match="share a workdir"):
         multirun.run_workdirs(str(tmp_path), [0, 0], [""])
+    with pytest.raises(FileNotFoundError, match="no/such/encoder"):
+        multirun.train_runs(_config(), multirun.run_workdirs(str(tmp_path / "x"), [0], ["no/such/encoder"]))
     with pytest.raises(ValueError, match="fine-tuning"):
         multirun.train_runs(tiny(pretrain_mask30.get_config()), specs)
 

@@ -46,11 +46,11 @@ def test_parity_table_against_the_reference(tmp_path):
 def test_quick_sweep_with_runs_trained_together(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "results"
     argv = ["--quick", "--methods", "scratch", "pretrain_mask30", "--tasks", "mp:band_gap", "--seeds", "0", "1",
-            "--runs", str(runs), "--out", str(out), "--together", "4"]
+            "--runs", str(runs), "--out", str(out), "--together", "4", "--recipe", "reference"]
     summary = reproduce.main(argv)
     per = summary["tasks"]["mp:band_gap"]
     assert per["scratch"]["n_seeds_done"] == 2 and per["pretrain_mask30"]["n_seeds_done"] == 2
-    base = runs / "finetune" / "mp_band_gap"
+    base = runs / "finetune_reference" / "mp_band_gap"  # the recipe is part of the path
     res = json.loads((base / "pretrain_mask30" / "seed1" / "results.json").read_text())
     assert res["init_checkpoint"].endswith("pretrain/pretrain_mask30") and res["units"] == "eV"
     assert sorted(res["trained_together_with"]) == sorted(

@@ -266,6 +266,34 @@ class Interrupted(Exception):
     """SIGTERM or Ctrl-C stopped the run (after saving, unless stopped inside a step)."""
 
 
+class StopOnSignal:
+    """SIGTERM (what schedulers send) and Ctrl-C only set a flag, which the training loop checks
+    between steps with `check()`: raised inside a step, the exception would leave the train
+    state donated to a call whose result is lost, with nothing to save. A second signal stops
+    at once (then only the previous checkpoint remains). Handlers are installed on creation
+    (main thread only) and put back by `restore()`."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        handled = (signal.SIGTERM, signal.SIGINT)
+        self._old = {s: signal.signal(s, self._on_signal) for s in handled} if _main_thread() else {}
+
+    def _on_signal(self, signum, frame):
+        if self.received:
+            raise Interrupted(f"second signal {signum}")
+        self.received.append(signum)
+        log.warning("signal %d: stopping after the current step (send it again to stop at once)", signum)
+
+    def check(self):
+        if self.received:
+            raise Interrupted(f"signal {self.received[0]}")
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = Path(workdir)
     check_workdir(workdir)
@@ -348,24 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointer.save_latest(state, meta(epoch))
         last_save = time.time()
 
-    # SIGTERM / Ctrl-C only set a flag, checked between steps: raised inside a step, the
-    # exception would leave `state` donated to a call whose result is lost (nothing to save).
-    # A second signal stops at once (then only the previous checkpoint remains).
-    stop_signal: list = []
-
-    def on_signal(signum, frame):
-        if stop_signal:
-            raise Interrupted(f"second signal {signum}")
-        stop_signal.append(signum)
-        log.warning("signal %d: stopping after the current step (send it again to stop at once)", signum)
-
-    handled = (signal.SIGTERM, signal.SIGINT)
-    old_handlers = {s: signal.signal(s, on_signal) for s in handled} if _main_thread() else {}
+    stop = StopOnSignal()
     pending, sums = [], {}
-
-    def check_stop():
-        if stop_signal:
-            raise Interrupted(f"signal {stop_signal[0]}")
     try:
         for epoch in range(start_epoch, config.train.epochs):
             t0 = time.time()
@@ -385,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 step += 1
                 n_crystals += config.train.batch_size
                 bar.update()
-                check_stop()
+                stop.check()
                 if len(pending) >= log_every + 2:
                     # fetch all but the two newest steps: no wait on work still in flight
                     _drain(pending, sums, keep=2)
@@ -404,7 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 return {"stopped_at_step": step}
             _drain(pending, sums)
             bar.close()
-            check_stop()
+            stop.check()
             elapsed = time.time() - t0
             row = {"epoch": epoch, "step": step, "time_s": elapsed,
                    "crystals_per_s": n_crystals / max(elapsed, 1e-9),
@@ -441,8 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointer.close()
         raise
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        stop.restore()
     checkpointer.wait()
 
     results = final_results(config, objective, state, checkpointer, eval_step, mesh, eval_key,

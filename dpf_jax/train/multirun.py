@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -100,6 +99,9 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
         configs.append(c)
     loop._add_file_logging(Path(os.path.commonpath([str(w.absolute()) for w in workdirs])))
+    for _, init, workdir in runs:  # strict: a run named after an encoder must start from it
+        if init and not Path(init).exists():
+            raise FileNotFoundError(f"init checkpoint {init!r} of {workdir} does not exist")
     init_paths = [loop.resolve_init_checkpoint(c) for c in configs]
 
     objective = loop.make_objective(config)
@@ -168,15 +170,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
             ck.save_latest(_run_slice(host, r), meta(r, epoch))
         last_save = time.time()
 
-    stop_signal: list = []
-
-    def on_signal(signum, frame):
-        if stop_signal:
-            raise loop.Interrupted(f"second signal {signum}")
-        stop_signal.append(signum)
-        log.warning("signal %d: stopping after the current step", signum)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if loop._main_thread() else {}
+    stop = loop.StopOnSignal()
     pending: list = []
     try:
         for epoch in range(start_epoch, config.train.epochs):
@@ -192,8 +186,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                 pending.append((step, m))
                 step += 1
                 bar.update()
-                if stop_signal:
-                    raise loop.Interrupted(f"signal {stop_signal[0]}")
+                stop.check()
             bar.close()
             sums = _drain_runs(pending, workdirs)
             elapsed = time.time() - t0
@@ -228,8 +221,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
             ck.close()
         raise
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        stop.restore()
 
     host = jax.device_get(state)
     single_eval = make_eval_step(objective, model, mesh)
