@@ -9,7 +9,7 @@
              --batch-sizes 64 256   --precision default highest bf16   --formulation edge node
              --steps 200 --warmup 10 --max-seconds 5 (per configuration)   --pool 20
              --time-budget 540 (s; no configuration starts past it)
-             --num-devices 0 (all)   --dump-npz PATH   --out scripts/results/bench_train_<tag>.json
+             --num-devices 0 (all)   --runs 1 3 6 (runs trained together, vmapped)   --dump-npz PATH   --out scripts/results/bench_train_<tag>.json
              --tag TAG   --synthetic-count 4096   --synthetic-edges-per-atom 36 (0: the real builder's k = 12)
 
 What is timed. Everything is the project's own code: `loop.make_objective`, `loop.make_batcher`
@@ -483,7 +483,22 @@ def dump_group(dump: dict, group: str, pool) -> None:
 _INITIAL_STATES: dict = {}
 
 
-def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None):
+def stack_runs(pool_host, runs: int) -> list[list]:
+    """For timing `runs` runs trained together (`dpf_jax.train.multirun`): per pool entry, the
+    `runs` batches stacked in one step — that batch and the next ones of the same padded shape
+    (cyclically), since a stacked step needs one shape."""
+    groups: dict = {}
+    for b in pool_host:
+        groups.setdefault(shape_key(b), []).append(b)
+    out = []
+    for b in pool_host:
+        g = groups[shape_key(b)]
+        j = next(i for i, x in enumerate(g) if x is b)
+        out.append([g[(j + r) % len(g)] for r in range(runs)])
+    return out
+
+
+def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, num_runs: int = 1):
     """State, jitted step and table of the run, exactly as train/loop.py builds them.
 
     The initial state (float32 parameters, whatever the precision) is built once per
@@ -503,8 +518,12 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None):
         if reuse_key is not None:
             _INITIAL_STATES[reuse_key] = host_state
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(host_state.params))
-    state = put_replicated(host_state, mesh)
-    train_step = make_train_step(objective, model, tx, mesh)
+    if num_runs > 1:  # the same initial state for every run: timing only
+        state = put_replicated(jax.tree_util.tree_map(lambda x: np.stack([x] * num_runs), host_state), mesh)
+        train_step = make_train_step(objective, model, tx, mesh, num_runs=num_runs)
+    else:
+        state = put_replicated(host_state, mesh)
+        train_step = make_train_step(objective, model, tx, mesh)
     heads = getattr(objective, "enabled", {})
     formulation = getattr(getattr(model, "encoder", None), "formulation", None)
     table = matmul_table(config.model, config.mode, heads, formulation)
@@ -530,7 +549,8 @@ def compile_shapes(train_step, state, dev_batches, host_batches):
     return state, compile_s, costs
 
 
-def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, formulation=None) -> dict:
+def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, formulation=None,
+              runs: int = 1) -> dict:
     config = make_config(name, args, batch_size, precision)
     data = cache.get(data_kind, config)
     D = mesh.size
@@ -542,16 +562,20 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     if dump is not None and not any(k.startswith(group + "/") for k in dump):
         dump_group(dump, group, pool_host)
 
-    print(f"{data_kind} {model_label(name)} B={batch_size} {precision} {formulation or ''}: "
-          "compiling and timing...", flush=True)
+    print(f"{data_kind} {model_label(name)} B={batch_size} {precision} {formulation or ''}"
+          f"{f' x{runs} runs' if runs > 1 else ''}: compiling and timing...", flush=True)
     state, train_step, table, n_params, formulation = build_run(
-        config, data, mesh, pool_host, reuse_key=(data_kind, name, mesh.size), formulation=formulation)
+        config, data, mesh, pool_host, reuse_key=(data_kind, name, mesh.size), formulation=formulation,
+        num_runs=runs)
     coef = flop_coefficients(table)["train"]
-    sizes = [batch_sizes_of(b) for b in pool_host]
-    pool_dev = [put_batch(b, mesh) for b in pool_host]
+    members = stack_runs(pool_host, runs) if runs > 1 else [[b] for b in pool_host]
+    pool_step = [jax.tree_util.tree_map(lambda *x: np.stack(x), *m) if runs > 1 else m[0] for m in members]
+    member_sizes = [[batch_sizes_of(b) for b in m] for m in members]
+    sizes = [{k: sum(s[k] for s in ms) for k in ms[0]} for ms in member_sizes]  # all runs of a step
+    pool_dev = [put_batch(b, mesh, run_axis=runs > 1) for b in pool_step]
     jax.block_until_ready(pool_dev)
 
-    state, compile_s, costs = compile_shapes(train_step, state, pool_dev, pool_host)
+    state, compile_s, costs = compile_shapes(train_step, state, pool_dev, pool_step)
     for i in range(args.warmup if args.warmup is not None else (2 if args.small else 10)):
         state, _ = train_step(state, pool_dev[i % len(pool_dev)])
     jax.block_until_ready(state)
@@ -575,10 +599,10 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     # per-pass totals over the pool
     P = len(pool_dev)
     tot = {k: sum(s[k] for s in sizes) for k in sizes[0] if k != "devices"}
-    flops_real = sum(step_flops(coef, s, padded=False) for s in sizes)
-    flops_pad = sum(step_flops(coef, s, padded=True) for s in sizes)
-    xla_flops = sum(costs.get(shape_key(b), {}).get("flops", math.nan) for b in pool_host)
-    xla_bytes = sum(costs.get(shape_key(b), {}).get("bytes_accessed", math.nan) for b in pool_host)
+    flops_real = sum(step_flops(coef, s, padded=False) for ms in member_sizes for s in ms)
+    flops_pad = sum(step_flops(coef, s, padded=True) for ms in member_sizes for s in ms)
+    xla_flops = sum(costs.get(shape_key(b), {}).get("flops", math.nan) for b in pool_step)
+    xla_bytes = sum(costs.get(shape_key(b), {}).get("bytes_accessed", math.nan) for b in pool_step)
     t_med = statistics.median(times)
     per_step = [t / P for t in times]
     peaks = peaks_for(jax.devices()[0].device_kind)
@@ -586,7 +610,9 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     res = {
         "data": data_kind, "model": model_label(name), "mode": config.mode, "batch_size": batch_size,
         "precision": precision, "formulation": formulation, "num_devices": D, "num_parameters": n_params,
+        "runs": runs,  # runs trained together in one step (crystals/s counts all of them)
         "crystals_per_s": tot["real_graphs"] / t_med,
+        "crystals_per_s_per_run": tot["real_graphs"] / t_med / runs,
         "crystals_per_s_min": tot["real_graphs"] / max(times),
         "crystals_per_s_max": tot["real_graphs"] / min(times),
         "edges_per_s": tot["real_edges"] / t_med,
@@ -607,7 +633,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
         "node_padding": 1 - tot["real_nodes"] / tot["pad_nodes"],
         "edge_padding": 1 - tot["real_edges"] / tot["pad_edges"],
         "graph_padding": 1 - tot["real_graphs"] / tot["pad_graphs"],
-        "budgets": sorted({shape_key(b) for b in pool_host}),
+        "budgets": sorted({shape_key(b) for b in pool_step}),
         "compile_s": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in compile_s.items()},
         "compile_s_total": sum(compile_s.values()),
         "jit_cache_entries": n_compiled,
@@ -721,6 +747,8 @@ def parse_args(argv):
     p.add_argument("--formulation", nargs="+", default=None, choices=("edge", "node"),
                    help="MatformerConv formulation(s) to time (default: the model's own)")
     p.add_argument("--num-devices", type=int, default=0, help="0: every visible device")
+    p.add_argument("--runs", nargs="+", type=int, default=[1],
+                   help="runs trained together in one vmapped step (dpf_jax.train.multirun); 1 = a plain run")
     p.add_argument("--max-records", type=int, default=0, help="cap on dataset records (0: all)")
     p.add_argument("--synthetic-count", type=int, default=0)
     p.add_argument("--synthetic-edges-per-atom", type=float, default=36.0,
@@ -771,7 +799,8 @@ def print_table(results, epochs):
         for r in results:
             pf = r["peak_fraction"]
             print("{:9s} {:16s} {:>4d} {:8s} {:4s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
-                r["data"], r["model"][:16], r["batch_size"], r["precision"], str(r["formulation"])[:4],
+                r["data"], (r["model"] if r.get("runs", 1) == 1 else f"{r['model'][:12]} x{r['runs']}")[:16],
+                r["batch_size"], r["precision"], str(r["formulation"])[:4],
                 _fmt(r["step_ms"], ".2f"),
                 _fmt(r["crystals_per_s"], ".0f"), _fmt(r["edges_per_s"] / 1e6, ".2f"), _fmt(r["tflops"], ".2f"),
                 _fmt(None if pf is None else 100 * pf, ".1f"),
@@ -845,14 +874,14 @@ def main(argv=None) -> dict:
 
     forms = args.formulation or [None]
     datas = [None] if args.epoch else args.data
-    jobs = [(d, n, b, p, f) for d in datas for n in args.models for b in args.batch_sizes
-            for p in args.precision for f in forms]
+    jobs = [(d, n, b, p, f, r) for d in datas for n in args.models for b in args.batch_sizes
+            for p in args.precision for f in forms for r in ([1] if args.epoch else args.runs)]
     last = 0.0
-    for i, (data_kind, name, bs, prec, form) in enumerate(jobs):
+    for i, (data_kind, name, bs, prec, form, runs) in enumerate(jobs):
         elapsed = time.perf_counter() - t_start
         if args.time_budget and i and elapsed + last > args.time_budget:
             skipped.extend({"data": d, "model": model_label(n), "batch_size": b, "precision": p,
-                            "formulation": f} for d, n, b, p, f in jobs[i:])
+                            "formulation": f, "runs": r} for d, n, b, p, f, r in jobs[i:])
             print(f"time budget of {args.time_budget:.0f} s reached after {elapsed:.0f} s: skipping the "
                   f"{len(jobs) - i} remaining configuration(s)", flush=True)
             break
@@ -864,9 +893,10 @@ def main(argv=None) -> dict:
                 print(f"epoch {e['model']} B={bs} {prec} {e['formulation']}: "
                       f"pipeline/pure = {100 * e['pipeline_over_pure']:.1f}%", flush=True)
             else:
-                r = bench_one(args, data_kind, name, bs, prec, mesh, cache, dump, form)
+                r = bench_one(args, data_kind, name, bs, prec, mesh, cache, dump, form, runs)
                 results.append(r)
-                print(f"{data_kind} {r['model']} B={bs} {prec} {r['formulation']}: {r['step_ms']:.2f} ms/step "
+                print(f"{data_kind} {r['model']}{f' x{runs} runs' if runs > 1 else ''} B={bs} {prec} "
+                      f"{r['formulation']}: {r['step_ms']:.2f} ms/step "
                       f"[{r['step_ms_min']:.2f}-{r['step_ms_max']:.2f}], {r['crystals_per_s']:.0f} crystals/s, "
                       f"{r['tflops']:.2f} TFLOP/s, compile {r['compile_s_total']:.1f} s "
                       f"({len(r['compile_s'])} shapes), {time.perf_counter() - t_job:.0f} s in all", flush=True)

@@ -100,3 +100,15 @@ def test_small_epoch_check(tmp_path):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-v"])
+
+
+def test_small_benchmark_of_runs_trained_together(tmp_path):
+    out = tmp_path / "bench.json"
+    res = bench.main(["--small", "--models", "finetune", "--precision", "default", "--batch-sizes", "8",
+                      "--pool", "4", "--steps", "4", "--warmup", "1", "--runs", "1", "3", "--out", str(out)])
+    one, three = res["results"]
+    assert one["runs"] == 1 and three["runs"] == 3
+    # three runs do three times the work per step: crystals and FLOPs per step scale by 3
+    assert three["gflop_per_step"] == pytest.approx(3 * one["gflop_per_step"], rel=0.35)
+    assert three["crystals_per_s"] == pytest.approx(3 * three["crystals_per_s_per_run"])
+    assert three["jit_cache_entries"] in (None, len(three["budgets"]))
