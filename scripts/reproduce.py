@@ -105,14 +105,15 @@ def finetune_run(task: str, method: str, seed: int, args) -> tuple[str, list[str
 
 def finetune_group(task: str, methods: list[str], seeds: list[int], args) -> tuple[str, list[str], list[str]]:
     """One `dpf_jax.train.multirun` job training every (method, seed) of a task together:
-    (base folder, flags, the runs' workdirs) — the workdirs are those of `finetune_run`."""
+    (job name, flags, the runs' workdirs) — the workdirs are those of `finetune_run`."""
     _, flags = finetune_run(task, methods[0], seeds[0], args)
     drop = ("--workdir=", "--config.seed=", "--config.init_checkpoint=")
     base = finetune_base(task, args)
     inits = ["scratch" if m == "scratch" else str(Path(args.runs) / "pretrain" / m) for m in methods]
     flags = [f for f in flags if not f.startswith(drop)] + [
         f"--workdir={base}", "--seeds=" + ",".join(map(str, seeds)), "--init_checkpoints=" + ",".join(inits)]
-    return str(base), flags, [finetune_run(task, m, s, args)[0] for m in methods for s in seeds]
+    name = f"{base}/{'+'.join(methods)}"  # names the group's log: several groups may share a task
+    return name, flags, [finetune_run(task, m, s, args)[0] for m in methods for s in seeds]
 
 
 def run_main(workdir: str, flags: list[str], env: dict, log_dir: Path, module: str = "dpf_jax.main",

@@ -1,6 +1,7 @@
 """Training: data parallelism (4 fake devices = 1 device), exact resumption, learning on real
 data, NaN guard, fine-tuning from a pre-trained encoder, and the command line."""
 
+import csv
 import json
 import os
 import subprocess
@@ -241,3 +242,31 @@ def test_shipped_pretrained_encoder_recovers_masked_atom_types():
                                put_replicated(jax.random.PRNGKey(3), mesh))
     assert len(data.splits["val"]) >= 30
     assert metrics["type_acc"] > 0.55, metrics
+
+
+def test_stop_at_an_epoch_end_keeps_that_epochs_validation(tmp_path, monkeypatch):
+    """A signal arriving during an epoch's last step stops the run only after that epoch's
+    validation, metrics row and best model: the resumed run has every epoch's row and ends
+    with the same parameters as a run never stopped."""
+    config = tiny(finetune_jarvis.get_config(), records=80, epochs=3, batch=16)  # 4 steps / epoch
+    config.train.checkpoint_every_secs = 0
+    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
+    calls = []
+
+    class SignalDuringLastStepOfEpoch1(loop.StopOnSignal):
+        def check(self):  # calls 1-3: after steps 1-3; call 4: the end of epoch 1
+            calls.append(1)
+            if len(calls) == 4:
+                raise loop.Interrupted("signal 15")
+
+    monkeypatch.setattr(loop, "StopOnSignal", SignalDuringLastStepOfEpoch1)
+    with pytest.raises(loop.Interrupted):
+        loop.train_and_evaluate(config, str(tmp_path / "stopped"))
+    monkeypatch.undo()
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "stopped"))
+    with open(tmp_path / "stopped" / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2"]
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    for a, b in zip(jax.tree_util.tree_leaves(_final_params(tmp_path / "straight")[0]),
+                    jax.tree_util.tree_leaves(_final_params(tmp_path / "stopped")[0])):
+        np.testing.assert_array_equal(a, b)

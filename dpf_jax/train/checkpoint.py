@@ -44,16 +44,20 @@ class Checkpointer:
         self._save(self.latest, int(jax.device_get(state.step)), state, meta)
 
     def save_best(self, state, meta: dict):
+        """Written to the end before returning: a latest checkpoint saved after it can then
+        never refer (by its best_metric) to a best model that is not on disk."""
         self._save(self.best, int(jax.device_get(state.step)), state, meta)
+        self.best.wait_until_finished()
 
     def wait(self):
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
 
-    def restore(self, which: str, template) -> tuple[Any, dict] | None:
-        """Restores `which` ("latest" or "best") into the structure of `template`; None if absent."""
+    def restore(self, which: str, template, step: int | None = None) -> tuple[Any, dict] | None:
+        """Restores `which` ("latest" or "best") into the structure of `template` (its newest
+        step, or `step`); None if absent."""
         manager = self.latest if which == "latest" else self.best
-        step = manager.latest_step()
+        step = manager.latest_step() if step is None else step
         if step is None:
             return None
         restored = manager.restore(step, args=ocp.args.Composite(

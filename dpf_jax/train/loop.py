@@ -9,6 +9,7 @@ from its latest checkpoint exactly (same data order, same random keys).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -278,7 +279,12 @@ class StopOnSignal:
         handled = (signal.SIGTERM, signal.SIGINT)
         self._old = {s: signal.signal(s, self._on_signal) for s in handled} if _main_thread() else {}
 
+    _deferring = False
+
     def _on_signal(self, signum, frame):
+        if self.received and self._deferring:
+            log.warning("signal %d: still saving a checkpoint, stopping when done", signum)
+            return
         if self.received:
             raise Interrupted(f"second signal {signum}")
         self.received.append(signum)
@@ -287,6 +293,15 @@ class StopOnSignal:
     def check(self):
         if self.received:
             raise Interrupted(f"signal {self.received[0]}")
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals inside this block are only recorded (e.g. while writing a checkpoint)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
 
     def restore(self):
         for s, h in self._old.items():
@@ -371,9 +386,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def save(epoch):
         nonlocal last_save
-        if pending_best:
-            checkpointer.save_best(*pending_best.pop())
-        checkpointer.save_latest(state, meta(epoch))
+        with stop.deferred():  # a signal during a save does not cut it short
+            if pending_best:
+                checkpointer.save_best(*pending_best[0])  # finished before the latest one starts
+                pending_best.clear()
+            checkpointer.save_latest(state, meta(epoch))
         last_save = time.time()
 
     stop = StopOnSignal()
@@ -397,7 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 step += 1
                 n_crystals += config.train.batch_size
                 bar.update()
-                stop.check()
+                if step % steps_per_epoch:  # the epoch's last step: checked after its validation
+                    stop.check()
                 if len(pending) >= log_every + 2:
                     # fetch all but the two newest steps: no wait on work still in flight
                     _drain(pending, sums, keep=2)
@@ -416,7 +434,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 return {"stopped_at_step": step}
             _drain(pending, sums)
             bar.close()
-            stop.check()
             elapsed = time.time() - t0
             row = {"epoch": epoch, "step": step, "time_s": elapsed,
                    "crystals_per_s": n_crystals / max(elapsed, 1e-9),
@@ -440,6 +457,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if (not ckpt_every_secs or epoch + 1 == config.train.epochs
                     or time.time() - last_save >= ckpt_every_secs):
                 save(epoch + 1)
+            stop.check()  # after the epoch's validation, best model and metrics row
     except (KeyboardInterrupt, Interrupted) as e:
         try:
             at = int(jax.device_get(state.step))

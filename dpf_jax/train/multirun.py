@@ -87,6 +87,9 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     results (as `loop.train_and_evaluate` does for one). Finished runs must not be passed."""
     if config.mode != "finetune":
         raise ValueError("training several runs together is for fine-tuning (config.mode='finetune')")
+    if config.train.get("max_steps", 0) or config.train.get("checkpoint_every_steps", 0):
+        raise ValueError("train.max_steps and train.checkpoint_every_steps are not supported when training "
+                         "several runs together (checkpoints are written at epoch ends)")
     if not runs:
         return []
     n_runs = len(runs)
@@ -121,10 +124,19 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     example = jax.tree_util.tree_map(lambda x: x[0], next(train_b.iterate(shuffle=False)))
 
     checkpointers = [ckpt_lib.Checkpointer(w) for w in workdirs]
+    saved = [set(ck.latest.all_steps()) for ck in checkpointers]
+    common = set.intersection(*saved)
+    # runs saved one after another can be a save apart if killed hard in between: resume all
+    # at the newest step every run still holds (two latest checkpoints are kept per run)
+    resume_step = max(common) if common else None
+    if resume_step is None and any(saved):
+        raise loop.TrainingError(
+            f"the runs' latest checkpoints share no step ({dict(zip(map(str, workdirs), map(sorted, saved)))}); "
+            "resume them separately (python -m dpf_jax.main) or delete the unfinished ones")
     states, best, resumed = [], [], []
     for c, init, ck, w in zip(configs, init_paths, checkpointers, workdirs):
         state = create_state(model, tx, example, c.seed, stats)
-        restored = ck.restore("latest", state)
+        restored = ck.restore("latest", state, step=resume_step) if resume_step is not None else None
         if restored is not None:
             state, meta = restored
             loop._check_resume_compatible(meta, steps_per_epoch, c, w)
@@ -136,10 +148,6 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
             best.append([math.inf, -1])
             resumed.append(0)
         states.append(jax.device_get(state))
-    if len(set(resumed)) > 1:
-        raise loop.TrainingError(
-            f"the runs' latest checkpoints are at different steps {dict(zip(map(str, workdirs), resumed))}; "
-            "resume them separately (python -m dpf_jax.main) or delete the unfinished ones")
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(states[0].params))
     state = put_replicated(_stack(states), mesh)
     del states
@@ -164,10 +172,12 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     def save(epoch):  # one host copy of all runs; best models before their latest state
         nonlocal last_save
         host = jax.device_get(state)
-        for r, ck in enumerate(checkpointers):
-            if r in pending_best:
-                ck.save_best(*pending_best.pop(r))
-            ck.save_latest(_run_slice(host, r), meta(r, epoch))
+        with stop.deferred():  # a signal during the saves does not leave the runs at different steps
+            for r, ck in enumerate(checkpointers):
+                if r in pending_best:
+                    ck.save_best(*pending_best[r])
+                    del pending_best[r]
+                ck.save_latest(_run_slice(host, r), meta(r, epoch))
         last_save = time.time()
 
     stop = loop.StopOnSignal()
@@ -186,12 +196,14 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                 pending.append((step, m))
                 step += 1
                 bar.update()
-                stop.check()
+                if step % steps_per_epoch:  # the epoch's last step: checked after its validation
+                    stop.check()
             bar.close()
             sums = _drain_runs(pending, workdirs)
             elapsed = time.time() - t0
             lr = float(np.ravel(jax.device_get(_learning_rate(state)))[0])
-            val_metrics, _ = evaluate_runs(eval_step, state, val_b, mesh, eval_key, n_runs)
+            evaluate_now = (epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == config.train.epochs
+            val_metrics, _ = evaluate_runs(eval_step, state, val_b if evaluate_now else None, mesh, eval_key, n_runs)
             for r in range(n_runs):
                 row = {"epoch": epoch, "step": step, "time_s": elapsed,
                        "crystals_per_s": (step - epoch * steps_per_epoch - first) * config.train.batch_size
@@ -208,11 +220,14 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                      None if val_metrics is None else [round(v["mae"], 4) for v in val_metrics])
             if not ckpt_every_secs or epoch + 1 == config.train.epochs or time.time() - last_save >= ckpt_every_secs:
                 save(epoch + 1)
+            stop.check()  # after the epoch's validation, best models and metrics rows
     except (KeyboardInterrupt, loop.Interrupted):
         try:
             jax.device_get(state.step)
         except RuntimeError:  # stopped inside a step: its donated input state is gone
             log.warning("interrupted inside a step: resume from the previous checkpoints")
+            for ck in checkpointers:
+                ck.close()
             raise
         _drain_runs(pending, workdirs)
         log.warning("interrupted: saving the latest checkpoints at step %d", step)
