@@ -30,6 +30,7 @@ class Checkpointer:
         root = Path(workdir) / "checkpoints"
         self.latest = _manager(root / "latest", 2)
         self.best = _manager(root / "best", 1)
+        self._staged_best = None  # (host state, meta) of a best model not yet on disk
 
     @staticmethod
     def _save(manager, step: int, state, meta: dict):
@@ -40,14 +41,20 @@ class Checkpointer:
         manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
 
-    def save_latest(self, state, meta: dict):
-        self._save(self.latest, int(jax.device_get(state.step)), state, meta)
+    def stage_best(self, state, meta: dict):
+        """Keeps a host copy of a new best-validation state for the next `save_latest`: a save
+        costs ~0.5-2 s, too much for every improving epoch of a long fine-tuning."""
+        self._staged_best = (jax.device_get(state), meta)
 
-    def save_best(self, state, meta: dict):
-        """Written to the end before returning: a latest checkpoint saved after it can then
-        never refer (by its best_metric) to a best model that is not on disk."""
-        self._save(self.best, int(jax.device_get(state.step)), state, meta)
-        self.best.wait_until_finished()
+    def save_latest(self, state, meta: dict):
+        """Writes a staged best model first, to the end, then the latest state: a latest
+        checkpoint never refers (by its best_metric) to a best model that is not on disk."""
+        if self._staged_best is not None:
+            best_state, best_meta = self._staged_best
+            self._save(self.best, int(best_state.step), best_state, best_meta)
+            self.best.wait_until_finished()
+            self._staged_best = None
+        self._save(self.latest, int(jax.device_get(state.step)), state, meta)
 
     def wait(self):
         self.latest.wait_until_finished()

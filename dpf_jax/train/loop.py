@@ -374,9 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # An Orbax save costs ~0.5-2 s (it waits for the previous write); at every epoch of a
     # 500-epoch fine-tuning with ~12 steps per epoch that would be most of the run. So the
     # latest state is written at most every `checkpoint_every_secs` (and at the end, and on
-    # SIGTERM/Ctrl-C); a better validation model is kept as a host copy until then, and
-    # always written before the latest state, so a resumed run finds the best of its past.
-    pending_best: list = []  # [(host state, meta)] of a best model not yet on disk
+    # SIGTERM/Ctrl-C); a better validation model is staged in the checkpointer until then.
     last_save = time.time()
 
     def meta(epoch):
@@ -387,9 +385,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def save(epoch):
         nonlocal last_save
         with stop.deferred():  # a signal during a save does not cut it short
-            if pending_best:
-                checkpointer.save_best(*pending_best[0])  # finished before the latest one starts
-                pending_best.clear()
             checkpointer.save_latest(state, meta(epoch))
         last_save = time.time()
 
@@ -419,7 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if len(pending) >= log_every + 2:
                     # fetch all but the two newest steps: no wait on work still in flight
                     _drain(pending, sums, keep=2)
-                    bar.set_postfix(loss=f"{sums['loss'][0] / max(sums['loss'][1], 1):.4g}",
+                    bar.set_postfix(loss=f"{train_means(sums)['train_loss']:.4g}",
                                     cryst_s=f"{n_crystals / (time.time() - t0):.0f}")
                 if ckpt_every and step % ckpt_every == 0:
                     _drain(pending, sums)  # never checkpoint past an unchecked step
@@ -438,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             row = {"epoch": epoch, "step": step, "time_s": elapsed,
                    "crystals_per_s": n_crystals / max(elapsed, 1e-9),
                    "lr": float(_current_lr(state))}
-            row.update({f"train_{k}": s / max(c, 1) for k, (s, c) in sums.items()})
+            row.update(train_means(sums))
             if val_b is not None and ((epoch + 1) % config.train.eval_every_epochs == 0
                                       or epoch + 1 == config.train.epochs):
                 val_metrics, _ = evaluate(eval_step, state, val_b, mesh, eval_key)
@@ -450,7 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 row["val_" + metric_name] = current
                 if current < best_metric:
                     best_metric, best_epoch = current, epoch
-                    pending_best[:] = [(jax.device_get(state), meta(epoch))]
+                    checkpointer.stage_best(state, meta(epoch))
             writer.write(row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                                                           f"{k}={v}" for k, v in row.items()))
@@ -534,33 +529,42 @@ def _check_resume_compatible(meta: dict, steps_per_epoch: int, config, workdir) 
             "size or epochs). Resume with the same settings or use another --workdir.")
 
 
-def _drain(pending: list, sums: dict, keep: int = 0) -> None:
-    """Fetches buffered step metrics but the `keep` newest (one host sync) and stops at the
-    first non-finite step."""
+def _drain(pending: list, sums: dict, keep: int = 0, run_names: list[str] | None = None) -> None:
+    """Fetches buffered step metrics but the `keep` newest (one host sync) into `sums`
+    (name -> [runs, (sum, count)]; one run, or several trained together, named by
+    `run_names`) and stops at the first non-finite step."""
     ready = pending[:len(pending) - keep]
     if not ready:
         return
     fetched = jax.device_get([m for _, m in ready])
     for (s, _), m in zip(ready, fetched):
-        if not bool(m["finite"]):
-            raise TrainingError(f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}); "
-                                "the run stopped, no NaN reached the parameters and the latest checkpoint "
-                                "predates that step. Try a lower learning rate or check the data.")
-        acc = sums.setdefault("loss", [0.0, 0])
-        acc[0] += float(m["loss"])
-        acc[1] += 1
-        for name, (tsum, tcount) in m["terms"].items():
-            a = sums.setdefault(name, [0.0, 0.0])
-            a[0] += float(tsum)
-            a[1] += float(tcount)
+        loss = np.atleast_1d(np.asarray(m["loss"], np.float64))
+        finite = np.atleast_1d(m["finite"])
+        if not finite.all():
+            where = "" if run_names is None else f" in {[run_names[r] for r in np.flatnonzero(~finite)]}"
+            raise TrainingError(f"non-finite loss or gradient at step {s}{where} (loss="
+                                f"{', '.join(f'{x:g}' for x in loss)}); the run stopped, no NaN reached the "
+                                "parameters and the latest checkpoint predates that step. Try a lower "
+                                "learning rate or check the data.")
+        terms = {"loss": (loss, np.ones_like(loss)), **m["terms"]}
+        for name, (tsum, tcount) in terms.items():
+            acc = sums.setdefault(name, np.zeros((len(loss), 2)))
+            acc[:, 0] += np.atleast_1d(tsum)
+            acc[:, 1] += np.atleast_1d(tcount)
     del pending[:len(ready)]
 
 
+def train_means(sums: dict, run: int = 0) -> dict:
+    """`train_<name>`: the mean of every metric `_drain` summed, for one run."""
+    return {f"train_{k}": float(v[run, 0] / max(v[run, 1], 1)) for k, v in sums.items()}
+
+
 def _current_lr(state) -> float:
+    """The optimiser's current learning rate (of the first run, when runs are stacked)."""
     for leaf_state in state.opt_state:
         hp = getattr(leaf_state, "hyperparams", None)
         if hp is not None:
-            return float(jax.device_get(hp["learning_rate"]))
+            return float(np.ravel(jax.device_get(hp["learning_rate"]))[0])
     return float("nan")
 
 

@@ -94,6 +94,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
         return []
     n_runs = len(runs)
     workdirs = [Path(w) for _, _, w in runs]
+    run_names = [str(w) for w in workdirs]
     configs = []
     for (seed, init, _), workdir in zip(runs, workdirs):
         c = ml_collections.ConfigDict(config.to_dict())
@@ -151,7 +152,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(states[0].params))
     state = put_replicated(_stack(states), mesh)
     del states
-    log.info("%d runs of %s trained together: %s", n_runs, type(model).__name__, [str(w) for w in workdirs])
+    log.info("%d runs of %s trained together: %s", n_runs, type(model).__name__, run_names)
 
     train_step = make_train_step(objective, model, tx, mesh, num_runs=n_runs)
     eval_step = make_eval_step(objective, model, mesh, num_runs=n_runs)
@@ -161,7 +162,6 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     start_epoch, start_batch = divmod(step, steps_per_epoch)
     writers = [loop.MetricsWriter(w, start_epoch) for w in workdirs]
     ckpt_every_secs = config.train.get("checkpoint_every_secs", 0)
-    pending_best: dict[int, tuple] = {}
     last_save = time.time()
 
     def meta(r, epoch):
@@ -169,14 +169,11 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                 "mode": config.mode, "steps_per_epoch": steps_per_epoch,
                 "config": json.loads(configs[r].to_json_best_effort())}
 
-    def save(epoch):  # one host copy of all runs; best models before their latest state
+    def save(epoch):  # one host copy of all runs
         nonlocal last_save
         host = jax.device_get(state)
         with stop.deferred():  # a signal during the saves does not leave the runs at different steps
             for r, ck in enumerate(checkpointers):
-                if r in pending_best:
-                    ck.save_best(*pending_best[r])
-                    del pending_best[r]
                 ck.save_latest(_run_slice(host, r), meta(r, epoch))
         last_save = time.time()
 
@@ -199,24 +196,29 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                 if step % steps_per_epoch:  # the epoch's last step: checked after its validation
                     stop.check()
             bar.close()
-            sums = _drain_runs(pending, workdirs)
+            sums = {}
+            loop._drain(pending, sums, run_names=run_names)
             elapsed = time.time() - t0
-            lr = float(np.ravel(jax.device_get(_learning_rate(state)))[0])
-            evaluate_now = (epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == config.train.epochs
-            val_metrics, _ = evaluate_runs(eval_step, state, val_b if evaluate_now else None, mesh, eval_key, n_runs)
+            lr = loop._current_lr(state)
+            val_metrics = None
+            if val_b is not None and ((epoch + 1) % config.train.eval_every_epochs == 0
+                                      or epoch + 1 == config.train.epochs):
+                val_metrics, _ = loop.evaluate(eval_step, state, val_b, mesh, eval_key, num_runs=n_runs)
+            host = None  # fetched once, if some run has a new best model
             for r in range(n_runs):
                 row = {"epoch": epoch, "step": step, "time_s": elapsed,
                        "crystals_per_s": (step - epoch * steps_per_epoch - first) * config.train.batch_size
                        / max(elapsed, 1e-9), "lr": lr}
-                row.update({f"train_{k}": float(v[r, 0] / max(v[r, 1], 1)) for k, v in sums.items()})
+                row.update(loop.train_means(sums, r))
                 if val_metrics is not None:
                     row.update(loop._flatten_terms("val", val_metrics[r]))
                     if val_metrics[r]["mae"] < best[r][0]:
                         best[r] = [val_metrics[r]["mae"], epoch]
-                        pending_best[r] = (_run_slice(jax.device_get(state), r), meta(r, epoch))
+                        host = jax.device_get(state) if host is None else host
+                        checkpointers[r].stage_best(_run_slice(host, r), meta(r, epoch))
                 writers[r].write(row)
             log.info("epoch %d: train loss %s, val MAE %s", epoch + 1,
-                     [round(float(v), 4) for v in sums["loss"][:, 0] / np.maximum(sums["loss"][:, 1], 1)],
+                     [round(loop.train_means(sums, r)["train_loss"], 4) for r in range(n_runs)],
                      None if val_metrics is None else [round(v["mae"], 4) for v in val_metrics])
             if not ckpt_every_secs or epoch + 1 == config.train.epochs or time.time() - last_save >= ckpt_every_secs:
                 save(epoch + 1)
@@ -229,7 +231,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
             for ck in checkpointers:
                 ck.close()
             raise
-        _drain_runs(pending, workdirs)
+        loop._drain(pending, {}, run_names=run_names)
         log.warning("interrupted: saving the latest checkpoints at step %d", step)
         save(step // steps_per_epoch)
         for ck in checkpointers:
@@ -250,47 +252,11 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                     "num_parameters": int(n_params), "num_devices": num_devices,
                     "platform": jax.devices()[0].platform, "steps": step,
                     "skipped_records": len(data.skipped), "init_checkpoint": init_paths[r] or "",
-                    "trained_together_with": [str(w) for w in workdirs]})
+                    "trained_together_with": run_names})
         (workdirs[r] / "results.json").write_text(json.dumps(res, indent=2))
         ck.close()
         results.append(res)
     return results
-
-
-def evaluate_runs(eval_step, state, batcher, mesh, key, n_runs):
-    if batcher is None:
-        return None, None
-    return loop.evaluate(eval_step, state, batcher, mesh, key, num_runs=n_runs)
-
-
-def _learning_rate(state):
-    for leaf_state in state.opt_state:
-        hp = getattr(leaf_state, "hyperparams", None)
-        if hp is not None:
-            return hp["learning_rate"]
-    return np.nan
-
-
-def _drain_runs(pending: list, workdirs) -> dict:
-    """Per-run (sum, count) of every metric over the pending steps; stops on a non-finite run."""
-    sums: dict[str, np.ndarray] = {}
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
-        finite = np.atleast_1d(m["finite"])
-        if not finite.all():
-            bad = [str(workdirs[r]) for r in np.flatnonzero(~finite)]
-            raise loop.TrainingError(f"non-finite loss or gradient at step {s} in {bad}; no NaN reached "
-                                     "the parameters. Try a lower learning rate or check the data.")
-        loss = np.atleast_1d(m["loss"])
-        acc = sums.setdefault("loss", np.zeros((len(loss), 2)))
-        acc[:, 0] += loss
-        acc[:, 1] += 1
-        for name, (tsum, tcount) in m["terms"].items():
-            a = sums.setdefault(name, np.zeros((len(loss), 2)))
-            a[:, 0] += np.atleast_1d(tsum)
-            a[:, 1] += np.atleast_1d(tcount)
-    pending.clear()
-    return sums
 
 
 def main(argv=None):
