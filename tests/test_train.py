@@ -218,7 +218,7 @@ def test_sigterm_saves_and_the_rerun_finishes(tmp_path):
 
 
 def test_shipped_pretrained_encoder_recovers_masked_atom_types():
-    """The committed mask-30% checkpoint (results/runs/pretrain/pretrain_mask30, 50 epochs on one
+    """The committed mask-30% checkpoint (data/pretrained/pretrain_mask30, 50 epochs on one
     H100) loads into today's model and predicts masked atom types on held-out structures far
     better than the most-frequent-element baseline (0.24 on the validation split)."""
     config = pretrain_mask30.get_config()
@@ -232,7 +232,11 @@ def test_shipped_pretrained_encoder_recovers_masked_atom_types():
     val_b = loop.make_batcher(data.splits["val"], config, 1)
     example = jax.tree_util.tree_map(lambda x: x[0], next(val_b.iterate(shuffle=False)))
     state = create_state(model, make_optimizer(config.optim, 10), example, 0, stats)
-    raw, meta = load_raw_checkpoint(REPO / "results" / "runs" / "pretrain" / "pretrain_mask30")
+    raw, meta = load_raw_checkpoint(DATA / "pretrained" / "pretrain_mask30")
+    # the pre-training run's folder links to the same checkpoint (reproduce.py --runs results/runs)
+    linked, _ = load_raw_checkpoint(REPO / "results" / "runs" / "pretrain" / "pretrain_mask30")
+    np.testing.assert_array_equal(linked["params"]["encoder"]["atom_embedding"]["kernel"],
+                                  raw["params"]["encoder"]["atom_embedding"]["kernel"])
     assert meta["step"] == 5300
     state = state.replace(params=jax.tree_util.tree_map(np.asarray, raw["params"]),
                           batch_stats=raw["batch_stats"])
