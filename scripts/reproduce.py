@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -140,14 +141,52 @@ def run_main(workdir: str, flags: list[str], env: dict, log_dir: Path, module: s
     return json.loads(results[0].read_text())
 
 
-def run_all(jobs, parallel: int, log_dir: Path, module: str = "dpf_jax.main") -> None:
+def visible_gpus() -> list[str]:
+    """Ids of the NVIDIA GPUs this process may use ([] without any): CUDA_VISIBLE_DEVICES if
+    set, else one per line of `nvidia-smi -L`."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+
+
+def worker_envs(parallel: int, gpus: list[str]) -> list[dict]:
+    """Environment of each of `parallel` worker slots. With several workers and several GPUs,
+    worker k sees only GPU k mod n (independent runs gain nothing from sharing a card: with
+    2 GPUs, 4 workers put 2 runs on each); the memory fraction is split among a card's workers."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
-    if parallel > 1:  # several runs share one GPU: split its memory
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
+    if parallel <= 1:
+        return [env]  # one run at a time uses every device (data parallel)
+    per_card = math.ceil(parallel / max(1, len(gpus)))
+    envs = []
+    for k in range(parallel):
+        e = dict(env, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / per_card:.3f}")
+        if len(gpus) > 1:
+            e["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
+        envs.append(e)
+    return envs
+
+
+def run_all(jobs, parallel: int, log_dir: Path, module: str = "dpf_jax.main") -> None:
+    parallel = max(1, parallel)
+    slots: queue.Queue = queue.Queue()
+    for env in worker_envs(parallel, visible_gpus() if parallel > 1 else []):
+        slots.put(env)
+
+    def run_in_slot(job):
+        env = slots.get()  # at most `parallel` jobs hold a slot at once
+        try:
+            return run_main(job[0], job[1], env, log_dir, module, *job[2:])
+        finally:
+            slots.put(env)
+
     failures = []
-    with cf.ThreadPoolExecutor(max(1, parallel)) as pool:
-        futures = {pool.submit(run_main, job[0], job[1], env, log_dir, module, *job[2:]): job[0] for job in jobs}
+    with cf.ThreadPoolExecutor(parallel) as pool:
+        futures = {pool.submit(run_in_slot, job): job[0] for job in jobs}
         for fut in cf.as_completed(futures):
             try:
                 fut.result()
@@ -290,7 +329,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--recipe", choices=["paper", "reference"], default="paper")
     p.add_argument("--quick", action="store_true", help="tiny model and data: minutes on 2 CPU cores")
-    p.add_argument("--parallel", type=int, default=1, help="fine-tuning processes at once (share one GPU)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="fine-tuning processes at once; on several GPUs they are spread over them "
+                        "(one card each, round robin), on one GPU they share it")
     p.add_argument("--together", type=int, default=0,
                    help="train up to this many fine-tuning runs of a task in one program (vmapped; "
                         "dpf_jax.train.multirun): far faster on a GPU for small batches; 0 = one process per run")
