@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     # of the edge Denses before the gather (fewer FLOPs), "edge" gathers node features first
     # (more FLOPs, much smaller gathers); see dpf_jax/model/layers.py and scripts/results/PERF_NOTES.md.
     c.model.formulation = "node"
+    # How the per-edge message chain runs, same parameters and maths: "xla" (jax.numpy) or
+    # "pallas" (one fused Triton kernel forward and one backward; dpf_jax/model/edge_kernel.py).
+    c.model.edge_kernel = "xla"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

@@ -506,9 +506,11 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
     compilation per model instead of one per configuration."""
     objective = loop.make_objective(config)
     model = objective.make_model()
-    if formulation and model.encoder.formulation != formulation:
-        # same parameters, another exact evaluation order of MatformerConv (--formulation)
-        model = model.clone(encoder=model.encoder.clone(formulation=formulation))
+    if formulation:
+        # same parameters, another exact evaluation order of MatformerConv (--formulation), and
+        # "+pallas": the fused edge kernel (dpf_jax.model.edge_kernel)
+        form, _, kernel = formulation.partition("+")
+        model = model.clone(encoder=model.encoder.clone(formulation=form, edge_kernel=kernel or "xla"))
     tx = make_optimizer(config.optim, 10_000)
     host_state = _INITIAL_STATES.get(reuse_key) if reuse_key is not None else None
     if host_state is None:
@@ -525,8 +527,11 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
         state = put_replicated(host_state, mesh)
         train_step = make_train_step(objective, model, tx, mesh)
     heads = getattr(objective, "enabled", {})
-    formulation = getattr(getattr(model, "encoder", None), "formulation", None)
+    encoder = getattr(model, "encoder", None)
+    formulation = getattr(encoder, "formulation", None)
     table = matmul_table(config.model, config.mode, heads, formulation)
+    if getattr(encoder, "edge_kernel", "xla") != "xla":
+        formulation = f"{formulation}+{encoder.edge_kernel}"
     return state, train_step, table, n_params, formulation
 
 
@@ -744,8 +749,10 @@ def parse_args(argv):
     p.add_argument("--time-budget", type=float, default=540.0,
                    help="start no configuration past this many seconds (0: none); the JSON is rewritten "
                         "after every configuration, so a run cut short keeps its results")
-    p.add_argument("--formulation", nargs="+", default=None, choices=("edge", "node"),
-                   help="MatformerConv formulation(s) to time (default: the model's own)")
+    p.add_argument("--formulation", nargs="+", default=None,
+                   choices=("edge", "node", "edge+pallas", "node+pallas"),
+                   help="MatformerConv formulation(s) to time (default: the model's own); '+pallas' "
+                        "runs the per-edge chain as the fused Pallas kernel (model.edge_kernel)")
     p.add_argument("--num-devices", type=int, default=0, help="0: every visible device")
     p.add_argument("--runs", nargs="+", type=int, default=[1],
                    help="runs trained together in one vmapped step (dpf_jax.train.multirun); 1 = a plain run")
@@ -793,14 +800,14 @@ def _fmt(x, spec):
 
 def print_table(results, epochs):
     if results:
-        print("\n{:9s} {:16s} {:>4s} {:8s} {:4s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
+        print("\n{:9s} {:16s} {:>4s} {:8s} {:11s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
             "data", "model", "B", "prec", "form", "step_ms", "cryst/s", "Medge/s", "TFLOP/s", "%peak",
             "pad n/e", "xla TB/s", "compile", "peakGB"))
         for r in results:
             pf = r["peak_fraction"]
-            print("{:9s} {:16s} {:>4d} {:8s} {:4s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
+            print("{:9s} {:16s} {:>4d} {:8s} {:11s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
                 r["data"], (r["model"] if r.get("runs", 1) == 1 else f"{r['model'][:12]} x{r['runs']}")[:16],
-                r["batch_size"], r["precision"], str(r["formulation"])[:4],
+                r["batch_size"], r["precision"], str(r["formulation"])[:11],
                 _fmt(r["step_ms"], ".2f"),
                 _fmt(r["crystals_per_s"], ".0f"), _fmt(r["edges_per_s"] / 1e6, ".2f"), _fmt(r["tflops"], ".2f"),
                 _fmt(None if pf is None else 100 * pf, ".1f"),

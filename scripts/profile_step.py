@@ -105,7 +105,8 @@ def main(argv=None):
     p.add_argument("--out", default="scripts/results/profile_step.json")
     p.add_argument("--small", action="store_true")
     p.add_argument("--variants", nargs="+", default=["node:default", "node:highest", "node:bf16", "edge:default",
-                                                      "edge:highest", "edge:bf16"], help="formulation:precision")
+                                                      "edge:highest", "edge:bf16"],
+                   help="formulation[+pallas]:precision, e.g. node+pallas:default (fused edge kernel)")
     p.add_argument("--trace", nargs="*", default=None,
                    help="also capture a profiler trace of these variants (all timed ones if empty) and "
                         "write the top device kernels per step, mapped to model code, into --out")
@@ -140,7 +141,8 @@ def main(argv=None):
 
     def step_time(formulation, precision):
         config.model.precision = precision
-        config.model.formulation = formulation
+        config.model.formulation, _, kernel = formulation.partition("+")  # "node+pallas": fused edge kernel
+        config.model.edge_kernel = kernel or "xla"
         objective = loop.make_objective(config)
         model = objective.make_model()
         tx = make_optimizer(config.optim, 1000)

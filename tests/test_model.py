@@ -189,15 +189,15 @@ def _numpy_matformer_conv(p, x, edge_attr, senders, receivers, node_mask, edge_m
     return out + lin(p["lin_skip"], x), new_stats
 
 
-@pytest.mark.parametrize("formulation", ["node", "edge"])
-def test_conv_matches_numpy_reference(crystals, formulation):
+@pytest.mark.parametrize("formulation,edge_kernel", [("node", "xla"), ("edge", "xla"), ("node", "pallas")])
+def test_conv_matches_numpy_reference(crystals, formulation, edge_kernel):
     graphs = [build_crystal_graph(c) for c in crystals[:3]]
     b = padded_batch(graphs)
     H, C, n_edge_feat = 2, 16, 24
     rng = np.random.default_rng(1)
     x = rng.standard_normal((b.nodes["mask"].shape[0], C)).astype(np.float32)
     edge_attr = rng.standard_normal((b.senders.shape[0], n_edge_feat)).astype(np.float32)
-    conv = MatformerConv(channels=C, heads=H, precision="highest", formulation=formulation)
+    conv = MatformerConv(channels=C, heads=H, precision="highest", formulation=formulation, edge_kernel=edge_kernel)
     args = (jnp.asarray(x), jnp.asarray(edge_attr), jnp.asarray(b.senders), jnp.asarray(b.receivers),
             jnp.asarray(b.nodes["mask"]), jnp.asarray(b.edges["mask"]))
     variables = np_variables(dict(jax.eval_shape(lambda: conv.init(jax.random.PRNGKey(0), *args, train=False))), 3)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpf_jax.model.edge_kernel import KernelOptions, fused_edge_message
+
 Dtype = Any
 Precision = Any  # None | str | jax.lax.Precision | tuple
 
@@ -86,6 +88,26 @@ def layer_norm(x, scale, bias, epsilon: float = 1e-5, dtype: Dtype = jnp.float32
     var = jnp.mean(d * d, axis=-1, keepdims=True)
     y = d * jax.lax.rsqrt(var + epsilon) * scale + bias
     return y.astype(dtype)
+
+
+class NormParams(nn.Module):
+    """The parameters of one `torch.nn.LayerNorm(features)` (`scale`, `bias`), returned
+    unapplied: for the fused edge kernel, which normalises inside the kernel."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return scale, bias
+
+
+def _is_highest(precision) -> bool:
+    """True for matmul precision "highest" (true float32) in any of its spellings."""
+    if isinstance(precision, (tuple, list)):
+        return all(_is_highest(p) for p in precision)
+    return precision is not None and str(precision).lower().split(".")[-1] == "highest"
 
 
 class LayerNorm(nn.Module):
@@ -238,6 +260,11 @@ class MatformerConv(nn.Module):
     288 ms (f32) / 200 ms (bf16); forward only ~8-15 ms for both (most of "node"'s gap was
     the 35 ms sorted-hint scatter, x5 layers, that the fix removes). Default "node"; re-measure
     both after the fix (scripts/profile_step.py). Both are tested against a float64 loop.
+
+    `edge_kernel` chooses how the per-edge chain after `upd` and alpha runs (same parameters,
+    same maths): "xla" (jax.numpy; XLA fuses it into ~15 passes over [E, H, 3C] tensors per
+    layer, forward and backward) or "pallas" (`dpf_jax.model.edge_kernel`: one fused Triton
+    kernel forward, one backward, no [E, H, 3C] intermediate kept; Pallas' interpreter on CPU).
     """
 
     channels: int = 128
@@ -246,6 +273,7 @@ class MatformerConv(nn.Module):
     dtype: Dtype = jnp.float32
     precision: Precision = None
     formulation: str = "node"
+    edge_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, x, edge_attr, senders, receivers, node_mask, edge_mask, train: bool):
@@ -273,7 +301,6 @@ class MatformerConv(nn.Module):
             s = gather(send_tab, senders, dt)
             q_i, qk_ii, vm_i = r[..., :C], r[..., C:2 * C], r[..., 2 * C:]
             k_j, vm_j = s[..., :C], s[..., C:]
-            alpha = jnp.concatenate([qk_ii, q_i * k_j, q_i * e], axis=-1) * inv  # [E, H, 3C]
             upd = vm_i + vm_j + ein("ehc,cd->ehd", e, w3)
         elif self.formulation == "edge":
             x_i = gather(x, receivers, dt)
@@ -283,15 +310,28 @@ class MatformerConv(nn.Module):
             v_i = lin_v(x_i).reshape(n_edge, H, C)
             k_j = lin_k(x_j).reshape(n_edge, H, C)
             v_j = lin_v(x_j).reshape(n_edge, H, C)
-            alpha = jnp.concatenate([q_i * k_i, q_i * k_j, q_i * e], axis=-1) * inv
+            qk_ii = q_i * k_i
             upd = ein("ehc,cd->ehd", jnp.concatenate([v_i, v_j, e], axis=-1), w_msg) + b_msg
         else:
             raise ValueError(f"unknown MatformerConv formulation {self.formulation!r}")
-        gate = jax.nn.sigmoid(LayerNorm(dtype=jnp.float32, name="layer_norm")(alpha))
-        msg = (upd.astype(jnp.float32) * gate).astype(dt)
-        msg = dense(C, "msg_layer_0")(msg)
-        msg = LayerNorm(dtype=jnp.float32, name="msg_layer_1")(msg)  # [E, H, C] float32
-        msg = jnp.where(edge_mask[:, None, None], msg, 0.0)
+
+        # upd * sigmoid(LayerNorm_3C(alpha)) -> msg_layer_0 -> LayerNorm_C -> edge mask
+        if self.edge_kernel == "pallas":  # one fused kernel pair (dpf_jax.model.edge_kernel)
+            ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
+            w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
+            ln2_scale, ln2_bias = NormParams(C, name="msg_layer_1")()
+            opts = KernelOptions(allow_tf32=not _is_highest(self.precision))
+            msg = fused_edge_message(qk_ii, q_i, k_j, e, upd, edge_mask, ln1_scale, ln1_bias, w0, b0,
+                                     ln2_scale, ln2_bias, opts)
+        elif self.edge_kernel == "xla":
+            alpha = jnp.concatenate([qk_ii, q_i * k_j, q_i * e], axis=-1) * inv  # [E, H, 3C]
+            gate = jax.nn.sigmoid(LayerNorm(dtype=jnp.float32, name="layer_norm")(alpha))
+            msg = (upd.astype(jnp.float32) * gate).astype(dt)
+            msg = dense(C, "msg_layer_0")(msg)
+            msg = LayerNorm(dtype=jnp.float32, name="msg_layer_1")(msg)  # [E, H, C] float32
+            msg = jnp.where(edge_mask[:, None, None], msg, 0.0)
+        else:
+            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla or pallas)")
         agg = segment_sum_sorted(msg.reshape(n_edge, H * C), receivers, n_node)  # float32
 
         out = dense(C, "lin_concate")(agg.astype(dt))

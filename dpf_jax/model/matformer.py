@@ -69,6 +69,8 @@ class MatformerEncoder(nn.Module):
         TF32 on recent NVIDIA GPUs).
       formulation: "edge" or "node", two exact ways to evaluate MatformerConv (same params);
         see `dpf_jax.model.layers.MatformerConv` for their FLOPs and measured speed.
+      edge_kernel: "xla" or "pallas": how the per-edge message chain runs (same parameters);
+        "pallas" is one fused Triton kernel pair (`dpf_jax.model.edge_kernel`).
     """
 
     num_layers: int = 5
@@ -80,6 +82,7 @@ class MatformerEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     precision: Precision = None
     formulation: str = "node"
+    edge_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, graph, train: bool) -> EncoderOutput:
@@ -102,7 +105,7 @@ class MatformerEncoder(nn.Module):
 
         for layer in range(self.num_layers):
             x = MatformerConv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
-                              name=f"att_layers_{layer}")(
+                              self.edge_kernel, name=f"att_layers_{layer}")(
                 x, edge_attr, senders, receivers, node_mask, edge_mask, train)
         return EncoderOutput(x.astype(jnp.float32), vec, length)
 

@@ -1,0 +1,338 @@
+"""The per-edge message chain of MatformerConv as one fused Pallas (Triton) kernel pair.
+
+Per edge e = (j -> i) and head h, with C = channels and inv = 1 / sqrt(3C):
+
+    alpha = [qk_ii | q_i * k_j | q_i * e] * inv                                   [3C]
+    m     = upd * sigmoid(LayerNorm_3C(alpha))        upd = v_i W1 + v_j W2 + e W3 + b  [3C]
+    y     = mask * LayerNorm_C(m @ W0 + b0)                                       [C]
+
+Why: on a GPU the XLA version of this chain is memory-bound. Every step of it is a pass over
+an [E, H, 3C] float32 tensor (6 KB per edge and head-set), written by one fusion and read by
+the next, and the backward pass reads most of them again (scripts/results/PERF_NOTES.md: the
+top kernels of a training step are these passes; the matmuls are a small share). Here the
+forward reads the inputs once and writes only y ([E, H, C]); the backward recomputes the
+chain from the same inputs in registers and writes the input gradients, the gated message m
+(for W0's gradient, one XLA matmul) and per-block partial sums for the LayerNorm parameters.
+No [E, H, 3C] intermediate of the forward is stored for the backward.
+
+`fused_edge_message` is a `jax.custom_vjp` function; `edge_message_reference` is the same maths
+in plain jax.numpy (what MatformerConv's "xla" kernel computes) and the tests compare the two,
+values and gradients. On a machine without a GPU the kernels run in Pallas' interpreter
+(exact, slow: for tests), so CPU and GPU share one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-5  # torch.nn.LayerNorm's default, as in layers.LayerNorm
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Static settings of the kernels (hashable: a custom_vjp non-differentiable argument).
+
+    block_edges: edges per program (power of two, >= 16 for the in-kernel matmuls).
+    num_warps: Triton warps per program.
+    allow_tf32: in-kernel matmuls in TF32 (JAX's float32 default on the GPU) or full float32.
+    interpret: run in Pallas' interpreter (exact, slow: tests). None = Triton on a GPU; on other
+      backends the interpreter, except inside `shard_map` (the training step), where Pallas'
+      interpreter cannot run (jax 0.10-0.11 check the varying mesh axes of every operation it
+      evaluates): there the same maths runs as `edge_message_reference`.
+    """
+
+    block_edges: int = 32
+    num_warps: int = 4
+    allow_tf32: bool = True
+    interpret: bool | None = None
+
+    def resolved_interpret(self) -> bool:
+        if self.interpret is not None:
+            return self.interpret
+        return jax.default_backend() != "gpu"
+
+
+def edge_message_reference(qk, q, k, e, upd, mask, ln1_scale, ln1_bias, w0, b0, ln2_scale, ln2_bias,
+                           precision=None):
+    """The chain in jax.numpy. Shapes: qk, q, k, e [E, H, C]; upd [E, H, 3C]; mask [E];
+    ln1_* [3C]; w0 [3C, C]; b0, ln2_* [C]. Returns float32 [E, H, C]."""
+    f32 = jnp.float32
+    c = q.shape[-1]
+    inv = 1.0 / math.sqrt(3 * c)
+    q, k, e, qk, upd = (t.astype(f32) for t in (q, k, e, qk, upd))
+    alpha = jnp.concatenate([qk, q * k, q * e], axis=-1) * inv
+    mu = alpha.mean(-1, keepdims=True)
+    d = alpha - mu
+    ahat = d * jax.lax.rsqrt((d * d).mean(-1, keepdims=True) + EPS)
+    m = upd * jax.nn.sigmoid(ahat * ln1_scale + ln1_bias)
+    acc = jnp.einsum("ehk,kc->ehc", m, w0, precision=precision) + b0
+    mu2 = acc.mean(-1, keepdims=True)
+    d2 = acc - mu2
+    y = d2 * jax.lax.rsqrt((d2 * d2).mean(-1, keepdims=True) + EPS) * ln2_scale + ln2_bias
+    return jnp.where(mask.astype(bool)[:, None, None], y, 0.0)
+
+
+# ------------------------------------------------------------------------------------ kernels
+# Refs of one program: qk/q/k/e/y [BE, C] (head squeezed), upd [BE, 3C], mask [BE],
+# ln1_* [3C], w0 [3C, C], b0/ln2_* [C]. Every load/store is [BE, C], [C, C], [C] or [BE]
+# (power-of-two sizes, as the Triton lowering requires); the 3C axis is walked in 3 chunks.
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _row_mean(x):
+    return jnp.sum(x, axis=1) / x.shape[1]
+
+
+def _chunk(ref, kk, c):
+    from jax.experimental import pallas as pl
+
+    return ref[pl.ds(kk * c, c)]
+
+
+def _dot(a, b, trans_b=False, allow_tf32=True):
+    try:  # jax >= 0.10: the Triton dot lives in pallas.triton
+        from jax.experimental.pallas.triton import dot
+    except ImportError:  # older jax
+        from jax.experimental.pallas import dot
+    return dot(a, b, trans_b=trans_b, allow_tf32=allow_tf32)
+
+
+def _forward_in_registers(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c, inv,
+                          allow_tf32):
+    """Shared by both kernels: everything up to the pre-LayerNorm output acc = m @ W0 + b0."""
+    from jax.experimental import pallas as pl
+
+    f32 = jnp.float32
+    qk, q, k, e = (r[...].astype(f32) for r in (qk_ref, q_ref, k_ref, e_ref))
+    a = [qk * inv, q * k * inv, q * e * inv]
+    mu = (jnp.sum(a[0], axis=1) + jnp.sum(a[1], axis=1) + jnp.sum(a[2], axis=1)) / (3 * c)
+    d = [x - mu[:, None] for x in a]
+    var = (jnp.sum(d[0] * d[0], axis=1) + jnp.sum(d[1] * d[1], axis=1) + jnp.sum(d[2] * d[2], axis=1)) / (3 * c)
+    rstd = jax.lax.rsqrt(var + EPS)
+    ahat, gate, upd, m = [], [], [], []
+    acc = None
+    for kk in range(3):
+        ah = d[kk] * rstd[:, None]
+        g = _sigmoid(ah * _chunk(g1_ref, kk, c)[None, :] + _chunk(b1_ref, kk, c)[None, :])
+        u = upd_ref[:, pl.ds(kk * c, c)].astype(f32)
+        mk = u * g
+        part = _dot(mk, w0_ref[pl.ds(kk * c, c), :].astype(f32), allow_tf32=allow_tf32)
+        acc = part if acc is None else acc + part
+        ahat.append(ah), gate.append(g), upd.append(u), m.append(mk)
+    acc = acc + b0_ref[...].astype(f32)[None, :]
+    return (q, k, e), rstd, ahat, gate, upd, m, acc
+
+
+def _fwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref,
+                y_ref, *, c, inv, allow_tf32):
+    *_, acc = _forward_in_registers(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref,
+                                    c, inv, allow_tf32)
+    mu2 = _row_mean(acc)
+    d2 = acc - mu2[:, None]
+    xhat2 = d2 * jax.lax.rsqrt(_row_mean(d2 * d2) + EPS)[:, None]
+    y = xhat2 * g2_ref[...][None, :] + b2_ref[...][None, :]
+    y_ref[...] = (y * mask_ref[...][:, None]).astype(y_ref.dtype)
+
+
+def _bwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref,
+                dy_ref, dqk_ref, dq_ref, dk_ref, de_ref, dupd_ref, m_ref, dacc_ref, part_ref,
+                *, c, inv, allow_tf32):
+    from jax.experimental import pallas as pl
+
+    f32 = jnp.float32
+    (q, k, e), rstd, ahat, gate, upd, m, acc = _forward_in_registers(
+        qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c, inv, allow_tf32)
+    mu2 = _row_mean(acc)
+    d2 = acc - mu2[:, None]
+    rstd2 = jax.lax.rsqrt(_row_mean(d2 * d2) + EPS)
+    xhat2 = d2 * rstd2[:, None]
+    dy = dy_ref[...].astype(f32) * mask_ref[...][:, None]
+    # LayerNorm_C backward
+    part_ref[6, :] = jnp.sum(dy * xhat2, axis=0)
+    part_ref[7, :] = jnp.sum(dy, axis=0)
+    dx2 = dy * g2_ref[...][None, :]
+    dacc = rstd2[:, None] * (dx2 - _row_mean(dx2)[:, None] - xhat2 * _row_mean(dx2 * xhat2)[:, None])
+    dacc_ref[...] = dacc.astype(dacc_ref.dtype)
+    # through the matmul, the gate and the sigmoid, chunk by chunk
+    dahat = []
+    for kk in range(3):
+        m_ref[:, pl.ds(kk * c, c)] = m[kk].astype(m_ref.dtype)
+        dm = _dot(dacc, w0_ref[pl.ds(kk * c, c), :].astype(f32), trans_b=True, allow_tf32=allow_tf32)
+        dupd_ref[:, pl.ds(kk * c, c)] = (dm * gate[kk]).astype(dupd_ref.dtype)
+        s = dm * upd[kk] * gate[kk] * (1.0 - gate[kk])  # d(pre-sigmoid)
+        part_ref[kk, :] = jnp.sum(s * ahat[kk], axis=0)
+        part_ref[3 + kk, :] = jnp.sum(s, axis=0)
+        dahat.append(s * _chunk(g1_ref, kk, c)[None, :])
+    # LayerNorm_3C backward: the row means run over all three chunks
+    m1 = (jnp.sum(dahat[0], axis=1) + jnp.sum(dahat[1], axis=1) + jnp.sum(dahat[2], axis=1)) / (3 * c)
+    m2 = (jnp.sum(dahat[0] * ahat[0], axis=1) + jnp.sum(dahat[1] * ahat[1], axis=1)
+          + jnp.sum(dahat[2] * ahat[2], axis=1)) / (3 * c)
+    da = [rstd[:, None] * (dahat[kk] - m1[:, None] - ahat[kk] * m2[:, None]) * inv for kk in range(3)]
+    dqk_ref[...] = da[0].astype(dqk_ref.dtype)
+    dq_ref[...] = (da[1] * k + da[2] * e).astype(dq_ref.dtype)
+    dk_ref[...] = (da[1] * q).astype(dk_ref.dtype)
+    de_ref[...] = (da[2] * q).astype(de_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------- wrappers
+
+def _specs(n_edge_blocks, heads, c, be):
+    from jax.experimental import pallas as pl
+
+    del n_edge_blocks, heads
+    per_head = pl.BlockSpec((be, None, c), lambda i, h: (i, h, 0))
+    per_head3 = pl.BlockSpec((be, None, 3 * c), lambda i, h: (i, h, 0))
+    edges = pl.BlockSpec((be,), lambda i, h: (i,))
+    vec3 = pl.BlockSpec((3 * c,), lambda i, h: (0,))
+    vec = pl.BlockSpec((c,), lambda i, h: (0,))
+    mat = pl.BlockSpec((3 * c, c), lambda i, h: (0, 0))
+    partials = pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))
+    inputs = [per_head, per_head, per_head, per_head, per_head3, edges, vec3, vec3, mat, vec, vec, vec]
+    return inputs, per_head, per_head3, partials
+
+
+def _compiler_params(opts: KernelOptions):
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=opts.num_warps, num_stages=1)
+
+
+def _varying_axes(x) -> tuple:
+    """Mesh axes over which `x` varies inside `shard_map` (() outside one / on old jax)."""
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else None
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return tuple(sorted(mat.varying))
+    return tuple(sorted(getattr(aval, "vma", None) or ()))
+
+
+def _make_varying(x, axes: tuple):
+    """`x` marked as varying over `axes` (inside shard_map, replicated parameters meeting
+    per-device edges: the custom VJP then returns per-device parameter gradients, and autodiff
+    sums them over devices where the parameters entered shard_map)."""
+    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):  # jax >= 0.10
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)
+
+
+def _out_struct(like, shape, dtype):
+    """ShapeDtypeStruct of a kernel output varying like `like` (required inside shard_map)."""
+    mat = getattr(jax.typeof(like), "mat", None) if hasattr(jax, "typeof") else None
+    if mat is not None:
+        try:
+            return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+        except TypeError:
+            pass
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _pad_edges(arrays, n_pad):
+    return [jnp.pad(a, [(0, n_pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
+
+
+def _forward(args, opts: KernelOptions):
+    from jax.experimental import pallas as pl
+
+    qk, q, k, e, upd, mask, g1, b1, w0, b0, g2, b2 = args
+    n_edge, heads, c = q.shape
+    be = opts.block_edges
+    n_pad = (-n_edge) % be
+    edge_args = _pad_edges([qk, q, k, e, upd, mask], n_pad) if n_pad else [qk, q, k, e, upd, mask]
+    n_blocks = (n_edge + n_pad) // be
+    in_specs, per_head, _, _ = _specs(n_blocks, heads, c, be)
+    kernel = functools.partial(_fwd_kernel, c=c, inv=1.0 / math.sqrt(3 * c), allow_tf32=opts.allow_tf32)
+    y = pl.pallas_call(
+        kernel, grid=(n_blocks, heads), in_specs=in_specs, out_specs=per_head,
+        out_shape=_out_struct(q, (n_edge + n_pad, heads, c), jnp.float32),
+        compiler_params=_compiler_params(opts), interpret=opts.resolved_interpret(), name="edge_message_fwd",
+    )(*edge_args, g1, b1, w0, b0, g2, b2)
+    return y[:n_edge] if n_pad else y
+
+
+def _backward(args, dy, opts: KernelOptions):
+    from jax.experimental import pallas as pl
+
+    qk, q, k, e, upd, mask, g1, b1, w0, b0, g2, b2 = args
+    n_edge, heads, c = q.shape
+    be = opts.block_edges
+    n_pad = (-n_edge) % be
+    edge_args = [qk, q, k, e, upd, mask, dy]
+    if n_pad:
+        edge_args = _pad_edges(edge_args, n_pad)
+    n_blocks = (n_edge + n_pad) // be
+    in_specs, per_head, per_head3, partials = _specs(n_blocks, heads, c, be)
+    ne = n_edge + n_pad
+    sds = functools.partial(_out_struct, dy)
+    out_shape = [sds((ne, heads, c), qk.dtype), sds((ne, heads, c), q.dtype), sds((ne, heads, c), k.dtype),
+                 sds((ne, heads, c), e.dtype), sds((ne, heads, 3 * c), upd.dtype),
+                 sds((ne, heads, 3 * c), jnp.float32), sds((ne, heads, c), jnp.float32),
+                 sds((n_blocks, heads, 8, c), jnp.float32)]
+    out_specs = [per_head, per_head, per_head, per_head, per_head3, per_head3, per_head, partials]
+    kernel = functools.partial(_bwd_kernel, c=c, inv=1.0 / math.sqrt(3 * c), allow_tf32=opts.allow_tf32)
+    *edge_args, dy_p = edge_args
+    outs = pl.pallas_call(
+        kernel, grid=(n_blocks, heads), in_specs=in_specs + [per_head], out_specs=out_specs,
+        out_shape=out_shape, compiler_params=_compiler_params(opts), interpret=opts.resolved_interpret(),
+        name="edge_message_bwd",
+    )(*edge_args, g1, b1, w0, b0, g2, b2, dy_p)
+    dqk, dq, dk, de, dupd, m, dacc, part = outs
+    if n_pad:
+        dqk, dq, dk, de, dupd, m, dacc = (t[:n_edge] for t in (dqk, dq, dk, de, dupd, m, dacc))
+    precision = None if opts.allow_tf32 else jax.lax.Precision.HIGHEST
+    dw0 = jnp.einsum("ehk,ehc->kc", m, dacc, precision=precision)  # padding edges: dacc = 0
+    part = part.sum(axis=(0, 1))  # [8, C]
+    dg1, db1 = part[0:3].reshape(3 * c), part[3:6].reshape(3 * c)
+    db0 = dacc.sum(axis=(0, 1))
+    return (dqk, dq, dk, de, dupd, jnp.zeros_like(mask), dg1.astype(g1.dtype), db1.astype(b1.dtype),
+            dw0.astype(w0.dtype), db0.astype(b0.dtype), part[6].astype(g2.dtype), part[7].astype(b2.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(12,))
+def _fused(qk, q, k, e, upd, mask, g1, b1, w0, b0, g2, b2, opts):
+    return _forward((qk, q, k, e, upd, mask, g1, b1, w0, b0, g2, b2), opts)
+
+
+def _fused_fwd(qk, q, k, e, upd, mask, g1, b1, w0, b0, g2, b2, opts):
+    args = (qk, q, k, e, upd, mask, g1, b1, w0, b0, g2, b2)
+    return _forward(args, opts), args  # residuals: the inputs only (they exist anyway)
+
+
+def _fused_bwd(opts, args, dy):
+    return _backward(args, dy, opts)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_edge_message(qk, q, k, e, upd, mask, ln1_scale, ln1_bias, w0, b0, ln2_scale, ln2_bias,
+                       opts: KernelOptions = KernelOptions()):
+    """`edge_message_reference` as the fused kernel pair (same arguments; float32 [E, H, C]).
+    Parameters are used in float32; qk, q, k, e, upd may be float32 or bfloat16."""
+    f32 = jnp.float32
+    c = q.shape[-1]
+    if upd.shape[-1] != 3 * c or w0.shape != (3 * c, c):
+        raise ValueError(f"fused_edge_message: upd [..., {3 * c}] and w0 [{3 * c}, {c}] expected, got "
+                         f"{upd.shape} and {w0.shape}")
+    if c & (c - 1) or opts.block_edges & (opts.block_edges - 1) or opts.block_edges < 16:
+        raise ValueError(f"fused_edge_message: channels ({c}) and block_edges ({opts.block_edges}) must be "
+                         "powers of two, block_edges >= 16 (Triton)")
+    edge_args = (qk, q, k, e, upd, mask.astype(f32))
+    axes = tuple(sorted(set().union(*(_varying_axes(a) for a in edge_args))))
+    if opts.interpret is None and jax.default_backend() != "gpu" and axes:
+        # no GPU and inside shard_map: the interpreter cannot run here (see KernelOptions)
+        precision = None if opts.allow_tf32 else jax.lax.Precision.HIGHEST
+        return edge_message_reference(qk, q, k, e, upd, mask, ln1_scale, ln1_bias, w0, b0, ln2_scale, ln2_bias,
+                                      precision=precision)
+    edge_args = tuple(_make_varying(a, axes) for a in edge_args)
+    params = [_make_varying(p.astype(f32), axes) for p in (ln1_scale, ln1_bias, w0, b0, ln2_scale, ln2_bias)]
+    return _fused(*edge_args, *params, opts)

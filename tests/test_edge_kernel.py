@@ -1,0 +1,156 @@
+"""The fused Pallas edge-message kernels (dpf_jax.model.edge_kernel) against plain jax.numpy.
+
+On CPU the kernels run in Pallas' interpreter, so these tests check the kernels' maths (values
+and every gradient, padding of the edge axis, a real MatformerConv on real crystals); the
+Triton lowering of both kernels at the model's real shapes is checked too (it runs on CPU:
+only the final compilation to GPU code needs a GPU).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message
+from dpf_jax.model.layers import MatformerConv
+
+DIFF_ARGS = (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11)  # all but the edge mask
+
+
+def random_args(n_edge, heads, c, seed=0, n_real=None):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 11)
+    qk, q, k, e = (jax.random.normal(ks[i], (n_edge, heads, c)) for i in range(4))
+    upd = jax.random.normal(ks[4], (n_edge, heads, 3 * c))
+    mask = jnp.arange(n_edge) < (n_edge if n_real is None else n_real)
+    g1 = 1 + 0.2 * jax.random.normal(ks[5], (3 * c,))
+    b1 = 0.2 * jax.random.normal(ks[6], (3 * c,))
+    w0 = jax.random.normal(ks[7], (3 * c, c)) / np.sqrt(3 * c)
+    b0 = 0.2 * jax.random.normal(ks[8], (c,))
+    g2 = 1 + 0.2 * jax.random.normal(ks[9], (c,))
+    b2 = 0.2 * jax.random.normal(ks[10], (c,))
+    return (qk, q, k, e, upd, mask, g1, b1, w0, b0, g2, b2)
+
+
+@pytest.mark.parametrize("n_edge,n_real,block", [(64, 50, 16), (72, 72, 32)])  # 72: edge axis padded
+def test_fused_matches_reference_values_and_gradients(n_edge, n_real, block):
+    args = random_args(n_edge, 2, 16, n_real=n_real)
+    opts = KernelOptions(block_edges=block, allow_tf32=False)
+    fused = lambda *a: fused_edge_message(*a, opts=opts)  # noqa: E731
+    ref = lambda *a: edge_message_reference(*a, precision="highest")  # noqa: E731
+    y, y_ref = fused(*args), ref(*args)
+    assert y.shape == (n_edge, 2, 16) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(y[n_real:]).any()  # padding edges send nothing
+
+    w = jax.random.normal(jax.random.PRNGKey(9), y.shape)  # a generic cotangent
+    grads = jax.grad(lambda *a: jnp.sum(fused(*a) * w), argnums=DIFF_ARGS)(*args)
+    grads_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=DIFF_ARGS)(*args)
+    for i, g, g_ref in zip(DIFF_ARGS, grads, grads_ref):
+        assert g.shape == args[i].shape
+        scale = float(jnp.abs(g_ref).max())
+        assert scale > 0  # every argument really receives a gradient
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale, err_msg=f"argument {i}")
+    # masked edges get no gradient at all
+    for i in range(5):
+        assert not np.asarray(grads[i][n_real:]).any()
+
+
+def test_conv_pallas_equals_xla_with_gradients():
+    """MatformerConv with either edge kernel: same parameter tree, same outputs, same grads."""
+    rng = np.random.default_rng(0)
+    n_node, n_edge, C, H = 24, 96, 16, 2
+    receivers = np.sort(rng.integers(0, 20, n_edge)).astype(np.int32)
+    senders = rng.integers(0, 20, n_edge).astype(np.int32)
+    node_mask = np.arange(n_node) < 20
+    edge_mask = np.arange(n_edge) < 90
+    x = rng.standard_normal((n_node, C)).astype(np.float32)
+    ea = rng.standard_normal((n_edge, 8)).astype(np.float32)
+    args = tuple(map(jnp.asarray, (x, ea, senders, receivers, node_mask, edge_mask)))
+    convs = {k: MatformerConv(C, H, precision="highest", edge_kernel=k) for k in ("xla", "pallas")}
+    variables = {k: c.init(jax.random.PRNGKey(3), *args, train=False) for k, c in convs.items()}
+    same = jax.tree_util.tree_map(np.array_equal, variables["xla"], variables["pallas"])
+    assert jax.tree_util.tree_all(same)  # checkpoints interchangeable
+    v = variables["xla"]
+
+    def loss(params, conv, x):
+        y, _ = conv.apply({**v, "params": params}, x, *args[1:], train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.where(node_mask[:, None], y, 0.0) ** 2)
+
+    out = {k: jax.value_and_grad(loss, argnums=(0, 2))(v["params"], c, args[0]) for k, c in convs.items()}
+    np.testing.assert_allclose(out["pallas"][0], out["xla"][0], rtol=1e-5)
+    flat_p = jax.tree_util.tree_leaves_with_path(out["pallas"][1])
+    flat_x = jax.tree_util.tree_leaves(out["xla"][1])
+    # round-off floor from the largest gradient (lin_concate's bias, before a BatchNorm, has a
+    # zero true gradient: both sides are round-off there)
+    floor = 1e-6 * max(float(np.abs(g).max()) for g in flat_x)
+    for (path, gp), gx in zip(flat_p, flat_x):
+        np.testing.assert_allclose(gp, gx, rtol=2e-4, atol=2e-4 * float(np.abs(gx).max()) + floor,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_triton_lowering_at_model_shapes():
+    """Both kernels lower to Triton IR at the default model's shapes (C = 128, H = 4), the way
+    the GPU build sees them; catches unsupported operations and non-power-of-two tiles."""
+    f32 = jnp.float32
+    E, H, C = 1024, 4, 128
+    sds = jax.ShapeDtypeStruct
+    shapes = ([sds((E, H, C), f32)] * 4 + [sds((E, H, 3 * C), f32), sds((E,), jnp.bool_)]
+              + [sds((3 * C,), f32)] * 2 + [sds((3 * C, C), f32)] + [sds((C,), f32)] * 3)
+    opts = KernelOptions(block_edges=32, interpret=False)
+    grad = jax.grad(lambda *a: jnp.sum(fused_edge_message(*a, opts=opts) ** 2), argnums=DIFF_ARGS)
+    text = jax.jit(grad).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2  # forward and backward kernel, nothing else
+    assert 'name = "edge_message_fwd"' in text and 'name = "edge_message_bwd"' in text
+
+
+def _data_parallel(fn, n_dev):
+    """loss(args) = sum over devices of sum(fn(edge shard) * w shard), params replicated."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
+
+    def per_device(w, *a):
+        return jax.lax.psum(jnp.sum(fn(*a) * w), "data")
+
+    return lambda w, *a: jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),) * 7 + (P(),) * 6,
+                                       out_specs=P())(w, *a)
+
+
+def test_parameter_gradients_are_summed_over_devices(monkeypatch):
+    """Inside the data-parallel shard_map the custom VJP's parameter gradients are per device
+    and must be summed over devices. The kernels are swapped for their jax.numpy maths here
+    (Pallas' interpreter cannot run inside shard_map), so this checks the plumbing around
+    them: varying-axis marking of parameters and outputs, and the cross-device sum."""
+    import dpf_jax.model.edge_kernel as ek
+
+    monkeypatch.setattr(ek, "_forward", lambda args, opts: ek.edge_message_reference(*args, precision="highest"))
+    monkeypatch.setattr(ek, "_backward", lambda args, dy, opts: jax.vjp(
+        lambda *a: ek.edge_message_reference(*a, precision="highest"), *args)[1](dy))
+    n_dev = 4
+    args = random_args(64, 2, 16, n_real=60)
+    w = jax.random.normal(jax.random.PRNGKey(4), (64, 2, 16))
+    opts = KernelOptions(interpret=False)  # take the kernel path (patched) even on CPU
+    loss = _data_parallel(lambda *a: fused_edge_message(*a, opts=opts), n_dev)
+    argnums = tuple(i + 1 for i in DIFF_ARGS)
+    grads = jax.jit(jax.grad(loss, argnums=argnums))(w, *args)
+    want = jax.grad(lambda w, *a: jnp.sum(edge_message_reference(*a, precision="highest") * w),
+                    argnums=argnums)(w, *args)
+    for i, g, g_ref in zip(DIFF_ARGS, grads, want):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(g_ref).max()),
+                                   err_msg=f"argument {i}")
+
+
+def test_triton_lowering_inside_data_parallel_step():
+    """Lowered for the GPU inside shard_map (as the train step runs it): two Triton kernels,
+    and the one cross-device all-reduce of the parameter gradients."""
+    f32 = jnp.float32
+    E, H, C = 1024, 4, 128
+    sds = jax.ShapeDtypeStruct
+    shapes = ([sds((E, H, C), f32)] * 5 + [sds((E, H, 3 * C), f32), sds((E,), jnp.bool_)]
+              + [sds((3 * C,), f32)] * 2 + [sds((3 * C, C), f32)] + [sds((C,), f32)] * 3)
+    opts = KernelOptions(interpret=False)
+    loss = _data_parallel(lambda *a: fused_edge_message(*a, opts=opts), 2)
+    text = jax.jit(jax.grad(loss, argnums=9)).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+    assert text.count("stablehlo.all_reduce") == 1
