@@ -750,9 +750,9 @@ def parse_args(argv):
                    help="start no configuration past this many seconds (0: none); the JSON is rewritten "
                         "after every configuration, so a run cut short keeps its results")
     p.add_argument("--formulation", nargs="+", default=None,
-                   choices=("edge", "node", "edge+pallas", "node+pallas"),
-                   help="MatformerConv formulation(s) to time (default: the model's own); '+pallas' "
-                        "runs the per-edge chain as the fused Pallas kernel (model.edge_kernel)")
+                   help="MatformerConv formulation(s) to time: edge, node (default: the model's own); "
+                        "'node+pallas' runs the per-edge chain as the fused Pallas kernel "
+                        "(model.edge_kernel), 'node+pallas-16x8' with another tile (edges x warps)")
     p.add_argument("--num-devices", type=int, default=0, help="0: every visible device")
     p.add_argument("--runs", nargs="+", type=int, default=[1],
                    help="runs trained together in one vmapped step (dpf_jax.train.multirun); 1 = a plain run")
@@ -767,6 +767,10 @@ def parse_args(argv):
     p.add_argument("--epoch", action="store_true", help="input-pipeline check over a whole epoch")
     p.add_argument("--small", action="store_true", help="tiny model, few steps (CPU smoke test)")
     args = p.parse_args(argv)
+    for f in args.formulation or []:
+        form, _, kernel = f.partition("+")
+        if form not in ("edge", "node") or not (kernel in ("", "xla") or kernel.startswith("pallas")):
+            p.error(f"--formulation {f!r}: edge or node, optionally +pallas or +pallas-<block>x<warps>")
     if args.synthetic:
         args.data = ["synthetic"]
     args.data = args.data or ["real"]

@@ -2,6 +2,7 @@
 
     python scripts/precision_check.py                      # GPU: default (TF32) and bf16 vs highest
     python scripts/precision_check.py --small --epochs 3   # CPU smoke version (tiny model)
+    python scripts/precision_check.py --modes default+pallas bf16+pallas   # the fused edge kernel
 
 Trains the same config (same seed, data order and initial parameters) once per
 `model.precision` value and compares each curve of validation MAE with the "highest" (true
@@ -46,7 +47,8 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default="finetune_jarvis")
     p.add_argument("--task", default="formation_energy_peratom")
     p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--modes", nargs="+", default=["highest", "default", "bf16"])
+    p.add_argument("--modes", nargs="+", default=["highest", "default", "bf16"],
+                   help="model.precision values, each optionally +pallas (model.edge_kernel)")
     p.add_argument("--rtol", type=float, default=0.05)
     p.add_argument("--small", action="store_true", help="tiny model and data (CPU)")
     p.add_argument("--workdir", default=None)
@@ -69,7 +71,8 @@ def main(argv=None) -> dict:
         config.init_checkpoint = ""
         config.train.epochs = args.epochs
         config.train.progress_bar = False
-        config.model.precision = mode
+        config.model.precision, _, kernel = mode.partition("+")  # "default+pallas": fused edge kernel
+        config.model.edge_kernel = kernel or "xla"
         if args.small:
             config.model.num_layers, config.model.channels, config.model.heads = 2, 32, 2
             config.model.rbf_bins = 32

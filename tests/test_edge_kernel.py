@@ -154,3 +154,14 @@ def test_triton_lowering_inside_data_parallel_step():
     text = jax.jit(jax.grad(loss, argnums=9)).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2
     assert text.count("stablehlo.all_reduce") == 1
+
+
+def test_kernel_options_from_config_string():
+    assert KernelOptions.parse("pallas") == KernelOptions()
+    o = KernelOptions.parse("pallas-16x8", allow_tf32=False)
+    assert (o.block_edges, o.num_warps, o.allow_tf32) == (16, 8, False)
+    for bad in ("pallas-16", "triton", "pallas-axb"):
+        with pytest.raises(ValueError):
+            KernelOptions.parse(bad)
+    with pytest.raises(ValueError, match="powers of two"):
+        fused_edge_message(*random_args(32, 1, 16), opts=KernelOptions(block_edges=24))

@@ -51,6 +51,20 @@ class KernelOptions:
     allow_tf32: bool = True
     interpret: bool | None = None
 
+    @classmethod
+    def parse(cls, spec: str, **kw) -> "KernelOptions":
+        """From a config string: "pallas" (defaults) or "pallas-<block_edges>x<num_warps>"."""
+        name, _, tile = spec.partition("-")
+        if name != "pallas":
+            raise ValueError(f"edge kernel {spec!r}: expected 'pallas' or 'pallas-<block_edges>x<num_warps>'")
+        if tile:
+            try:
+                block, warps = (int(t) for t in tile.split("x"))
+            except ValueError:
+                raise ValueError(f"edge kernel {spec!r}: tile must look like 32x4") from None
+            kw.update(block_edges=block, num_warps=warps)
+        return cls(**kw)
+
     def resolved_interpret(self) -> bool:
         if self.interpret is not None:
             return self.interpret

@@ -264,7 +264,8 @@ class MatformerConv(nn.Module):
     `edge_kernel` chooses how the per-edge chain after `upd` and alpha runs (same parameters,
     same maths): "xla" (jax.numpy; XLA fuses it into ~15 passes over [E, H, 3C] tensors per
     layer, forward and backward) or "pallas" (`dpf_jax.model.edge_kernel`: one fused Triton
-    kernel forward, one backward, no [E, H, 3C] intermediate kept; Pallas' interpreter on CPU).
+    kernel forward, one backward, no [E, H, 3C] intermediate kept; Pallas' interpreter on CPU);
+    "pallas-32x4" sets its tile (edges per program x Triton warps; default 32x4).
     """
 
     channels: int = 128
@@ -316,11 +317,11 @@ class MatformerConv(nn.Module):
             raise ValueError(f"unknown MatformerConv formulation {self.formulation!r}")
 
         # upd * sigmoid(LayerNorm_3C(alpha)) -> msg_layer_0 -> LayerNorm_C -> edge mask
-        if self.edge_kernel == "pallas":  # one fused kernel pair (dpf_jax.model.edge_kernel)
+        if self.edge_kernel.startswith("pallas"):  # one fused kernel pair (dpf_jax.model.edge_kernel)
             ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
             w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
             ln2_scale, ln2_bias = NormParams(C, name="msg_layer_1")()
-            opts = KernelOptions(allow_tf32=not _is_highest(self.precision))
+            opts = KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
             msg = fused_edge_message(qk_ii, q_i, k_j, e, upd, edge_mask, ln1_scale, ln1_bias, w0, b0,
                                      ln2_scale, ln2_bias, opts)
         elif self.edge_kernel == "xla":
@@ -331,7 +332,8 @@ class MatformerConv(nn.Module):
             msg = LayerNorm(dtype=jnp.float32, name="msg_layer_1")(msg)  # [E, H, C] float32
             msg = jnp.where(edge_mask[:, None, None], msg, 0.0)
         else:
-            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla or pallas)")
+            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, pallas or "
+                             "pallas-<block_edges>x<num_warps>)")
         agg = segment_sum_sorted(msg.reshape(n_edge, H * C), receivers, n_node)  # float32
 
         out = dense(C, "lin_concate")(agg.astype(dt))

@@ -1,0 +1,119 @@
+"""Does data-parallel training follow one-device training? Per-step losses on 1 vs N devices.
+
+    python scripts/compare_device_counts.py                          # pretrain_mask30, first epoch,
+                                                                     # 1 device vs all visible ones
+    python scripts/compare_device_counts.py --devices 1 2 4 --steps 50
+    python scripts/compare_device_counts.py --small --steps 3        # CPU smoke run (tiny model)
+
+For each device count, in one process: the config's own training step (`make_train_step`), its
+optimiser schedule, the same seed and initial parameters, and the same global batches (the
+global batch is split over the devices; BatchNorm statistics and the loss are global), for the
+first `--steps` steps of epoch 0 (default: the whole epoch). Records the loss of every step and
+reports, per device count, the largest relative deviation from the one-device curve. The
+curves drift apart slowly (float summation order differs between device counts, and training
+amplifies it), so the report gives the deviation over the first 10 steps and over all steps.
+Writes a JSON report (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def loss_curve(config, data, stats, num_devices: int, steps: int) -> list[float]:
+    import jax
+
+    from dpf_jax.train import loop
+    from dpf_jax.train.optim import make_optimizer
+    from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_replicated
+    from dpf_jax.train.step import create_state, make_train_step, split_seed
+
+    mesh = make_mesh(num_devices)
+    _, run_key = split_seed(config.seed)
+    n_train = len(data.splits["train"])
+    steps_per_epoch = max(1, n_train // config.train.batch_size)
+    key_fn = lambda e, b: jax.random.fold_in(run_key, e * steps_per_epoch + b)  # noqa: E731 - as loop.py
+    batcher = loop.make_batcher(data.splits["train"], config, num_devices, key_fn=key_fn)
+    objective = loop.make_objective(config)
+    model = objective.make_model()
+    tx = make_optimizer(config.optim, steps_per_epoch * config.train.epochs)
+    example = jax.tree_util.tree_map(lambda x: x[0], next(batcher.iterate(shuffle=False)))
+    state = put_replicated(create_state(model, tx, example, config.seed, stats), mesh)
+    train_step = make_train_step(objective, model, tx, mesh)
+    losses = []
+    batches = batcher.iterate(config.seed, 0, shuffle=True, drop_remainder=n_train >= config.train.batch_size)
+    for host_batch in prefetch_to_device(batches, mesh, 2):
+        if len(losses) >= steps:
+            break
+        state, m = train_step(state, host_batch)
+        losses.append(m["loss"])  # fetched at the end: no host sync inside the loop
+    return [float(x) for x in jax.device_get(losses)]
+
+
+def max_rel_dev(curve, ref) -> float:
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(curve, ref))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="pretrain_mask30")
+    p.add_argument("--devices", nargs="+", type=int, default=None, help="device counts (default: 1 and all)")
+    p.add_argument("--steps", type=int, default=0, help="steps of epoch 0 to compare (default: all)")
+    p.add_argument("--records", type=int, default=0, help="use only the first N records (0 = all)")
+    p.add_argument("--small", action="store_true", help="tiny model and data (CPU smoke run)")
+    p.add_argument("--out", default="scripts/results/compare_device_counts.json")
+    args = p.parse_args(argv)
+
+    from dpf_jax.train import loop
+
+    config = importlib.import_module(f"configs.{args.config}").get_config()
+    config.init_checkpoint = ""
+    if args.small:
+        config.model.num_layers, config.model.channels, config.model.heads = 2, 16, 2
+        config.model.rbf_bins = 16
+        config.train.batch_size = 32
+        config.data.max_records = args.records or 160
+        config.data.cache_dir = ""
+    elif args.records:
+        config.data.max_records = args.records
+    data = loop.load_data(config)  # before JAX starts its backends (graph workers are forked)
+    stats = loop.data_stats(config, data)
+
+    import jax
+
+    counts = args.devices or sorted({1, len(jax.devices())})
+    if 1 not in counts:
+        counts = [1] + counts
+    steps = args.steps or max(1, len(data.splits["train"]) // config.train.batch_size)
+    curves, wall = {}, {}
+    for n in counts:
+        t0 = time.time()
+        curves[n] = loss_curve(config, data, stats, n, steps)
+        wall[n] = time.time() - t0
+        print(f"{n} device(s): {len(curves[n])} steps, loss {curves[n][0]:.5g} -> {curves[n][-1]:.5g} "
+              f"({wall[n]:.1f} s incl. compilation)", flush=True)
+    ref = curves[1]
+    report = {"device": jax.devices()[0].device_kind, "config": args.config, "small": args.small,
+              "global_batch": config.train.batch_size, "steps": steps, "loss_curves": {str(n): c for n, c in curves.items()},
+              "wall_s": {str(n): w for n, w in wall.items()}, "max_rel_dev_first_10_steps": {},
+              "max_rel_dev_all_steps": {}}
+    for n in counts[1:]:
+        report["max_rel_dev_first_10_steps"][str(n)] = max_rel_dev(curves[n][:10], ref[:10])
+        report["max_rel_dev_all_steps"][str(n)] = max_rel_dev(curves[n], ref)
+        print(f"{n} vs 1 device(s): max relative loss deviation {report['max_rel_dev_first_10_steps'][str(n)]:.2e} "
+              f"(first 10 steps), {report['max_rel_dev_all_steps'][str(n)]:.2e} (all {len(ref)} steps)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
