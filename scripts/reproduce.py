@@ -21,6 +21,17 @@ each perturbed structure instead of kept from the clean one (the paper's §5.3 h
 Recipes: "paper" fine-tunes as the paper does (500 epochs, batch 32); "reference" trains as
 ../shared/reference_results.md measured the PyTorch Matformer (batch 64, 500 epochs on JARVIS
 and the MP moduli, 100 on MP formation energy and band gap) — the parity comparison.
+
+Scheduling (for machines with a hard time limit per call): pre-training runs first, one at a
+time; fine-tuning jobs (one run, or one --together program) then run --parallel at a time, each
+worker on its own GPU when several are visible (round robin). --start-deadline S starts no job
+once S seconds have passed since the script started: the rest are listed as "not started" and the
+reports are written from what finished (exit status 0 unless a job failed). A fine-tuning job
+whose pre-trained encoder is not finished (pre-training failed or not started) is not started
+either. --order longest-first starts the costliest fine-tuning jobs first, cost = epochs × training
+records of the task's official split (counted from the dataset's JSONL, no graphs built; 0 when
+unknown) × runs in the job, so the call's end finds fewer half-done jobs; "given" (the default)
+keeps task, method, seed order.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import csv
+import functools
+import gzip
 import json
 import logging
 import math
@@ -48,6 +61,10 @@ JARVIS_TASKS = ["formation_energy_peratom", "optb88vdw_bandgap", "optb88vdw_tota
 MP_TASKS = ["formation_energy_per_atom", "band_gap", "G_VRH", "K_VRH"]
 ALL_TASKS = [f"jarvis:{t}" for t in JARVIS_TASKS] + [f"mp:{t}" for t in MP_TASKS]
 REFERENCE_EPOCHS = {"mp:formation_energy_per_atom": 100, "mp:band_gap": 100}  # others: 500
+DEFAULT_EPOCHS = 500  # configs/base.py: train.epochs
+DATA_FILES = {"jarvis": "data/jarvis_dft3d.jsonl.gz", "mp": "data/mp_megnet.jsonl.gz"}  # configs/finetune_*.py
+ORDERS = ("given", "longest-first")
+clock = time.monotonic  # the start deadline's clock (tests replace it)
 
 # Tiny settings of --quick: the real code path, small enough for 2 CPU cores.
 QUICK_MODEL = ["--config.model.num_layers=1", "--config.model.channels=16", "--config.model.heads=1",
@@ -171,7 +188,21 @@ def worker_envs(parallel: int, gpus: list[str]) -> list[dict]:
     return envs
 
 
-def run_all(jobs, parallel: int, log_dir: Path, module: str = "dpf_jax.main") -> None:
+def job_finished(job) -> bool:
+    """Whether every run of a job (workdir, flags[, run_dirs]) has its results.json."""
+    run_dirs = job[2] if len(job) > 2 and job[2] else [job[0]]
+    return all((Path(w) / "results.json").exists() for w in run_dirs)
+
+
+NOT_STARTED = object()
+
+
+def run_all(jobs, parallel: int, log_dir: Path, module: str = "dpf_jax.main",
+            deadline: float | None = None) -> dict:
+    """Runs the jobs, `parallel` at a time (a worker slot each, see `worker_envs`); a job not yet
+    started when `clock()` reaches `deadline` is not started (finished ones still count as done).
+    Returns {"done": [names], "failed": [(name, error)], "not_started": [names]} in job order;
+    raises nothing for a failed job (the caller reports them)."""
     parallel = max(1, parallel)
     slots: queue.Queue = queue.Queue()
     for env in worker_envs(parallel, visible_gpus() if parallel > 1 else []):
@@ -180,22 +211,77 @@ def run_all(jobs, parallel: int, log_dir: Path, module: str = "dpf_jax.main") ->
     def run_in_slot(job):
         env = slots.get()  # at most `parallel` jobs hold a slot at once
         try:
+            if deadline is not None and clock() >= deadline and not job_finished(job):
+                return NOT_STARTED
             return run_main(job[0], job[1], env, log_dir, module, *job[2:])
         finally:
             slots.put(env)
 
-    failures = []
+    status: dict = {}
     with cf.ThreadPoolExecutor(parallel) as pool:
         futures = {pool.submit(run_in_slot, job): job[0] for job in jobs}
         for fut in cf.as_completed(futures):
+            name = futures[fut]
             try:
-                fut.result()
-                print(f"done: {futures[fut]}", flush=True)
+                status[name] = "not_started" if fut.result() is NOT_STARTED else "done"
+                if status[name] == "done":
+                    print(f"done: {name}", flush=True)
             except Exception as e:  # noqa: BLE001 - report every failure, keep the sweep going
-                failures.append(str(e))
-                print(f"FAILED: {futures[fut]}\n{e}", flush=True)
-    if failures:
-        raise SystemExit(f"{len(failures)} run(s) failed; rerun to retry them (finished runs are kept)")
+                status[name] = str(e)
+                print(f"FAILED: {name}\n{e}", flush=True)
+    names = [job[0] for job in jobs]
+    return {"done": [n for n in names if status[n] == "done"],
+            "not_started": [n for n in names if status[n] == "not_started"],
+            "failed": [(n, status[n]) for n in names if status[n] not in ("done", "not_started")]}
+
+
+# ------------------------------------------------------------------------- job ordering
+
+@functools.lru_cache(maxsize=None)
+def split_sizes(path: str) -> dict:
+    """{task: number of training records} of a JSONL dataset's official splits (each record's
+    "split" object), read without building graphs; {} when the file is missing or not JSONL."""
+    counts: dict = {}
+    file = Path(path) if Path(path).is_absolute() else REPO / path
+    try:
+        opener = gzip.open if file.suffix == ".gz" else open
+        with opener(file, "rt") as f:
+            for line in f:
+                if line.strip():
+                    for task, split in (json.loads(line).get("split") or {}).items():
+                        counts[task] = counts.get(task, 0) + (split == "train")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return counts
+
+
+def _last_flag(flags: list[str], prefix: str) -> str | None:
+    values = [f[len(prefix):] for f in flags if f.startswith(prefix)]
+    return values[-1] if values else None  # absl: the last one wins
+
+
+def job_cost(task: str, job) -> float:
+    """Estimated cost of a fine-tuning job (workdir, flags[, run_dirs]): epochs × training
+    records × runs; 0 for a task whose split sizes are unknown."""
+    dataset, name = task.split(":", 1)
+    flags = job[1]
+    epochs = int(_last_flag(flags, "--config.train.epochs=") or DEFAULT_EPOCHS)
+    records = split_sizes(_last_flag(flags, "--config.data.path=") or DATA_FILES[dataset]).get(name, 0)
+    max_records = int(_last_flag(flags, "--config.data.max_records=") or 0)
+    if max_records:
+        records = min(records, max_records)
+    runs = len(job[2]) if len(job) > 2 and job[2] else 1
+    return float(epochs * records * runs)
+
+
+def order_jobs(tasks_and_jobs: list, order: str) -> list:
+    """[(task, job)] in `order`: "given" keeps it, "longest-first" sorts by `job_cost`,
+    highest first (ties keep the given order)."""
+    if order == "given":
+        return list(tasks_and_jobs)
+    if order == "longest-first":
+        return sorted(tasks_and_jobs, key=lambda tj: -job_cost(*tj))
+    raise ValueError(f"unknown order {order!r}: one of {ORDERS}")
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -293,7 +379,8 @@ def plot_curves(summary: dict, out_dir: Path) -> list[Path]:
             ax.set_xlabel("epoch")
             ax.set_yscale("log")
             ax.set_ylabel(f"val MAE ({summary['tasks'][task][summary['methods'][0]]['units']})")
-        axes[0][-1].legend(fontsize=7)
+        if axes[0][-1].get_legend_handles_labels()[0]:
+            axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"curves_{dataset}.png"
         fig.savefig(path, dpi=120)
@@ -317,6 +404,10 @@ def write_report(summary: dict, out_dir: Path, name: str, header: str) -> None:
                 text.append(f"* {m}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
                             + f" ({res.get('steps')} steps)")
         text.append("")
+    for reason, names in summary.get("not_started", {}).items():
+        text += [f"Not started ({reason}): {len(names)} job(s): " + ", ".join(names), ""]
+    if summary.get("failed"):
+        text += [f"Failed: {len(summary['failed'])} job(s): " + ", ".join(summary["failed"]), ""]
     (out_dir / f"{name}.md").write_text("\n".join(text))
     plot_curves(summary, out_dir)
 
@@ -335,6 +426,14 @@ def parse_args(argv=None):
     p.add_argument("--together", type=int, default=0,
                    help="train up to this many fine-tuning runs of a task in one program (vmapped; "
                         "dpf_jax.train.multirun): far faster on a GPU for small batches; 0 = one process per run")
+    p.add_argument("--start-deadline", type=float, default=0, metavar="SECONDS",
+                   help="start no job (pre-training or fine-tuning) once this many seconds have passed "
+                        "since the script started; the rest are listed as not started and the reports are "
+                        "written from what finished (0 = no deadline)")
+    p.add_argument("--order", choices=ORDERS, default="given",
+                   help="order of the fine-tuning jobs: given (task, method, seed) or longest-first "
+                        "(epochs × training records × runs per job, highest first: fewer half-done jobs "
+                        "when a time limit stops the call)")
     p.add_argument("--pretrain-epochs", type=int, default=0)
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.add_argument("--runs", default="runs/reproduce")
@@ -360,30 +459,73 @@ def parse_args(argv=None):
     return args
 
 
+class RunsFailed(SystemExit):
+    """Some jobs failed (exit status 1); `summary` holds what the others produced."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def pretrain_done(method: str, args) -> bool:
+    return method == "scratch" or (Path(args.runs) / "pretrain" / method / "results.json").exists()
+
+
+def run_jobs(args) -> tuple[list, dict]:
+    """Pre-trains, then fine-tunes; returns (failed job names, {reason: names not started})."""
+    deadline = clock() + args.start_deadline if args.start_deadline > 0 else None
+    log_dir = Path(args.runs) / "logs"
+    failed, not_started = [], {}
+    pre = [pretrain_run(m, args) for m in args.methods if m != "scratch"]
+    print(f"pre-training {len(pre)} config(s)", flush=True)
+    res = run_all(pre, 1, log_dir, deadline=deadline)  # one at a time: each fills the accelerator
+    failed += [n for n, _ in res["failed"]]
+    if res["not_started"]:
+        not_started["start deadline"] = list(res["not_started"])
+    per_group = max(1, args.together // len(args.seeds))  # methods per --together program
+    if args.together:
+        jobs = [(t, args.methods[i:i + per_group], finetune_group(t, args.methods[i:i + per_group], args.seeds, args))
+                for t in args.tasks for i in range(0, len(args.methods), per_group)]
+    else:
+        jobs = [(t, [m], finetune_run(t, m, s, args)) for t in args.tasks for m in args.methods for s in args.seeds]
+    # an encoder that is not finished (failed, not started) is no start point: its jobs would fail,
+    # or worse, start from a half-trained checkpoint
+    missing = sorted({m for _, ms, _ in jobs for m in ms if not pretrain_done(m, args)})
+    blocked = [job[0] for _, ms, job in jobs if set(ms) & set(missing) and not job_finished(job)]
+    if blocked:
+        not_started[f"pre-training not finished: {', '.join(missing)}"] = blocked
+    todo = order_jobs([(t, job) for t, _, job in jobs if job[0] not in set(blocked)], args.order)
+    module = "dpf_jax.train.multirun" if args.together else "dpf_jax.main"
+    if args.together:
+        print(f"fine-tuning {sum(len(job[2]) for _, job in todo)} run(s) in {len(todo)} program(s) of up to "
+              f"{per_group * len(args.seeds)} runs, {args.parallel} at a time, order {args.order}", flush=True)
+    else:
+        print(f"fine-tuning {len(todo)} run(s), {args.parallel} at a time, order {args.order}", flush=True)
+    res = run_all([job for _, job in todo], args.parallel, log_dir, module=module, deadline=deadline)
+    failed += [n for n, _ in res["failed"]]
+    if res["not_started"]:
+        not_started.setdefault("start deadline", []).extend(res["not_started"])
+    return failed, not_started
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t0 = time.time()
-    log_dir = Path(args.runs) / "logs"
-    if not args.report_only:
-        pre = [pretrain_run(m, args) for m in args.methods if m != "scratch"]
-        print(f"pre-training {len(pre)} config(s)", flush=True)
-        run_all(pre, 1, log_dir)  # one at a time: each fills the accelerator
-        if args.together:
-            per_group = max(1, args.together // len(args.seeds))
-            groups = [finetune_group(t, args.methods[i:i + per_group], args.seeds, args)
-                      for t in args.tasks for i in range(0, len(args.methods), per_group)]
-            print(f"fine-tuning {sum(len(g[2]) for g in groups)} run(s) in {len(groups)} program(s) of up to "
-                  f"{per_group * len(args.seeds)} runs, {args.parallel} at a time", flush=True)
-            run_all(groups, args.parallel, log_dir, module="dpf_jax.train.multirun")
-        else:
-            fine = [finetune_run(t, m, s, args) for t in args.tasks for m in args.methods for s in args.seeds]
-            print(f"fine-tuning {len(fine)} run(s), {args.parallel} at a time", flush=True)
-            run_all(fine, args.parallel, log_dir)
+    failed, not_started = run_jobs(args) if not args.report_only else ([], {})
     summary = collect(args.tasks, args.methods, args.seeds, args)
     summary["wall_s"] = time.time() - t0
+    if not_started:
+        summary["not_started"] = not_started
+    if failed:
+        summary["failed"] = failed
     header = (f"# DPF reproduction on the shipped data ({'quick' if args.quick else args.recipe} recipe)")
     write_report(summary, Path(args.out), args.name, header)
     print(markdown_table(summary), flush=True)
+    for reason, names in not_started.items():
+        print(f"not started ({reason}): {', '.join(names)}", flush=True)
+    if failed:
+        raise RunsFailed(f"{len(failed)} job(s) failed: {', '.join(failed)}; rerun to retry them "
+                         "(finished runs are kept)", summary)
     return summary
 
 
