@@ -351,7 +351,9 @@ def markdown_table(summary: dict, key: str = "test_mae_final") -> str:
     return "\n".join(lines)
 
 
-def plot_curves(summary: dict, out_dir: Path) -> list[Path]:
+def plot_curves(summary: dict, out_dir: Path, name: str = "reproduce") -> list[Path]:
+    """curves_<dataset>.png for the "reproduce" report, <name>_curves_<dataset>.png for others
+    (parity must not overwrite the sweep's plots); a dataset without any curve gets no file."""
     try:
         import matplotlib
 
@@ -363,7 +365,8 @@ def plot_curves(summary: dict, out_dir: Path) -> list[Path]:
     paths = []
     for dataset in ("jarvis", "mp"):
         tasks = [t for t in summary["tasks"] if t.startswith(dataset + ":")]
-        if not tasks:
+        if not any(r["val_mae_curve"] for t in tasks for m in summary["methods"]
+                   for r in summary["tasks"][t][m]["runs"]):
             continue
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
@@ -382,7 +385,7 @@ def plot_curves(summary: dict, out_dir: Path) -> list[Path]:
         if axes[0][-1].get_legend_handles_labels()[0]:
             axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / f"curves_{dataset}.png"
+        path = out_dir / (f"curves_{dataset}.png" if name == "reproduce" else f"{name}_curves_{dataset}.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -409,7 +412,7 @@ def write_report(summary: dict, out_dir: Path, name: str, header: str) -> None:
     if summary.get("failed"):
         text += [f"Failed: {len(summary['failed'])} job(s): " + ", ".join(summary["failed"]), ""]
     (out_dir / f"{name}.md").write_text("\n".join(text))
-    plot_curves(summary, out_dir)
+    plot_curves(summary, out_dir, name)
 
 
 def parse_args(argv=None):
