@@ -13,6 +13,7 @@ continued across sessions. Outputs (under --out, default results/):
   reproduce.md    test MAE (mean ± std over seeds) per task and method, change vs scratch
   reproduce.json  every number: per run, per seed, per epoch
   curves_<dataset>.png  validation MAE per epoch during fine-tuning, one panel per task
+                  (<name>_curves_<dataset>.png for other --name values: --quick, parity)
 
 Methods are "scratch" or the name of a pre-training config ("pretrain_mask30"); append
 "+rebuild" (e.g. "pretrain_pos30+rebuild") to pre-train with the k-NN topology rebuilt from

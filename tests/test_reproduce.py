@@ -23,7 +23,8 @@ def test_quick_sweep_writes_tables_plots_json_and_resumes(tmp_path):
     assert "pretrain_mask30" in table and "%" in table  # relative change vs scratch
     data = json.loads((out / "reproduce_quick.json").read_text())
     assert len(data["tasks"]["jarvis:formation_energy_peratom"]["scratch"]["runs"][0]["val_mae_curve"]) == 2
-    assert (out / "curves_jarvis.png").stat().st_size > 1000
+    assert (out / "reproduce_quick_curves_jarvis.png").stat().st_size > 1000  # never the sweep's plot
+    assert not (out / "curves_jarvis.png").exists() and not (out / "reproduce_quick_curves_mp.png").exists()
     # fine-tuning really started from the pre-trained encoder
     res = json.loads((runs / "finetune" / "jarvis_formation_energy_peratom" / "pretrain_mask30" / "seed0"
                       / "results.json").read_text())
