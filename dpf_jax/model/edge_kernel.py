@@ -118,41 +118,62 @@ def _dot(a, b, trans_b=False, allow_tf32=True):
     return dot(a, b, trans_b=trans_b, allow_tf32=allow_tf32)
 
 
-def _forward_in_registers(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c, inv,
-                          allow_tf32):
-    """Shared by both kernels: everything up to the pre-LayerNorm output acc = m @ W0 + b0."""
+def _alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv):
+    """Chunk kk of alpha = [qk | q*k | q*e] * inv, [BE, C] float32, from the refs (a reload,
+    not a value kept alive: the backward kernel would otherwise hold ~13 tiles at once)."""
+    f32 = jnp.float32
+    if kk == 0:
+        return qk_ref[...].astype(f32) * inv
+    other = k_ref if kk == 1 else e_ref
+    return q_ref[...].astype(f32) * other[...].astype(f32) * inv
+
+
+def _alpha_stats(qk_ref, q_ref, k_ref, e_ref, c, inv):
+    """Row mean and 1/std of alpha over its 3C entries (two passes: mean, then squared deviations)."""
+    mu = sum(jnp.sum(_alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv), axis=1) for kk in range(3)) / (3 * c)
+    var = 0.0
+    for kk in range(3):
+        d = _alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv) - mu[:, None]
+        var = var + jnp.sum(d * d, axis=1)
+    return mu, jax.lax.rsqrt(var / (3 * c) + EPS)
+
+
+def _gate(kk, ahat, g1_ref, b1_ref, c):
+    return _sigmoid(ahat * _chunk(g1_ref, kk, c)[None, :] + _chunk(b1_ref, kk, c)[None, :])
+
+
+def _pre_norm_output(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c, inv, allow_tf32,
+                     m_ref=None, mask_ref=None):
+    """acc = (upd * gate) @ W0 + b0 [BE, C], chunk by chunk; writes the gated message m to
+    `m_ref` on the way when given (the backward kernel: W0's gradient needs it)."""
     from jax.experimental import pallas as pl
 
     f32 = jnp.float32
-    qk, q, k, e = (r[...].astype(f32) for r in (qk_ref, q_ref, k_ref, e_ref))
-    a = [qk * inv, q * k * inv, q * e * inv]
-    mu = (jnp.sum(a[0], axis=1) + jnp.sum(a[1], axis=1) + jnp.sum(a[2], axis=1)) / (3 * c)
-    d = [x - mu[:, None] for x in a]
-    var = (jnp.sum(d[0] * d[0], axis=1) + jnp.sum(d[1] * d[1], axis=1) + jnp.sum(d[2] * d[2], axis=1)) / (3 * c)
-    rstd = jax.lax.rsqrt(var + EPS)
-    ahat, gate, upd, m = [], [], [], []
+    mu, rstd = _alpha_stats(qk_ref, q_ref, k_ref, e_ref, c, inv)
     acc = None
     for kk in range(3):
-        ah = d[kk] * rstd[:, None]
-        g = _sigmoid(ah * _chunk(g1_ref, kk, c)[None, :] + _chunk(b1_ref, kk, c)[None, :])
-        u = upd_ref[:, pl.ds(kk * c, c)].astype(f32)
-        mk = u * g
+        ahat = (_alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv) - mu[:, None]) * rstd[:, None]
+        mk = upd_ref[:, pl.ds(kk * c, c)].astype(f32) * _gate(kk, ahat, g1_ref, b1_ref, c)
+        if m_ref is not None:  # padding edges: 0 (W0's gradient sums m over edges)
+            m_ref[:, pl.ds(kk * c, c)] = _masked(mask_ref, mk).astype(m_ref.dtype)
         part = _dot(mk, w0_ref[pl.ds(kk * c, c), :].astype(f32), allow_tf32=allow_tf32)
         acc = part if acc is None else acc + part
-        ahat.append(ah), gate.append(g), upd.append(u), m.append(mk)
-    acc = acc + b0_ref[...].astype(f32)[None, :]
-    return (q, k, e), rstd, ahat, gate, upd, m, acc
+    return acc + b0_ref[...].astype(f32)[None, :], mu, rstd
+
+
+def _masked(mask_ref, x):
+    # `where`, not a product: a padding edge holding inf/NaN must still give exactly 0
+    return jnp.where(mask_ref[...][:, None] != 0, x, 0.0)
 
 
 def _fwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref,
                 y_ref, *, c, inv, allow_tf32):
-    *_, acc = _forward_in_registers(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref,
-                                    c, inv, allow_tf32)
-    mu2 = _row_mean(acc)
-    d2 = acc - mu2[:, None]
+    acc, _, _ = _pre_norm_output(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c, inv,
+                                 allow_tf32)
+    d2 = acc - _row_mean(acc)[:, None]
     xhat2 = d2 * jax.lax.rsqrt(_row_mean(d2 * d2) + EPS)[:, None]
     y = xhat2 * g2_ref[...][None, :] + b2_ref[...][None, :]
-    y_ref[...] = (y * mask_ref[...][:, None]).astype(y_ref.dtype)
+    y_ref[...] = _masked(mask_ref, y).astype(y_ref.dtype)
 
 
 def _bwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref,
@@ -161,38 +182,48 @@ def _bwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, 
     from jax.experimental import pallas as pl
 
     f32 = jnp.float32
-    (q, k, e), rstd, ahat, gate, upd, m, acc = _forward_in_registers(
-        qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c, inv, allow_tf32)
-    mu2 = _row_mean(acc)
-    d2 = acc - mu2[:, None]
+    # pass 1: the forward again, up to the pre-LayerNorm output (writes m)
+    acc, mu, rstd = _pre_norm_output(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c,
+                                     inv, allow_tf32, m_ref=m_ref, mask_ref=mask_ref)
+    d2 = acc - _row_mean(acc)[:, None]
     rstd2 = jax.lax.rsqrt(_row_mean(d2 * d2) + EPS)
     xhat2 = d2 * rstd2[:, None]
-    dy = dy_ref[...].astype(f32) * mask_ref[...][:, None]
+    dy = _masked(mask_ref, dy_ref[...].astype(f32))
     # LayerNorm_C backward
-    part_ref[6, :] = jnp.sum(dy * xhat2, axis=0)
+    part_ref[6, :] = jnp.sum(_masked(mask_ref, dy * xhat2), axis=0)
     part_ref[7, :] = jnp.sum(dy, axis=0)
     dx2 = dy * g2_ref[...][None, :]
     dacc = rstd2[:, None] * (dx2 - _row_mean(dx2)[:, None] - xhat2 * _row_mean(dx2 * xhat2)[:, None])
+    # every per-edge value below is masked: a padding edge's gradients are exactly 0 even when
+    # its inputs hold inf/NaN (0 * inf would leak NaN into W0's and the LayerNorms' gradients)
+    dacc = _masked(mask_ref, dacc)
     dacc_ref[...] = dacc.astype(dacc_ref.dtype)
-    # through the matmul, the gate and the sigmoid, chunk by chunk
-    dahat = []
+    # pass 2: through the matmul, the gate and the sigmoid, chunk by chunk (alpha, the gate and
+    # upd recomputed / reloaded per chunk); keeps d(ahat) per chunk for the LayerNorm backward
+    dahat, m1, m2 = [], 0.0, 0.0
     for kk in range(3):
-        m_ref[:, pl.ds(kk * c, c)] = m[kk].astype(m_ref.dtype)
+        ahat = (_alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv) - mu[:, None]) * rstd[:, None]
+        g = _gate(kk, ahat, g1_ref, b1_ref, c)
         dm = _dot(dacc, w0_ref[pl.ds(kk * c, c), :].astype(f32), trans_b=True, allow_tf32=allow_tf32)
-        dupd_ref[:, pl.ds(kk * c, c)] = (dm * gate[kk]).astype(dupd_ref.dtype)
-        s = dm * upd[kk] * gate[kk] * (1.0 - gate[kk])  # d(pre-sigmoid)
-        part_ref[kk, :] = jnp.sum(s * ahat[kk], axis=0)
+        dupd_ref[:, pl.ds(kk * c, c)] = _masked(mask_ref, dm * g).astype(dupd_ref.dtype)
+        s = _masked(mask_ref, dm * upd_ref[:, pl.ds(kk * c, c)].astype(f32) * g * (1.0 - g))  # d(pre-sigmoid)
+        part_ref[kk, :] = jnp.sum(_masked(mask_ref, s * ahat), axis=0)
         part_ref[3 + kk, :] = jnp.sum(s, axis=0)
-        dahat.append(s * _chunk(g1_ref, kk, c)[None, :])
-    # LayerNorm_3C backward: the row means run over all three chunks
-    m1 = (jnp.sum(dahat[0], axis=1) + jnp.sum(dahat[1], axis=1) + jnp.sum(dahat[2], axis=1)) / (3 * c)
-    m2 = (jnp.sum(dahat[0] * ahat[0], axis=1) + jnp.sum(dahat[1] * ahat[1], axis=1)
-          + jnp.sum(dahat[2] * ahat[2], axis=1)) / (3 * c)
-    da = [rstd[:, None] * (dahat[kk] - m1[:, None] - ahat[kk] * m2[:, None]) * inv for kk in range(3)]
+        dah = s * _chunk(g1_ref, kk, c)[None, :]
+        m1 = m1 + jnp.sum(dah, axis=1)
+        m2 = m2 + jnp.sum(_masked(mask_ref, dah * ahat), axis=1)
+        dahat.append(dah)
+    m1, m2 = m1 / (3 * c), m2 / (3 * c)
+    # pass 3: LayerNorm_3C backward (row means over all three chunks), then alpha's products
+    da = []
+    for kk in range(3):
+        ahat = (_alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv) - mu[:, None]) * rstd[:, None]
+        da.append(_masked(mask_ref, rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv))
+    q, k, e = (r[...].astype(f32) for r in (q_ref, k_ref, e_ref))
     dqk_ref[...] = da[0].astype(dqk_ref.dtype)
-    dq_ref[...] = (da[1] * k + da[2] * e).astype(dq_ref.dtype)
-    dk_ref[...] = (da[1] * q).astype(dk_ref.dtype)
-    de_ref[...] = (da[2] * q).astype(de_ref.dtype)
+    dq_ref[...] = _masked(mask_ref, da[1] * k + da[2] * e).astype(dq_ref.dtype)
+    dk_ref[...] = _masked(mask_ref, da[1] * q).astype(dk_ref.dtype)
+    de_ref[...] = _masked(mask_ref, da[2] * q).astype(de_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------- wrappers
@@ -337,9 +368,12 @@ def fused_edge_message(qk, q, k, e, upd, mask, ln1_scale, ln1_bias, w0, b0, ln2_
     if upd.shape[-1] != 3 * c or w0.shape != (3 * c, c):
         raise ValueError(f"fused_edge_message: upd [..., {3 * c}] and w0 [{3 * c}, {c}] expected, got "
                          f"{upd.shape} and {w0.shape}")
-    if c & (c - 1) or opts.block_edges & (opts.block_edges - 1) or opts.block_edges < 16:
-        raise ValueError(f"fused_edge_message: channels ({c}) and block_edges ({opts.block_edges}) must be "
-                         "powers of two, block_edges >= 16 (Triton)")
+    if c & (c - 1) or opts.block_edges & (opts.block_edges - 1) or opts.block_edges < 16 \
+            or opts.num_warps & (opts.num_warps - 1) or opts.num_warps < 1:
+        raise ValueError(f"fused_edge_message: channels ({c}), block_edges ({opts.block_edges}) and num_warps "
+                         f"({opts.num_warps}) must be powers of two, block_edges >= 16 (Triton)")
+    if q.shape[0] == 0:  # no edges: nothing to launch (and a zero-size grid is not allowed)
+        return jnp.zeros(q.shape, jnp.float32)
     edge_args = (qk, q, k, e, upd, mask.astype(f32))
     axes = tuple(sorted(set().union(*(_varying_axes(a) for a in edge_args))))
     if opts.interpret is None and jax.default_backend() != "gpu" and axes:

@@ -107,7 +107,7 @@ def _is_highest(precision) -> bool:
     """True for matmul precision "highest" (true float32) in any of its spellings."""
     if isinstance(precision, (tuple, list)):
         return all(_is_highest(p) for p in precision)
-    return precision is not None and str(precision).lower().split(".")[-1] == "highest"
+    return precision is not None and str(precision).lower().split(".")[-1] in ("highest", "float32")
 
 
 class LayerNorm(nn.Module):

@@ -369,24 +369,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricsWriter(workdir, start_epoch)
     log_every = max(1, config.train.log_every_steps)
     ckpt_every = config.train.checkpoint_every_steps
-    ckpt_every_secs = config.train.get("checkpoint_every_secs", 0)
     max_steps = config.train.get("max_steps", 0)
-    # An Orbax save costs ~0.5-2 s (it waits for the previous write); at every epoch of a
-    # 500-epoch fine-tuning with ~12 steps per epoch that would be most of the run. So the
-    # latest state is written at most every `checkpoint_every_secs` (and at the end, and on
-    # SIGTERM/Ctrl-C); a better validation model is staged in the checkpointer until then.
-    last_save = time.time()
+    clock = ckpt_lib.SaveClock(config.train.get("checkpoint_every_secs", 0), config.train.epochs)
 
     def meta(epoch):
-        return {"step": int(jax.device_get(state.step)), "epoch": epoch, "best_metric": best_metric,
-                "best_epoch": best_epoch, "mode": config.mode, "steps_per_epoch": steps_per_epoch,
-                "config": json.loads(config.to_json_best_effort())}
+        return ckpt_lib.run_meta(jax.device_get(state.step), epoch, best_metric, best_epoch, steps_per_epoch,
+                                 config)
 
     def save(epoch):
-        nonlocal last_save
         with stop.deferred():  # a signal during a save does not cut it short
             checkpointer.save_latest(state, meta(epoch))
-        last_save = time.time()
+        clock.saved()
 
     stop = StopOnSignal()
     pending, sums = [], {}
@@ -449,8 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write(row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                                                           f"{k}={v}" for k, v in row.items()))
-            if (not ckpt_every_secs or epoch + 1 == config.train.epochs
-                    or time.time() - last_save >= ckpt_every_secs):
+            if clock.due(epoch):
                 save(epoch + 1)
             stop.check()  # after the epoch's validation, best model and metrics row
     except (KeyboardInterrupt, Interrupted) as e:

@@ -161,21 +161,17 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     step = resumed[0]
     start_epoch, start_batch = divmod(step, steps_per_epoch)
     writers = [loop.MetricsWriter(w, start_epoch) for w in workdirs]
-    ckpt_every_secs = config.train.get("checkpoint_every_secs", 0)
-    last_save = time.time()
+    clock = ckpt_lib.SaveClock(config.train.get("checkpoint_every_secs", 0), config.train.epochs)
 
     def meta(r, epoch):
-        return {"step": step, "epoch": epoch, "best_metric": best[r][0], "best_epoch": best[r][1],
-                "mode": config.mode, "steps_per_epoch": steps_per_epoch,
-                "config": json.loads(configs[r].to_json_best_effort())}
+        return ckpt_lib.run_meta(step, epoch, best[r][0], best[r][1], steps_per_epoch, configs[r])
 
     def save(epoch):  # one host copy of all runs
-        nonlocal last_save
         host = jax.device_get(state)
         with stop.deferred():  # a signal during the saves does not leave the runs at different steps
             for r, ck in enumerate(checkpointers):
                 ck.save_latest(_run_slice(host, r), meta(r, epoch))
-        last_save = time.time()
+        clock.saved()
 
     stop = loop.StopOnSignal()
     pending: list = []
@@ -220,7 +216,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
             log.info("epoch %d: train loss %s, val MAE %s", epoch + 1,
                      [round(loop.train_means(sums, r)["train_loss"], 4) for r in range(n_runs)],
                      None if val_metrics is None else [round(v["mae"], 4) for v in val_metrics])
-            if not ckpt_every_secs or epoch + 1 == config.train.epochs or time.time() - last_save >= ckpt_every_secs:
+            if clock.due(epoch):
                 save(epoch + 1)
             stop.check()  # after the epoch's validation, best models and metrics rows
     except (KeyboardInterrupt, loop.Interrupted):
