@@ -40,8 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     # of the edge Denses before the gather (fewer FLOPs), "edge" gathers node features first
     # (more FLOPs, much smaller gathers); see dpf_jax/model/layers.py and scripts/results/PERF_NOTES.md.
     c.model.formulation = "node"
-    # How the per-edge message chain runs, same parameters and maths: "xla" (jax.numpy) or
-    # "pallas" (one fused Triton kernel forward and one backward; dpf_jax/model/edge_kernel.py).
+    # How the per-edge message chain runs, same parameters and maths: "xla" (jax.numpy),
+    # "pallas" (the chain as one fused Triton kernel forward and one backward;
+    # dpf_jax/model/edge_kernel.py) or "pallas_node" (node formulation: the gathers and e @ W3 in
+    # the kernels too; dpf_jax/model/gather_kernel.py); "-16x8" appended sets the tile.
     c.model.edge_kernel = "xla"
 
     c.optim = ml_collections.ConfigDict()

@@ -1,5 +1,7 @@
-"""Times MatformerConv's per-edge message chain alone: the jax.numpy version (what XLA fuses)
-against the fused Pallas kernels (`dpf_jax.model.edge_kernel`), forward and forward+backward.
+"""Times MatformerConv's per-edge work alone: the jax.numpy version (what XLA fuses) against the
+fused Pallas kernels, forward and forward+backward: `--family chain` the chain on gathered
+inputs (`dpf_jax.model.edge_kernel`), `--family node` the gathers, e @ W3 and the chain from
+the node tables (`dpf_jax.model.gather_kernel`).
 
     python scripts/bench_edge_kernel.py                       # GPU: E = 46,080 edges (a B=256
                                                               # pre-training budget), H = 4, C = 128
@@ -32,8 +34,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message  # noqa: E402
+from dpf_jax.model.gather_kernel import fused_node_message, node_message_reference  # noqa: E402
 
 DIFF = (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11)
+NODE_DIFF = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12)
+EDGES_PER_NODE = 25  # the reference graphs' average (PERF_NOTES.md)
+
+
+def make_node_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
+    """Node tables and edge indices for the gather kernel: N = E / 25 nodes, receivers sorted."""
+    n_node = max(1, n_edge // EDGES_PER_NODE)
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    rt = jax.random.normal(ks[0], (n_node, heads, 5 * c))
+    st = jax.random.normal(ks[1], (n_node, heads, 4 * c))
+    recv = jnp.sort(jax.random.randint(ks[2], (n_edge,), 0, n_node))
+    send = jax.random.randint(ks[3], (n_edge,), 0, n_node)
+    w3 = jax.random.normal(ks[4], (c, 3 * c)) / np.sqrt(c)
+    qk, q, k, e, upd, mask, *params = make_inputs(n_edge, heads, c, seed)
+    return (rt, st, e, recv, send, mask, w3, *params)
 
 
 def make_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
@@ -68,6 +86,9 @@ def main(argv=None) -> dict:
     p.add_argument("--channels", type=int, default=128)
     p.add_argument("--tiles", nargs="+", default=["32x4", "16x8", "64x8"], help="edges-per-program x warps")
     p.add_argument("--precision", choices=["default", "highest"], default="default")
+    p.add_argument("--family", nargs="+", choices=["chain", "node"], default=["chain", "node"],
+                   help="chain: the per-edge chain on gathered inputs (edge_kernel 'pallas'); node: gathers "
+                        "+ e@W3 + chain from node tables (edge_kernel 'pallas_node', N = E / 25)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes, Pallas interpreter")
     p.add_argument("--out", default="scripts/results/bench_edge_kernel.json")
@@ -80,28 +101,32 @@ def main(argv=None) -> dict:
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "heads": args.heads,
               "channels": args.channels, "precision": args.precision, "results": []}
     hc = args.heads * args.channels
-    for n_edge in args.edges:
-        inputs = make_inputs(n_edge, args.heads, args.channels)
-        variants = {"xla": lambda *a: edge_message_reference(*a, precision=precision)}
+    families = {  # what is timed: the chain alone (inputs gathered already), or gathers + chain
+        "chain": (make_inputs, edge_message_reference, fused_edge_message, "pallas", DIFF),
+        "node": (make_node_inputs, node_message_reference, fused_node_message, "pallas_node", NODE_DIFF)}
+    for n_edge, family in [(n, f) for n in args.edges for f in args.family]:
+        make, reference, fused, kernel_name, diff = families[family]
+        inputs = make(n_edge, args.heads, args.channels)
+        variants = {f"xla ({family})": lambda *a, r=reference: r(*a, precision=precision)}
         # correctness of what the GPU really compiled: every variant against true-float32 jax.numpy
-        exact = lambda *a: edge_message_reference(*a, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+        exact = lambda *a, r=reference: r(*a, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
         ref_y = jax.jit(exact)(*inputs)
-        ref_g = jax.jit(jax.grad(lambda *a: jnp.sum(exact(*a) ** 2), argnums=DIFF))(*inputs)
+        ref_g = jax.jit(jax.grad(lambda *a: jnp.sum(exact(*a) ** 2), argnums=diff))(*inputs)
         for tile in args.tiles:
-            opts = KernelOptions.parse(f"pallas-{tile}", allow_tf32=not highest,
+            opts = KernelOptions.parse(f"{kernel_name}-{tile}", allow_tf32=not highest,
                                        interpret=True if args.small else None)
-            variants[f"pallas-{tile}"] = lambda *a, o=opts: fused_edge_message(*a, opts=o)
+            variants[f"{kernel_name}-{tile}"] = lambda *a, o=opts, f=fused: f(*a, opts=o)
         for name, fn in variants.items():
-            row = {"edges": n_edge, "variant": name}
+            row = {"edges": n_edge, "variant": name, "family": family}
             try:
                 fwd = jax.jit(fn)
-                grad = jax.jit(jax.grad(lambda *a, f=fn: jnp.sum(f(*a) ** 2), argnums=DIFF))
+                grad = jax.jit(jax.grad(lambda *a, f=fn: jnp.sum(f(*a) ** 2), argnums=diff))
                 row["forward_ms"], row["forward_compile_s"] = median_ms(fwd, inputs, args.reps)
                 row["train_ms"], row["train_compile_s"] = median_ms(grad, inputs, args.reps)
                 row["max_abs_err_forward"] = float(jnp.max(jnp.abs(fwd(*inputs) - ref_y)))
                 row["max_rel_err_grads"] = max(float(jnp.max(jnp.abs(g - r)) / (jnp.max(jnp.abs(r)) + 1e-30))
                                                for g, r in zip(grad(*inputs), ref_g))
-                if name != "xla":  # bytes the fused kernels must move, float32
+                if family == "chain" and not name.startswith("xla"):  # bytes the chain kernels must move
                     fwd_bytes = 8 * hc * n_edge * 4
                     train_bytes = fwd_bytes + 19 * hc * n_edge * 4  # backward: reads 8 HC, writes 11 HC
                     row["forward_gb_s"] = fwd_bytes / row["forward_ms"] / 1e6
@@ -109,7 +134,7 @@ def main(argv=None) -> dict:
             except Exception as ex:  # noqa: BLE001 - report and go on with the other variants
                 row["error"] = f"{type(ex).__name__}: {ex}"[:1500]
             report["results"].append(row)
-            msg = (f"E={n_edge} {name:14s} " + (f"forward {row['forward_ms']:8.3f} ms   forward+backward "
+            msg = (f"E={n_edge} {name:20s} " + (f"forward {row['forward_ms']:8.3f} ms   forward+backward "
                    f"{row['train_ms']:8.3f} ms" if "error" not in row else "FAILED " + row["error"][:300]))
             if "train_gb_s" in row:
                 msg += f"   ({row['forward_gb_s']:.0f} / {row['train_gb_s']:.0f} GB/s)"

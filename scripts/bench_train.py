@@ -804,14 +804,14 @@ def _fmt(x, spec):
 
 def print_table(results, epochs):
     if results:
-        print("\n{:9s} {:16s} {:>4s} {:8s} {:11s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
+        print("\n{:9s} {:16s} {:>4s} {:8s} {:16s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
             "data", "model", "B", "prec", "form", "step_ms", "cryst/s", "Medge/s", "TFLOP/s", "%peak",
             "pad n/e", "xla TB/s", "compile", "peakGB"))
         for r in results:
             pf = r["peak_fraction"]
-            print("{:9s} {:16s} {:>4d} {:8s} {:11s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
+            print("{:9s} {:16s} {:>4d} {:8s} {:16s} {:>8s} {:>9s} {:>7s} {:>7s} {:>6s} {:>9s} {:>9s} {:>8s} {:>7s}".format(
                 r["data"], (r["model"] if r.get("runs", 1) == 1 else f"{r['model'][:12]} x{r['runs']}")[:16],
-                r["batch_size"], r["precision"], str(r["formulation"])[:11],
+                r["batch_size"], r["precision"], str(r["formulation"])[:16],
                 _fmt(r["step_ms"], ".2f"),
                 _fmt(r["crystals_per_s"], ".0f"), _fmt(r["edges_per_s"] / 1e6, ".2f"), _fmt(r["tflops"], ".2f"),
                 _fmt(None if pf is None else 100 * pf, ".1f"),

@@ -1,4 +1,5 @@
-"""The fused Pallas edge-message kernels (dpf_jax.model.edge_kernel) against plain jax.numpy.
+"""The fused Pallas kernels (dpf_jax.model.edge_kernel: the per-edge chain; gather_kernel: the
+same with the gathers inside) against plain jax.numpy.
 
 On CPU the kernels run in Pallas' interpreter, so these tests check the kernels' maths (values
 and every gradient, padding of the edge axis, a real MatformerConv on real crystals); the
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message
+from dpf_jax.model.gather_kernel import fused_node_message, node_message_reference
 from dpf_jax.model.layers import MatformerConv
 
 DIFF_ARGS = (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11)  # all but the edge mask
@@ -90,8 +92,10 @@ def test_no_edges():
     assert fused_edge_message(*args).shape == (0, 2, 16)
 
 
-def test_conv_pallas_equals_xla_with_gradients():
-    """MatformerConv with either edge kernel: same parameter tree, same outputs, same grads."""
+@pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4"])
+def test_conv_pallas_equals_xla_with_gradients(kernel):
+    """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
+    same gradients (of parameters and of the node features)."""
     rng = np.random.default_rng(0)
     n_node, n_edge, C, H = 24, 96, 16, 2
     receivers = np.sort(rng.integers(0, 20, n_edge)).astype(np.int32)
@@ -101,7 +105,8 @@ def test_conv_pallas_equals_xla_with_gradients():
     x = rng.standard_normal((n_node, C)).astype(np.float32)
     ea = rng.standard_normal((n_edge, 8)).astype(np.float32)
     args = tuple(map(jnp.asarray, (x, ea, senders, receivers, node_mask, edge_mask)))
-    convs = {k: MatformerConv(C, H, precision="highest", edge_kernel=k) for k in ("xla", "pallas")}
+    convs = {"xla": MatformerConv(C, H, precision="highest"),
+             "pallas": MatformerConv(C, H, precision="highest", edge_kernel=kernel)}
     variables = {k: c.init(jax.random.PRNGKey(3), *args, train=False) for k, c in convs.items()}
     same = jax.tree_util.tree_map(np.array_equal, variables["xla"], variables["pallas"])
     assert jax.tree_util.tree_all(same)  # checkpoints interchangeable
@@ -228,7 +233,70 @@ def test_bench_edge_kernel_script_runs(tmp_path):
 
     report = bench_edge_kernel.main(["--small", "--out", str(tmp_path / "b.json")])
     rows = {r["variant"]: r for r in report["results"]}
-    assert set(rows) == {"xla", "pallas-32x4"}
+    assert set(rows) == {"xla (chain)", "pallas-32x4", "xla (node)", "pallas_node-32x4"}
     for r in rows.values():
         assert "error" not in r and r["forward_ms"] > 0 and r["train_ms"] > 0
         assert r["max_abs_err_forward"] < 1e-3 and r["max_rel_err_grads"] < 1e-3
+
+
+# ------------------------------------------------------------- gathers inside (gather_kernel)
+
+NODE_DIFF = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12)  # all but receivers, senders, mask
+
+
+def random_node_args(n_node, n_edge, heads, c, seed=0, n_real=None):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 12)
+    rt = jax.random.normal(ks[0], (n_node, heads, 5 * c))
+    st = jax.random.normal(ks[1], (n_node, heads, 4 * c))
+    e = jax.random.normal(ks[2], (n_edge, heads, c))
+    recv = jnp.sort(jax.random.randint(ks[3], (n_edge,), 0, n_node))
+    send = jax.random.randint(ks[4], (n_edge,), 0, n_node)
+    mask = jnp.arange(n_edge) < (n_edge if n_real is None else n_real)
+    w3 = jax.random.normal(ks[5], (c, 3 * c)) / np.sqrt(c)
+    g1, b1 = 1 + 0.2 * jax.random.normal(ks[6], (3 * c,)), 0.2 * jax.random.normal(ks[7], (3 * c,))
+    w0, b0 = jax.random.normal(ks[8], (3 * c, c)) / np.sqrt(3 * c), 0.2 * jax.random.normal(ks[9], (c,))
+    g2, b2 = 1 + 0.2 * jax.random.normal(ks[10], (c,)), 0.2 * jax.random.normal(ks[11], (c,))
+    return (rt, st, e, recv, send, mask, w3, g1, b1, w0, b0, g2, b2)
+
+
+@pytest.mark.parametrize("n_edge,n_real,heads,c", [(70, 64, 2, 16), (24, 20, 4, 128)])
+def test_gather_kernel_matches_reference_values_and_gradients(n_edge, n_real, heads, c):
+    """Node tables in, messages out: values and the gradients of both node tables (summed over
+    each node's edges), e and every parameter; padded edge axis, masked edges."""
+    args = random_node_args(30, n_edge, heads, c, n_real=n_real)
+    opts = KernelOptions(block_edges=16, allow_tf32=False)
+    fused = lambda *a: fused_node_message(*a, opts=opts)  # noqa: E731
+    ref = lambda *a: node_message_reference(*a, precision="highest")  # noqa: E731
+    y = fused(*args)
+    np.testing.assert_allclose(y, ref(*args), rtol=1e-5, atol=1e-5)
+    assert not np.asarray(y[n_real:]).any()
+    w = jax.random.normal(jax.random.PRNGKey(9), y.shape)
+    grads = jax.grad(lambda *a: jnp.sum(fused(*a) * w), argnums=NODE_DIFF)(*args)
+    grads_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=NODE_DIFF)(*args)
+    for i, g, g_ref in zip(NODE_DIFF, grads, grads_ref):
+        assert g.shape == args[i].shape
+        scale = float(jnp.abs(g_ref).max())
+        assert scale > 0
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=2e-5 * scale, err_msg=f"argument {i}")
+
+
+def test_gather_kernel_triton_lowering_inside_data_parallel_step():
+    f32 = jnp.float32
+    N, E, H, C = 256, 1024, 4, 128
+    sds = jax.ShapeDtypeStruct
+    shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, C), f32), sds((E,), jnp.int32),
+              sds((E,), jnp.int32), sds((E,), jnp.bool_), sds((C, 3 * C), f32), sds((3 * C,), f32),
+              sds((3 * C,), f32), sds((3 * C, C), f32), sds((C,), f32), sds((C,), f32), sds((C,), f32))
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    opts = KernelOptions(interpret=False)
+
+    def loss(*a):
+        per_dev = lambda *b: jax.lax.psum(jnp.sum(fused_node_message(*b, opts=opts) ** 2), "data")  # noqa: E731
+        return jax.shard_map(per_dev, mesh=mesh, in_specs=(P("data"),) * 6 + (P(),) * 7, out_specs=P())(*a)
+
+    text = lower_for_gpu(jax.grad(loss, argnums=(0, 9)), *shapes)
+    assert text.count("xla.gpu.triton") == 2
+    assert 'name = "node_message_fwd"' in text and 'name = "node_message_bwd"' in text

@@ -190,7 +190,7 @@ def _numpy_matformer_conv(p, x, edge_attr, senders, receivers, node_mask, edge_m
 
 
 @pytest.mark.parametrize("formulation,edge_kernel", [("node", "xla"), ("edge", "xla"), ("node", "pallas"),
-                                                     ("edge", "pallas")])
+                                                     ("edge", "pallas"), ("node", "pallas_node-16x4")])
 def test_conv_matches_numpy_reference(crystals, formulation, edge_kernel):
     graphs = [build_crystal_graph(c) for c in crystals[:3]]
     b = padded_batch(graphs)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpf_jax.model.edge_kernel import KernelOptions, fused_edge_message
+from dpf_jax.model.gather_kernel import fused_node_message
 
 Dtype = Any
 Precision = Any  # None | str | jax.lax.Precision | tuple
@@ -265,7 +266,9 @@ class MatformerConv(nn.Module):
     same maths): "xla" (jax.numpy; XLA fuses it into ~15 passes over [E, H, 3C] tensors per
     layer, forward and backward) or "pallas" (`dpf_jax.model.edge_kernel`: one fused Triton
     kernel forward, one backward, no [E, H, 3C] intermediate kept; Pallas' interpreter on CPU);
-    "pallas-32x4" sets its tile (edges per program x Triton warps; default 32x4).
+    "pallas-32x4" sets its tile (edges per program x Triton warps; default 32x4). "pallas_node"
+    (node formulation only; `dpf_jax.model.gather_kernel`) also moves the gathers and e @ W3
+    into the kernels: the per-edge tables, upd and their copies are never written to memory.
     """
 
     channels: int = 128
@@ -298,12 +301,22 @@ class MatformerConv(nn.Module):
             # per node: the value_i (+ bias) and value_j parts of lin_msg_update, q_i * k_i
             recv_tab = jnp.concatenate([q, q * k, ein("nhc,cd->nhd", v, w1) + b_msg], axis=-1)  # [N, H, 5C]
             send_tab = jnp.concatenate([k, ein("nhc,cd->nhd", v, w2)], axis=-1)  # [N, H, 4C]
+            if self.edge_kernel.startswith("pallas_node"):  # gathers and chain in one kernel pair
+                ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
+                w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
+                ln2_scale, ln2_bias = NormParams(C, name="msg_layer_1")()
+                opts = KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
+                msg = fused_node_message(recv_tab, send_tab, e, receivers, senders, edge_mask, w3, ln1_scale,
+                                         ln1_bias, w0, b0, ln2_scale, ln2_bias, opts)
+                return self._aggregate_and_update(x, msg, receivers, node_mask, train)
             r = gather(recv_tab, receivers, dt)
             s = gather(send_tab, senders, dt)
             q_i, qk_ii, vm_i = r[..., :C], r[..., C:2 * C], r[..., 2 * C:]
             k_j, vm_j = s[..., :C], s[..., C:]
             upd = vm_i + vm_j + ein("ehc,cd->ehd", e, w3)
         elif self.formulation == "edge":
+            if self.edge_kernel.startswith("pallas_node"):
+                raise ValueError("edge_kernel 'pallas_node' needs formulation 'node' (use 'pallas' with 'edge')")
             x_i = gather(x, receivers, dt)
             x_j = gather(x, senders, dt)
             q_i = lin_q(x_i).reshape(n_edge, H, C)
@@ -332,11 +345,15 @@ class MatformerConv(nn.Module):
             msg = LayerNorm(dtype=jnp.float32, name="msg_layer_1")(msg)  # [E, H, C] float32
             msg = jnp.where(edge_mask[:, None, None], msg, 0.0)
         else:
-            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, pallas or "
-                             "pallas-<block_edges>x<num_warps>)")
-        agg = segment_sum_sorted(msg.reshape(n_edge, H * C), receivers, n_node)  # float32
+            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, pallas, pallas_node; "
+                             "the last two optionally -<block_edges>x<num_warps>)")
+        return self._aggregate_and_update(x, msg, receivers, node_mask, train)
 
-        out = dense(C, "lin_concate")(agg.astype(dt))
+    def _aggregate_and_update(self, x, msg, receivers, node_mask, train):
+        """Receiver sums of the messages [E, H, C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)."""
+        n_node, (n_edge, H, C), dt = x.shape[0], msg.shape, self.dtype
+        agg = segment_sum_sorted(msg.reshape(n_edge, H * C), receivers, n_node)  # float32
+        out = Linear(C, True, dt, self.precision, name="lin_concate")(agg.astype(dt))
         out = MaskedBatchNorm(axis_name=self.axis_name, dtype=dt, name="bn")(out, node_mask, train)
         out = jax.nn.silu(out)
-        return out + dense(C, "lin_skip")(x)
+        return out + Linear(C, True, dt, self.precision, name="lin_skip")(x)
