@@ -120,22 +120,51 @@ def _dot(a, b, trans_b=False, allow_tf32=True):
     return dot(a, b, trans_b=trans_b, allow_tf32=allow_tf32)
 
 
-def _alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv):
-    """Chunk kk of alpha = [qk | q*k | q*e] * inv, [BE, C] float32, from the refs (a reload,
-    not a value kept alive: the backward kernel would otherwise hold ~13 tiles at once)."""
-    f32 = jnp.float32
-    if kk == 0:
-        return qk_ref[...].astype(f32) * inv
-    other = k_ref if kk == 1 else e_ref
-    return q_ref[...].astype(f32) * other[...].astype(f32) * inv
+def _masked(mask_ref, x):
+    # `where`, not a product: a padding edge holding inf/NaN must still give exactly 0
+    return jnp.where(mask_ref[...][:, None] != 0, x, 0.0)
 
 
-def _alpha_stats(qk_ref, q_ref, k_ref, e_ref, c, inv):
-    """Row mean and 1/std of alpha over its 3C entries (two passes: mean, then squared deviations)."""
-    mu = sum(jnp.sum(_alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv), axis=1) for kk in range(3)) / (3 * c)
+class BlockTiles:
+    """The [BE, C] float32 tiles one program (edge block x head) works on, loaded on demand:
+    q_i, k_j, e, alpha's three chunks and upd's three chunks. Reloads, not values kept alive,
+    keep the backward kernel's live registers few. This class reads them from per-edge blocks
+    (this module's inputs); `gather_kernel.GatherTiles` reads them from node tables."""
+
+    def __init__(self, qk_ref, q_ref, k_ref, e_ref, upd_ref, c, inv):
+        self.qk_ref, self.q_ref, self.k_ref, self.e_ref, self.upd_ref = qk_ref, q_ref, k_ref, e_ref, upd_ref
+        self.c, self.inv = c, inv
+
+    def q(self):
+        return self.q_ref[...].astype(jnp.float32)
+
+    def k(self):
+        return self.k_ref[...].astype(jnp.float32)
+
+    def e(self):
+        return self.e_ref[...].astype(jnp.float32)
+
+    def qk(self):
+        return self.qk_ref[...].astype(jnp.float32)
+
+    def alpha(self, kk):
+        """Chunk kk of alpha = [qk | q*k | q*e] * inv."""
+        if kk == 0:
+            return self.qk() * self.inv
+        return self.q() * (self.k() if kk == 1 else self.e()) * self.inv
+
+    def upd(self, kk):
+        from jax.experimental import pallas as pl
+
+        return self.upd_ref[:, pl.ds(kk * self.c, self.c)].astype(jnp.float32)
+
+
+def _alpha_stats(t, c):
+    """Row mean and 1/std of alpha over its 3C entries (two passes: mean, squared deviations)."""
+    mu = sum(jnp.sum(t.alpha(kk), axis=1) for kk in range(3)) / (3 * c)
     var = 0.0
     for kk in range(3):
-        d = _alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv) - mu[:, None]
+        d = t.alpha(kk) - mu[:, None]
         var = var + jnp.sum(d * d, axis=1)
     return mu, jax.lax.rsqrt(var / (3 * c) + EPS)
 
@@ -144,49 +173,44 @@ def _gate(kk, ahat, g1_ref, b1_ref, c):
     return _sigmoid(ahat * _chunk(g1_ref, kk, c)[None, :] + _chunk(b1_ref, kk, c)[None, :])
 
 
-def _pre_norm_output(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c, inv, allow_tf32,
-                     m_ref=None, mask_ref=None):
-    """acc = (upd * gate) @ W0 + b0 [BE, C], chunk by chunk; writes the gated message m to
-    `m_ref` on the way when given (the backward kernel: W0's gradient needs it)."""
+def _pre_norm_output(t, g1_ref, b1_ref, w0_ref, b0_ref, c, allow_tf32, mask_ref=None, m_ref=None):
+    """acc = (upd * gate) @ W0 + b0 [BE, C], chunk by chunk, and alpha's row statistics;
+    writes the gated message m (masked) to `m_ref` on the way when given (W0's gradient)."""
     from jax.experimental import pallas as pl
 
-    f32 = jnp.float32
-    mu, rstd = _alpha_stats(qk_ref, q_ref, k_ref, e_ref, c, inv)
+    mu, rstd = _alpha_stats(t, c)
     acc = None
     for kk in range(3):
-        ahat = (_alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv) - mu[:, None]) * rstd[:, None]
-        mk = upd_ref[:, pl.ds(kk * c, c)].astype(f32) * _gate(kk, ahat, g1_ref, b1_ref, c)
-        if m_ref is not None:  # padding edges: 0 (W0's gradient sums m over edges)
+        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
+        mk = t.upd(kk) * _gate(kk, ahat, g1_ref, b1_ref, c)
+        if m_ref is not None:
             m_ref[:, pl.ds(kk * c, c)] = _masked(mask_ref, mk).astype(m_ref.dtype)
-        part = _dot(mk, w0_ref[pl.ds(kk * c, c), :].astype(f32), allow_tf32=allow_tf32)
+        part = _dot(mk, w0_ref[pl.ds(kk * c, c), :].astype(jnp.float32), allow_tf32=allow_tf32)
         acc = part if acc is None else acc + part
-    return acc + b0_ref[...].astype(f32)[None, :], mu, rstd
+    return acc + b0_ref[...].astype(jnp.float32)[None, :], mu, rstd
 
 
-def _masked(mask_ref, x):
-    # `where`, not a product: a padding edge holding inf/NaN must still give exactly 0
-    return jnp.where(mask_ref[...][:, None] != 0, x, 0.0)
-
-
-def _fwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref,
-                y_ref, *, c, inv, allow_tf32):
-    acc, _, _ = _pre_norm_output(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c, inv,
-                                 allow_tf32)
+def chain_forward(t, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref, y_ref, c, allow_tf32):
+    """Kernel body of the forward (both kernel families): y = mask * LayerNorm_C(acc)."""
+    acc, _, _ = _pre_norm_output(t, g1_ref, b1_ref, w0_ref, b0_ref, c, allow_tf32)
     d2 = acc - _row_mean(acc)[:, None]
     xhat2 = d2 * jax.lax.rsqrt(_row_mean(d2 * d2) + EPS)[:, None]
     y = xhat2 * g2_ref[...][None, :] + b2_ref[...][None, :]
     y_ref[...] = _masked(mask_ref, y).astype(y_ref.dtype)
 
 
-def _bwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref,
-                dy_ref, dqk_ref, dq_ref, dk_ref, de_ref, dupd_ref, m_ref, dacc_ref, part_ref,
-                *, c, inv, allow_tf32):
+def chain_backward(t, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref, dy_ref, m_ref, dacc_ref,
+                   part_ref, c, inv, allow_tf32, on_dupd):
+    """Kernel body of the backward (both families), up to d(alpha): writes m, d_acc and the
+    per-block partial sums of the LayerNorm parameter gradients ([8, C]: d ln1 scale chunks,
+    d ln1 bias chunks, d ln2 scale, d ln2 bias), calls `on_dupd(kk, d_upd chunk)` and returns
+    d(alpha)'s three chunks [BE, C]. Every per-edge value is masked: a padding edge's
+    gradients are exactly 0 even when its inputs hold inf/NaN (0 * inf would leak NaN)."""
     from jax.experimental import pallas as pl
 
     f32 = jnp.float32
     # pass 1: the forward again, up to the pre-LayerNorm output (writes m)
-    acc, mu, rstd = _pre_norm_output(qk_ref, q_ref, k_ref, e_ref, upd_ref, g1_ref, b1_ref, w0_ref, b0_ref, c,
-                                     inv, allow_tf32, m_ref=m_ref, mask_ref=mask_ref)
+    acc, mu, rstd = _pre_norm_output(t, g1_ref, b1_ref, w0_ref, b0_ref, c, allow_tf32, mask_ref, m_ref)
     d2 = acc - _row_mean(acc)[:, None]
     rstd2 = jax.lax.rsqrt(_row_mean(d2 * d2) + EPS)
     xhat2 = d2 * rstd2[:, None]
@@ -195,20 +219,18 @@ def _bwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, 
     part_ref[6, :] = jnp.sum(_masked(mask_ref, dy * xhat2), axis=0)
     part_ref[7, :] = jnp.sum(dy, axis=0)
     dx2 = dy * g2_ref[...][None, :]
-    dacc = rstd2[:, None] * (dx2 - _row_mean(dx2)[:, None] - xhat2 * _row_mean(dx2 * xhat2)[:, None])
-    # every per-edge value below is masked: a padding edge's gradients are exactly 0 even when
-    # its inputs hold inf/NaN (0 * inf would leak NaN into W0's and the LayerNorms' gradients)
-    dacc = _masked(mask_ref, dacc)
+    dacc = _masked(mask_ref, rstd2[:, None] * (dx2 - _row_mean(dx2)[:, None]
+                                               - xhat2 * _row_mean(dx2 * xhat2)[:, None]))
     dacc_ref[...] = dacc.astype(dacc_ref.dtype)
     # pass 2: through the matmul, the gate and the sigmoid, chunk by chunk (alpha, the gate and
     # upd recomputed / reloaded per chunk); keeps d(ahat) per chunk for the LayerNorm backward
     dahat, m1, m2 = [], 0.0, 0.0
     for kk in range(3):
-        ahat = (_alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv) - mu[:, None]) * rstd[:, None]
+        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
         g = _gate(kk, ahat, g1_ref, b1_ref, c)
         dm = _dot(dacc, w0_ref[pl.ds(kk * c, c), :].astype(f32), trans_b=True, allow_tf32=allow_tf32)
-        dupd_ref[:, pl.ds(kk * c, c)] = _masked(mask_ref, dm * g).astype(dupd_ref.dtype)
-        s = _masked(mask_ref, dm * upd_ref[:, pl.ds(kk * c, c)].astype(f32) * g * (1.0 - g))  # d(pre-sigmoid)
+        on_dupd(kk, _masked(mask_ref, dm * g))
+        s = _masked(mask_ref, dm * t.upd(kk) * g * (1.0 - g))  # d(pre-sigmoid)
         part_ref[kk, :] = jnp.sum(_masked(mask_ref, s * ahat), axis=0)
         part_ref[3 + kk, :] = jnp.sum(s, axis=0)
         dah = s * _chunk(g1_ref, kk, c)[None, :]
@@ -216,12 +238,33 @@ def _bwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, 
         m2 = m2 + jnp.sum(_masked(mask_ref, dah * ahat), axis=1)
         dahat.append(dah)
     m1, m2 = m1 / (3 * c), m2 / (3 * c)
-    # pass 3: LayerNorm_3C backward (row means over all three chunks), then alpha's products
+    # pass 3: LayerNorm_3C backward (row means over all three chunks), then the 1/sqrt(3C)
     da = []
     for kk in range(3):
-        ahat = (_alpha(kk, qk_ref, q_ref, k_ref, e_ref, inv) - mu[:, None]) * rstd[:, None]
+        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
         da.append(_masked(mask_ref, rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv))
-    q, k, e = (r[...].astype(f32) for r in (q_ref, k_ref, e_ref))
+    return da
+
+
+def _fwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref,
+                y_ref, *, c, inv, allow_tf32):
+    t = BlockTiles(qk_ref, q_ref, k_ref, e_ref, upd_ref, c, inv)
+    chain_forward(t, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref, y_ref, c, allow_tf32)
+
+
+def _bwd_kernel(qk_ref, q_ref, k_ref, e_ref, upd_ref, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref,
+                dy_ref, dqk_ref, dq_ref, dk_ref, de_ref, dupd_ref, m_ref, dacc_ref, part_ref,
+                *, c, inv, allow_tf32):
+    from jax.experimental import pallas as pl
+
+    t = BlockTiles(qk_ref, q_ref, k_ref, e_ref, upd_ref, c, inv)
+
+    def store_dupd(kk, dupd):
+        dupd_ref[:, pl.ds(kk * c, c)] = dupd.astype(dupd_ref.dtype)
+
+    da = chain_backward(t, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref, dy_ref, m_ref, dacc_ref,
+                        part_ref, c, inv, allow_tf32, store_dupd)
+    q, k, e = t.q(), t.k(), t.e()  # alpha = [qk | q*k | q*e] * inv
     dqk_ref[...] = da[0].astype(dqk_ref.dtype)
     dq_ref[...] = _masked(mask_ref, da[1] * k + da[2] * e).astype(dq_ref.dtype)
     dk_ref[...] = _masked(mask_ref, da[1] * q).astype(dk_ref.dtype)

@@ -26,8 +26,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dpf_jax.model.edge_kernel import (EPS, KernelOptions, _compiler_params, _dot, _make_varying, _out_struct,
-                                       _pad_edges, _row_mean, _sigmoid, _varying_axes, edge_message_reference)
+from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _compiler_params, _dot, _make_varying, _masked,
+                                       _out_struct, _pad_edges, _varying_axes, chain_backward, chain_forward,
+                                       edge_message_reference)
 
 
 def node_message_reference(recv_tab, send_tab, e, receivers, senders, mask, w3, ln1_scale, ln1_bias, w0, b0,
@@ -44,9 +45,10 @@ def node_message_reference(recv_tab, send_tab, e, receivers, senders, mask, w3, 
 
 # ------------------------------------------------------------------------------------ kernels
 
-class _Tiles:
-    """[BE, C] float32 tiles of one program (edge block x head), loaded on demand (reloads,
-    not values kept alive, keep the backward kernel's registers few)."""
+class GatherTiles(BlockTiles):
+    """`edge_kernel.BlockTiles` read from the node tables through the block's edge indices
+    (`tab_ref[rows, h, chunk]`: a [BE, C] gather load), with upd = vm_i + vm_j + e @ W3
+    computed in registers."""
 
     def __init__(self, recv_ref, send_ref, e_ref, rt_ref, st_ref, w3_ref, c, inv, allow_tf32):
         from jax.experimental import pallas as pl
@@ -63,66 +65,24 @@ class _Tiles:
     def q(self):
         return self._row(self.rt, self.r, 0)
 
+    def qk(self):
+        return self._row(self.rt, self.r, 1)
+
     def k(self):
         return self._row(self.st, self.s, 0)
 
-    def e(self):
-        return self.e_ref[...].astype(jnp.float32)
-
     def w3(self, kk):
         return self.w3_ref[:, self.pl.ds(kk * self.c, self.c)].astype(jnp.float32)
-
-    def alpha(self, kk):
-        if kk == 0:
-            return self._row(self.rt, self.r, 1) * self.inv
-        return self.q() * (self.k() if kk == 1 else self.e()) * self.inv
 
     def upd(self, kk):
         ew3 = _dot(self.e(), self.w3(kk), allow_tf32=self.allow_tf32)
         return self._row(self.rt, self.r, 2 + kk) + self._row(self.st, self.s, 1 + kk) + ew3
 
 
-def _masked(mask_ref, x):
-    return jnp.where(mask_ref[...][:, None] != 0, x, 0.0)
-
-
-def _alpha_stats(t: _Tiles, c):
-    mu = sum(jnp.sum(t.alpha(kk), axis=1) for kk in range(3)) / (3 * c)
-    var = 0.0
-    for kk in range(3):
-        d = t.alpha(kk) - mu[:, None]
-        var = var + jnp.sum(d * d, axis=1)
-    return mu, jax.lax.rsqrt(var / (3 * c) + EPS)
-
-
-def _gate(kk, ahat, g1_ref, b1_ref, c):
-    from jax.experimental import pallas as pl
-
-    return _sigmoid(ahat * g1_ref[pl.ds(kk * c, c)][None, :] + b1_ref[pl.ds(kk * c, c)][None, :])
-
-
-def _pre_norm(t: _Tiles, g1_ref, b1_ref, w0_ref, b0_ref, c, allow_tf32, mask_ref=None, m_ref=None):
-    from jax.experimental import pallas as pl
-
-    mu, rstd = _alpha_stats(t, c)
-    acc = None
-    for kk in range(3):
-        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
-        mk = t.upd(kk) * _gate(kk, ahat, g1_ref, b1_ref, c)
-        if m_ref is not None:
-            m_ref[:, pl.ds(kk * c, c)] = _masked(mask_ref, mk).astype(m_ref.dtype)
-        part = _dot(mk, w0_ref[pl.ds(kk * c, c), :].astype(jnp.float32), allow_tf32=allow_tf32)
-        acc = part if acc is None else acc + part
-    return acc + b0_ref[...].astype(jnp.float32)[None, :], mu, rstd
-
-
 def _fwd_kernel(recv_ref, send_ref, mask_ref, e_ref, rt_ref, st_ref, w3_ref, g1_ref, b1_ref, w0_ref, b0_ref,
                 g2_ref, b2_ref, y_ref, *, c, inv, allow_tf32):
-    t = _Tiles(recv_ref, send_ref, e_ref, rt_ref, st_ref, w3_ref, c, inv, allow_tf32)
-    acc, _, _ = _pre_norm(t, g1_ref, b1_ref, w0_ref, b0_ref, c, allow_tf32)
-    d2 = acc - _row_mean(acc)[:, None]
-    y = d2 * jax.lax.rsqrt(_row_mean(d2 * d2) + EPS)[:, None] * g2_ref[...][None, :] + b2_ref[...][None, :]
-    y_ref[...] = _masked(mask_ref, y).astype(y_ref.dtype)
+    t = GatherTiles(recv_ref, send_ref, e_ref, rt_ref, st_ref, w3_ref, c, inv, allow_tf32)
+    chain_forward(t, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref, y_ref, c, allow_tf32)
 
 
 def _bwd_kernel(recv_ref, send_ref, mask_ref, e_ref, rt_ref, st_ref, w3_ref, g1_ref, b1_ref, w0_ref, b0_ref,
@@ -130,50 +90,22 @@ def _bwd_kernel(recv_ref, send_ref, mask_ref, e_ref, rt_ref, st_ref, w3_ref, g1_
                 *, c, inv, allow_tf32):
     from jax.experimental import pallas as pl
 
-    f32 = jnp.float32
-    t = _Tiles(recv_ref, send_ref, e_ref, rt_ref, st_ref, w3_ref, c, inv, allow_tf32)
-    # pass 1: the forward again up to the pre-LayerNorm output (writes m, masked)
-    acc, mu, rstd = _pre_norm(t, g1_ref, b1_ref, w0_ref, b0_ref, c, allow_tf32, mask_ref, m_ref)
-    d2 = acc - _row_mean(acc)[:, None]
-    rstd2 = jax.lax.rsqrt(_row_mean(d2 * d2) + EPS)
-    xhat2 = d2 * rstd2[:, None]
-    dy = _masked(mask_ref, dy_ref[...].astype(f32))
-    part_ref[6, :] = jnp.sum(_masked(mask_ref, dy * xhat2), axis=0)
-    part_ref[7, :] = jnp.sum(dy, axis=0)
-    dx2 = dy * g2_ref[...][None, :]
-    dacc = _masked(mask_ref, rstd2[:, None] * (dx2 - _row_mean(dx2)[:, None]
-                                               - xhat2 * _row_mean(dx2 * xhat2)[:, None]))
-    dacc_ref[...] = dacc.astype(dacc_ref.dtype)
-    # pass 2: matmul, gate, sigmoid per chunk; d_upd goes to both tables' value parts and to e
-    dahat, m1, m2, de = [], 0.0, 0.0, None
-    for kk in range(3):
-        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
-        g = _gate(kk, ahat, g1_ref, b1_ref, c)
-        dm = _dot(dacc, w0_ref[pl.ds(kk * c, c), :].astype(f32), trans_b=True, allow_tf32=allow_tf32)
-        dupd = _masked(mask_ref, dm * g)
+    t = GatherTiles(recv_ref, send_ref, e_ref, rt_ref, st_ref, w3_ref, c, inv, allow_tf32)
+    de_parts = []
+
+    def store_dupd(kk, dupd):  # d_upd feeds both tables' value parts and, through W3, e
         dupd_ref[:, pl.ds(kk * c, c)] = dupd.astype(dupd_ref.dtype)
         dr_ref[:, pl.ds((2 + kk) * c, c)] = dupd.astype(dr_ref.dtype)
         ds_ref[:, pl.ds((1 + kk) * c, c)] = dupd.astype(ds_ref.dtype)
-        de_k = _dot(dupd, t.w3(kk), trans_b=True, allow_tf32=allow_tf32)
-        de = de_k if de is None else de + de_k
-        s = _masked(mask_ref, dm * t.upd(kk) * g * (1.0 - g))  # d(pre-sigmoid)
-        part_ref[kk, :] = jnp.sum(_masked(mask_ref, s * ahat), axis=0)
-        part_ref[3 + kk, :] = jnp.sum(s, axis=0)
-        dah = s * g1_ref[pl.ds(kk * c, c)][None, :]
-        m1 = m1 + jnp.sum(dah, axis=1)
-        m2 = m2 + jnp.sum(_masked(mask_ref, dah * ahat), axis=1)
-        dahat.append(dah)
-    m1, m2 = m1 / (3 * c), m2 / (3 * c)
-    # pass 3: LayerNorm_3C backward, then alpha's products
-    da = []
-    for kk in range(3):
-        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
-        da.append(_masked(mask_ref, rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv))
-    q, k, e = t.q(), t.k(), t.e()
+        de_parts.append(_dot(dupd, t.w3(kk), trans_b=True, allow_tf32=allow_tf32))
+
+    da = chain_backward(t, mask_ref, g1_ref, b1_ref, w0_ref, b0_ref, g2_ref, b2_ref, dy_ref, m_ref, dacc_ref,
+                        part_ref, c, inv, allow_tf32, store_dupd)
+    q, k, e = t.q(), t.k(), t.e()  # alpha = [qk_i | q_i*k_j | q_i*e] * inv
     dr_ref[:, pl.ds(0, c)] = _masked(mask_ref, da[1] * k + da[2] * e).astype(dr_ref.dtype)  # d q_i
     dr_ref[:, pl.ds(c, c)] = da[0].astype(dr_ref.dtype)  # d (q k)_i
     ds_ref[:, pl.ds(0, c)] = _masked(mask_ref, da[1] * q).astype(ds_ref.dtype)  # d k_j
-    de_ref[...] = _masked(mask_ref, da[2] * q + de).astype(de_ref.dtype)
+    de_ref[...] = _masked(mask_ref, da[2] * q + sum(de_parts)).astype(de_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------- wrappers
