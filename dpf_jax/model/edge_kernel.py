@@ -67,6 +67,13 @@ class KernelOptions:
             kw.update(block_edges=block, num_warps=warps)
         return cls(**kw)
 
+    def check(self, channels: int, who: str) -> None:
+        """Triton's shape rules for these kernels: powers of two, >= 16 rows for the dots."""
+        pow2 = lambda n: n >= 1 and not n & (n - 1)  # noqa: E731
+        if not (pow2(channels) and pow2(self.block_edges) and self.block_edges >= 16 and pow2(self.num_warps)):
+            raise ValueError(f"{who}: channels ({channels}), block_edges ({self.block_edges}) and num_warps "
+                             f"({self.num_warps}) must be powers of two, block_edges >= 16 (Triton)")
+
     def resolved_interpret(self) -> bool:
         if self.interpret is not None:
             return self.interpret
@@ -413,10 +420,7 @@ def fused_edge_message(qk, q, k, e, upd, mask, ln1_scale, ln1_bias, w0, b0, ln2_
     if upd.shape[-1] != 3 * c or w0.shape != (3 * c, c):
         raise ValueError(f"fused_edge_message: upd [..., {3 * c}] and w0 [{3 * c}, {c}] expected, got "
                          f"{upd.shape} and {w0.shape}")
-    if c & (c - 1) or opts.block_edges & (opts.block_edges - 1) or opts.block_edges < 16 \
-            or opts.num_warps & (opts.num_warps - 1) or opts.num_warps < 1:
-        raise ValueError(f"fused_edge_message: channels ({c}), block_edges ({opts.block_edges}) and num_warps "
-                         f"({opts.num_warps}) must be powers of two, block_edges >= 16 (Triton)")
+    opts.check(c, "fused_edge_message")
     if q.shape[0] == 0:  # no edges: nothing to launch (and a zero-size grid is not allowed)
         return jnp.zeros(q.shape, jnp.float32)
     edge_args = (qk, q, k, e, upd, mask.astype(f32))

@@ -209,10 +209,7 @@ def fused_node_message(recv_tab, send_tab, e, receivers, senders, mask, w3, ln1_
     if recv_tab.shape[-1] != 5 * c or send_tab.shape[-1] != 4 * c or w3.shape != (c, 3 * c):
         raise ValueError(f"fused_node_message: recv_tab [..., {5 * c}], send_tab [..., {4 * c}], w3 [{c}, {3 * c}] "
                          f"expected, got {recv_tab.shape}, {send_tab.shape}, {w3.shape}")
-    if c & (c - 1) or opts.block_edges & (opts.block_edges - 1) or opts.block_edges < 16 \
-            or opts.num_warps & (opts.num_warps - 1) or opts.num_warps < 1:
-        raise ValueError(f"fused_node_message: channels ({c}), block_edges ({opts.block_edges}) and num_warps "
-                         f"({opts.num_warps}) must be powers of two, block_edges >= 16 (Triton)")
+    opts.check(c, "fused_node_message")
     if e.shape[0] == 0:
         return jnp.zeros(e.shape, f32)
     receivers, senders = receivers.astype(jnp.int32), senders.astype(jnp.int32)
