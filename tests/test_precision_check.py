@@ -23,3 +23,13 @@ def test_bf16_training_follows_float32_on_real_data(tmp_path):
     assert len(report["val_mae_curves"]["bf16"]) == 2
     assert report["comparison"]["bf16"]["passes"], report["comparison"]
     assert report["comparison"]["bf16"]["max_rel_dev_val_curve"] > 0  # bf16 really ran
+
+
+def test_compare_also_reports_against_default():
+    curves = {"highest": [1.0, 0.5], "default": [1.0, 0.52], "default+pallas": [1.0, 0.53]}
+    finals = {"highest": 0.5, "default": 0.52, "default+pallas": 0.53}
+    out = precision_check.compare(curves, finals, rtol=0.05)
+    assert abs(out["default+pallas"]["max_rel_dev_val_curve"] - 0.06) < 1e-12
+    assert not out["default+pallas"]["passes"] and out["default"]["passes"]
+    assert abs(out["default+pallas"]["max_rel_dev_val_curve_vs_default"] - 0.01 / 0.52) < 1e-12
+    assert "max_rel_dev_val_curve_vs_default" not in out["default"]
