@@ -32,6 +32,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import profile_step  # noqa: E402 - its `timeit`
 
 from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message  # noqa: E402
 from dpf_jax.model.gather_kernel import fused_node_message, node_message_reference  # noqa: E402
@@ -66,17 +69,11 @@ def make_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
 
 
 def median_ms(fn, args, reps: int, warmup: int = 2) -> tuple[float, float]:
+    """(median ms of a call after warm-up, seconds of the first call = compilation)."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e3, compile_s
+    return profile_step.timeit(fn, *args, n=reps, warmup=warmup), compile_s
 
 
 def main(argv=None) -> dict:

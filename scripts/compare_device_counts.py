@@ -39,7 +39,7 @@ def loss_curve(config, data, stats, num_devices: int, steps: int) -> list[float]
     mesh = make_mesh(num_devices)
     _, run_key = split_seed(config.seed)
     n_train = len(data.splits["train"])
-    steps_per_epoch = max(1, n_train // config.train.batch_size)
+    drop, steps_per_epoch = loop.epoch_steps(n_train, config.train.batch_size)
     key_fn = lambda e, b: jax.random.fold_in(run_key, e * steps_per_epoch + b)  # noqa: E731 - as loop.py
     batcher = loop.make_batcher(data.splits["train"], config, num_devices, key_fn=key_fn)
     objective = loop.make_objective(config)
@@ -49,7 +49,7 @@ def loss_curve(config, data, stats, num_devices: int, steps: int) -> list[float]
     state = put_replicated(create_state(model, tx, example, config.seed, stats), mesh)
     train_step = make_train_step(objective, model, tx, mesh)
     losses = []
-    batches = batcher.iterate(config.seed, 0, shuffle=True, drop_remainder=n_train >= config.train.batch_size)
+    batches = batcher.iterate(config.seed, 0, shuffle=True, drop_remainder=drop)
     for host_batch in prefetch_to_device(batches, mesh, 2):
         if len(losses) >= steps:
             break
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     counts = args.devices or sorted({1, len(jax.devices())})
     if 1 not in counts:
         counts = [1] + counts
-    steps = args.steps or max(1, len(data.splits["train"]) // config.train.batch_size)
+    steps = args.steps or loop.epoch_steps(len(data.splits["train"]), config.train.batch_size)[1]
     curves, wall = {}, {}
     for n in counts:
         t0 = time.time()

@@ -173,17 +173,16 @@ def main(argv=None):
 
     for variant in args.variants:
         formulation, precision = variant.split(":")
-        if True:
-            try:
-                ms, cs, traced = step_time(formulation, precision)
-                out["ms"][f"train_step_{formulation}_{precision}"] = ms
-                if traced is not None:
-                    out.setdefault("kernels", {})[f"{formulation}_{precision}"] = traced
-                    print(format_kernels(traced), flush=True)
-                print(f"train step {formulation:5s} {precision:8s} {ms:8.2f} ms  "
-                      f"({args.batch_size / ms * 1e3:8.0f} crystals/s; compile {cs:.1f} s)", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"train step {formulation} {precision} failed: {e}", flush=True)
+        try:
+            ms, cs, traced = step_time(formulation, precision)
+            out["ms"][f"train_step_{formulation}_{precision}"] = ms
+            if traced is not None:
+                out.setdefault("kernels", {})[f"{formulation}_{precision}"] = traced
+                print(format_kernels(traced), flush=True)
+            print(f"train step {formulation:5s} {precision:8s} {ms:8.2f} ms  "
+                  f"({args.batch_size / ms * 1e3:8.0f} crystals/s; compile {cs:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"train step {formulation} {precision} failed: {e}", flush=True)
 
     # parts, at the shapes of this batch
     H, C = config.model.heads, config.model.channels

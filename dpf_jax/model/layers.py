@@ -302,12 +302,8 @@ class MatformerConv(nn.Module):
             recv_tab = jnp.concatenate([q, q * k, ein("nhc,cd->nhd", v, w1) + b_msg], axis=-1)  # [N, H, 5C]
             send_tab = jnp.concatenate([k, ein("nhc,cd->nhd", v, w2)], axis=-1)  # [N, H, 4C]
             if self.edge_kernel.startswith("pallas_node"):  # gathers and chain in one kernel pair
-                ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
-                w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
-                ln2_scale, ln2_bias = NormParams(C, name="msg_layer_1")()
-                opts = KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
-                msg = fused_node_message(recv_tab, send_tab, e, receivers, senders, edge_mask, w3, ln1_scale,
-                                         ln1_bias, w0, b0, ln2_scale, ln2_bias, opts)
+                *params, opts = self._chain_params()
+                msg = fused_node_message(recv_tab, send_tab, e, receivers, senders, edge_mask, w3, *params, opts)
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train)
             r = gather(recv_tab, receivers, dt)
             s = gather(send_tab, senders, dt)
@@ -331,12 +327,8 @@ class MatformerConv(nn.Module):
 
         # upd * sigmoid(LayerNorm_3C(alpha)) -> msg_layer_0 -> LayerNorm_C -> edge mask
         if self.edge_kernel.startswith("pallas"):  # one fused kernel pair (dpf_jax.model.edge_kernel)
-            ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
-            w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
-            ln2_scale, ln2_bias = NormParams(C, name="msg_layer_1")()
-            opts = KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
-            msg = fused_edge_message(qk_ii, q_i, k_j, e, upd, edge_mask, ln1_scale, ln1_bias, w0, b0,
-                                     ln2_scale, ln2_bias, opts)
+            *params, opts = self._chain_params()
+            msg = fused_edge_message(qk_ii, q_i, k_j, e, upd, edge_mask, *params, opts)
         elif self.edge_kernel == "xla":
             alpha = jnp.concatenate([qk_ii, q_i * k_j, q_i * e], axis=-1) * inv  # [E, H, 3C]
             gate = jax.nn.sigmoid(LayerNorm(dtype=jnp.float32, name="layer_norm")(alpha))
@@ -348,6 +340,16 @@ class MatformerConv(nn.Module):
             raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, pallas, pallas_node; "
                              "the last two optionally -<block_edges>x<num_warps>)")
         return self._aggregate_and_update(x, msg, receivers, node_mask, train)
+
+    def _chain_params(self):
+        """For the fused kernels: the parameters of layer_norm, msg_layer_0 and msg_layer_1 (the
+        names and initialisation of the "xla" path's modules) and the kernel options."""
+        C = self.channels
+        ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
+        w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
+        ln2_scale, ln2_bias = NormParams(C, name="msg_layer_1")()
+        opts = KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
+        return ln1_scale, ln1_bias, w0, b0, ln2_scale, ln2_bias, opts
 
     def _aggregate_and_update(self, x, msg, receivers, node_mask, train):
         """Receiver sums of the messages [E, H, C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)."""

@@ -309,6 +309,13 @@ class StopOnSignal:
         self._old = {}
 
 
+def epoch_steps(n_train: int, batch_size: int) -> tuple[bool, int]:
+    """(drop the last partial batch?, steps per epoch): full train batches, as the reference
+    does, unless the split is smaller than one batch (then one partial batch)."""
+    drop = n_train >= batch_size
+    return drop, (n_train // batch_size if drop else 1)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = Path(workdir)
     check_workdir(workdir)
@@ -329,8 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _, run_key = split_seed(config.seed)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**30)
     n_train = len(data.splits["train"])
-    drop = n_train >= config.train.batch_size  # full train batches, as the reference does
-    steps_per_epoch = n_train // config.train.batch_size if drop else 1
+    drop, steps_per_epoch = epoch_steps(n_train, config.train.batch_size)
     # key of the step that consumes batch b of epoch e (used when perturbing on the host)
     train_key_fn = lambda e, b: jax.random.fold_in(run_key, e * steps_per_epoch + b)
     train_b = make_batcher(data.splits["train"], config, num_devices, key_fn=train_key_fn)

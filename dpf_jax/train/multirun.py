@@ -114,8 +114,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     num_devices = mesh.size
     stats = loop.data_stats(config, data)
     n_train = len(data.splits["train"])
-    drop = n_train >= config.train.batch_size
-    steps_per_epoch = n_train // config.train.batch_size if drop else 1
+    drop, steps_per_epoch = loop.epoch_steps(n_train, config.train.batch_size)
     train_b = loop.make_batcher(data.splits["train"], config, num_devices)
     val_b = loop.make_batcher(data.splits["val"], config, num_devices)
     test_b = loop.make_batcher(data.splits["test"], config, num_devices)
