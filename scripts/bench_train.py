@@ -753,7 +753,10 @@ def parse_args(argv):
                    help="MatformerConv formulation(s) to time: edge, node (default: the model's own); "
                         "'node+pallas' runs the per-edge chain as the fused Pallas kernel "
                         "(model.edge_kernel), 'node+pallas-16x8' with another tile (edges x warps)")
-    p.add_argument("--num-devices", type=int, default=0, help="0: every visible device")
+    p.add_argument("--num-devices", nargs="+", type=int, default=[0],
+                   help="device counts to time, each over the first N visible devices (0: every visible "
+                        "device); with several, the JSON also gets the scaling efficiency "
+                        "throughput(N) / (N x throughput(1))")
     p.add_argument("--runs", nargs="+", type=int, default=[1],
                    help="runs trained together in one vmapped step (dpf_jax.train.multirun); 1 = a plain run")
     p.add_argument("--max-records", type=int, default=0, help="cap on dataset records (0: all)")
@@ -827,6 +830,24 @@ def print_table(results, epochs):
               f"{e['host_crystals_per_s']:.0f} crystals/s")
 
 
+def scaling_table(results: list[dict]) -> list[dict]:
+    """Scaling efficiency throughput(N) / (N x throughput(1)) of every configuration timed on 1 and
+    N > 1 devices (same data, model, global batch, precision, formulation, runs)."""
+    def key(r):
+        return (r["data"], r["model"], r["batch_size"], r["precision"], r["formulation"], r.get("runs", 1))
+
+    single = {key(r): r["crystals_per_s"] for r in results if r["num_devices"] == 1}
+    rows = []
+    for r in results:
+        if r["num_devices"] > 1 and key(r) in single:
+            rows.append({"data": r["data"], "model": r["model"], "batch_size": r["batch_size"],
+                         "precision": r["precision"], "formulation": r["formulation"],
+                         "num_devices": r["num_devices"], "crystals_per_s": r["crystals_per_s"],
+                         "crystals_per_s_1": single[key(r)],
+                         "efficiency": r["crystals_per_s"] / (r["num_devices"] * single[key(r)])})
+    return rows
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _INITIAL_STATES.clear()  # initial states are reused within one run only
@@ -838,9 +859,10 @@ def main(argv=None) -> dict:
     for data_kind in (["synthetic" if args.data == ["synthetic"] else "real"] if args.epoch else args.data):
         for name in args.models:
             cache.get(data_kind, make_config(name, args, args.batch_sizes[0], args.precision[0]))
-    mesh = make_mesh(args.num_devices or None)
-    dev = device_info(mesh)
-    print(f"device: {dev['device_kind']} x{dev['num_devices']} ({dev['platform']}), jax {dev['jax']}", flush=True)
+    meshes = {n: make_mesh(n or None) for n in args.num_devices}
+    dev = device_info(max(meshes.values(), key=lambda m: m.size))
+    print(f"device: {dev['device_kind']} x{dev['visible_devices']} ({dev['platform']}), jax {dev['jax']}; "
+          f"timing on {' / '.join(str(m.size) for m in meshes.values())} device(s)", flush=True)
     dump = {} if args.dump_npz else None
     results, epochs, failures, skipped = [], [], [], []
 
@@ -877,6 +899,7 @@ def main(argv=None) -> dict:
             "epoch": epochs,
             "failures": failures,
             "skipped_for_time": skipped,
+            "scaling": scaling_table(results),
             "wall_s": time.perf_counter() - t_start,
         }
         out = _json_safe(out)
@@ -885,14 +908,16 @@ def main(argv=None) -> dict:
 
     forms = args.formulation or [None]
     datas = [None] if args.epoch else args.data
-    jobs = [(d, n, b, p, f, r) for d in datas for n in args.models for b in args.batch_sizes
-            for p in args.precision for f in forms for r in ([1] if args.epoch else args.runs)]
+    jobs = [(d, n, b, p, f, r, m) for m in meshes.values() for d in datas for n in args.models
+            for b in args.batch_sizes for p in args.precision for f in forms
+            for r in ([1] if args.epoch else args.runs)]
     last = 0.0
-    for i, (data_kind, name, bs, prec, form, runs) in enumerate(jobs):
+    for i, (data_kind, name, bs, prec, form, runs, mesh) in enumerate(jobs):
         elapsed = time.perf_counter() - t_start
         if args.time_budget and i and elapsed + last > args.time_budget:
             skipped.extend({"data": d, "model": model_label(n), "batch_size": b, "precision": p,
-                            "formulation": f, "runs": r} for d, n, b, p, f, r in jobs[i:])
+                            "formulation": f, "runs": r, "num_devices": m.size}
+                           for d, n, b, p, f, r, m in jobs[i:])
             print(f"time budget of {args.time_budget:.0f} s reached after {elapsed:.0f} s: skipping the "
                   f"{len(jobs) - i} remaining configuration(s)", flush=True)
             break
@@ -926,6 +951,10 @@ def main(argv=None) -> dict:
         np.savez_compressed(args.dump_npz, **dump)
         print(f"wrote {len(dump)} arrays to {args.dump_npz}", flush=True)
     print_table(results, epochs)
+    for row in out["scaling"]:
+        print(f"scaling {row['data']} {row['model']} B={row['batch_size']} {row['precision']}: "
+              f"{row['num_devices']} devices {row['crystals_per_s']:.0f} crystals/s = "
+              f"{100 * row['efficiency']:.1f}% of {row['num_devices']} x {row['crystals_per_s_1']:.0f}")
     print(f"\nwrote {path} ({out['wall_s']:.0f} s)", flush=True)
     return out
 
