@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA
-from dpf_jax.data.batching import (Budget, GraphBatcher, choose_budgets, fit_budget, graph_to_jraph,
-                                   pad_graphs, prefetch, split_evenly)
+from dpf_jax.data.batching import (Budget, GraphBatcher, balanced_split, choose_budgets, fit_budget,
+                                   graph_to_jraph, pad_graphs, prefetch, split_evenly)
 from dpf_jax.data.graphs import build_crystal_graph
 from dpf_jax.data.readers import load_dataset_records
 
@@ -90,6 +90,49 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch(jarvis_graphs):
     resumed = list(b.iterate(seed=7, epoch=2, start_batch=3))
     for x, y in zip(full[3:], resumed):
         np.testing.assert_array_equal(x.nodes["positions"], y.nodes["positions"])
+
+
+def test_balanced_split_against_brute_force():
+    """Every position once, share sizes as split_evenly's, and the largest share within one
+    crystal of the best equal-count split (brute force over all splits of 8 into 4+4)."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        w = rng.integers(5, 400, size=8)
+        shares = balanced_split(w, 2)
+        assert sorted(np.concatenate(shares).tolist()) == list(range(8))
+        assert [len(s) for s in shares] == [4, 4] and all((np.diff(s) > 0).all() for s in shares)
+        best = min(max(w[list(c)].sum(), w.sum() - w[list(c)].sum()) for c in itertools.combinations(range(8), 4))
+        assert best <= max(w[s].sum() for s in shares) <= best + w.max()
+    # uneven counts and more parts than items
+    assert [len(s) for s in balanced_split(np.ones(10), 4)] == [len(c) for c in split_evenly(range(10), 4)]
+    assert sum(len(s) for s in balanced_split([3.0, 1.0], 4)) == 2
+    np.testing.assert_array_equal(balanced_split([5, 1, 9], 1)[0], [0, 1, 2])  # one share: identity
+
+
+def test_balanced_shares_pad_less_and_keep_global_positions(jarvis_graphs):
+    """On real crystals, 4 balanced shares need a smaller budget than 4 contiguous ones, and
+    each crystal keeps its global-batch position in globals["index"] (noise and prediction
+    order depend on it), whichever device gets it."""
+    kw = dict(batch_size=32, num_devices=4, seed=0)
+    balanced, plain = GraphBatcher(jarvis_graphs, **kw), GraphBatcher(jarvis_graphs, balance=False, **kw)
+    assert balanced.padding_waste()["edge_padding"] < plain.padding_waste()["edge_padding"]
+    order = balanced.epoch_order(1, 0, True)
+    for b in range(balanced.num_batches()):
+        idx = order[b * 32:(b + 1) * 32]
+        shares = balanced.shares(idx)
+        big = lambda sh: max(int(balanced.n_edge[s].sum()) for s in sh)  # noqa: E731
+        assert big(shares) <= big(split_evenly(list(idx), 4))
+        batch = balanced.make_batch(idx)
+        for d in range(4):
+            m = batch.globals["mask"][d]
+            pos = batch.globals["index"][d][m]
+            np.testing.assert_allclose(batch.globals["target"][d][m],
+                                       [float(jarvis_graphs[i].globals["target"][0]) for i in idx[pos]])
+    # one device: the batch is the crystals in order, as without balancing
+    one = GraphBatcher(jarvis_graphs, batch_size=32, seed=0).make_batch(order[:32])
+    np.testing.assert_array_equal(one.globals["index"][0][:32], np.arange(32))
 
 
 def test_split_evenly():

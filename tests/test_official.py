@@ -109,7 +109,8 @@ def test_batches_carry_clean_targets_and_rebuilt_graphs(batcher, records):
             np.testing.assert_allclose(t["lattice"][g], c.lattice.reshape(9), atol=1e-5)
             assert t["type_mask"][atoms].sum() == max(1, math.ceil(0.3 * c.num_atoms))
             np.testing.assert_array_equal(share.nodes["species"][atoms] == 0, t["type_mask"][atoms])
-    assert seen == [crystals[i].id for i in idx]
+    # every crystal once (shares are balanced by edge count, so not in idx order)
+    assert sorted(seen) == sorted(crystals[i].id for i in idx)
 
 
 def test_same_corruption_every_epoch_and_every_batcher(batcher, records):

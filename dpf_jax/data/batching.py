@@ -78,10 +78,12 @@ def graph_to_jraph(graph: CrystalGraph, target: float | None = None) -> jraph.Gr
     )
 
 
-def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index: int = 0) -> jraph.GraphsTuple:
+def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index: int = 0,
+               positions: Sequence[int] | None = None) -> jraph.GraphsTuple:
     """Concatenates single-crystal graphs and pads them to `budget` with `jraph` padding.
 
-    `first_index` is the position of the first graph in the global batch (see "index").
+    globals["index"] is each graph's position in the global batch: `positions` if given, else
+    `first_index`, `first_index + 1`, ... (-1 on padding graphs).
     """
     n_graph = len(graphs)
     if n_graph >= budget.n_graph:
@@ -106,7 +108,8 @@ def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index:
     lattice = padded.globals["lattice"].copy()
     lattice[n_graph:] = np.eye(3, dtype=np.float32)  # keeps lattice inverses finite on padding
     index = np.full(budget.n_graph, -1, np.int32)
-    index[:n_graph] = np.arange(first_index, first_index + n_graph)
+    index[:n_graph] = (np.arange(first_index, first_index + n_graph) if positions is None
+                       else np.asarray(positions, np.int32))
     return padded._replace(
         nodes={**padded.nodes, "graph": graph_index},
         globals={**padded.globals, "lattice": lattice, "index": index},
@@ -133,20 +136,28 @@ def choose_budgets(
     seed: int = 0,
     node_multiple: int = 64,
     edge_multiple: int = 512,
+    num_devices: int = 1,
 ) -> list[Budget]:
     """Picks `num_levels` padding budgets from random batches of this dataset.
 
-    Level k covers the k/num_levels quantile of simulated batch totals (the last level is the
-    largest simulated batch plus 5%), so most batches use a budget not much above their size.
+    Level k covers the k/num_levels quantile of simulated device-share totals (the last level
+    is the largest simulated share plus 5%), so most batches use a budget not much above their
+    size. With several devices the simulated global batches are split as `balanced_split`
+    splits them and the largest share of each counts.
     """
     n_nodes = np.asarray(n_nodes, np.int64)
     n_edges = np.asarray(n_edges, np.int64)
     if n_nodes.size == 0:
         raise ValueError("cannot choose padding budgets for an empty dataset")
-    g = min(graphs_per_device, n_nodes.size)
+    g = min(graphs_per_device * num_devices, n_nodes.size)
     rng = np.random.default_rng(seed)
     idx = np.stack([rng.choice(n_nodes.size, size=g, replace=False) for _ in range(num_samples)])
-    tot_n, tot_e = n_nodes[idx].sum(1), n_edges[idx].sum(1)
+    if num_devices == 1:
+        tot_n, tot_e = n_nodes[idx].sum(1), n_edges[idx].sum(1)
+    else:
+        shares = [[batch[pos] for pos in balanced_split(n_edges[batch], num_devices)] for batch in idx]
+        tot_n = np.array([max(n_nodes[s].sum() for s in sh) for sh in shares])
+        tot_e = np.array([max(n_edges[s].sum() for s in sh) for sh in shares])
     budgets = set()
     for k in range(1, num_levels + 1):
         if k == num_levels:
@@ -186,15 +197,41 @@ def split_evenly(items: Sequence, parts: int) -> list[list]:
     return [list(items[bounds[i]:bounds[i + 1]]) for i in range(parts)]
 
 
+def balanced_split(weights: Sequence[float], parts: int) -> list[np.ndarray]:
+    """Positions 0..n-1 split into `parts` shares of near-equal count (as `split_evenly`) and
+    near-equal total weight: heaviest first, each to the lightest share with room left.
+
+    Each device's share is padded to the budget of the largest share, so with plain contiguous
+    chunks the padding grows with the device count (the largest of N small sums is further
+    above their mean); balanced shares keep it near the one-device figure. Positions inside a
+    share are sorted, and one share is the identity.
+    """
+    w = np.asarray(weights, np.float64)
+    room = np.array([len(c) for c in split_evenly(range(len(w)), parts)])
+    load = np.zeros(parts)
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for pos in np.argsort(-w, kind="stable"):
+        open_ = np.flatnonzero(room > 0)
+        d = int(open_[np.argmin(load[open_])])
+        out[d].append(int(pos))
+        load[d] += w[pos]
+        room[d] -= 1
+    return [np.sort(np.asarray(o, np.int64)) for o in out]
+
+
 class GraphBatcher:
     """Turns a list of single-crystal GraphsTuples into padded, device-stacked batches.
 
-    Each global batch holds `batch_size` crystals split evenly over `num_devices` shares; each
+    Each global batch holds `batch_size` crystals split over `num_devices` shares of near-equal
+    count and (with `balance`, the default) near-equal edge count (`balanced_split`); each
     share is padded to the same budget, so the result has a leading axis of `num_devices`.
+    Every crystal keeps its position in the global batch in globals["index"] (perturbation
+    noise and prediction order depend on it, never on the device that got the crystal).
     """
 
     def __init__(self, graphs: Sequence[jraph.GraphsTuple], batch_size: int, num_devices: int = 1,
-                 budgets: list[Budget] | None = None, num_levels: int = 2, seed: int = 0):
+                 budgets: list[Budget] | None = None, num_levels: int = 2, seed: int = 0,
+                 balance: bool = True):
         if batch_size % num_devices:
             raise ValueError(f"batch size {batch_size} is not divisible by {num_devices} devices")
         if not graphs:
@@ -205,8 +242,10 @@ class GraphBatcher:
         self.per_device = batch_size // num_devices
         self.n_node = np.array([int(g.n_node[0]) for g in self.graphs])
         self.n_edge = np.array([int(g.n_edge[0]) for g in self.graphs])
+        self.balance = bool(balance)
         self.budgets = list(budgets) if budgets else choose_budgets(
-            self.n_node, self.n_edge, self.per_device, num_levels=num_levels, seed=seed)
+            self.n_node, self.n_edge, self.per_device, num_levels=num_levels, seed=seed,
+            num_devices=num_devices if self.balance else 1)
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -222,21 +261,34 @@ class GraphBatcher:
             np.random.default_rng([seed, epoch]).shuffle(order)
         return order
 
+    def share_positions(self, indices: Sequence[int]) -> list[np.ndarray]:
+        """Positions (in `indices`, the global batch) of each device's crystals."""
+        if self.balance and self.num_devices > 1:
+            return balanced_split(self.n_edge[np.asarray(indices, np.int64)], self.num_devices)
+        return [np.asarray(c, np.int64) for c in split_evenly(range(len(indices)), self.num_devices)]
+
+    def shares(self, indices: Sequence[int]) -> list[list[int]]:
+        """The crystals (dataset indices) of each device's share of this global batch."""
+        indices = np.asarray(indices, np.int64)
+        return [indices[p].tolist() for p in self.share_positions(indices)]
+
     def share_budget(self, shares: Sequence[Sequence[int]]) -> Budget:
         """The padding budget that holds the largest of these device shares."""
         return fit_budget(self.budgets, max(int(self.n_node[s].sum()) for s in shares),
                           max(int(self.n_edge[s].sum()) for s in shares), max(len(s) for s in shares))
 
-    def pad_share(self, share: Sequence[int], budget: Budget, first_index: int) -> jraph.GraphsTuple:
-        """One device's padded share (subclasses add fields, e.g. denoising targets)."""
-        return pad_graphs([self.graphs[i] for i in share], budget, first_index)
+    def pad_share(self, share: Sequence[int], budget: Budget, positions: Sequence[int]) -> jraph.GraphsTuple:
+        """One device's padded share: crystals `share` at global-batch `positions` (subclasses
+        add fields, e.g. denoising targets)."""
+        return pad_graphs([self.graphs[i] for i in share], budget, positions=positions)
 
     def make_batch(self, indices: Sequence[int], budget: Budget | None = None) -> jraph.GraphsTuple:
         """The padded batch of these crystals (to `budget` if given, else the smallest fitting)."""
-        shares = split_evenly(list(indices), self.num_devices)
+        indices = np.asarray(indices, np.int64)
+        positions = self.share_positions(indices)
+        shares = [indices[p].tolist() for p in positions]
         budget = budget or self.share_budget(shares)
-        starts = np.cumsum([0] + [len(s) for s in shares])
-        return stack_device_batches([self.pad_share(s, budget, int(start)) for s, start in zip(shares, starts)])
+        return stack_device_batches([self.pad_share(s, budget, p) for s, p in zip(shares, positions)])
 
     def iterate(self, seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_remainder: bool = False,
                 start_batch: int = 0) -> Iterator[jraph.GraphsTuple]:
@@ -251,7 +303,7 @@ class GraphBatcher:
         order = self.epoch_order(seed, 0, True)
         for b in range(self.num_batches()):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            budget = self.share_budget(split_evenly(list(idx), self.num_devices))
+            budget = self.share_budget(self.shares(idx))
             real_n += int(self.n_node[idx].sum())
             real_e += int(self.n_edge[idx].sum())
             tot_n += budget.n_node * self.num_devices

@@ -175,8 +175,8 @@ class OfficialBatcher(GraphBatcher):
         self.crystals = [g.crystal for g in corrupted]  # the corrupted crystals (masked Z = 0)
         super().__init__([graph_to_jraph(g) for g in corrupted], batch_size, num_devices, **kw)
 
-    def pad_share(self, share, budget, first_index: int) -> jraph.GraphsTuple:
-        batch = super().pad_share(share, budget, first_index)
+    def pad_share(self, share, budget, positions) -> jraph.GraphsTuple:
+        batch = super().pad_share(share, budget, positions)
         fields = batch_targets([self.targets[i] for i in share], budget.n_node, budget.n_graph)
         return attach_targets(batch, fields, GRAPH_TARGETS)
 

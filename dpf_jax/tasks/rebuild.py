@@ -15,8 +15,7 @@ from typing import Callable, Sequence
 import jraph
 import numpy as np
 
-from dpf_jax.data.batching import (GraphBatcher, fit_budget, graph_to_jraph, pad_graphs, split_evenly,
-                                   stack_device_batches)
+from dpf_jax.data.batching import GraphBatcher, fit_budget, graph_to_jraph, pad_graphs, stack_device_batches
 from dpf_jax.data.graphs import CrystalGraph
 from dpf_jax.tasks.perturb import batch_host_targets, perturb_crystals_host, rebuild_topology
 
@@ -47,24 +46,24 @@ class RebuildingBatcher(GraphBatcher):
             yield self.make_perturbed_batch(idx, self.key_fn(epoch, b))
 
     def make_perturbed_batch(self, indices: Sequence[int], key) -> jraph.GraphsTuple:
-        shares = split_evenly(list(indices), self.num_devices)
-        starts = np.cumsum([0] + [len(s) for s in shares])
+        # shares balanced on the clean graphs' edge counts (perturbation changes them a little)
+        indices = np.asarray(indices, np.int64)
         built = []
-        for share, start in zip(shares, starts):
-            crystals = [self.crystals[i] for i in share]
-            perturbed = perturb_crystals_host(key, crystals, self.perturb_cfg,
-                                              indices=range(int(start), int(start) + len(share)))
+        for positions in self.share_positions(indices):
+            crystals = [self.crystals[i] for i in indices[positions]]
+            perturbed = perturb_crystals_host(key, crystals, self.perturb_cfg, indices=positions.tolist())
             graphs = [rebuild_topology(p, clean_numbers=c.numbers, **self.graph_kwargs)
                       for (p, _), c in zip(perturbed, crystals)]
-            built.append(([graph_to_jraph(g) for g in graphs], [t for _, t in perturbed], int(start)))
+            built.append(([graph_to_jraph(g) for g in graphs], [t for _, t in perturbed], positions))
         budget = fit_budget(self.budgets,
                             max(sum(int(g.n_node[0]) for g in gs) for gs, _, _ in built),
                             max(sum(int(g.n_edge[0]) for g in gs) for gs, _, _ in built),
                             max(len(gs) for gs, _, _ in built))
         padded = []
-        for graphs, targets, start in built:
+        for graphs, targets, positions in built:
             host_targets = batch_host_targets(targets, budget.n_node, budget.n_graph) if targets else {}
-            padded.append(attach_targets(pad_graphs(graphs, budget, start), host_targets, GRAPH_LEVEL))
+            padded.append(attach_targets(pad_graphs(graphs, budget, positions=positions), host_targets,
+                                         GRAPH_LEVEL))
         if any(not t for _, t, _ in built):  # an empty device share: give it the same fields
             template = next(p for p, (_, t, _) in zip(padded, built) if t)
             padded = [p if t else _zero_fields_like(p, template) for p, (_, t, _) in zip(padded, built)]

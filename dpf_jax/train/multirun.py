@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpf_jax.data.batching import prefetch, split_evenly
+from dpf_jax.data.batching import prefetch
 from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train import loop
 from dpf_jax.train.optim import make_optimizer
@@ -78,7 +78,7 @@ class _Batches:
         orders = [b_.epoch_order(s, epoch, shuffle=True) for s in self.seeds]
         for b in range(start_batch, b_.num_batches(self.drop)):
             chunks = [o[b * self.batch_size:(b + 1) * self.batch_size] for o in orders]
-            budget = b_.share_budget([sh for c in chunks for sh in split_evenly(list(c), b_.num_devices)])
+            budget = b_.share_budget([sh for c in chunks for sh in b_.shares(c)])
             yield _stack([b_.make_batch(c, budget) for c in chunks])
 
 
