@@ -112,3 +112,14 @@ def test_small_benchmark_of_runs_trained_together(tmp_path):
     assert three["gflop_per_step"] == pytest.approx(3 * one["gflop_per_step"], rel=0.35)
     assert three["crystals_per_s"] == pytest.approx(3 * three["crystals_per_s_per_run"])
     assert three["jit_cache_entries"] in (None, len(three["budgets"]))
+
+
+def test_scaling_efficiency_pairs_each_configuration_with_its_one_device_run():
+    bench = _load_script()
+    row = dict(data="real", model="pretrain_mask30", precision="default", formulation="node", runs=1)
+    results = [dict(row, batch_size=256, num_devices=1, crystals_per_s=12000.0),
+               dict(row, batch_size=256, num_devices=4, crystals_per_s=30000.0),
+               dict(row, batch_size=1024, num_devices=4, crystals_per_s=40000.0)]  # no 1-device run
+    table = bench.scaling_table(results)
+    assert len(table) == 1 and table[0]["num_devices"] == 4
+    assert abs(table[0]["efficiency"] - 30000.0 / (4 * 12000.0)) < 1e-12

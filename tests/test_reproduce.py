@@ -44,6 +44,27 @@ def test_parity_table_against_the_reference(tmp_path):
     assert "| 1.05 |" in table and "| 0.98 |" in table  # 0.2121 / 0.202, 0.2 / 0.204
 
 
+def test_worst_test_structures_from_prediction_files(tmp_path):
+    """Seed-mean absolute error per structure, the worst first, its share of the MAE and the MAE
+    without it, from the runs' predictions_test.csv (checked by hand on 3 structures, 2 seeds)."""
+    base = tmp_path / "finetune_reference" / "jarvis_mbj_bandgap" / "scratch"
+    rows = {0: [("a", 0.0, 0.1), ("b", 8.0, 4.0), ("c", 1.0, 1.0)],
+            1: [("a", 0.0, -0.3), ("b", 8.0, 6.0), ("c", 1.0, 0.5)]}
+    for seed, rs in rows.items():
+        (base / f"seed{seed}").mkdir(parents=True)
+        (base / f"seed{seed}" / "predictions_test.csv").write_text(
+            "id,target,prediction\n" + "".join(f"{i},{t},{y}\n" for i, t, y in rs))
+    w = parity.worst_test_structures(str(tmp_path), ["jarvis:mbj_bandgap", "mp:band_gap"], ["scratch"], [0, 1])
+    assert list(w) == ["jarvis:mbj_bandgap"]  # no files, no entry
+    r = w["jarvis:mbj_bandgap"]["scratch"]
+    errors = {"a": 0.2, "b": 3.0, "c": 0.25}  # mean |error| over the two seeds
+    assert r["n_test"] == 3 and abs(r["mae"] - sum(errors.values()) / 3) < 1e-12
+    assert [x["id"] for x in r["worst"]] == ["b", "c", "a"]
+    assert abs(r["worst"][0]["prediction"] - 5.0) < 1e-12 and abs(r["mae_without_worst"] - 0.225) < 1e-12
+    assert abs(r["worst"][0]["mae_share"] - 3.0 / 3.45) < 1e-12
+    assert "b (8.00 → 5.00, 87%)" in parity.worst_table(w, parity.reference_numbers())
+
+
 def test_quick_sweep_with_runs_trained_together(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "results"
     argv = ["--quick", "--methods", "scratch", "pretrain_mask30", "--tasks", "mp:band_gap", "--seeds", "0", "1",
