@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.base_momentum = 0.85
     c.optim.max_momentum = 0.95
     c.optim.clip_norm = 5.0
+    # run the optimiser update on one flat vector of all parameters (optax.flatten): the same
+    # numbers, ~300 fewer small kernels per step than one update per parameter leaf (113 of them)
+    c.optim.flatten = True
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 500

@@ -174,15 +174,19 @@ def visible_gpus() -> list[str]:
 def worker_envs(parallel: int, gpus: list[str]) -> list[dict]:
     """Environment of each of `parallel` worker slots. With several workers and several GPUs,
     worker k sees only GPU k mod n (independent runs gain nothing from sharing a card: with
-    2 GPUs, 4 workers put 2 runs on each); the memory fraction is split among a card's workers."""
+    2 GPUs, 4 workers put 2 runs on each); the memory fraction is split among a card's workers:
+    0.9 of the card, or of XLA_PYTHON_CLIENT_MEM_FRACTION when it is set (to leave room for
+    another program on the same GPUs: JAX preallocates, and CUDA graphs need memory outside
+    that pool, so two programs at 0.9 each fail with out-of-memory)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
     if parallel <= 1:
         return [env]  # one run at a time uses every device (data parallel)
     per_card = math.ceil(parallel / max(1, len(gpus)))
+    share = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9"))
     envs = []
     for k in range(parallel):
-        e = dict(env, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / per_card:.3f}")
+        e = dict(env, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{share / per_card:.3f}")
         if len(gpus) > 1:
             e["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
         envs.append(e)

@@ -123,3 +123,16 @@ def test_scaling_efficiency_pairs_each_configuration_with_its_one_device_run():
     table = bench.scaling_table(results)
     assert len(table) == 1 and table[0]["num_devices"] == 4
     assert abs(table[0]["efficiency"] - 30000.0 / (4 * 12000.0)) < 1e-12
+
+
+def test_step_op_counter_reads_the_optimised_program():
+    spec = importlib.util.spec_from_file_location("count_step_ops", REPO / "scripts" / "count_step_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((8, 8))
+    text = jax.jit(lambda a, b: (a @ b, jnp.tanh(a).sum())).lower(x, x).compile().as_text()
+    ops = module.entry_op_counts(text)
+    assert ops["parameter"] == 2 and sum(ops.values()) >= 4  # two inputs, the matmul, the reduction, a tuple

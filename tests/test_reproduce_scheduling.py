@@ -39,7 +39,8 @@ def write_results(run_dirs):
 
 # ------------------------------------------------------------------------------ worker slots
 
-def test_worker_envs_spread_workers_over_gpus():
+def test_worker_envs_spread_workers_over_gpus(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     envs = reproduce.worker_envs(4, ["0", "1"])
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0", "1"]
     assert [e["XLA_PYTHON_CLIENT_MEM_FRACTION"] for e in envs] == ["0.450"] * 4  # 2 workers per card
@@ -52,6 +53,11 @@ def test_worker_envs_spread_workers_over_gpus():
     (env,) = reproduce.worker_envs(1, ["0", "1"])  # one worker: every device, the default memory share
     assert env.get("CUDA_VISIBLE_DEVICES") == reproduce.os.environ.get("CUDA_VISIBLE_DEVICES")
     assert env.get("XLA_PYTHON_CLIENT_MEM_FRACTION") == reproduce.os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
+def test_worker_envs_divide_a_given_memory_fraction(monkeypatch):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.4")  # room left for another program
+    assert [e["XLA_PYTHON_CLIENT_MEM_FRACTION"] for e in reproduce.worker_envs(4, ["0", "1"])] == ["0.200"] * 4
 
 
 def test_worker_envs_without_cuda_visible_devices(monkeypatch):

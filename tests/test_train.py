@@ -179,6 +179,30 @@ def test_checkpoint_boundaries_and_changed_settings(tmp_path):
     config.train.epochs = 3
     with pytest.raises(loop.TrainingError, match="same settings"):
         loop.train_and_evaluate(config, str(tmp_path))
+    config.train.epochs = 2
+    config.optim.flatten = not config.optim.flatten  # another optimiser-state layout: refused, named
+    with pytest.raises(loop.TrainingError, match=f"optim.flatten={not config.optim.flatten}"):
+        loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_flat_optimizer_update_equals_the_per_leaf_one():
+    """optax.flatten (optim.flatten, the default) runs the same AdamW + clipping maths on one
+    vector: three updates of real-shaped parameters agree with the per-leaf optimiser."""
+    config = finetune_jarvis.get_config()
+    rng = np.random.default_rng(0)
+    params = {"a": {"w": rng.normal(size=(92, 128)).astype(np.float32)}, "b": rng.normal(size=(128,)).astype(np.float32)}
+    out = []
+    for flat in (False, True):
+        config.optim.flatten = flat
+        tx = make_optimizer(config.optim, 100)
+        p, st = params, tx.init(params)
+        for k in range(3):
+            g = jax.tree_util.tree_map(lambda x: np.float32(3.0 + k) * np.cos(x), p)  # norm > 5: clipping acts
+            upd, st = tx.update(g, st, p)
+            p = jax.tree_util.tree_map(lambda x, u: x + u, p, upd)
+        out.append((p, loop._current_lr(type("S", (), {"opt_state": st})())))
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), out[0][0], out[1][0])
+    assert out[0][1] == out[1][1] and np.isfinite(out[0][1])
 
 
 def test_deferred_checkpoints_keep_the_best_model(tmp_path):

@@ -99,6 +99,15 @@ class Checkpointer:
             state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"])
 
+    def read_meta(self, which: str, step: int | None = None) -> dict | None:
+        """The JSON meta of `which` (newest step, or `step`) without its state: resumption
+        checks run on it before a restore that a changed state layout would break."""
+        manager = self.latest if which == "latest" else self.best
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            return None
+        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
     def close(self):
         self.wait()
         self.latest.close()

@@ -357,11 +357,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              num_devices, jax.devices()[0].platform)
 
     checkpointer = ckpt_lib.Checkpointer(workdir)
+    saved_meta = checkpointer.read_meta("latest")
+    if saved_meta is not None:  # before restoring: a changed state layout would fail obscurely there
+        _check_resume_compatible(saved_meta, steps_per_epoch, config, workdir)
     restored = checkpointer.restore("latest", state)
     best_metric, best_epoch = math.inf, -1
     if restored is not None:
         state, meta = restored
-        _check_resume_compatible(meta, steps_per_epoch, config, workdir)
         best_metric, best_epoch = meta.get("best_metric", math.inf), meta.get("best_epoch", -1)
         print(f"Resuming from {workdir}/checkpoints/latest at step {int(state.step)}", flush=True)
     elif init_path:
@@ -528,6 +530,11 @@ def _check_resume_compatible(meta: dict, steps_per_epoch: int, config, workdir) 
             f"{workdir} holds a run with {meta.get('steps_per_epoch')} steps per epoch and {saved_epochs} "
             f"epochs; this config gives {steps_per_epoch} and {config.train.epochs} (changed data, batch "
             "size or epochs). Resume with the same settings or use another --workdir.")
+    saved_flat = bool(meta.get("config", {}).get("optim", {}).get("flatten", False))
+    if "config" in meta and saved_flat != bool(config.optim.get("flatten", False)):
+        raise TrainingError(
+            f"{workdir} holds a run whose optimiser state was saved with optim.flatten={saved_flat}; resume it "
+            f"with --config.optim.flatten={saved_flat} (the state layouts differ) or use another --workdir.")
 
 
 def _drain(pending: list, sums: dict, keep: int = 0, run_names: list[str] | None = None) -> None:

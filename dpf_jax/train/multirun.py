@@ -136,10 +136,11 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     states, best, resumed = [], [], []
     for c, init, ck, w in zip(configs, init_paths, checkpointers, workdirs):
         state = create_state(model, tx, example, c.seed, stats)
+        if resume_step is not None:
+            loop._check_resume_compatible(ck.read_meta("latest", step=resume_step), steps_per_epoch, c, w)
         restored = ck.restore("latest", state, step=resume_step) if resume_step is not None else None
         if restored is not None:
             state, meta = restored
-            loop._check_resume_compatible(meta, steps_per_epoch, c, w)
             best.append([meta.get("best_metric", math.inf), meta.get("best_epoch", -1)])
             resumed.append(int(state.step))
         else:

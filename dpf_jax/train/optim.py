@@ -50,4 +50,7 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(adamw)
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    # One update over the concatenated parameters instead of one per leaf: elementwise the same
+    # maths (the clipping norm sums in another order), far fewer kernel launches per step.
+    return optax.flatten(tx) if cfg.get("flatten", False) else tx

@@ -1,0 +1,90 @@
+"""How many operations the compiled training step runs, by kind (any backend; no timing).
+
+    python scripts/count_step_ops.py                                  # pretrain_mask30, B=32, flatten off/on
+    python scripts/count_step_ops.py --config finetune_jarvis --batch-size 64 --records 400
+
+At small per-device batches the step time is set by how many kernels run, not by how much
+data they touch (PERF_NOTES.md, session 5: ~7 ms of a 21 ms B=256 pre-training step on an H200
+does not scale with the batch). This compiles the project's own `make_train_step` for a real
+batch and counts the top-level instructions of the optimised program by opcode (`fusion`,
+`copy`, `dot`, `all-reduce`, ... ; on a GPU each fusion / copy / dot / custom-call is at least
+one kernel launch), once per `--variants` setting of `optim.flatten`, and writes a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def entry_op_counts(hlo_text: str) -> collections.Counter:
+    """Opcode -> count over the ENTRY computation of an optimised HLO module's text."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    body = entry[:entry.index("\n}")]
+    counts = collections.Counter()
+    for line in body.splitlines()[1:]:
+        m = re.search(r"=\s+\S+\s+([a-z][\w-]*)\(", line)
+        if m:
+            counts[m.group(1)] += 1
+    return counts
+
+
+def count(config_name: str, batch_size: int, records: int, flatten: bool) -> dict:
+    import jax
+    import optax  # noqa: F401  (the optimiser module imports it; fail early if missing)
+
+    from dpf_jax.train import loop
+    from dpf_jax.train.optim import make_optimizer
+    from dpf_jax.train.parallel import make_mesh, put_batch, put_replicated
+    from dpf_jax.train.step import create_state, make_train_step
+
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    config.data.max_records = records
+    config.train.batch_size = batch_size
+    config.train.progress_bar = False
+    config.optim.flatten = flatten
+    data = loop.load_data(config)
+    stats = loop.data_stats(config, data)
+    batch = next(loop.make_batcher(data.splits["train"], config, 1).iterate(shuffle=False))
+    objective = loop.make_objective(config)
+    model = objective.make_model()
+    tx = make_optimizer(config.optim, 1000)
+    mesh = make_mesh(1)
+    state = put_replicated(create_state(model, tx, jax.tree_util.tree_map(lambda x: x[0], batch), 0, stats), mesh)
+    compiled = make_train_step(objective, model, tx, mesh).lower(state, put_batch(batch, mesh)).compile()
+    ops = entry_op_counts(compiled.as_text())
+    return {"config": config_name, "batch_size": batch_size, "flatten": flatten, "backend": jax.default_backend(),
+            "parameter_leaves": len(jax.tree_util.tree_leaves(state.params)),
+            "entry_instructions": sum(ops.values()), "ops": dict(ops.most_common())}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="pretrain_mask30")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--records", type=int, default=300, help="dataset records to load (a batch needs few)")
+    p.add_argument("--variants", nargs="+", default=["tree", "flat"], choices=["tree", "flat"],
+                   help="optim.flatten off (tree: one update per parameter leaf) / on (flat)")
+    p.add_argument("--out", default=str(REPO / "scripts" / "results" / "step_op_counts.json"))
+    args = p.parse_args(argv)
+    rows = [count(args.config, args.batch_size, args.records, v == "flat") for v in args.variants]
+    for r in rows:
+        top = ", ".join(f"{k} {v}" for k, v in list(r["ops"].items())[:6])
+        print(f"{r['config']} B={r['batch_size']} optim.flatten={r['flatten']} ({r['backend']}): "
+              f"{r['entry_instructions']} instructions ({top})", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
