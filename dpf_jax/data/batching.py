@@ -26,6 +26,7 @@ that exceeds every level gets a new, larger level (logged) instead of being drop
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
 import queue
@@ -207,15 +208,17 @@ def balanced_split(weights: Sequence[float], parts: int) -> list[np.ndarray]:
     share are sorted, and one share is the identity.
     """
     w = np.asarray(weights, np.float64)
-    room = np.array([len(c) for c in split_evenly(range(len(w)), parts)])
-    load = np.zeros(parts)
+    room = [len(c) for c in split_evenly(range(len(w)), parts)]
+    order = np.argsort(-w, kind="stable")
+    # a heap of (load, share) over the shares with room: the lightest, lowest-numbered first
+    # (pure Python: ~1 ms for 1,024 crystals, on the host batching path)
+    heap = [(0.0, d) for d in range(parts) if room[d]]
     out: list[list[int]] = [[] for _ in range(parts)]
-    for pos in np.argsort(-w, kind="stable"):
-        open_ = np.flatnonzero(room > 0)
-        d = int(open_[np.argmin(load[open_])])
-        out[d].append(int(pos))
-        load[d] += w[pos]
-        room[d] -= 1
+    for pos, weight in zip(order.tolist(), w[order].tolist()):
+        load, d = heapq.heappop(heap)
+        out[d].append(pos)
+        if len(out[d]) < room[d]:
+            heapq.heappush(heap, (load + weight, d))
     return [np.sort(np.asarray(o, np.int64)) for o in out]
 
 
