@@ -616,6 +616,9 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
         "data": data_kind, "model": model_label(name), "mode": config.mode, "batch_size": batch_size,
         "precision": precision, "formulation": formulation, "num_devices": D, "num_parameters": n_params,
         "runs": runs,  # runs trained together in one step (crystals/s counts all of them)
+        # settings that changed the step's cost after session 5's timings
+        "optim_flatten": bool(config.optim.get("flatten", False)),
+        "balance_shares": bool(config.train.get("balance_shares", True)),
         "crystals_per_s": tot["real_graphs"] / t_med,
         "crystals_per_s_per_run": tot["real_graphs"] / t_med / runs,
         "crystals_per_s_min": tot["real_graphs"] / max(times),

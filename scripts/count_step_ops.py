@@ -39,7 +39,6 @@ def entry_op_counts(hlo_text: str) -> collections.Counter:
 
 def count(config_name: str, batch_size: int, records: int, flatten: bool) -> dict:
     import jax
-    import optax  # noqa: F401  (the optimiser module imports it; fail early if missing)
 
     from dpf_jax.train import loop
     from dpf_jax.train.optim import make_optimizer

@@ -179,10 +179,44 @@ def test_checkpoint_boundaries_and_changed_settings(tmp_path):
     config.train.epochs = 3
     with pytest.raises(loop.TrainingError, match="same settings"):
         loop.train_and_evaluate(config, str(tmp_path))
-    config.train.epochs = 2
-    config.optim.flatten = not config.optim.flatten  # another optimiser-state layout: refused, named
-    with pytest.raises(loop.TrainingError, match=f"optim.flatten={not config.optim.flatten}"):
-        loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_resume_adopts_the_saved_optimizer_layout(tmp_path, capsys):
+    """A run saved with the per-leaf optimiser state (optim.flatten=False, as every checkpoint
+    from before the option) resumes under the flat default: it adopts the saved layout, says
+    so, and ends exactly as the uninterrupted per-leaf run."""
+    config = tiny(finetune_jarvis.get_config(), records=80, epochs=2, batch=16)
+    config.optim.flatten = False
+    whole = loop.train_and_evaluate(config, str(tmp_path / "whole"))
+    config.train.max_steps = 3
+    loop.train_and_evaluate(config, str(tmp_path / "split"))
+    config.train.max_steps, config.optim.flatten = 0, True
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "split"))
+    assert "Resuming with optim.flatten=False" in capsys.readouterr().out
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["optim"]["flatten"] is False
+    assert resumed["test_mae_final"] == whole["test_mae_final"]
+
+
+def test_evaluate_returns_predictions_in_dataset_order_on_4_balanced_devices():
+    """Balanced shares put crystals on devices out of order; `evaluate` maps every prediction
+    back through globals["index"]: an eval step that 'predicts' each crystal's own target must
+    give back the split's targets in order (103 crystals, batch 32: a partial last batch)."""
+    import jax.numpy as jnp
+
+    config = tiny(finetune_jarvis.get_config(), records=150, epochs=1, batch=32)
+    data = loop.load_data(config)
+    split = data.splits["train"]
+    mesh = make_mesh(4)
+    batcher = loop.make_batcher(split, config, 4)
+    assert batcher.balance
+
+    def echo_step(state, batch, key):
+        m = batch.globals["mask"]
+        return {"mae": (jnp.sum(m), jnp.sum(m))}, batch.globals["target"]
+
+    metrics, preds = loop.evaluate(echo_step, None, batcher, mesh, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(preds, np.nan_to_num(split.targets, nan=0.0), rtol=1e-6)
+    assert metrics["mae"] == 1.0
 
 
 def test_flat_optimizer_update_equals_the_per_leaf_one():

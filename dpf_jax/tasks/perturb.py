@@ -23,7 +23,7 @@ i.e. the counter-based hash jax.random is built on, with a fixed slot per purpos
 position-subset score, position normals, lattice normals), so enabling one corruption never
 changes another's noise, and `perturb` gives each corruption exactly the noise it gets alone.
 ``index_g`` is ``globals["index"]`` (int32 [G], the crystal's position in the global batch;
-`dpf_jax.data.batching.pad_graphs(first_index=...)` writes it), which makes the result
+`dpf_jax.data.batching.pad_graphs(positions=...)` writes it), which makes the result
 independent of how the global batch is split over devices: give every device the SAME step
 key and each share gets exactly the noise the single-device batch would give (folding the
 device index into the key instead gives valid but device-count-dependent noise). Without

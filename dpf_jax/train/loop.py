@@ -347,6 +347,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     test_b = make_batcher(data.splits["test"], config, num_devices, key_fn=lambda e, b: eval_key)
     assert steps_per_epoch == train_b.num_batches(drop_remainder=drop)
     total_steps = steps_per_epoch * config.train.epochs
+    checkpointer = ckpt_lib.Checkpointer(workdir)
+    saved_meta = checkpointer.read_meta("latest")
+    if saved_meta is not None:  # before building the state a restore must match
+        _check_resume_compatible(saved_meta, steps_per_epoch, config, workdir)
+        if adopt_saved_optimizer_layout(saved_meta, config):
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     tx = make_optimizer(config.optim, total_steps)
     model = objective.make_model()
 
@@ -356,10 +362,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("model: %s with %d parameters on %d device(s) (%s)", type(model).__name__, n_params,
              num_devices, jax.devices()[0].platform)
 
-    checkpointer = ckpt_lib.Checkpointer(workdir)
-    saved_meta = checkpointer.read_meta("latest")
-    if saved_meta is not None:  # before restoring: a changed state layout would fail obscurely there
-        _check_resume_compatible(saved_meta, steps_per_epoch, config, workdir)
     restored = checkpointer.restore("latest", state)
     best_metric, best_epoch = math.inf, -1
     if restored is not None:
@@ -530,11 +532,19 @@ def _check_resume_compatible(meta: dict, steps_per_epoch: int, config, workdir) 
             f"{workdir} holds a run with {meta.get('steps_per_epoch')} steps per epoch and {saved_epochs} "
             f"epochs; this config gives {steps_per_epoch} and {config.train.epochs} (changed data, batch "
             "size or epochs). Resume with the same settings or use another --workdir.")
-    saved_flat = bool(meta.get("config", {}).get("optim", {}).get("flatten", False))
-    if "config" in meta and saved_flat != bool(config.optim.get("flatten", False)):
-        raise TrainingError(
-            f"{workdir} holds a run whose optimiser state was saved with optim.flatten={saved_flat}; resume it "
-            f"with --config.optim.flatten={saved_flat} (the state layouts differ) or use another --workdir.")
+
+
+def adopt_saved_optimizer_layout(meta: dict, config) -> bool:
+    """A run resumes with the optimiser-state layout it was saved with (`optim.flatten` only
+    changes speed, and the two layouts cannot restore into each other; checkpoints from before
+    the option existed are per-leaf). Returns whether `config` was changed."""
+    saved = bool(meta.get("config", {}).get("optim", {}).get("flatten", False))
+    if saved == bool(config.optim.get("flatten", False)):
+        return False
+    print(f"Resuming with optim.flatten={saved}, the optimiser-state layout the checkpoint was saved with",
+          flush=True)
+    config.optim.flatten = saved
+    return True
 
 
 def _drain(pending: list, sums: dict, keep: int = 0, run_names: list[str] | None = None) -> None:

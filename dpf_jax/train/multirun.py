@@ -119,16 +119,23 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     val_b = loop.make_batcher(data.splits["val"], config, num_devices)
     test_b = loop.make_batcher(data.splits["test"], config, num_devices)
     batches = _Batches(train_b, [c.seed for c in configs], config.train.batch_size, drop)
-    tx = make_optimizer(config.optim, steps_per_epoch * config.train.epochs)
-    model = objective.make_model()
-    example = jax.tree_util.tree_map(lambda x: x[0], next(train_b.iterate(shuffle=False)))
-
     checkpointers = [ckpt_lib.Checkpointer(w) for w in workdirs]
     saved = [set(ck.latest.all_steps()) for ck in checkpointers]
     common = set.intersection(*saved)
     # runs saved one after another can be a save apart if killed hard in between: resume all
     # at the newest step every run still holds (two latest checkpoints are kept per run)
     resume_step = max(common) if common else None
+    metas = [ck.read_meta("latest", step=resume_step) for ck in checkpointers] if resume_step is not None else []
+    for c, w, meta in zip(configs, workdirs, metas):  # before the state exists: see loop.py
+        loop._check_resume_compatible(meta, steps_per_epoch, c, w)
+    if metas and loop.adopt_saved_optimizer_layout(metas[0], config):  # one optimiser for all runs
+        for c, w in zip(configs, workdirs):
+            c.optim.flatten = config.optim.flatten
+            (w / "config.json").write_text(c.to_json_best_effort(indent=2))
+    tx = make_optimizer(config.optim, steps_per_epoch * config.train.epochs)
+    model = objective.make_model()
+    example = jax.tree_util.tree_map(lambda x: x[0], next(train_b.iterate(shuffle=False)))
+
     if resume_step is None and any(saved):
         raise loop.TrainingError(
             f"the runs' latest checkpoints share no step ({dict(zip(map(str, workdirs), map(sorted, saved)))}); "
@@ -136,8 +143,6 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     states, best, resumed = [], [], []
     for c, init, ck, w in zip(configs, init_paths, checkpointers, workdirs):
         state = create_state(model, tx, example, c.seed, stats)
-        if resume_step is not None:
-            loop._check_resume_compatible(ck.read_meta("latest", step=resume_step), steps_per_epoch, c, w)
         restored = ck.restore("latest", state, step=resume_step) if resume_step is not None else None
         if restored is not None:
             state, meta = restored
