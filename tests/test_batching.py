@@ -119,17 +119,19 @@ def test_balanced_shares_pad_less_and_keep_global_positions(jarvis_graphs):
     balanced, plain = GraphBatcher(jarvis_graphs, **kw), GraphBatcher(jarvis_graphs, balance=False, **kw)
     assert balanced.padding_waste()["edge_padding"] < plain.padding_waste()["edge_padding"]
     order = balanced.epoch_order(1, 0, True)
+    big = lambda sh: max(int(balanced.n_edge[s].sum()) for s in sh)  # noqa: E731 - largest share's edges
+    largest = {"balanced": 0, "contiguous": 0}
     for b in range(balanced.num_batches()):
         idx = order[b * 32:(b + 1) * 32]
-        shares = balanced.shares(idx)
-        big = lambda sh: max(int(balanced.n_edge[s].sum()) for s in sh)  # noqa: E731
-        assert big(shares) <= big(split_evenly(list(idx), 4))
+        largest["balanced"] += big(balanced.shares(idx))
+        largest["contiguous"] += big(split_evenly(list(idx), 4))
         batch = balanced.make_batch(idx)
         for d in range(4):
             m = batch.globals["mask"][d]
             pos = batch.globals["index"][d][m]
             np.testing.assert_allclose(batch.globals["target"][d][m],
                                        [float(jarvis_graphs[i].globals["target"][0]) for i in idx[pos]])
+    assert largest["balanced"] < largest["contiguous"]  # over the epoch (greedy is not optimal per batch)
     # one device: the batch is the crystals in order, as without balancing
     one = GraphBatcher(jarvis_graphs, batch_size=32, seed=0).make_batch(order[:32])
     np.testing.assert_array_equal(one.globals["index"][0][:32], np.arange(32))
