@@ -105,6 +105,42 @@ def test_nan_loss_stops_with_the_step_and_no_nan_checkpoint(tmp_path):
         assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
 
 
+def test_nan_gradient_with_a_finite_loss_leaves_the_state_unchanged(monkeypatch):
+    """The guard tests the loss and the gradients' global norm: one NaN in one gradient leaf
+    (the loss itself finite) must skip the update of every leaf."""
+    import jax.numpy as jnp
+
+    from dpf_jax.train import step as step_lib
+
+    @jax.custom_jvp
+    def zero_with_nan_gradient(x):
+        return jnp.zeros(())
+
+    @zero_with_nan_gradient.defjvp
+    def _jvp(primals, tangents):
+        return jnp.zeros(()), jnp.nan * jnp.sum(tangents[0])
+
+    def fake_forward(params, batch_stats, stats, batch, key):
+        leaves = jax.tree_util.tree_leaves(params)
+        loss = sum(jnp.sum(x ** 2) for x in leaves) + zero_with_nan_gradient(leaves[0].sum())
+        return loss, (batch_stats, {}, None)
+
+    monkeypatch.setattr(step_lib, "make_forward", lambda *a, **k: fake_forward)
+    config = tiny(finetune_jarvis.get_config(), records=40, epochs=1, batch=8)
+    data = loop.load_data(config)
+    batch = next(loop.make_batcher(data.splits["train"], config, 1).iterate(shuffle=False))
+    objective = loop.make_objective(config)
+    model = objective.make_model()
+    tx = make_optimizer(config.optim, 10)
+    state = create_state(model, tx, jax.tree_util.tree_map(lambda x: x[0], batch), 0, loop.data_stats(config, data))
+    new_state, metrics = jax.jit(step_lib.train_step_fn(objective, model, tx, None))(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and not bool(metrics["finite"])
+    assert not np.isfinite(float(metrics["grad_norm"]))
+    for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    assert int(new_state.step) == int(state.step) + 1
+
+
 def test_finetuning_starts_from_the_pretrained_encoder(tmp_path):
     pre = tiny(pretrain_mask30.get_config(), records=64, epochs=1, batch=16)
     pre_dir = tmp_path / "pre"
