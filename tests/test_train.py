@@ -255,6 +255,16 @@ def test_evaluate_returns_predictions_in_dataset_order_on_4_balanced_devices():
     assert metrics["mae"] == 1.0
 
 
+def test_global_norm_over_the_concatenated_leaves():
+    import optax
+
+    from dpf_jax.train.step import _global_norm
+
+    rng = np.random.default_rng(1)
+    tree = {"a": rng.normal(size=(92, 128)).astype(np.float32), "b": [rng.normal(size=(7,)).astype(np.float32)]}
+    np.testing.assert_allclose(float(_global_norm(tree)), float(optax.global_norm(tree)), rtol=1e-6)
+
+
 def test_flat_optimizer_update_equals_the_per_leaf_one():
     """optax.flatten (optim.flatten, the default) runs the same AdamW + clipping maths on one
     vector: three updates of real-shaped parameters agree with the per-leaf optimiser."""
