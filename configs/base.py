@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.max_steps = 0  # >0: stop (and checkpoint) there, as if interrupted; rerun resumes
     c.train.num_budget_levels = 2
     # split each global batch over the devices by edge count (heaviest crystal first to the
-    # lightest share), so the shared padding budget stays near the one-device size
+    # lightest share), so the edge padding stays near its one-device level
     c.train.balance_shares = True
     c.train.prefetch = 2
     c.train.progress_bar = True

@@ -100,7 +100,7 @@ def worst_test_structures(runs: str, tasks: list[str], methods: list[str], seeds
     return out
 
 
-def worst_table(worst: dict, reference: dict) -> str:
+def worst_table(worst: dict) -> str:
     lines = ["| task | method | test MAE (seed mean) | without the worst structure | worst structures: id (target → mean prediction, share of the MAE) |",
              "|---|---|---|---|---|"]
     for task, per in worst.items():
@@ -149,7 +149,7 @@ def main(argv=None):
         + (f"\nFailed: {', '.join(summary['failed'])}\n" if summary.get("failed") else "")
         + ("\n## Where the test error sits\n\nFinal models, absolute error per test structure averaged over "
            "the seeds; the share is of the task's MAE. The reference is one run, so a structure it got "
-           "right or wrong by chance moves its MAE as much.\n\n" + worst_table(worst, reference) + "\n"
+           "right or wrong by chance moves its MAE as much.\n\n" + worst_table(worst) + "\n"
            if worst else ""))
     print(table)
     if failed:

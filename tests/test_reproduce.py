@@ -62,7 +62,7 @@ def test_worst_test_structures_from_prediction_files(tmp_path):
     assert [x["id"] for x in r["worst"]] == ["b", "c", "a"]
     assert abs(r["worst"][0]["prediction"] - 5.0) < 1e-12 and abs(r["mae_without_worst"] - 0.225) < 1e-12
     assert abs(r["worst"][0]["mae_share"] - 3.0 / 3.45) < 1e-12
-    assert "b (8.00 → 5.00, 87%)" in parity.worst_table(w, parity.reference_numbers())
+    assert "b (8.00 → 5.00, 87%)" in parity.worst_table(w)
 
 
 def test_quick_sweep_with_runs_trained_together(tmp_path):

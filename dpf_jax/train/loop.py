@@ -128,26 +128,27 @@ def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_f
     host and rebuilds each perturbed crystal's graph, keyed by `key_fn(epoch, batch)`."""
     if not split.graphs:
         return None
+    balance = config.train.get("balance_shares", True)
     if config.mode == "pretrain" and _corruption(config) == "official":  # corrupted once, here
         return OfficialBatcher(split.graphs, config.train.batch_size, num_devices, config.seed,
                                dataclasses.asdict(_graph_params(config)),
                                workers=config.data.num_workers or default_workers(),
                                progress=config.train.progress_bar, budgets=budgets,
                                num_levels=config.train.num_budget_levels, seed=0,
-                               balance=config.train.get("balance_shares", True))
+                               balance=balance)
     if config.mode == "pretrain" and config.pretrain.rebuild_topology and key_fn is not None:
         return RebuildingBatcher(split.graphs, config.train.batch_size, num_devices,
                                  DenoisingObjective(config.model, config.pretrain).perturb_cfg(), key_fn,
                                  dataclasses.asdict(_graph_params(config)),
                                  num_levels=config.train.num_budget_levels, seed=0,
-                                 balance=config.train.get("balance_shares", True))
+                                 balance=balance)
     targets = np.nan_to_num(split.targets, nan=0.0)
     graphs = [graph_to_jraph(g, float(t)) for g, t in zip(split.graphs, targets)]
     # budgets are sampled with a fixed seed, not the run's: runs that differ only in seed then
     # share padded shapes, hence compiled executables in the persistent compilation cache
     return GraphBatcher(graphs, config.train.batch_size, num_devices, budgets=budgets,
                         num_levels=config.train.num_budget_levels, seed=0,
-                        balance=config.train.get("balance_shares", True))
+                        balance=balance)
 
 
 def restore_encoder(state: TrainState, path: str) -> TrainState:
