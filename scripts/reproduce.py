@@ -484,18 +484,25 @@ def run_jobs(args) -> tuple[list, dict]:
     deadline = clock() + args.start_deadline if args.start_deadline > 0 else None
     log_dir = Path(args.runs) / "logs"
     failed, not_started = [], {}
-    pre = [pretrain_run(m, args) for m in args.methods if m != "scratch"]
-    print(f"pre-training {len(pre)} config(s)", flush=True)
-    res = run_all(pre, 1, log_dir, deadline=deadline)  # one at a time: each fills the accelerator
-    failed += [n for n, _ in res["failed"]]
-    if res["not_started"]:
-        not_started["start deadline"] = list(res["not_started"])
     per_group = max(1, args.together // len(args.seeds))  # methods per --together program
     if args.together:
         jobs = [(t, args.methods[i:i + per_group], finetune_group(t, args.methods[i:i + per_group], args.seeds, args))
                 for t in args.tasks for i in range(0, len(args.methods), per_group)]
     else:
         jobs = [(t, [m], finetune_run(t, m, s, args)) for t in args.tasks for m in args.methods for s in args.seeds]
+    # an encoder is pre-trained only while some fine-tuning run still needs it: a continued sweep
+    # whose runs from an encoder are all finished does not pre-train it again (its checkpoint may
+    # be gone, e.g. on a fresh GPU machine, while its committed fine-tuning results stay valid)
+    needed = {m for _, ms, job in jobs if not job_finished(job) for m in ms}
+    pre = [pretrain_run(m, args) for m in args.methods if m != "scratch" and m in needed]
+    unneeded = [m for m in args.methods if m != "scratch" and m not in needed]
+    print(f"pre-training {len(pre)} config(s)"
+          + (f" ({len(unneeded)} skipped, their fine-tuning runs are all finished: {', '.join(unneeded)})"
+             if unneeded else ""), flush=True)
+    res = run_all(pre, 1, log_dir, deadline=deadline)  # one at a time: each fills the accelerator
+    failed += [n for n, _ in res["failed"]]
+    if res["not_started"]:
+        not_started["start deadline"] = list(res["not_started"])
     # an encoder that is not finished (failed, not started) is no start point: its jobs would fail,
     # or worse, start from a half-trained checkpoint
     missing = sorted({m for _, ms, _ in jobs for m in ms if not pretrain_done(m, args)})

@@ -1,6 +1,7 @@
 """scripts/reproduce.py --quick and scripts/parity.py end to end (tiny models, real data)."""
 
 import json
+import shutil
 import sys
 
 from conftest import REPO
@@ -33,6 +34,14 @@ def test_quick_sweep_writes_tables_plots_json_and_resumes(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")}
     reproduce.main(argv)
     assert stamp == {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")}
+    # an encoder whose fine-tuning runs are all finished is not pre-trained again when its run is
+    # gone (a fresh GPU machine): the sweep's results stand on the committed fine-tuning files
+    shutil.rmtree(runs / "pretrain" / "pretrain_mask30")
+    del stamp[runs / "pretrain" / "pretrain_mask30" / "results.json"]
+    summary = reproduce.main(argv)
+    assert not (runs / "pretrain" / "pretrain_mask30").exists()
+    assert stamp == {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")}
+    assert summary["tasks"]["jarvis:formation_energy_peratom"]["pretrain_mask30"]["n_seeds_done"] == 2
 
 
 def test_parity_table_against_the_reference(tmp_path):
