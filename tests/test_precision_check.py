@@ -1,35 +1,127 @@
-"""scripts/precision_check.py: reduced-precision training curves against true float32."""
+"""scripts/precision_check.py: reduced-precision training curves against true float32, over seeds."""
 
+import json
+import math
 import sys
 
+import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 import precision_check  # noqa: E402
 
+# "highest" over two seeds, five epochs; best-so-far: seed 0 [1, .6, .5, .5, .4],
+# seed 1 [1, .6, .6, .45, .45] -> seed mean [1, .6, .55, .475, .425]
+HIGHEST = {0: [1.0, 0.6, 0.5, 0.55, 0.4], 1: [1.0, 0.6, 0.7, 0.45, 0.5]}
+HIGHEST_FINALS = {0: 0.40, 1: 0.42}
 
-def test_compare_flags_a_diverging_mode():
-    curves = {"highest": [1.0, 0.5, 0.4], "default": [1.0, 0.5, 0.41], "bf16": [1.0, 0.7, 0.5]}
-    finals = {"highest": 0.4, "default": 0.405, "bf16": 0.5}
-    out = precision_check.compare(curves, finals, rtol=0.05)
-    assert out["default"]["passes"] and not out["bf16"]["passes"]
-    assert abs(out["bf16"]["max_rel_dev_val_curve"] - 0.4) < 1e-12
+
+def test_window_start_leaves_out_the_first_share_of_epochs():
+    assert precision_check.window_start(60, 0.2) == 12
+    assert precision_check.window_start(30, 0.1) == 3  # 0.1 * 30 = 3.0000000000000004 in floats
+    assert precision_check.window_start(5, 0.0) == 0
+    assert precision_check.window_start(5, 1.0) == 4  # the last epoch is always tested
+    assert precision_check.window_start(1, 0.2) == 0
+
+
+def test_a_pointwise_noisy_mode_passes_when_its_best_so_far_mean_agrees():
+    # seed 0 spikes to 2.0 at epoch 3 (raw deviation 2.0 / 0.55 - 1 = 264%), which checkpoint
+    # selection never sees: the best-so-far curves are those of "highest"
+    noisy = {0: [1.0, 0.6, 0.5, 2.0, 0.4], 1: [1.0, 0.6, 0.7, 0.45, 0.5]}
+    out = precision_check.compare({"highest": HIGHEST, "bf16": noisy},
+                                  {"highest": HIGHEST_FINALS, "bf16": {0: 0.41, 1: 0.42}}, rtol=0.05)
+    row = out["bf16"]
+    assert row["passes"], row
+    assert row["raw_max_rel_dev_per_seed"] == {0: pytest.approx(2.0 / 0.55 - 1), 1: 0.0}
+    assert row["max_rel_dev_best_so_far"] == 0.0
+    assert row["rel_dev_final_mean"] == pytest.approx(0.005 / 0.41)
+
+
+def test_a_mode_whose_final_mean_is_off_fails():
+    finals = {0: 0.44, 1: 0.46}  # mean 0.45 vs 0.41: +9.76%, though each curve equals highest's
+    out = precision_check.compare({"highest": HIGHEST, "bf16": HIGHEST},
+                                  {"highest": HIGHEST_FINALS, "bf16": finals}, rtol=0.05)
+    assert out["bf16"]["rel_dev_final_mean"] == pytest.approx(0.04 / 0.41)
+    assert out["bf16"]["max_rel_dev_best_so_far"] == 0.0
+    assert not out["bf16"]["passes"]
+
+
+def test_a_mode_off_inside_the_window_fails():
+    # seed 1 bottoms out at 0.53 instead of 0.45: best-so-far mean (0.5 + 0.53) / 2 at epoch 3
+    # (+8.42% on 0.475) and (0.4 + 0.53) / 2 at epoch 4 (+9.41% on 0.425); finals agree
+    late = {0: HIGHEST[0], 1: [1.0, 0.6, 0.7, 0.53, 0.55]}
+    out = precision_check.compare({"highest": HIGHEST, "default": late},
+                                  {"highest": HIGHEST_FINALS, "default": HIGHEST_FINALS}, rtol=0.05)
+    row = out["default"]
+    assert row["max_rel_dev_best_so_far"] == pytest.approx(0.04 / 0.425)
+    assert row["worst_epoch_best_so_far"] == 4
+    assert not row["passes"]
+
+
+def test_deviations_before_the_window_do_not_decide():
+    # epoch 0 off by 50% in both seeds; from epoch 1 on (ceil(0.2 * 5)) the best-so-far curves agree
+    early = {s: [1.5] + c[1:] for s, c in HIGHEST.items()}
+    curves = {"highest": HIGHEST, "bf16": early}
+    finals = {"highest": HIGHEST_FINALS, "bf16": HIGHEST_FINALS}
+    row = precision_check.compare(curves, finals, rtol=0.05, skip=0.2)["bf16"]
+    assert row["passes"] and row["max_rel_dev_best_so_far"] == 0.0
+    assert row["max_rel_dev_best_so_far_before_window"] == pytest.approx(0.5)  # still reported
+    assert not precision_check.compare(curves, finals, rtol=0.05, skip=0.0)["bf16"]["passes"]
+
+
+def test_other_modes_are_also_compared_with_default():
+    curves = {"highest": {0: [1.0, 0.5]}, "default": {0: [1.0, 0.52]}, "default+pallas": {0: [1.0, 0.53]}}
+    finals = {"highest": {0: 0.5}, "default": {0: 0.52}, "default+pallas": {0: 0.53}}
+    out = precision_check.compare(curves, finals, rtol=0.05, skip=0.5)
+    assert out["default"]["passes"] and not out["default+pallas"]["passes"]
+    assert out["default+pallas"]["max_rel_dev_best_so_far"] == pytest.approx(0.06)
+    assert out["default+pallas"]["max_rel_dev_best_so_far_vs_default"] == pytest.approx(0.01 / 0.52)
+    assert out["default+pallas"]["passes_vs_default"]
+    assert "max_rel_dev_best_so_far_vs_default" not in out["default"]
+
+
+def test_seed_noise_of_highest():
+    # best-so-far: seed 0 [1, .8, .8, .6], seed 1 [3, .6, .6, .5], seed 2 [.9, .9, .6, .6];
+    # mean [4.9/3, 2.3/3, 2/3, 1.7/3]. Window from epoch 1 (ceil(0.25 * 4)); the largest
+    # deviation there is seed 1 at epoch 1: |0.6 - 2.3/3| / (2.3/3) = 5/23. Epoch 0 (seed 1:
+    # 1.3667 / 1.6333 = 0.84) is outside the window.
+    curves = {0: [1.0, 0.8, 0.9, 0.6], 1: [3.0, 0.6, 0.7, 0.5], 2: [0.9, 0.9, 0.6, 0.7]}
+    finals = {0: 0.4, 1: 0.5, 2: 0.6}  # mean 0.5, sample std sqrt((0.01 + 0 + 0.01) / 2) = 0.1
+    noise = precision_check.seed_noise(curves, finals, skip=0.25)
+    assert noise["final_rel_std"] == pytest.approx(0.2)
+    assert noise["max_rel_dev_best_so_far_single_seed"] == pytest.approx(5 / 23)
+    assert noise["max_rel_dev_best_so_far_per_seed"][0] == pytest.approx(0.2)  # epoch 2: |.8 - 2/3| / (2/3)
+    assert precision_check.seed_noise({0: curves[0]}, {0: 0.4}, skip=0.25) is None
 
 
 def test_bf16_training_follows_float32_on_real_data(tmp_path):
-    report = precision_check.main(["--small", "--epochs", "2", "--modes", "highest", "bf16",
-                                   "--rtol", "0.15", "--workdir", str(tmp_path), "--out",
-                                   str(tmp_path / "report.json")])
-    assert len(report["val_mae_curves"]["bf16"]) == 2
-    assert report["comparison"]["bf16"]["passes"], report["comparison"]
-    assert report["comparison"]["bf16"]["max_rel_dev_val_curve"] > 0  # bf16 really ran
+    out = tmp_path / "report.json"
+    report = precision_check.main(["--small", "--epochs", "2", "--seeds", "0", "1", "--modes", "highest", "bf16",
+                                   "--rtol", "0.15", "--workdir", str(tmp_path), "--out", str(out)])
+    assert report["metric"] == "val_mae" and report["final_metric"] == "test_mae_final"
+    assert report["task"] == "formation_energy_peratom" and report["seeds"] == [0, 1]
+    for mode in ("highest", "bf16"):
+        assert sorted(report["val_curves"][mode]) == [0, 1]
+        assert all(len(c) == 2 for c in report["val_curves"][mode].values())
+        assert all(math.isfinite(x) for x in report["final"][mode].values())
+        assert (tmp_path / f"{mode}_seed1" / "metrics.csv").exists()  # one workdir per (mode, seed)
+    highest = report["val_curves"]["highest"]
+    assert highest[0] != highest[1]  # the seed reached the initial parameters / data order
+    row = report["comparison"]["bf16"]
+    assert row["passes"], row
+    assert max(row["raw_max_rel_dev_per_seed"].values()) > 0  # bf16 really ran
+    assert report["highest_seed_noise"]["final_rel_std"] > 0
+    on_disk = json.loads(out.read_text())  # JSON turns the seed keys into strings
+    assert on_disk["val_curves"]["bf16"]["1"] == report["val_curves"]["bf16"][1]
+    assert on_disk["comparison"]["bf16"]["passes"] is True
 
 
-def test_compare_also_reports_against_default():
-    curves = {"highest": [1.0, 0.5], "default": [1.0, 0.52], "default+pallas": [1.0, 0.53]}
-    finals = {"highest": 0.5, "default": 0.52, "default+pallas": 0.53}
-    out = precision_check.compare(curves, finals, rtol=0.05)
-    assert abs(out["default+pallas"]["max_rel_dev_val_curve"] - 0.06) < 1e-12
-    assert not out["default+pallas"]["passes"] and out["default"]["passes"]
-    assert abs(out["default+pallas"]["max_rel_dev_val_curve_vs_default"] - 0.01 / 0.52) < 1e-12
-    assert "max_rel_dev_val_curve_vs_default" not in out["default"]
+def test_pretraining_config_compares_validation_loss(tmp_path):
+    report = precision_check.main(["--small", "--config", "pretrain_mask30", "--epochs", "1", "--seeds", "0",
+                                   "--modes", "highest", "--workdir", str(tmp_path),
+                                   "--out", str(tmp_path / "report.json")])
+    assert report["metric"] == "val_loss" and report["final_metric"] == "last_epoch_val"
+    assert report["task"] is None
+    curve = report["val_curves"]["highest"][0]
+    assert len(curve) == 1 and report["final"]["highest"][0] == curve[-1] > 0
+    assert report["comparison"] == {} and report["highest_seed_noise"] is None
