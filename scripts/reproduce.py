@@ -199,6 +199,13 @@ def job_finished(job) -> bool:
     return all((Path(w) / "results.json").exists() for w in run_dirs)
 
 
+def methods_left(job) -> set[str]:
+    """The methods of a fine-tuning job (one run, or a --together group) that still have a run
+    without results.json (run folders are <task>/<method>/seed<k>; multirun trains only those)."""
+    run_dirs = job[2] if len(job) > 2 and job[2] else [job[0]]
+    return {Path(w).parent.name for w in run_dirs if not (Path(w) / "results.json").exists()}
+
+
 NOT_STARTED = object()
 
 
@@ -406,7 +413,10 @@ def write_report(summary: dict, out_dir: Path, name: str, header: str) -> None:
     if summary.get("pretrain"):
         text += ["Pre-training runs (validation split of the corpus):", ""]
         for m, res in summary["pretrain"].items():
-            if res:
+            if not res:
+                text.append(f"* {m}: run files not here (fine-tuning results from an earlier machine, or "
+                            "not pre-trained yet)")
+            else:
                 shown = {k: v for k, v in res.items() if k.startswith(("val_", "type_acc")) and k.endswith(
                     ("_final", "_baseline"))}
                 text.append(f"* {m}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
@@ -493,7 +503,7 @@ def run_jobs(args) -> tuple[list, dict]:
     # an encoder is pre-trained only while some fine-tuning run still needs it: a continued sweep
     # whose runs from an encoder are all finished does not pre-train it again (its checkpoint may
     # be gone, e.g. on a fresh GPU machine, while its committed fine-tuning results stay valid)
-    needed = {m for _, ms, job in jobs if not job_finished(job) for m in ms}
+    needed = set().union(*(methods_left(job) for _, _, job in jobs))
     pre = [pretrain_run(m, args) for m in args.methods if m != "scratch" and m in needed]
     unneeded = [m for m in args.methods if m != "scratch" and m not in needed]
     print(f"pre-training {len(pre)} config(s)"
@@ -505,8 +515,8 @@ def run_jobs(args) -> tuple[list, dict]:
         not_started["start deadline"] = list(res["not_started"])
     # an encoder that is not finished (failed, not started) is no start point: its jobs would fail,
     # or worse, start from a half-trained checkpoint
-    missing = sorted({m for _, ms, _ in jobs for m in ms if not pretrain_done(m, args)})
-    blocked = [job[0] for _, ms, job in jobs if set(ms) & set(missing) and not job_finished(job)]
+    missing = sorted(m for m in needed if not pretrain_done(m, args))
+    blocked = [job[0] for _, _, job in jobs if methods_left(job) & set(missing)]
     if blocked:
         not_started[f"pre-training not finished: {', '.join(missing)}"] = blocked
     todo = order_jobs([(t, job) for t, _, job in jobs if job[0] not in set(blocked)], args.order)

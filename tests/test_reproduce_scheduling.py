@@ -236,3 +236,49 @@ def test_longest_first_sorts_by_epochs_times_records_times_runs():
     assert ordered[0] == group and ordered[-1] == unknown
     quick = reproduce.parse_args(["--quick", "--finetune-epochs", "7"])
     assert reproduce.job_cost("mp:band_gap", reproduce.finetune_run("mp:band_gap", "scratch", 0, quick)) == 7 * 160
+
+
+def test_finished_encoders_are_not_pretrained_again_inside_together_groups(monkeypatch, tmp_path):
+    """A continued sweep on a fresh machine: mask50's fine-tuning runs are all committed but its
+    pre-training run is gone; it shares a --together group with an unfinished '+rebuild' method.
+    Only the encoder that still has runs to do is pre-trained, and the group is not blocked."""
+    started = []
+
+    def fake_run_main(workdir, flags, env, log_dir, module="dpf_jax.main", run_dirs=None):
+        if reproduce.job_finished((workdir, flags, run_dirs)):
+            return {}  # as run_main: a finished job is skipped at once
+        started.append(workdir)
+        write_results([w for w in (run_dirs or [workdir]) if not (Path(w) / "results.json").exists()])
+        return {}
+
+    monkeypatch.setattr(reproduce, "run_main", fake_run_main)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    ft = runs / "finetune" / "jarvis_ehull"
+    write_results([ft / "pretrain_mask50" / f"seed{s}" for s in (0, 1)])
+    stamps = {p: p.stat().st_mtime_ns for p in ft.rglob("results.json")}
+    argv = ["--methods", "pretrain_mask50", "pretrain_pos10+rebuild", "scratch", "--tasks", "jarvis:ehull",
+            "--seeds", "0", "1", "--together", "4", "--runs", str(runs), "--out", str(out)]
+    summary = reproduce.main(argv)
+    group = f"{ft}/pretrain_mask50+pretrain_pos10+rebuild"  # 2 methods x 2 seeds per program
+    assert started == [str(runs / "pretrain" / "pretrain_pos10+rebuild"), group, f"{ft}/scratch"]
+    assert "not_started" not in summary
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # the committed runs are untouched
+    assert all(summary["tasks"]["jarvis:ehull"][m]["n_seeds_done"] == 2 for m in reproduce.parse_args(argv).methods)
+    report = (out / "reproduce.md").read_text()
+    assert "* pretrain_mask50: run files not here" in report and "* pretrain_pos10+rebuild: " in report
+
+    # were mask50's pre-training still needed (a run missing) and failing, only its group would wait
+    (ft / "pretrain_mask50" / "seed1" / "results.json").unlink()
+    started.clear()
+
+    def failing_mask50(workdir, flags, env, log_dir, module="dpf_jax.main", run_dirs=None):
+        if workdir.endswith("pretrain_mask50"):
+            started.append(workdir)
+            raise RuntimeError("pre-training diverged")
+        return fake_run_main(workdir, flags, env, log_dir, module, run_dirs)
+
+    monkeypatch.setattr(reproduce, "run_main", failing_mask50)
+    with pytest.raises(reproduce.RunsFailed) as exc:
+        reproduce.main(argv)
+    assert started == [str(runs / "pretrain" / "pretrain_mask50")]
+    assert exc.value.summary["not_started"] == {"pre-training not finished: pretrain_mask50": [group]}
