@@ -249,7 +249,30 @@ def make_config(name: str, args, batch_size: int, precision: str):
         config.train.num_budget_levels = 1  # one compilation per configuration
     elif args.max_records:
         config.data.max_records = args.max_records
+    for item in args.set or []:
+        apply_override(config, item)
     return config
+
+
+def apply_override(config, item: str) -> None:
+    """`--set train.balance_shares=False`: one config field, value parsed as a Python literal
+    (else kept as a string); an unknown field is an error, not a silent no-op."""
+    import ast
+
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. optim.flatten=False")
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    if leaf not in node:
+        raise SystemExit(f"--set {item!r}: the config has no field {key!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    node[leaf] = value
 
 
 def model_label(name: str) -> str:
@@ -770,6 +793,9 @@ def parse_args(argv):
     p.add_argument("--dump-npz", default=None, help="write the timed batches here")
     p.add_argument("--out", default=None, help="JSON results (default scripts/results/bench_train_<tag>.json)")
     p.add_argument("--tag", default=None)
+    p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="config fields for every timed configuration, e.g. train.balance_shares=False "
+                        "optim.flatten=False (recorded in the JSON's args)")
     p.add_argument("--epoch", action="store_true", help="input-pipeline check over a whole epoch")
     p.add_argument("--small", action="store_true", help="tiny model, few steps (CPU smoke test)")
     args = p.parse_args(argv)

@@ -39,7 +39,9 @@ seed-mean curve in the same window. A mode whose deviation is within that noise 
 apart from "highest" by this many seeds. Modes other than "default" are also compared with
 "default" when it ran (same criterion, `*_vs_default` fields): a fused kernel at default
 precision differs from XLA's default only in summation order, so that shows how much of a
-deviation is the kernel's own. Writes a JSON report (`--out`). Only modes that pass may be
+deviation is the kernel's own. A run that stops (a non-finite loss or gradient) fails its
+mode, and nothing passes against a stopped "highest". Writes a JSON report (`--out`),
+rewritten after every run so that a killed check keeps what finished. Only modes that pass may be
 quoted as verified in the performance table.
 """
 
@@ -108,10 +110,11 @@ def window_start(epochs: int, skip: float) -> int:
 
 def compare_pair(curves: dict, finals: dict, base_curves: dict, base_finals: dict,
                  rtol: float, skip: float) -> dict:
-    """One mode (curves/finals: {seed: ...}) against a baseline mode, over their common seeds."""
-    seeds = [s for s in curves if s in base_curves]
-    if not seeds:
-        raise ValueError("no seed in common with the baseline")
+    """One mode (curves/finals: {seed: ...}) against a baseline mode trained with the same seeds
+    (paired by seed; a mode judged on other seeds than its baseline is an error, not a verdict)."""
+    if set(curves) != set(base_curves) or not curves:
+        raise ValueError(f"seeds differ from the baseline's: {sorted(curves)} vs {sorted(base_curves)}")
+    seeds = sorted(curves)
     mine, base = ({s: c[s] for s in seeds} for c in (curves, base_curves))
     epochs = len(base[seeds[0]])
     if any(len(c) != epochs for c in (*mine.values(), *base.values())):
@@ -135,16 +138,22 @@ def compare_pair(curves: dict, finals: dict, base_curves: dict, base_finals: dic
     return row
 
 
-def compare(curves: dict, finals: dict, rtol: float, skip: float = 0.5) -> dict:
+def compare(curves: dict, finals: dict, rtol: float, skip: float = 0.5, failed: dict | None = None) -> dict:
     """Every mode but "highest" against "highest" (the verdict), and also against "default"
     when both ran (fields suffixed `_vs_default`). curves: {mode: {seed: [value per epoch]}},
-    finals: {mode: {seed: value}}."""
+    finals: {mode: {seed: value}}; failed: {mode: {seed: error}} of runs that stopped (e.g. a
+    non-finite loss): such a mode fails, and nothing can pass against a failed "highest"."""
+    failed = {m: f for m, f in (failed or {}).items() if f}
     out = {}
     for mode in curves:
         if mode == "highest":
             continue
+        if mode in failed or "highest" in failed:
+            who = mode if mode in failed else "highest"
+            out[mode] = {"passes": False, "failed_runs": {who: failed[who]}}
+            continue
         row = compare_pair(curves[mode], finals[mode], curves["highest"], finals["highest"], rtol, skip)
-        if "default" in curves and mode != "default":
+        if "default" in curves and mode != "default" and "default" not in failed:
             vs_default = compare_pair(curves[mode], finals[mode], curves["default"], finals["default"],
                                       rtol, skip)
             row.update({f"{k}_vs_default": v for k, v in vs_default.items()})
@@ -202,6 +211,9 @@ def print_summary(report: dict) -> None:
               f"{noise['final_rel_std']:.3%}, single seed vs seed-mean best-so-far curve "
               f"{noise['max_rel_dev_best_so_far_single_seed']:.3%}")
     for mode, c in report["comparison"].items():
+        if "failed_runs" in c:
+            print(f"{mode:20s} FAIL: runs stopped: {c['failed_runs']}")
+            continue
         vs_default = (f" (vs default: final {c['rel_dev_final_mean_vs_default']:.3%}, best-so-far "
                       f"{c['max_rel_dev_best_so_far_vs_default']:.3%})"
                       if "rel_dev_final_mean_vs_default" in c else "")
@@ -232,31 +244,41 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from dpf_jax.train.loop import train_and_evaluate
+    from dpf_jax.train.loop import TrainingError, train_and_evaluate
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="precision_"))
-    curves, finals, metric_names, task = {}, {}, set(), None
+    curves, finals, failed, metric_names, task = {}, {}, {}, set(), None
+    report = {"device": jax.devices()[0].device_kind, "config": args.config, "epochs": args.epochs,
+              "rtol": args.rtol, "small": args.small, "seeds": args.seeds, "skip": args.skip,
+              "window_start": window_start(args.epochs, args.skip), "val_curves": curves, "final": finals,
+              "failed_runs": failed}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for mode in args.modes:
-        curves[mode], finals[mode] = {}, {}
+        curves[mode], finals[mode], failed[mode] = {}, {}, {}
         for seed in args.seeds:
             config = make_config(args.config, mode, seed, args.epochs, args.task, args.small)
             task = config.data.task if config.mode == "finetune" else None
             workdir = root / f"{mode}_seed{seed}"
-            result = train_and_evaluate(config, str(workdir))
-            curve_name, curves[mode][seed] = read_val_curve(workdir)
-            final_name, finals[mode][seed] = final_value(result, curves[mode][seed])
-            metric_names.add((curve_name, final_name))
-    if len(metric_names) != 1:  # e.g. a run without a test split among ones with
+            try:
+                result = train_and_evaluate(config, str(workdir))
+            except TrainingError as e:  # a diverging mode is a verdict, not a crash of the check
+                failed[mode][seed] = str(e)
+                print(f"{mode} seed {seed}: {e}", flush=True)
+            else:
+                curve_name, curves[mode][seed] = read_val_curve(workdir)
+                final_name, finals[mode][seed] = final_value(result, curves[mode][seed])
+                metric_names.add((curve_name, final_name))
+            report["task"] = task
+            out.write_text(json.dumps(report, indent=1))  # partial report: finished runs survive a kill
+    if len(metric_names) > 1:  # e.g. a run without a test split among ones with
         raise RuntimeError(f"runs disagree on the metric: {sorted(metric_names)}")
-    (curve_name, final_name), = metric_names
-    report = {"device": jax.devices()[0].device_kind, "config": args.config, "task": task,
-              "epochs": args.epochs, "rtol": args.rtol, "small": args.small, "seeds": args.seeds,
-              "skip": args.skip, "window_start": window_start(args.epochs, args.skip),
-              "metric": curve_name, "final_metric": final_name, "val_curves": curves, "final": finals,
-              "comparison": compare(curves, finals, args.rtol, args.skip),
-              "highest_seed_noise": seed_noise(curves["highest"], finals["highest"], args.skip)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    (curve_name, final_name), = metric_names or {(None, None)}
+    ok = "highest" not in {m for m, f in failed.items() if f}
+    report.update({"metric": curve_name, "final_metric": final_name,
+                   "comparison": compare(curves, finals, args.rtol, args.skip, failed),
+                   "highest_seed_noise": seed_noise(curves["highest"], finals["highest"], args.skip) if ok else None})
+    out.write_text(json.dumps(report, indent=1))
     print_summary(report)
     return report
 

@@ -52,8 +52,10 @@ def test_synthetic_crystals_follow_the_distribution():
 def test_small_benchmark_writes_json_and_batches(tmp_path):
     out, npz = tmp_path / "bench.json", tmp_path / "batches.npz"
     res = bench.main(["--small", "--models", "finetune", "--precision", "default", "--batch-sizes", "8",
-                      "--pool", "2", "--steps", "2", "--warmup", "1", "--out", str(out), "--dump-npz", str(npz)])
+                      "--pool", "2", "--steps", "2", "--warmup", "1", "--out", str(out), "--dump-npz", str(npz),
+                      "--set", "optim.flatten=False", "train.balance_shares=False"])
     data = json.loads(out.read_text())
+    assert data["results"][0]["optim_flatten"] is False and data["results"][0]["balance_shares"] is False
     assert data["results"] and data["results"][0] == json.loads(json.dumps(res["results"][0], default=str))
     r = data["results"][0]
     for key in ("crystals_per_s", "crystals_per_s_min", "crystals_per_s_max", "edges_per_s", "step_ms",
@@ -136,3 +138,14 @@ def test_step_op_counter_reads_the_optimised_program():
     text = jax.jit(lambda a, b: (a @ b, jnp.tanh(a).sum())).lower(x, x).compile().as_text()
     ops = module.entry_op_counts(text)
     assert ops["parameter"] == 2 and sum(ops.values()) >= 4  # two inputs, the matmul, the reduction, a tuple
+
+
+def test_config_overrides_are_checked():
+    config = base.get_config()
+    bench.apply_override(config, "model.precision=bf16")  # not a literal: kept as the string
+    bench.apply_override(config, "train.balance_shares=False")
+    assert config.model.precision == "bf16" and config.train.balance_shares is False
+    with pytest.raises(SystemExit, match="no field 'train.balance_share'"):
+        bench.apply_override(config, "train.balance_share=False")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench.apply_override(config, "optim.flatten")

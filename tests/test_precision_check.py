@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -117,11 +118,54 @@ def test_bf16_training_follows_float32_on_real_data(tmp_path):
 
 
 def test_pretraining_config_compares_validation_loss(tmp_path):
-    report = precision_check.main(["--small", "--config", "pretrain_mask30", "--epochs", "1", "--seeds", "0",
-                                   "--modes", "highest", "--workdir", str(tmp_path),
+    report = precision_check.main(["--small", "--config", "pretrain_mask30", "--epochs", "1", "--seeds", "0", "1",
+                                   "--modes", "highest", "bf16", "--workdir", str(tmp_path),
                                    "--out", str(tmp_path / "report.json")])
     assert report["metric"] == "val_loss" and report["final_metric"] == "last_epoch_val"
     assert report["task"] is None
-    curve = report["val_curves"]["highest"][0]
-    assert len(curve) == 1 and report["final"]["highest"][0] == curve[-1] > 0
-    assert report["comparison"] == {} and report["highest_seed_noise"] is None
+    for mode in ("highest", "bf16"):
+        for seed in (0, 1):
+            curve = report["val_curves"][mode][seed]
+            assert len(curve) == 1 and report["final"][mode][seed] == curve[-1] > 0
+    row = report["comparison"]["bf16"]
+    assert row["final_mean_base"] == pytest.approx(sum(report["final"]["highest"].values()) / 2)
+    assert row["rel_dev_final_mean"] > 0  # bf16 really ran: its loss differs from float32's
+    assert report["highest_seed_noise"]["final_rel_std"] > 0
+
+
+def test_modes_are_compared_on_the_same_seeds_only():
+    curves = {"highest": {0: [1.0], 1: [1.0]}, "bf16": {0: [1.0]}}
+    finals = {"highest": {0: 1.0, 1: 1.0}, "bf16": {0: 1.0}}
+    with pytest.raises(ValueError, match="seeds differ"):
+        precision_check.compare(curves, finals, rtol=0.05)
+
+
+def test_a_stopped_run_fails_its_mode_and_the_report_keeps_the_rest(tmp_path, monkeypatch):
+    """A diverging mode is a verdict: the check goes on, writes every finished run, fails that
+    mode; against a stopped "highest" nothing passes. (train_and_evaluate is replaced by a fake
+    that writes the files a run writes, so no training here.)"""
+    from dpf_jax.train import loop
+
+    def fake_train(config, workdir):
+        mode = config.model.precision
+        if (mode, config.seed) in stop:
+            raise loop.TrainingError("non-finite loss or gradient at step 3")
+        Path(workdir).mkdir(parents=True)
+        (Path(workdir) / "metrics.csv").write_text("epoch,val_mae\n0,0.5\n1,0.4\n")
+        return {"test_mae_final": 0.41}
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    argv = ["--seeds", "0", "1", "--epochs", "2", "--modes", "highest", "default", "bf16",
+            "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "r.json")]
+    stop = {("bf16", 1)}
+    report = precision_check.main(argv)
+    assert report["comparison"]["default"]["passes"] is True  # identical fake curves
+    assert report["comparison"]["bf16"] == {"passes": False, "failed_runs": {"bf16": {1: "non-finite loss or "
+                                                                                        "gradient at step 3"}}}
+    assert sorted(report["val_curves"]["bf16"]) == [0]  # the finished seed is kept
+    assert json.loads((tmp_path / "r.json").read_text())["failed_runs"]["bf16"] == {"1": "non-finite loss or "
+                                                                                        "gradient at step 3"}
+    stop = {("highest", 0)}
+    report = precision_check.main(argv[:-4] + ["--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "r2.json")])
+    assert all(not row["passes"] and "highest" in row["failed_runs"] for row in report["comparison"].values())
+    assert report["highest_seed_noise"] is None
