@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     # dpf_jax/model/edge_kernel.py) or "pallas_node" (node formulation: the gathers and e @ W3 in
     # the kernels too; dpf_jax/model/gather_kernel.py); "-16x8" appended sets the tile.
     c.model.edge_kernel = "xla"
+    # Backward-pass rematerialisation per layer (same parameters and maths; speed / memory):
+    # "none", "layer" (keep only layer inputs), "dots" (keep matmul outputs), "dots_no_batch";
+    # see REMAT_POLICIES in dpf_jax/model/matformer.py.
+    c.model.remat = "none"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

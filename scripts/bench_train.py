@@ -642,6 +642,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
         # settings that changed the step's cost after session 5's timings
         "optim_flatten": bool(config.optim.get("flatten", False)),
         "balance_shares": bool(config.train.get("balance_shares", True)),
+        "remat": config.model.get("remat", "none"),
         "crystals_per_s": tot["real_graphs"] / t_med,
         "crystals_per_s_per_run": tot["real_graphs"] / t_med / runs,
         "crystals_per_s_min": tot["real_graphs"] / max(times),

@@ -53,9 +53,10 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
     out, npz = tmp_path / "bench.json", tmp_path / "batches.npz"
     res = bench.main(["--small", "--models", "finetune", "--precision", "default", "--batch-sizes", "8",
                       "--pool", "2", "--steps", "2", "--warmup", "1", "--out", str(out), "--dump-npz", str(npz),
-                      "--set", "optim.flatten=False", "train.balance_shares=False"])
+                      "--set", "optim.flatten=False", "train.balance_shares=False", "model.remat=dots"])
     data = json.loads(out.read_text())
     assert data["results"][0]["optim_flatten"] is False and data["results"][0]["balance_shares"] is False
+    assert data["results"][0]["remat"] == "dots"
     assert data["results"] and data["results"][0] == json.loads(json.dumps(res["results"][0], default=str))
     r = data["results"][0]
     for key in ("crystals_per_s", "crystals_per_s_min", "crystals_per_s_max", "edges_per_s", "step_ms",

@@ -435,3 +435,37 @@ def test_full_model_train_step_and_gradients(crystals):
     before = variables["batch_stats"]["encoder"]["att_layers_0"]["bn"]["mean"]
     after = upd["batch_stats"]["encoder"]["att_layers_0"]["bn"]["mean"]
     assert not np.allclose(before, after)
+
+
+@pytest.mark.parametrize("remat", ["layer", "dots"])
+def test_remat_changes_nothing_but_memory_and_speed(crystals, remat):
+    """`model.remat` recomputes each layer in the backward: same parameter tree (checkpoints
+    interchangeable), same loss, gradients and BatchNorm running statistics as without it."""
+    graphs = [build_crystal_graph(c) for c in crystals[:4]]
+    batch = to_device(padded_batch(graphs))
+    plain = MatformerRegressor(encoder=MatformerEncoder(**SMALL))
+    rematted = MatformerRegressor(encoder=MatformerEncoder(**SMALL, remat=remat))
+    variables = model_variables(plain, padded_batch(graphs))
+    shapes = jax.eval_shape(lambda b: rematted.init(jax.random.PRNGKey(0), b, train=False), batch)
+    assert tree_map(jnp.shape, dict(shapes)) == tree_map(jnp.shape, variables)
+
+    def loss_and_grads(model):
+        def loss_fn(params):
+            y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch, train=True,
+                                 mutable=["batch_stats"])
+            return jnp.sum(jnp.where(batch.globals["mask"], y ** 2, 0.0)), upd
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+
+    (loss_a, upd_a), grads_a = loss_and_grads(plain)
+    (loss_b, upd_b), grads_b = loss_and_grads(rematted)
+    np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=1e-6)
+    # tolerance: summation order, on the scale of the whole gradient (some leaves, e.g. biases
+    # right before a BatchNorm, are zero up to rounding)
+    scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree_util.tree_leaves(grads_a))
+    for a, b in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4 * scale)
+    for a, b in zip(jax.tree_util.tree_leaves(upd_a), jax.tree_util.tree_leaves(upd_b)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree_util.tree_leaves(grads_b))
+    with pytest.raises(ValueError, match="model.remat"):
+        MatformerEncoder(**SMALL, remat="everything").init(jax.random.PRNGKey(0), batch, train=False)

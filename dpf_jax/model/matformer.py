@@ -45,6 +45,19 @@ from dpf_jax.data.geometry import edge_geometry
 from dpf_jax.model.atom_features import cgcnn_feature_table
 from dpf_jax.model.layers import Dtype, Linear, MatformerConv, Precision, gather, mean_pool, rbf_expansion
 
+# Rematerialisation of each MatformerConv layer in the backward pass (`model.remat`): what the
+# forward keeps for the backward. The step is bound by memory traffic over per-edge [E, H, 3C]
+# tensors, so recomputing the cheap elementwise chain (and the gathers from node tables that
+# may sit in L2) inside the backward's fusions can cost less than writing and re-reading it.
+# Same parameters and maths; the choice is a speed / memory trade, measured with
+# `bench_train.py --set model.remat=...`.
+REMAT_POLICIES = {
+    "none": None,  # keep what XLA keeps (no remat)
+    "layer": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's inputs
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 REFERENCE_NUM_PARAMS = 2_782_849
 REFERENCE_NUM_PARAMS_PER_LAYER = 544_256
 
@@ -71,6 +84,7 @@ class MatformerEncoder(nn.Module):
         see `dpf_jax.model.layers.MatformerConv` for their FLOPs and measured speed.
       edge_kernel: "xla" or "pallas": how the per-edge message chain runs (same parameters);
         "pallas" is one fused Triton kernel pair (`dpf_jax.model.edge_kernel`).
+      remat: a key of `REMAT_POLICIES`: what each layer's forward keeps for the backward.
     """
 
     num_layers: int = 5
@@ -83,6 +97,7 @@ class MatformerEncoder(nn.Module):
     precision: Precision = None
     formulation: str = "node"
     edge_kernel: str = "xla"
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, graph, train: bool) -> EncoderOutput:
@@ -103,8 +118,14 @@ class MatformerEncoder(nn.Module):
         edge_attr = Linear(self.channels, True, dt, self.precision, name="rbf_1")(rbf)
         edge_attr = Linear(self.channels, True, dt, self.precision, name="rbf_3")(jax.nn.softplus(edge_attr))
 
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        conv = MatformerConv
+        if self.remat != "none":  # same module names, so the same parameter tree and checkpoints
+            # argument 7 (counting self) is `train`, a Python bool: static for the recomputation
+            conv = nn.remat(MatformerConv, static_argnums=(7,), policy=REMAT_POLICIES[self.remat])
         for layer in range(self.num_layers):
-            x = MatformerConv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
+            x = conv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
                               self.edge_kernel, name=f"att_layers_{layer}")(
                 x, edge_attr, senders, receivers, node_mask, edge_mask, train)
         return EncoderOutput(x.astype(jnp.float32), vec, length)
