@@ -31,13 +31,15 @@ def entry_op_counts(hlo_text: str) -> collections.Counter:
     body = entry[:entry.index("\n}")]
     counts = collections.Counter()
     for line in body.splitlines()[1:]:
-        m = re.search(r"=\s+\S+\s+([a-z][\w-]*)\(", line)
+        # "%name = TYPE opcode(": TYPE is one token, or a parenthesised tuple type (with spaces,
+        # commas and /*index=k*/ comments) for multi-output ops such as combined all-reduces
+        m = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?:\([^)]*\)|\S+)\s+([a-z][\w-]*)\(", line)
         if m:
             counts[m.group(1)] += 1
     return counts
 
 
-def count(config_name: str, batch_size: int, records: int, flatten: bool) -> dict:
+def count(config_name: str, batch_size: int, records: int, flatten: bool, num_devices: int = 1) -> dict:
     import jax
 
     from dpf_jax.train import loop
@@ -52,15 +54,16 @@ def count(config_name: str, batch_size: int, records: int, flatten: bool) -> dic
     config.optim.flatten = flatten
     data = loop.load_data(config)
     stats = loop.data_stats(config, data)
-    batch = next(loop.make_batcher(data.splits["train"], config, 1).iterate(shuffle=False))
+    batch = next(loop.make_batcher(data.splits["train"], config, num_devices).iterate(shuffle=False))
     objective = loop.make_objective(config)
     model = objective.make_model()
     tx = make_optimizer(config.optim, 1000)
-    mesh = make_mesh(1)
+    mesh = make_mesh(num_devices)
     state = put_replicated(create_state(model, tx, jax.tree_util.tree_map(lambda x: x[0], batch), 0, stats), mesh)
     compiled = make_train_step(objective, model, tx, mesh).lower(state, put_batch(batch, mesh)).compile()
     ops = entry_op_counts(compiled.as_text())
-    return {"config": config_name, "batch_size": batch_size, "flatten": flatten, "backend": jax.default_backend(),
+    return {"config": config_name, "batch_size": batch_size, "flatten": flatten, "num_devices": num_devices,
+            "backend": jax.default_backend(),
             "parameter_leaves": len(jax.tree_util.tree_leaves(state.params)),
             "entry_instructions": sum(ops.values()), "ops": dict(ops.most_common())}
 
@@ -72,12 +75,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--records", type=int, default=300, help="dataset records to load (a batch needs few)")
     p.add_argument("--variants", nargs="+", default=["tree", "flat"], choices=["tree", "flat"],
                    help="optim.flatten off (tree: one update per parameter leaf) / on (flat)")
+    p.add_argument("--num-devices", type=int, default=1,
+                   help="data-parallel devices of the step (its collectives: all-reduce counts)")
     p.add_argument("--out", default=str(REPO / "scripts" / "results" / "step_op_counts.json"))
     args = p.parse_args(argv)
-    rows = [count(args.config, args.batch_size, args.records, v == "flat") for v in args.variants]
+    rows = [count(args.config, args.batch_size, args.records, v == "flat", args.num_devices) for v in args.variants]
     for r in rows:
         top = ", ".join(f"{k} {v}" for k, v in list(r["ops"].items())[:6])
-        print(f"{r['config']} B={r['batch_size']} optim.flatten={r['flatten']} ({r['backend']}): "
+        print(f"{r['config']} B={r['batch_size']} optim.flatten={r['flatten']} devices={r['num_devices']} "
+              f"({r['backend']}): all-reduce {r['ops'].get('all-reduce', 0)}, "
               f"{r['entry_instructions']} instructions ({top})", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))

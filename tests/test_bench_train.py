@@ -139,6 +139,13 @@ def test_step_op_counter_reads_the_optimised_program():
     text = jax.jit(lambda a, b: (a @ b, jnp.tanh(a).sum())).lower(x, x).compile().as_text()
     ops = module.entry_op_counts(text)
     assert ops["parameter"] == 2 and sum(ops.values()) >= 4  # two inputs, the matmul, the reduction, a tuple
+    # multi-output instructions have tuple types with spaces and /*index=k*/ comments
+    hlo = ("HloModule m\n\nENTRY %main (p: f32[4]) -> f32[4] {\n"
+           "  %p = f32[4]{0} parameter(0)\n"
+           "  %all-reduce.1 = (f32[4,128]{1,0}, f32[4]{0}, /*index=2*/f32[]) all-reduce(%a, %b, %c), channel_id=1\n"
+           "  %gte = f32[4]{0} get-tuple-element(%all-reduce.1), index=1\n"
+           "  ROOT %f = f32[4]{0} fusion(%gte), kind=kLoop, calls=%fused\n}\n")
+    assert module.entry_op_counts(hlo) == {"parameter": 1, "all-reduce": 1, "get-tuple-element": 1, "fusion": 1}
 
 
 def test_config_overrides_are_checked():
