@@ -274,7 +274,7 @@ def main(argv=None) -> dict:
     if len(metric_names) > 1:  # e.g. a run without a test split among ones with
         raise RuntimeError(f"runs disagree on the metric: {sorted(metric_names)}")
     (curve_name, final_name), = metric_names or {(None, None)}
-    ok = "highest" not in {m for m, f in failed.items() if f}
+    ok = not failed["highest"]
     report.update({"metric": curve_name, "final_metric": final_name,
                    "comparison": compare(curves, finals, args.rtol, args.skip, failed),
                    "highest_seed_noise": seed_noise(curves["highest"], finals["highest"], args.skip) if ok else None})

@@ -193,17 +193,21 @@ def worker_envs(parallel: int, gpus: list[str]) -> list[dict]:
     return envs
 
 
-def job_finished(job) -> bool:
-    """Whether every run of a job (workdir, flags[, run_dirs]) has its results.json."""
+def unfinished_runs(job) -> list[Path]:
+    """The run folders of a job (workdir, flags[, run_dirs]) without their results.json."""
     run_dirs = job[2] if len(job) > 2 and job[2] else [job[0]]
-    return all((Path(w) / "results.json").exists() for w in run_dirs)
+    return [Path(w) for w in run_dirs if not (Path(w) / "results.json").exists()]
+
+
+def job_finished(job) -> bool:
+    """Whether every run of a job has its results.json."""
+    return not unfinished_runs(job)
 
 
 def methods_left(job) -> set[str]:
     """The methods of a fine-tuning job (one run, or a --together group) that still have a run
-    without results.json (run folders are <task>/<method>/seed<k>; multirun trains only those)."""
-    run_dirs = job[2] if len(job) > 2 and job[2] else [job[0]]
-    return {Path(w).parent.name for w in run_dirs if not (Path(w) / "results.json").exists()}
+    to do (run folders are <task>/<method>/seed<k>; multirun trains only those)."""
+    return {w.parent.name for w in unfinished_runs(job)}
 
 
 NOT_STARTED = object()

@@ -126,7 +126,7 @@ class MatformerEncoder(nn.Module):
             conv = nn.remat(MatformerConv, static_argnums=(7,), policy=REMAT_POLICIES[self.remat])
         for layer in range(self.num_layers):
             x = conv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
-                              self.edge_kernel, name=f"att_layers_{layer}")(
+                     self.edge_kernel, name=f"att_layers_{layer}")(
                 x, edge_attr, senders, receivers, node_mask, edge_mask, train)
         return EncoderOutput(x.astype(jnp.float32), vec, length)
 
