@@ -56,3 +56,44 @@ def test_rebuilding_is_a_pure_function_of_the_key():
     for x, y in zip(a, b):
         for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)):
             np.testing.assert_array_equal(u, v)
+
+
+def test_worker_processes_give_the_same_batches():
+    """The graph builds in a process pool (a few batches ahead) change nothing in the batches."""
+    graphs = _graphs(20)
+    key_fn = lambda e, b: jax.random.fold_in(jax.random.PRNGKey(5), 10 * e + b)  # noqa: E731
+    serial = RebuildingBatcher(graphs, batch_size=4, num_devices=2, perturb_cfg=CFG, key_fn=key_fn)
+    pooled = RebuildingBatcher(graphs, batch_size=4, num_devices=2, perturb_cfg=CFG, key_fn=key_fn, workers=2)
+    try:
+        a = list(serial.iterate(seed=1, epoch=0))
+        b = list(pooled.iterate(seed=1, epoch=0, start_batch=1))
+        assert pooled._pool is not None and len(a) == len(b) + 1 == 5
+        for x, y in zip(a[1:], b):
+            assert x.nodes.keys() == y.nodes.keys() and x.globals.keys() == y.globals.keys()
+            for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)):
+                np.testing.assert_array_equal(u, v)
+    finally:
+        pooled.close()
+
+
+def test_rebuilt_topology_pretraining_resumes_exactly_with_worker_processes(tmp_path):
+    """The loop's rebuilding pipeline (graphs built in 2 processes, batches ahead): a run killed
+    mid-epoch and resumed ends with the parameters of the uninterrupted run."""
+    from conftest import tiny
+    from configs import pretrain_pos10
+    from dpf_jax.train import loop
+    from dpf_jax.train.checkpoint import load_raw_checkpoint
+
+    config = tiny(pretrain_pos10.get_config(), records=80, epochs=2, batch=16)
+    config.pretrain.rebuild_topology = True
+    config.data.num_workers = 2
+    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
+    config.train.max_steps = 5
+    assert loop.train_and_evaluate(config, str(tmp_path / "resumed")) == {"stopped_at_step": 5}
+    config.train.max_steps = 0
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert resumed["steps"] == straight["steps"] > 5
+    params = [load_raw_checkpoint(str(tmp_path / run / "checkpoints" / "latest"))[0]["params"]
+              for run in ("straight", "resumed")]
+    for a, b in zip(*(jax.tree_util.tree_leaves(p) for p in params)):
+        np.testing.assert_array_equal(a, b)

@@ -140,6 +140,7 @@ def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_f
         return RebuildingBatcher(split.graphs, config.train.batch_size, num_devices,
                                  DenoisingObjective(config.model, config.pretrain).perturb_cfg(), key_fn,
                                  dataclasses.asdict(_graph_params(config)),
+                                 workers=config.data.num_workers or default_workers(),
                                  num_levels=config.train.num_budget_levels, seed=0,
                                  balance=balance)
     targets = np.nan_to_num(split.targets, nan=0.0)
