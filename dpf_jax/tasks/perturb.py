@@ -557,6 +557,16 @@ def perturb_crystals_host(key, crystals: Sequence[Crystal], cfg, indices: Sequen
     node targets (n,) / (n, 3), lattice targets (6,) and a scalar "lattice_mask". The Crystal's
     masked atoms have number 0; its frac_coords = positions @ inv(noisy lattice) (not wrapped).
     """
+    crystals = list(crystals)
+    return [(perturbed_crystal(c, *arrays), t)
+            for c, (arrays, t) in zip(crystals, perturb_arrays_host(key, crystals, cfg, indices))]
+
+
+def perturb_arrays_host(key, crystals: Sequence[Crystal], cfg, indices: Sequence[int] | None = None
+                        ) -> list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]]:
+    """The numbers behind `perturb_crystals_host`, per crystal ((lattice, positions, species),
+    targets): the one batched jitted call, without building Crystal records (which
+    `perturbed_crystal` does, e.g. in a worker process)."""
     cfg = PerturbConfig.from_config(cfg)
     crystals = list(crystals)
     if not crystals:
@@ -570,21 +580,26 @@ def perturb_crystals_host(key, crystals: Sequence[Crystal], cfg, indices: Sequen
         key = jax.device_put(key, cpu)
         out, targets = _perturb_cpu(key, batch, cfg=cfg)
         out, targets = jax.device_get((out, targets))
+    lattices = np.asarray(out.globals["lattice"])
+    positions, species = np.asarray(out.nodes["positions"]), np.asarray(out.nodes["species"])
+    targets = {name: np.asarray(v) for name, v in targets.items()}
     result = []
     o = 0
     for g, c in enumerate(crystals):
         sl = slice(o, o + c.num_atoms)
         o += c.num_atoms
-        lat = np.asarray(out.globals["lattice"][g], np.float64)
-        pos = np.asarray(out.nodes["positions"][sl], np.float64)
-        frac = pos @ np.linalg.inv(lat)
-        new = c.replace(lattice=lat, frac_coords=frac, numbers=np.asarray(out.nodes["species"][sl]))
-        t = {}
-        for name, v in targets.items():
-            v = np.asarray(v)
-            t[name] = v[g] if name.startswith("lattice") or name == "noisy_lattice_params" else v[sl]
-        result.append((new, t))
+        t = {name: v[g] if name.startswith("lattice") or name == "noisy_lattice_params" else v[sl]
+             for name, v in targets.items()}
+        result.append(((lattices[g], positions[sl], species[sl]), t))
     return result
+
+
+def perturbed_crystal(clean: Crystal, lattice, positions, species) -> Crystal:
+    """The Crystal record of a perturbed crystal: float64 lattice and positions, frac_coords =
+    positions @ inv(lattice) (not wrapped), masked atoms with number 0."""
+    lat = np.asarray(lattice, np.float64)
+    pos = np.asarray(positions, np.float64)
+    return clean.replace(lattice=lat, frac_coords=pos @ np.linalg.inv(lat), numbers=np.asarray(species))
 
 
 def perturb_crystal_host(key, crystal: Crystal, cfg, index: int = 0) -> tuple[Crystal, dict[str, np.ndarray]]:

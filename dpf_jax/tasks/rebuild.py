@@ -3,14 +3,15 @@
 By default a perturbation keeps the clean structure's edges and the model recomputes their
 geometry on device. With `pretrain.rebuild_topology=True` the input pipeline instead perturbs
 each crystal on the host — with exactly the noise the device path would draw for the same step
-key (`perturb_crystals_host`) — and builds the k-NN graph of the perturbed structure. The batch
+key (`perturb_arrays_host`) — and builds the k-NN graph of the perturbed structure. The batch
 then carries the denoising targets in fields prefixed `denoise_`, and the objective reads them
 instead of perturbing again. Everything stays a pure function of (run key, step).
 
 The k-NN builds are ~90% of the host time (0.4 ms per crystal; one B=256 batch ~0.1 s on one
-core, against a ~20 ms GPU step), so with `workers > 1` they run in a pool of spawned processes
-(numpy only), a few batches ahead of the one being padded. The batches are the same whatever
-the number of workers.
+core, against a ~20 ms GPU step), so with `workers > 1` they run in a pool of spawned processes,
+a few batches ahead of the one being padded, together with the per-crystal work around them
+(Crystal record, `graph_to_jraph`); the main process keeps the one batched perturbation call
+per device share and the padding. The batches are the same whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from dpf_jax.data.batching import GraphBatcher, fit_budget, graph_to_jraph, pad_graphs, stack_device_batches
 from dpf_jax.data.graphs import CrystalGraph
-from dpf_jax.tasks.perturb import batch_host_targets, perturb_crystals_host, rebuild_topology
+from dpf_jax.tasks.perturb import batch_host_targets, perturb_arrays_host, perturbed_crystal, rebuild_topology
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,14 @@ GRAPH_LEVEL = ("lattice_params", "noisy_lattice_params", "lattice_mask")
 LOOKAHEAD_BATCHES = 3  # batches whose graph builds are in flight while one is padded
 
 
-def _rebuild_edges(jobs):
-    """Worker: the rebuilt graph's (senders, receivers, images) of each (perturbed, clean
-    numbers, graph kwargs); only arrays go back, the crystal stays in the parent."""
+def _rebuild_graphs(jobs):
+    """Worker: the single-crystal GraphsTuple (`graph_to_jraph`) of each perturbed crystal,
+    from (clean crystal, (perturbed lattice, positions, species), graph kwargs): the Crystal
+    record, its k-NN graph and its arrays are all made here, off the main process."""
     out = []
-    for perturbed, clean_numbers, graph_kwargs in jobs:
-        g = rebuild_topology(perturbed, clean_numbers=clean_numbers, **graph_kwargs)
-        out.append((g.senders, g.receivers, g.images))
+    for clean, arrays, graph_kwargs in jobs:
+        graph = rebuild_topology(perturbed_crystal(clean, *arrays), clean_numbers=clean.numbers, **graph_kwargs)
+        out.append(graph_to_jraph(graph))
     return out
 
 
@@ -100,23 +102,23 @@ class RebuildingBatcher(GraphBatcher):
         shares = []
         for positions in self.share_positions(indices):
             crystals = [self.crystals[i] for i in indices[positions]]
-            perturbed = perturb_crystals_host(key, crystals, self.perturb_cfg, indices=positions.tolist())
-            jobs = [(p, c.numbers, self.graph_kwargs) for (p, _), c in zip(perturbed, crystals)]
-            shares.append((perturbed, positions, self._submit(jobs)))
+            perturbed = perturb_arrays_host(key, crystals, self.perturb_cfg, indices=positions.tolist())
+            jobs = [(c, arrays, self.graph_kwargs) for c, (arrays, _) in zip(crystals, perturbed)]
+            shares.append(([t for _, t in perturbed], positions, self._submit(jobs)))
         return shares
 
     def _submit(self, jobs):
-        """[(jobs chunk, Future or its finished edges)]."""
+        """[(jobs chunk, Future or its finished graphs)]."""
         pool = self._get_pool()
         if pool is None or len(jobs) < 2:
-            return [(jobs, _rebuild_edges(jobs))]
+            return [(jobs, _rebuild_graphs(jobs))]
         size = -(-len(jobs) // self.workers)
         chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
         try:
-            return [(chunk, pool.submit(_rebuild_edges, chunk)) for chunk in chunks]
+            return [(chunk, pool.submit(_rebuild_graphs, chunk)) for chunk in chunks]
         except (cf.process.BrokenProcessPool, RuntimeError) as e:
             self._serial_from_now(e)
-            return [(jobs, _rebuild_edges(jobs))]
+            return [(jobs, _rebuild_graphs(jobs))]
 
     def _serial_from_now(self, error) -> None:
         log.warning("graph-rebuild workers failed (%s); building in this process from now on", error)
@@ -130,14 +132,13 @@ class RebuildingBatcher(GraphBatcher):
             return part.result()
         except cf.process.BrokenProcessPool as e:  # a worker died (e.g. killed): not the data's fault
             self._serial_from_now(e)
-            return _rebuild_edges(chunk)
+            return _rebuild_graphs(chunk)
 
     def _finish_batch(self, shares) -> jraph.GraphsTuple:
         built = []
-        for perturbed, positions, parts in shares:
-            edges = [e for chunk, part in parts for e in self._collect(chunk, part)]
-            graphs = [CrystalGraph(p, s, r, im) for (p, _), (s, r, im) in zip(perturbed, edges)]
-            built.append(([graph_to_jraph(g) for g in graphs], [t for _, t in perturbed], positions))
+        for targets, positions, parts in shares:
+            graphs = [g for chunk, part in parts for g in self._collect(chunk, part)]
+            built.append((graphs, targets, positions))
         budget = fit_budget(self.budgets,
                             max(sum(int(g.n_node[0]) for g in gs) for gs, _, _ in built),
                             max(sum(int(g.n_edge[0]) for g in gs) for gs, _, _ in built),
