@@ -42,8 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.formulation = "node"
     # How the per-edge message chain runs, same parameters and maths: "xla" (jax.numpy),
     # "pallas" (the chain as one fused Triton kernel forward and one backward;
-    # dpf_jax/model/edge_kernel.py) or "pallas_node" (node formulation: the gathers and e @ W3 in
-    # the kernels too; dpf_jax/model/gather_kernel.py); "-16x8" appended sets the tile.
+    # dpf_jax/model/edge_kernel.py), "pallas_node" (node formulation: the gathers and e @ W3 in
+    # the kernels too; dpf_jax/model/gather_kernel.py) or "pallas_gate" (node formulation: only
+    # alpha -> LayerNorm -> sigmoid -> x upd fused, matmuls in XLA; dpf_jax/model/gate_kernel.py);
+    # "-16x8" appended sets the tile (edges per program x warps).
     c.model.edge_kernel = "xla"
     # Backward-pass rematerialisation per layer (same parameters and maths; speed / memory):
     # "none", "layer" (keep only layer inputs), "dots" (keep matmul outputs), "dots_no_batch";

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message
+from dpf_jax.model.gate_kernel import fused_gate, gate_reference
 from dpf_jax.model.gather_kernel import fused_node_message, node_message_reference
 from dpf_jax.model.layers import MatformerConv
 
@@ -92,7 +93,7 @@ def test_no_edges():
     assert fused_edge_message(*args).shape == (0, 2, 16)
 
 
-@pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4"])
+@pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4", "pallas_gate-16x4"])
 def test_conv_pallas_equals_xla_with_gradients(kernel):
     """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
     same gradients (of parameters and of the node features)."""
@@ -300,3 +301,72 @@ def test_gather_kernel_triton_lowering_inside_data_parallel_step():
     text = lower_for_gpu(jax.grad(loss, argnums=(0, 9)), *shapes)
     assert text.count("xla.gpu.triton") == 2
     assert 'name = "node_message_fwd"' in text and 'name = "node_message_bwd"' in text
+
+
+# ------------------------------------------------------- the gate alone (gate_kernel)
+
+GATE_DIFF = (0, 1, 2, 3, 5, 6)  # all but the edge mask
+
+
+def random_gate_args(n_edge, heads, c, seed=0, n_real=None):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    r = jax.random.normal(ks[0], (n_edge, heads, 5 * c))
+    s = jax.random.normal(ks[1], (n_edge, heads, 4 * c))
+    ew3 = jax.random.normal(ks[2], (n_edge, heads, 3 * c))
+    e = jax.random.normal(ks[3], (n_edge, heads, c))
+    mask = jnp.arange(n_edge) < (n_edge if n_real is None else n_real)
+    g1, b1 = 1 + 0.2 * jax.random.normal(ks[4], (3 * c,)), 0.2 * jax.random.normal(ks[5], (3 * c,))
+    return (r, s, ew3, e, mask, g1, b1)
+
+
+@pytest.mark.parametrize("n_edge,n_real,heads,c,block", [(64, 50, 2, 16, 16), (40, 33, 4, 128, 32)])
+def test_gate_kernel_matches_reference_values_and_gradients(n_edge, n_real, heads, c, block):
+    """Values and every gradient (both gathered tables, e @ W3, e, the LayerNorm parameters);
+    masked edges give and get exactly 0, also when they hold inf/NaN; an edge axis that is not
+    a multiple of the block (40 edges, blocks of 32)."""
+    args = list(random_gate_args(n_edge, heads, c, n_real=n_real))
+    args[0] = args[0].at[n_real, 0, 0].set(jnp.nan)
+    args[2] = args[2].at[n_real, 0, 0].set(jnp.inf)
+    clean = [jnp.where(args[4].reshape(-1, 1, 1), a, 0.0) if i < 4 else a for i, a in enumerate(args)]
+    opts = KernelOptions(block_edges=block)
+    fused = lambda *a: fused_gate(*a, opts=opts)  # noqa: E731
+    m = fused(*args)
+    assert m.shape == (n_edge, heads, 3 * c) and m.dtype == jnp.float32
+    np.testing.assert_allclose(m, gate_reference(*clean), rtol=1e-5, atol=1e-5)
+    assert np.isfinite(np.asarray(m)).all() and not np.asarray(m[n_real:]).any()
+    w = jax.random.normal(jax.random.PRNGKey(9), m.shape)
+    grads = jax.grad(lambda *a: jnp.sum(fused(*a) * w), argnums=GATE_DIFF)(*args)
+    grads_ref = jax.grad(lambda *a: jnp.sum(gate_reference(*a) * w), argnums=GATE_DIFF)(*clean)
+    for i, g, g_ref in zip(GATE_DIFF, grads, grads_ref):
+        assert g.shape == args[i].shape
+        scale = float(jnp.abs(g_ref).max())
+        assert scale > 0  # every argument really receives a gradient
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale, err_msg=f"argument {i}")
+        if i < 4:
+            assert not np.asarray(g[n_real:]).any()
+    b16 = [a.astype(jnp.bfloat16) if i < 4 else a for i, a in enumerate(clean)]
+    m16 = fused(*b16)
+    assert m16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(m16.astype(jnp.float32), gate_reference(*b16).astype(jnp.float32),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_gate_kernel_triton_lowering_inside_data_parallel_step():
+    f32 = jnp.float32
+    E, H, C = 1024, 4, 128
+    sds = jax.ShapeDtypeStruct
+    shapes = (sds((E, H, 5 * C), f32), sds((E, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
+              sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    opts = KernelOptions(interpret=False)
+
+    def loss(*a):
+        per_dev = lambda *b: jax.lax.psum(jnp.sum(fused_gate(*b, opts=opts) ** 2), "data")  # noqa: E731
+        return jax.shard_map(per_dev, mesh=mesh, in_specs=(P("data"),) * 5 + (P(),) * 2, out_specs=P())(*a)
+
+    text = lower_for_gpu(jax.grad(loss, argnums=(0, 5)), *shapes)
+    assert text.count("xla.gpu.triton") == 2
+    assert 'name = "edge_gate_fwd"' in text and 'name = "edge_gate_bwd"' in text

@@ -53,12 +53,12 @@ class KernelOptions:
 
     @classmethod
     def parse(cls, spec: str, **kw) -> "KernelOptions":
-        """From a config string: "pallas" / "pallas_node" (defaults) or with a tile,
+        """From a config string: "pallas" / "pallas_node" / "pallas_gate" (defaults) or with a tile,
         "pallas-<block_edges>x<num_warps>" (the kernel family is the caller's business)."""
         name, _, tile = spec.partition("-")
-        if name not in ("pallas", "pallas_node"):
-            raise ValueError(f"edge kernel {spec!r}: expected 'pallas' or 'pallas_node', optionally with "
-                             "'-<block_edges>x<num_warps>'")
+        if name not in ("pallas", "pallas_node", "pallas_gate"):
+            raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node' or 'pallas_gate', "
+                             "optionally with '-<block_edges>x<num_warps>'")
         if tile:
             try:
                 block, warps = (int(t) for t in tile.split("x"))

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpf_jax.model.edge_kernel import KernelOptions, fused_edge_message
+from dpf_jax.model.gate_kernel import fused_gate
 from dpf_jax.model.gather_kernel import fused_node_message
 
 Dtype = Any
@@ -269,6 +270,9 @@ class MatformerConv(nn.Module):
     "pallas-32x4" sets its tile (edges per program x Triton warps; default 32x4). "pallas_node"
     (node formulation only; `dpf_jax.model.gather_kernel`) also moves the gathers and e @ W3
     into the kernels: the per-edge tables, upd and their copies are never written to memory.
+    "pallas_gate" (node formulation; `dpf_jax.model.gate_kernel`) fuses only the gate (alpha ->
+    LayerNorm_3C -> sigmoid -> x upd) into one kernel pair reading the gathered tables as XLA
+    wrote them, and leaves msg_layer_0 and LayerNorm_C to XLA.
     """
 
     channels: int = 128
@@ -307,12 +311,17 @@ class MatformerConv(nn.Module):
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train)
             r = gather(recv_tab, receivers, dt)
             s = gather(send_tab, senders, dt)
+            if self.edge_kernel.startswith("pallas_gate"):  # the gate in one kernel pair, matmuls in XLA
+                ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
+                opts = KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
+                msg = fused_gate(r, s, ein("ehc,cd->ehd", e, w3), e, edge_mask, ln1_scale, ln1_bias, opts)
+                return self._aggregate_and_update(x, self._message_out(msg, edge_mask), receivers, node_mask, train)
             q_i, qk_ii, vm_i = r[..., :C], r[..., C:2 * C], r[..., 2 * C:]
             k_j, vm_j = s[..., :C], s[..., C:]
             upd = vm_i + vm_j + ein("ehc,cd->ehd", e, w3)
         elif self.formulation == "edge":
-            if self.edge_kernel.startswith("pallas_node"):
-                raise ValueError("edge_kernel 'pallas_node' needs formulation 'node' (use 'pallas' with 'edge')")
+            if self.edge_kernel.startswith(("pallas_node", "pallas_gate")):
+                raise ValueError(f"edge_kernel {self.edge_kernel!r} needs formulation 'node' (use 'pallas' with 'edge')")
             x_i = gather(x, receivers, dt)
             x_j = gather(x, senders, dt)
             q_i = lin_q(x_i).reshape(n_edge, H, C)
@@ -332,14 +341,17 @@ class MatformerConv(nn.Module):
         elif self.edge_kernel == "xla":
             alpha = jnp.concatenate([qk_ii, q_i * k_j, q_i * e], axis=-1) * inv  # [E, H, 3C]
             gate = jax.nn.sigmoid(LayerNorm(dtype=jnp.float32, name="layer_norm")(alpha))
-            msg = (upd.astype(jnp.float32) * gate).astype(dt)
-            msg = dense(C, "msg_layer_0")(msg)
-            msg = LayerNorm(dtype=jnp.float32, name="msg_layer_1")(msg)  # [E, H, C] float32
-            msg = jnp.where(edge_mask[:, None, None], msg, 0.0)
+            msg = self._message_out((upd.astype(jnp.float32) * gate).astype(dt), edge_mask)
         else:
-            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, pallas, pallas_node; "
-                             "the last two optionally -<block_edges>x<num_warps>)")
+            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, pallas, pallas_node, "
+                             "pallas_gate; the last three optionally -<block_edges>x<num_warps>)")
         return self._aggregate_and_update(x, msg, receivers, node_mask, train)
+
+    def _message_out(self, gated, edge_mask):
+        """msg_layer_0 -> LayerNorm_C -> edge mask of the gated message [E, H, 3C]: [E, H, C] float32."""
+        msg = Linear(self.channels, True, self.dtype, self.precision, name="msg_layer_0")(gated)
+        msg = LayerNorm(dtype=jnp.float32, name="msg_layer_1")(msg)
+        return jnp.where(edge_mask[:, None, None], msg, 0.0)
 
     def _chain_params(self):
         """For the fused kernels: the parameters of layer_norm, msg_layer_0 and msg_layer_1 (the

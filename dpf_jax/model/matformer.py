@@ -82,8 +82,9 @@ class MatformerEncoder(nn.Module):
         TF32 on recent NVIDIA GPUs).
       formulation: "edge" or "node", two exact ways to evaluate MatformerConv (same params);
         see `dpf_jax.model.layers.MatformerConv` for their FLOPs and measured speed.
-      edge_kernel: "xla" or "pallas": how the per-edge message chain runs (same parameters);
-        "pallas" is one fused Triton kernel pair (`dpf_jax.model.edge_kernel`).
+      edge_kernel: how the per-edge message chain runs (same parameters): "xla" (default),
+        "pallas" (the chain as one fused Triton kernel pair, `dpf_jax.model.edge_kernel`),
+        "pallas_node" (gathers inside too) or "pallas_gate" (only the gate; see MatformerConv).
       remat: a key of `REMAT_POLICIES`: what each layer's forward keeps for the backward.
     """
 

@@ -1,0 +1,227 @@
+"""MatformerConv's attention gate as one Pallas (Triton) kernel pair; the matmuls stay in XLA.
+
+Per edge e = (j -> i) and head h ("node" formulation, C = channels, inv = 1 / sqrt(3C)), from
+the gathered node tables r = recv_tab[i] = [q_i | qk_ii | vm_i] ([5C]) and s = send_tab[j] =
+[k_j | vm_j] ([4C]), ew3 = e @ W3 ([3C]) and e ([C]):
+
+    alpha = [qk_ii | q_i * k_j | q_i * e] * inv                                    [3C]
+    m     = mask * (vm_i + vm_j + ew3) * sigmoid(LayerNorm_3C(alpha))               [3C]
+
+XLA then runs msg_layer_0 (m @ W0 + b0), LayerNorm_C and the edge mask, as in the "xla" path.
+
+Why this split (scripts/results/PERF_NOTES.md, sessions 2 and 5): the training step is bound
+by memory traffic over per-edge [E, H, 3C] tensors, which XLA writes and reads in ~15 passes
+per layer; `edge_kernel.py` fused the whole chain including msg_layer_0 and lost in the step:
+its in-kernel [16-32, 128] x [128, 128] matmuls are too small for the tensor cores, its
+inputs had to be sliced out of the gathered tables (copies), and its gradients concatenated
+back for the scatter-adds (more copies). Here the kernels are elementwise work plus row
+reductions only, they read the gathered tables and e @ W3 as XLA produced them, and the
+backward writes the tables' gradients in their own layout (d_r [E, H, 5C], d_s [E, H, 4C])
+plus d(ew3) and the alpha part of d(e): per edge and layer (HC = H x C floats) the forward
+moves 13 HC in and 3 HC out, the backward 16 HC in and 13 HC out. No [E, H, 3C] intermediate
+of the gate is stored for the backward; the LayerNorm statistics are recomputed.
+`gate_reference` is the same maths in jax.numpy; the tests compare values and gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _compiler_params, _gate,
+                                       _make_varying, _masked, _out_struct, _pad_edges, _varying_axes)
+
+
+def gate_reference(r, s, ew3, e, mask, ln1_scale, ln1_bias):
+    """The gated message in jax.numpy (as MatformerConv's "xla" path computes it, masked).
+    Shapes: r [E, H, 5C], s [E, H, 4C], ew3 [E, H, 3C], e [E, H, C], mask [E]; ln1_* [3C].
+    Returns [E, H, 3C] in ew3's dtype (computed in float32)."""
+    f32 = jnp.float32
+    c = e.shape[-1]
+    r, s, e3, e = (t.astype(f32) for t in (r, s, ew3, e))
+    q, qk, vm_i = r[..., :c], r[..., c:2 * c], r[..., 2 * c:]
+    k, vm_j = s[..., :c], s[..., c:]
+    alpha = jnp.concatenate([qk, q * k, q * e], axis=-1) / math.sqrt(3 * c)
+    mu = alpha.mean(-1, keepdims=True)
+    d = alpha - mu
+    ahat = d * jax.lax.rsqrt((d * d).mean(-1, keepdims=True) + 1e-5)
+    m = (vm_i + vm_j + e3) * jax.nn.sigmoid(ahat * ln1_scale + ln1_bias)
+    return jnp.where(mask.astype(bool)[:, None, None], m, 0.0).astype(ew3.dtype)
+
+
+class TableTiles(BlockTiles):
+    """`edge_kernel.BlockTiles` read from one block of the gathered tables: q_i, qk_ii = r's
+    first two C chunks, k_j = s's first, upd chunk kk = vm_i + vm_j + ew3 (chunk kk of each)."""
+
+    def __init__(self, r_ref, s_ref, ew3_ref, e_ref, c, inv):
+        self.r_ref, self.s_ref, self.ew3_ref, self.e_ref = r_ref, s_ref, ew3_ref, e_ref
+        self.c, self.inv = c, inv
+
+    def _load(self, ref, start):
+        from jax.experimental import pallas as pl
+
+        return ref[:, pl.ds(start, self.c)].astype(jnp.float32)
+
+    def q(self):
+        return self._load(self.r_ref, 0)
+
+    def qk(self):
+        return self._load(self.r_ref, self.c)
+
+    def k(self):
+        return self._load(self.s_ref, 0)
+
+    def upd(self, kk):
+        c = self.c
+        return self._load(self.r_ref, (2 + kk) * c) + self._load(self.s_ref, (1 + kk) * c) + \
+            self._load(self.ew3_ref, kk * c)
+
+
+def _fwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, m_ref, *, c, inv):
+    from jax.experimental import pallas as pl
+
+    t = TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv)
+    mu, rstd = _alpha_stats(t, c)
+    for kk in range(3):
+        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
+        m = t.upd(kk) * _gate(kk, ahat, g1_ref, b1_ref, c)
+        m_ref[:, pl.ds(kk * c, c)] = _masked(mask_ref, m).astype(m_ref.dtype)
+
+
+def _bwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, dm_ref,
+                dr_ref, ds_ref, dew3_ref, de_ref, part_ref, *, c, inv):
+    """Gradients of m's inputs; every per-edge value masked (a padding edge holding inf/NaN
+    gets exactly 0). part_ref [8, C]: per-block sums for d ln1 scale (rows 0-2, one per C
+    chunk) and d ln1 bias (rows 3-5); rows 6-7 zero (power-of-two block)."""
+    from jax.experimental import pallas as pl
+
+    t = TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv)
+    mu, rstd = _alpha_stats(t, c)
+    dahat, m1, m2 = [], 0.0, 0.0
+    for kk in range(3):
+        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
+        g = _gate(kk, ahat, g1_ref, b1_ref, c)
+        dm = _masked(mask_ref, dm_ref[:, pl.ds(kk * c, c)].astype(jnp.float32))
+        dupd = _masked(mask_ref, dm * g)
+        dr_ref[:, pl.ds((2 + kk) * c, c)] = dupd.astype(dr_ref.dtype)
+        ds_ref[:, pl.ds((1 + kk) * c, c)] = dupd.astype(ds_ref.dtype)
+        dew3_ref[:, pl.ds(kk * c, c)] = dupd.astype(dew3_ref.dtype)
+        sg = _masked(mask_ref, dm * t.upd(kk) * g * (1.0 - g))  # d(pre-sigmoid)
+        part_ref[kk, :] = jnp.sum(_masked(mask_ref, sg * ahat), axis=0)
+        part_ref[3 + kk, :] = jnp.sum(sg, axis=0)
+        dah = sg * g1_ref[pl.ds(kk * c, c)][None, :]
+        m1 = m1 + jnp.sum(dah, axis=1)
+        m2 = m2 + jnp.sum(_masked(mask_ref, dah * ahat), axis=1)
+        dahat.append(dah)
+    zeros = jnp.zeros((c,), jnp.float32)
+    part_ref[6, :] = zeros
+    part_ref[7, :] = zeros
+    m1, m2 = m1 / (3 * c), m2 / (3 * c)
+    da = []
+    for kk in range(3):  # LayerNorm_3C backward, then alpha = [qk | q*k | q*e] * inv
+        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
+        da.append(_masked(mask_ref, rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv))
+    q, k, e = t.q(), t.k(), t.e()
+    dr_ref[:, pl.ds(0, c)] = _masked(mask_ref, da[1] * k + da[2] * e).astype(dr_ref.dtype)
+    dr_ref[:, pl.ds(c, c)] = da[0].astype(dr_ref.dtype)
+    ds_ref[:, pl.ds(0, c)] = _masked(mask_ref, da[1] * q).astype(ds_ref.dtype)
+    de_ref[...] = _masked(mask_ref, da[2] * q).astype(de_ref.dtype)
+
+
+def _block_specs(c, be):
+    from jax.experimental import pallas as pl
+
+    rows = lambda width: pl.BlockSpec((be, None, width), lambda i, h: (i, h, 0))  # noqa: E731
+    edges = pl.BlockSpec((be,), lambda i, h: (i,))
+    vec3 = pl.BlockSpec((3 * c,), lambda i, h: (0,))
+    inputs = [rows(5 * c), rows(4 * c), rows(3 * c), rows(c), edges, vec3, vec3]
+    return inputs, rows, pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))
+
+
+def _padded(args, be):
+    n_edge = args[0].shape[0]
+    n_pad = (-n_edge) % be
+    return (_pad_edges(args, n_pad) if n_pad else list(args)), n_edge, n_edge + n_pad
+
+
+def _forward(args, opts: KernelOptions):
+    from jax.experimental import pallas as pl
+
+    r, s, ew3, e, mask, g1, b1 = args
+    heads, c = e.shape[1], e.shape[2]
+    be = opts.block_edges
+    edge_args, n_edge, ne = _padded([r, s, ew3, e, mask], be)
+    in_specs, rows, _ = _block_specs(c, be)
+    m = pl.pallas_call(
+        functools.partial(_fwd_kernel, c=c, inv=1.0 / math.sqrt(3 * c)),
+        grid=(ne // be, heads), in_specs=in_specs, out_specs=rows(3 * c),
+        out_shape=_out_struct(e, (ne, heads, 3 * c), ew3.dtype),
+        compiler_params=_compiler_params(opts), interpret=opts.resolved_interpret(), name="edge_gate_fwd",
+    )(*edge_args, g1, b1)
+    return m[:n_edge] if ne != n_edge else m
+
+
+def _backward(args, dm, opts: KernelOptions):
+    from jax.experimental import pallas as pl
+
+    r, s, ew3, e, mask, g1, b1 = args
+    heads, c = e.shape[1], e.shape[2]
+    be = opts.block_edges
+    edge_args, n_edge, ne = _padded([r, s, ew3, e, mask, dm], be)
+    in_specs, rows, partials = _block_specs(c, be)
+    sds = functools.partial(_out_struct, dm)
+    n_blocks = ne // be
+    out_shape = [sds((ne, heads, 5 * c), r.dtype), sds((ne, heads, 4 * c), s.dtype),
+                 sds((ne, heads, 3 * c), ew3.dtype), sds((ne, heads, c), e.dtype),
+                 sds((n_blocks, heads, 8, c), jnp.float32)]
+    *edge_args, dm_p = edge_args
+    dr, ds, dew3, de, part = pl.pallas_call(
+        functools.partial(_bwd_kernel, c=c, inv=1.0 / math.sqrt(3 * c)),
+        grid=(n_blocks, heads), in_specs=in_specs + [rows(3 * c)],
+        out_specs=[rows(5 * c), rows(4 * c), rows(3 * c), rows(c), partials], out_shape=out_shape,
+        compiler_params=_compiler_params(opts), interpret=opts.resolved_interpret(), name="edge_gate_bwd",
+    )(*edge_args, g1, b1, dm_p)
+    if ne != n_edge:
+        dr, ds, dew3, de = (x[:n_edge] for x in (dr, ds, dew3, de))
+    part = part.sum(axis=(0, 1))  # [8, C]
+    return (dr, ds, dew3, de, jnp.zeros_like(mask), part[0:3].reshape(3 * c).astype(g1.dtype),
+            part[3:6].reshape(3 * c).astype(b1.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused(r, s, ew3, e, mask, g1, b1, opts):
+    return _forward((r, s, ew3, e, mask, g1, b1), opts)
+
+
+def _fused_fwd(r, s, ew3, e, mask, g1, b1, opts):
+    args = (r, s, ew3, e, mask, g1, b1)
+    return _forward(args, opts), args  # residuals: the inputs only (they exist anyway)
+
+
+def _fused_bwd(opts, args, dm):
+    return _backward(args, dm, opts)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_gate(r, s, ew3, e, mask, ln1_scale, ln1_bias, opts: KernelOptions = KernelOptions()):
+    """`gate_reference` as the kernel pair (same arguments and result)."""
+    c = e.shape[-1]
+    if r.shape[-1] != 5 * c or s.shape[-1] != 4 * c or ew3.shape[-1] != 3 * c:
+        raise ValueError(f"fused_gate: r [..., {5 * c}], s [..., {4 * c}], ew3 [..., {3 * c}] expected, got "
+                         f"{r.shape}, {s.shape}, {ew3.shape}")
+    opts.check(c, "fused_gate")
+    if e.shape[0] == 0:
+        return jnp.zeros(ew3.shape, ew3.dtype)
+    edge_args = (r, s, ew3, e, mask.astype(jnp.float32))
+    axes = tuple(sorted(set().union(*(_varying_axes(a) for a in edge_args))))
+    if opts.interpret is None and jax.default_backend() != "gpu" and axes:
+        # no GPU and inside shard_map: the interpreter cannot run here (see KernelOptions)
+        return gate_reference(r, s, ew3, e, mask, ln1_scale, ln1_bias)
+    edge_args = tuple(_make_varying(a, axes) for a in edge_args)
+    params = [_make_varying(p.astype(jnp.float32), axes) for p in (ln1_scale, ln1_bias)]
+    return _fused(*edge_args, *params, opts)
