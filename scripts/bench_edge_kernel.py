@@ -1,7 +1,9 @@
 """Times MatformerConv's per-edge work alone: the jax.numpy version (what XLA fuses) against the
 fused Pallas kernels, forward and forward+backward: `--family chain` the chain on gathered
 inputs (`dpf_jax.model.edge_kernel`), `--family node` the gathers, e @ W3 and the chain from
-the node tables (`dpf_jax.model.gather_kernel`).
+the node tables (`dpf_jax.model.gather_kernel`), `--family gate` the gate alone on the gathered
+tables (`dpf_jax.model.gate_kernel`; forward 13 HC in, 3 HC out per edge; backward 16 HC in, 13 HC
+out).
 
     python scripts/bench_edge_kernel.py                       # GPU: E = 46,080 edges (a B=256
                                                               # pre-training budget), H = 4, C = 128
@@ -37,10 +39,15 @@ sys.path.insert(0, str(REPO / "scripts"))
 import profile_step  # noqa: E402 - its `timeit`
 
 from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message  # noqa: E402
+from dpf_jax.model.gate_kernel import fused_gate, gate_reference  # noqa: E402
 from dpf_jax.model.gather_kernel import fused_node_message, node_message_reference  # noqa: E402
 
 DIFF = (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11)
 NODE_DIFF = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12)
+GATE_DIFF = (0, 1, 2, 3, 5, 6)
+# floats per edge, in units of HC = heads x channels, that each family's kernels must move:
+# (forward, forward + backward)
+KERNEL_HC = {"chain": (8, 8 + 19), "gate": (16, 16 + 29)}
 EDGES_PER_NODE = 25  # the reference graphs' average (PERF_NOTES.md)
 
 
@@ -55,6 +62,20 @@ def make_node_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
     w3 = jax.random.normal(ks[4], (c, 3 * c)) / np.sqrt(c)
     qk, q, k, e, upd, mask, *params = make_inputs(n_edge, heads, c, seed)
     return (rt, st, e, recv, send, mask, w3, *params)
+
+
+def make_gate_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
+    """Gathered tables r [E, H, 5C], s [E, H, 4C], e @ W3 [E, H, 3C], e, mask, LayerNorm params."""
+    ks = jax.random.split(jax.random.PRNGKey(seed + 1), 3)
+    qk, q, k, e, upd, mask, g1, b1, *_ = make_inputs(n_edge, heads, c, seed)
+    r = jnp.concatenate([q, qk, jax.random.normal(ks[0], (n_edge, heads, 3 * c))], axis=-1)
+    s = jnp.concatenate([k, jax.random.normal(ks[1], (n_edge, heads, 3 * c))], axis=-1)
+    return (r, s, upd, e, mask, g1, b1)
+
+
+def _gate_reference(*a, precision=None):
+    del precision  # no matmuls in the gate
+    return gate_reference(*a)
 
 
 def make_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
@@ -83,9 +104,10 @@ def main(argv=None) -> dict:
     p.add_argument("--channels", type=int, default=128)
     p.add_argument("--tiles", nargs="+", default=["32x4", "16x8", "64x8"], help="edges-per-program x warps")
     p.add_argument("--precision", choices=["default", "highest"], default="default")
-    p.add_argument("--family", nargs="+", choices=["chain", "node"], default=["chain", "node"],
+    p.add_argument("--family", nargs="+", choices=["chain", "node", "gate"], default=["chain", "node", "gate"],
                    help="chain: the per-edge chain on gathered inputs (edge_kernel 'pallas'); node: gathers "
-                        "+ e@W3 + chain from node tables (edge_kernel 'pallas_node', N = E / 25)")
+                        "+ e@W3 + chain from node tables (edge_kernel 'pallas_node', N = E / 25); gate: the "
+                        "gate alone on the gathered tables (edge_kernel 'pallas_gate')")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes, Pallas interpreter")
     p.add_argument("--out", default="scripts/results/bench_edge_kernel.json")
@@ -100,7 +122,8 @@ def main(argv=None) -> dict:
     hc = args.heads * args.channels
     families = {  # what is timed: the chain alone (inputs gathered already), or gathers + chain
         "chain": (make_inputs, edge_message_reference, fused_edge_message, "pallas", DIFF),
-        "node": (make_node_inputs, node_message_reference, fused_node_message, "pallas_node", NODE_DIFF)}
+        "node": (make_node_inputs, node_message_reference, fused_node_message, "pallas_node", NODE_DIFF),
+        "gate": (make_gate_inputs, _gate_reference, fused_gate, "pallas_gate", GATE_DIFF)}
     for n_edge, family in [(n, f) for n in args.edges for f in args.family]:
         make, reference, fused, kernel_name, diff = families[family]
         inputs = make(n_edge, args.heads, args.channels)
@@ -123,9 +146,8 @@ def main(argv=None) -> dict:
                 row["max_abs_err_forward"] = float(jnp.max(jnp.abs(fwd(*inputs) - ref_y)))
                 row["max_rel_err_grads"] = max(float(jnp.max(jnp.abs(g - r)) / (jnp.max(jnp.abs(r)) + 1e-30))
                                                for g, r in zip(grad(*inputs), ref_g))
-                if family == "chain" and not name.startswith("xla"):  # bytes the chain kernels must move
-                    fwd_bytes = 8 * hc * n_edge * 4
-                    train_bytes = fwd_bytes + 19 * hc * n_edge * 4  # backward: reads 8 HC, writes 11 HC
+                if family in KERNEL_HC and not name.startswith("xla"):  # bytes the kernels must move
+                    fwd_bytes, train_bytes = (n * hc * n_edge * 4 for n in KERNEL_HC[family])
                     row["forward_gb_s"] = fwd_bytes / row["forward_ms"] / 1e6
                     row["train_gb_s"] = train_bytes / row["train_ms"] / 1e6
             except Exception as ex:  # noqa: BLE001 - report and go on with the other variants
