@@ -129,6 +129,34 @@ def test_conv_pallas_equals_xla_with_gradients(kernel):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_conv_pallas_gate_in_bf16_is_close_to_xla():
+    """precision bf16: the gate kernel computes the alpha products and upd in float32 where the
+    "xla" path rounds them to bfloat16, so the two agree to bfloat16 rounding, not exactly."""
+    rng = np.random.default_rng(1)
+    n_node, n_edge, C, H = 24, 96, 16, 2
+    receivers = np.sort(rng.integers(0, 20, n_edge)).astype(np.int32)
+    args = tuple(map(jnp.asarray, (rng.standard_normal((n_node, C)).astype(np.float32),
+                                   rng.standard_normal((n_edge, 8)).astype(np.float32),
+                                   rng.integers(0, 20, n_edge).astype(np.int32), receivers,
+                                   np.arange(n_node) < 20, np.arange(n_edge) < 90)))
+    convs = {k: MatformerConv(C, H, dtype=jnp.bfloat16, edge_kernel=k) for k in ("xla", "pallas_gate-16x4")}
+    v = convs["xla"].init(jax.random.PRNGKey(3), *args, train=False)
+
+    def loss(params, conv):
+        y, _ = conv.apply({**v, "params": params}, *args, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.where(args[4][:, None], y.astype(jnp.float32), 0.0) ** 2)
+
+    (lx, gx), (lp, gp) = (jax.value_and_grad(loss)(v["params"], c) for c in convs.values())
+    np.testing.assert_allclose(lp, lx, rtol=2e-2)
+    # lin_concate's bias (before a BatchNorm) has a zero true gradient: both sides are round-off,
+    # hence a floor from the largest gradient
+    floor = 1e-2 * max(float(jnp.abs(b.astype(jnp.float32)).max()) for b in jax.tree_util.tree_leaves(gx))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree_util.tree_leaves(gx)):
+        scale = float(jnp.abs(b.astype(jnp.float32)).max())
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0,
+                                   atol=0.08 * scale + floor, err_msg=jax.tree_util.keystr(path))
+
+
 def lower_for_gpu(fn, *shapes) -> str:
     """StableHLO text of `fn` lowered for an NVIDIA GPU, on this CPU-only machine."""
     lowered = lambda: jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731

@@ -59,21 +59,45 @@ def test_rebuilding_is_a_pure_function_of_the_key():
 
 
 def test_worker_processes_give_the_same_batches():
-    """The graph builds in a process pool (a few batches ahead) change nothing in the batches."""
-    graphs = _graphs(20)
+    """The graph builds in a process pool (a few batches ahead) change nothing in the batches:
+    21 crystals in batches of 10 over 2 devices (chunks of 2, 2, 1; a last batch of 1 with an empty
+    device share), resumed mid-epoch; then a killed worker (the batcher carries on in-process,
+    same batches) and the shared pool shut down mid-epoch."""
+    from dpf_jax.tasks import rebuild
+
+    graphs = _graphs(21)
     key_fn = lambda e, b: jax.random.fold_in(jax.random.PRNGKey(5), 10 * e + b)  # noqa: E731
-    serial = RebuildingBatcher(graphs, batch_size=4, num_devices=2, perturb_cfg=CFG, key_fn=key_fn)
-    pooled = RebuildingBatcher(graphs, batch_size=4, num_devices=2, perturb_cfg=CFG, key_fn=key_fn, workers=2)
-    try:
-        a = list(serial.iterate(seed=1, epoch=0))
-        b = list(pooled.iterate(seed=1, epoch=0, start_batch=1))
-        assert pooled._pool is not None and len(a) == len(b) + 1 == 5
-        for x, y in zip(a[1:], b):
+    make = lambda w: RebuildingBatcher(graphs, batch_size=10, num_devices=2, perturb_cfg=CFG,  # noqa: E731
+                                       key_fn=key_fn, workers=w)
+
+    def same(xs, ys):
+        assert len(xs) == len(ys)
+        for x, y in zip(xs, ys):
             assert x.nodes.keys() == y.nodes.keys() and x.globals.keys() == y.globals.keys()
             for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)):
                 np.testing.assert_array_equal(u, v)
+
+    serial = list(make(1).iterate(seed=1, epoch=0))
+    assert len(serial) == 3
+    try:
+        pooled = make(3)
+        same(serial[1:], list(pooled.iterate(seed=1, epoch=0, start_batch=1)))
+        assert 3 in rebuild._POOLS and pooled.workers == 3
+        # a worker dies with builds in flight: those chunks are rebuilt here, and so is the rest
+        it = pooled.iterate(seed=1, epoch=0)
+        first = next(it)
+        for proc in list(rebuild._POOLS[3]._processes.values()):
+            proc.kill()
+        same(serial, [first] + list(it))
+        assert pooled.workers == 1 and 3 not in rebuild._POOLS
+        # the shared pool shut down with batches possibly in flight: their builds are redone here
+        other = make(3)
+        it = other.iterate(seed=1, epoch=0)
+        first = next(it)
+        rebuild.shutdown_workers()
+        same(serial, [first] + list(it))
     finally:
-        pooled.close()
+        rebuild.shutdown_workers()
 
 
 def test_rebuilt_topology_pretraining_resumes_exactly_with_worker_processes(tmp_path):

@@ -36,9 +36,11 @@ from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, 
 
 
 def gate_reference(r, s, ew3, e, mask, ln1_scale, ln1_bias):
-    """The gated message in jax.numpy (as MatformerConv's "xla" path computes it, masked).
-    Shapes: r [E, H, 5C], s [E, H, 4C], ew3 [E, H, 3C], e [E, H, C], mask [E]; ln1_* [3C].
-    Returns [E, H, 3C] in ew3's dtype (computed in float32)."""
+    """The gated message in jax.numpy, masked. Shapes: r [E, H, 5C], s [E, H, 4C], ew3
+    [E, H, 3C], e [E, H, C], mask [E]; ln1_* [3C]. Returns [E, H, 3C] in ew3's dtype, computed
+    in float32 from the inputs as given, like the kernels. (MatformerConv's "xla" path computes
+    the same in float32; with bfloat16 inputs it rounds the alpha products and upd to bfloat16
+    before the LayerNorm, the kernels do not: results differ by about one bfloat16 step.)"""
     f32 = jnp.float32
     c = e.shape[-1]
     r, s, e3, e = (t.astype(f32) for t in (r, s, ew3, e))

@@ -16,11 +16,13 @@ per device share and the padding. The batches are the same whatever the number o
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures as cf
 import logging
 import multiprocessing
-import weakref
+import signal
+import threading
 from typing import Callable, Sequence
 
 import jraph
@@ -35,6 +37,46 @@ log = logging.getLogger(__name__)
 PREFIX = "denoise_"
 GRAPH_LEVEL = ("lattice_params", "noisy_lattice_params", "lattice_mask")
 LOOKAHEAD_BATCHES = 3  # batches whose graph builds are in flight while one is padded
+
+# One pool per worker count, shared by every RebuildingBatcher of the process (a run's train,
+# val and test batchers), started on first use; `shutdown_workers` (also at exit) stops them.
+_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _ignore_sigint():  # in each worker: Ctrl-C is the training loop's to handle (it checkpoints)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _shared_pool(workers: int) -> cf.ProcessPoolExecutor:
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            # spawned, not forked: JAX's threads are running by now (see tasks/official.py)
+            pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=_ignore_sigint)
+            _POOLS[workers] = pool
+        return pool
+
+
+def _drop_pool(pool: cf.ProcessPoolExecutor) -> None:
+    with _POOLS_LOCK:
+        for workers, p in list(_POOLS.items()):
+            if p is pool:
+                del _POOLS[workers]
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_workers() -> None:
+    """Stops the graph-rebuild worker processes (they start again when a batcher needs them)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+atexit.register(shutdown_workers)
 
 
 def _rebuild_graphs(jobs):
@@ -53,7 +95,7 @@ class RebuildingBatcher(GraphBatcher):
 
     `key_fn(epoch, batch_index)` gives the PRNG key of that batch (the training loop passes the
     key of the step that consumes it). `workers > 1` builds the graphs in that many processes
-    (started at the first batch, kept until `close()` or garbage collection).
+    (a pool shared by the process's batchers, see `shutdown_workers`).
     """
 
     def __init__(self, graphs: Sequence[CrystalGraph], batch_size: int, num_devices: int,
@@ -65,31 +107,25 @@ class RebuildingBatcher(GraphBatcher):
         self.key_fn = key_fn
         self.graph_kwargs = dict(graph_kwargs or {})
         self.workers = max(1, int(workers))
-        self._pool: cf.ProcessPoolExecutor | None = None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-    def _get_pool(self) -> cf.ProcessPoolExecutor | None:
-        if self.workers > 1 and self._pool is None:
-            # spawned, not forked: JAX's threads are running by now (see tasks/official.py)
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
-        return self._pool
 
     def iterate(self, seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_remainder: bool = False,
                 start_batch: int = 0):
         order = self.epoch_order(seed, epoch, shuffle)
         pending = collections.deque()
-        for b in range(start_batch, self.num_batches(drop_remainder)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            pending.append(self._start_batch(idx, self.key_fn(epoch, b)))
-            if len(pending) > (LOOKAHEAD_BATCHES if self.workers > 1 else 0):
+        try:
+            for b in range(start_batch, self.num_batches(drop_remainder)):
+                idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+                pending.append(self._start_batch(idx, self.key_fn(epoch, b)))
+                if len(pending) > (LOOKAHEAD_BATCHES if self.workers > 1 else 0):
+                    yield self._finish_batch(pending.popleft())
+            while pending:
                 yield self._finish_batch(pending.popleft())
-        while pending:
-            yield self._finish_batch(pending.popleft())
+        finally:  # the consumer stopped early (or failed): drop the builds nobody will read
+            for shares in pending:
+                for _, _, parts in shares:
+                    for _, part, _ in parts:
+                        if isinstance(part, cf.Future):
+                            part.cancel()
 
     def make_perturbed_batch(self, indices: Sequence[int], key) -> jraph.GraphsTuple:
         return self._finish_batch(self._start_batch(indices, key))
@@ -108,36 +144,40 @@ class RebuildingBatcher(GraphBatcher):
         return shares
 
     def _submit(self, jobs):
-        """[(jobs chunk, Future or its finished graphs)]."""
-        pool = self._get_pool()
-        if pool is None or len(jobs) < 2:
-            return [(jobs, _rebuild_graphs(jobs))]
+        """[(jobs chunk, Future or its finished graphs, the pool or None)]."""
+        if self.workers <= 1 or len(jobs) < 2:
+            return [(jobs, _rebuild_graphs(jobs), None)]
+        pool = _shared_pool(self.workers)
         size = -(-len(jobs) // self.workers)
         chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
         try:
-            return [(chunk, pool.submit(_rebuild_graphs, chunk)) for chunk in chunks]
-        except (cf.process.BrokenProcessPool, RuntimeError) as e:
-            self._serial_from_now(e)
-            return [(jobs, _rebuild_graphs(jobs))]
+            return [(chunk, pool.submit(_rebuild_graphs, chunk), pool) for chunk in chunks]
+        except (cf.process.BrokenProcessPool, RuntimeError) as e:  # broken, or shut down meanwhile
+            self._serial_from_now(pool, e)
+            return [(jobs, _rebuild_graphs(jobs), None)]
 
-    def _serial_from_now(self, error) -> None:
-        log.warning("graph-rebuild workers failed (%s); building in this process from now on", error)
-        self.close()
+    def _serial_from_now(self, pool, error) -> None:
+        if self.workers > 1:
+            log.warning("graph-rebuild worker processes failed (%s); this batcher builds in the main "
+                        "process from now on", error)
         self.workers = 1
+        _drop_pool(pool)
 
-    def _collect(self, chunk, part):
+    def _collect(self, chunk, part, pool):
         if not isinstance(part, cf.Future):
             return part
         try:
             return part.result()
-        except cf.process.BrokenProcessPool as e:  # a worker died (e.g. killed): not the data's fault
-            self._serial_from_now(e)
+        except cf.CancelledError:  # the pool was shut down under this batch (shutdown_workers)
+            return _rebuild_graphs(chunk)
+        except cf.process.BrokenProcessPool as e:  # a worker died (killed, out of memory)
+            self._serial_from_now(pool, e)
             return _rebuild_graphs(chunk)
 
     def _finish_batch(self, shares) -> jraph.GraphsTuple:
         built = []
         for targets, positions, parts in shares:
-            graphs = [g for chunk, part in parts for g in self._collect(chunk, part)]
+            graphs = [g for chunk, part, pool in parts for g in self._collect(chunk, part, pool)]
             built.append((graphs, targets, positions))
         budget = fit_budget(self.budgets,
                             max(sum(int(g.n_node[0]) for g in gs) for gs, _, _ in built),

@@ -34,7 +34,7 @@ from dpf_jax.data.pipeline import (PreparedData, SplitData, prepare_labeled, pre
                                    task_units_and_transform)
 from dpf_jax.tasks.losses import lattice_param_stats
 from dpf_jax.tasks.official import OfficialBatcher, drop_single_atom_structures
-from dpf_jax.tasks.rebuild import RebuildingBatcher
+from dpf_jax.tasks.rebuild import RebuildingBatcher, shutdown_workers
 from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train.objectives import DenoisingObjective, OfficialDenoisingObjective, RegressionObjective
 from dpf_jax.train.optim import make_optimizer
@@ -478,6 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     results = final_results(config, objective, state, checkpointer, eval_step, mesh, eval_key,
                             {"train": train_b, "val": val_b, "test": test_b}, data, metric_name)
+    shutdown_workers()  # graph-rebuild processes, if this run started any
     results.update({"best_epoch": best_epoch,
                     "best_val_" + metric_name: best_metric if math.isfinite(best_metric) else None,
                     "num_parameters": int(n_params), "num_devices": num_devices,
