@@ -34,6 +34,20 @@ def random_args(n_edge, heads, c, seed=0, n_real=None):
     return (qk, q, k, e, upd, mask, g1, b1, w0, b0, g2, b2)
 
 
+def check_gradients(fused, ref, args, argnums, cotangent, ref_args=None, atol=1e-5):
+    """Gradients of sum(f(*args) * cotangent) for f = fused and ref (on `ref_args` if given):
+    same shapes, every argument really receives one, equal within rtol 1e-5 and `atol` x the
+    largest reference entry. Returns fused's gradients."""
+    grads = jax.grad(lambda *a: jnp.sum(fused(*a) * cotangent), argnums=argnums)(*args)
+    grads_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * cotangent), argnums=argnums)(*(ref_args or args))
+    for i, g, g_ref in zip(argnums, grads, grads_ref):
+        assert g.shape == args[i].shape
+        scale = float(jnp.abs(g_ref).max())
+        assert scale > 0  # every argument really receives a gradient
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=atol * scale, err_msg=f"argument {i}")
+    return grads
+
+
 @pytest.mark.parametrize("n_edge,n_real,block", [(64, 50, 16), (72, 72, 32)])  # 72: edge axis padded
 def test_fused_matches_reference_values_and_gradients(n_edge, n_real, block):
     args = random_args(n_edge, 2, 16, n_real=n_real)
@@ -46,13 +60,7 @@ def test_fused_matches_reference_values_and_gradients(n_edge, n_real, block):
     assert not np.asarray(y[n_real:]).any()  # padding edges send nothing
 
     w = jax.random.normal(jax.random.PRNGKey(9), y.shape)  # a generic cotangent
-    grads = jax.grad(lambda *a: jnp.sum(fused(*a) * w), argnums=DIFF_ARGS)(*args)
-    grads_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=DIFF_ARGS)(*args)
-    for i, g, g_ref in zip(DIFF_ARGS, grads, grads_ref):
-        assert g.shape == args[i].shape
-        scale = float(jnp.abs(g_ref).max())
-        assert scale > 0  # every argument really receives a gradient
-        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale, err_msg=f"argument {i}")
+    grads = check_gradients(fused, ref, args, DIFF_ARGS, w)
     # masked edges get no gradient at all
     for i in range(5):
         assert not np.asarray(grads[i][n_real:]).any()
@@ -300,14 +308,7 @@ def test_gather_kernel_matches_reference_values_and_gradients(n_edge, n_real, he
     y = fused(*args)
     np.testing.assert_allclose(y, ref(*args), rtol=1e-5, atol=1e-5)
     assert not np.asarray(y[n_real:]).any()
-    w = jax.random.normal(jax.random.PRNGKey(9), y.shape)
-    grads = jax.grad(lambda *a: jnp.sum(fused(*a) * w), argnums=NODE_DIFF)(*args)
-    grads_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=NODE_DIFF)(*args)
-    for i, g, g_ref in zip(NODE_DIFF, grads, grads_ref):
-        assert g.shape == args[i].shape
-        scale = float(jnp.abs(g_ref).max())
-        assert scale > 0
-        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=2e-5 * scale, err_msg=f"argument {i}")
+    check_gradients(fused, ref, args, NODE_DIFF, jax.random.normal(jax.random.PRNGKey(9), y.shape), atol=2e-5)
 
 
 def test_gather_kernel_triton_lowering_inside_data_parallel_step():
@@ -317,19 +318,28 @@ def test_gather_kernel_triton_lowering_inside_data_parallel_step():
     shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, C), f32), sds((E,), jnp.int32),
               sds((E,), jnp.int32), sds((E,), jnp.bool_), sds((C, 3 * C), f32), sds((3 * C,), f32),
               sds((3 * C,), f32), sds((3 * C, C), f32), sds((C,), f32), sds((C,), f32), sds((C,), f32))
+    text = lower_grad_in_shard_map(fused_node_message, shapes, n_sharded=6, argnums=(0, 9))
+    assert text.count("xla.gpu.triton") == 2
+    assert 'name = "node_message_fwd"' in text and 'name = "node_message_bwd"' in text
+
+
+def lower_grad_in_shard_map(kernel_fn, shapes, n_sharded, argnums):
+    """GPU lowering of grad(sum over 2 devices of sum(kernel_fn(...) ** 2)), the first
+    `n_sharded` arguments split over the devices, the rest replicated (as in the train step)."""
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
     opts = KernelOptions(interpret=False)
+    in_specs = (P("data"),) * n_sharded + (P(),) * (len(shapes) - n_sharded)
+
+    def per_device(*b):
+        return jax.lax.psum(jnp.sum(kernel_fn(*b, opts=opts).astype(jnp.float32) ** 2), "data")
 
     def loss(*a):
-        per_dev = lambda *b: jax.lax.psum(jnp.sum(fused_node_message(*b, opts=opts) ** 2), "data")  # noqa: E731
-        return jax.shard_map(per_dev, mesh=mesh, in_specs=(P("data"),) * 6 + (P(),) * 7, out_specs=P())(*a)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=P())(*a)
 
-    text = lower_for_gpu(jax.grad(loss, argnums=(0, 9)), *shapes)
-    assert text.count("xla.gpu.triton") == 2
-    assert 'name = "node_message_fwd"' in text and 'name = "node_message_bwd"' in text
+    return lower_for_gpu(jax.grad(loss, argnums=argnums), *shapes)
 
 
 # ------------------------------------------------------- the gate alone (gate_kernel)
@@ -364,14 +374,9 @@ def test_gate_kernel_matches_reference_values_and_gradients(n_edge, n_real, head
     np.testing.assert_allclose(m, gate_reference(*clean), rtol=1e-5, atol=1e-5)
     assert np.isfinite(np.asarray(m)).all() and not np.asarray(m[n_real:]).any()
     w = jax.random.normal(jax.random.PRNGKey(9), m.shape)
-    grads = jax.grad(lambda *a: jnp.sum(fused(*a) * w), argnums=GATE_DIFF)(*args)
-    grads_ref = jax.grad(lambda *a: jnp.sum(gate_reference(*a) * w), argnums=GATE_DIFF)(*clean)
-    for i, g, g_ref in zip(GATE_DIFF, grads, grads_ref):
-        assert g.shape == args[i].shape
-        scale = float(jnp.abs(g_ref).max())
-        assert scale > 0  # every argument really receives a gradient
-        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale, err_msg=f"argument {i}")
-        if i < 4:
+    grads = check_gradients(fused, gate_reference, args, GATE_DIFF, w, ref_args=clean)
+    for i, g in zip(GATE_DIFF, grads):
+        if i < 4:  # masked edges get no gradient at all
             assert not np.asarray(g[n_real:]).any()
     b16 = [a.astype(jnp.bfloat16) if i < 4 else a for i, a in enumerate(clean)]
     m16 = fused(*b16)
@@ -386,16 +391,6 @@ def test_gate_kernel_triton_lowering_inside_data_parallel_step():
     sds = jax.ShapeDtypeStruct
     shapes = (sds((E, H, 5 * C), f32), sds((E, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
               sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
-    from jax.sharding import Mesh
-    from jax.sharding import PartitionSpec as P
-
-    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
-    opts = KernelOptions(interpret=False)
-
-    def loss(*a):
-        per_dev = lambda *b: jax.lax.psum(jnp.sum(fused_gate(*b, opts=opts) ** 2), "data")  # noqa: E731
-        return jax.shard_map(per_dev, mesh=mesh, in_specs=(P("data"),) * 5 + (P(),) * 2, out_specs=P())(*a)
-
-    text = lower_for_gpu(jax.grad(loss, argnums=(0, 5)), *shapes)
+    text = lower_grad_in_shard_map(fused_gate, shapes, n_sharded=5, argnums=(0, 5))
     assert text.count("xla.gpu.triton") == 2
     assert 'name = "edge_gate_fwd"' in text and 'name = "edge_gate_bwd"' in text
