@@ -3,12 +3,15 @@
 import jax
 import numpy as np
 
-from conftest import DATA
+from conftest import DATA, tiny
+from configs import pretrain_pos10
 from dpf_jax.data.batching import GraphBatcher, graph_to_jraph
 from dpf_jax.data.graphs import build_crystal_graph
 from dpf_jax.data.readers import load_dataset_records
-from dpf_jax.tasks import perturb
+from dpf_jax.tasks import perturb, rebuild
 from dpf_jax.tasks.rebuild import RebuildingBatcher, targets_from_batch
+from dpf_jax.train import loop
+from dpf_jax.train.checkpoint import load_raw_checkpoint
 
 CFG = {"mask_fraction": 0.3, "position_scale": 0.3, "position_fraction": 1.0, "lattice_scale": 0.3}
 
@@ -63,8 +66,6 @@ def test_worker_processes_give_the_same_batches():
     21 crystals in batches of 10 over 2 devices (chunks of 2, 2, 1; a last batch of 1 with an empty
     device share), resumed mid-epoch; then killed workers (the batcher carries on in-process,
     same batches) and the shared pool shut down mid-epoch."""
-    from dpf_jax.tasks import rebuild
-
     graphs = _graphs(21)
     key_fn = lambda e, b: jax.random.fold_in(jax.random.PRNGKey(5), 10 * e + b)  # noqa: E731
     make = lambda w: RebuildingBatcher(graphs, batch_size=10, num_devices=2, perturb_cfg=CFG,  # noqa: E731
@@ -103,11 +104,6 @@ def test_worker_processes_give_the_same_batches():
 def test_rebuilt_topology_pretraining_resumes_exactly_with_worker_processes(tmp_path):
     """The loop's rebuilding pipeline (graphs built in 2 processes, batches ahead): a run killed
     mid-epoch and resumed ends with the parameters of the uninterrupted run."""
-    from conftest import tiny
-    from configs import pretrain_pos10
-    from dpf_jax.train import loop
-    from dpf_jax.train.checkpoint import load_raw_checkpoint
-
     config = tiny(pretrain_pos10.get_config(), records=80, epochs=2, batch=16)
     config.pretrain.rebuild_topology = True
     config.data.num_workers = 2

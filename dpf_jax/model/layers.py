@@ -313,8 +313,8 @@ class MatformerConv(nn.Module):
             s = gather(send_tab, senders, dt)
             if self.edge_kernel.startswith("pallas_gate"):  # the gate in one kernel pair, matmuls in XLA
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
-                opts = KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
-                msg = fused_gate(r, s, ein("ehc,cd->ehd", e, w3), e, edge_mask, ln1_scale, ln1_bias, opts)
+                msg = fused_gate(r, s, ein("ehc,cd->ehd", e, w3), e, edge_mask, ln1_scale, ln1_bias,
+                                 self._kernel_options())
                 return self._aggregate_and_update(x, self._message_out(msg, edge_mask), receivers, node_mask, train)
             q_i, qk_ii, vm_i = r[..., :C], r[..., C:2 * C], r[..., 2 * C:]
             k_j, vm_j = s[..., :C], s[..., C:]
@@ -360,8 +360,11 @@ class MatformerConv(nn.Module):
         ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
         w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
         ln2_scale, ln2_bias = NormParams(C, name="msg_layer_1")()
-        opts = KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
-        return ln1_scale, ln1_bias, w0, b0, ln2_scale, ln2_bias, opts
+        return ln1_scale, ln1_bias, w0, b0, ln2_scale, ln2_bias, self._kernel_options()
+
+    def _kernel_options(self) -> KernelOptions:
+        """The fused kernels' settings from `edge_kernel` ("pallas_gate-32x4" etc.) and the precision."""
+        return KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
 
     def _aggregate_and_update(self, x, msg, receivers, node_mask, train):
         """Receiver sums of the messages [E, H, C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)."""
