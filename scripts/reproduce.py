@@ -493,6 +493,26 @@ def pretrain_done(method: str, args) -> bool:
     return method == "scratch" or (Path(args.runs) / "pretrain" / method / "results.json").exists()
 
 
+def has_checkpoint(workdir: Path) -> bool:
+    """Whether `workdir` holds an Orbax step folder (checkpoints/best or checkpoints/latest)."""
+    return any(d.is_dir() and d.name.isdigit()
+               for which in ("best", "latest") if (workdir / "checkpoints" / which).is_dir()
+               for d in (workdir / "checkpoints" / which).iterdir())
+
+
+def forget_encoders_without_checkpoint(methods, args) -> list[str]:
+    """Encoders whose results.json is here but whose checkpoint is not (a committed sweep
+    continued on a fresh machine: checkpoints are never committed) cannot be fine-tuned from:
+    their results.json is removed so that they are pre-trained again. Returns their names."""
+    stale = []
+    for m in methods:
+        workdir = Path(args.runs) / "pretrain" / m
+        if m != "scratch" and (workdir / "results.json").exists() and not has_checkpoint(workdir):
+            (workdir / "results.json").unlink()
+            stale.append(m)
+    return stale
+
+
 def run_jobs(args) -> tuple[list, dict]:
     """Pre-trains, then fine-tunes; returns (failed job names, {reason: names not started})."""
     deadline = clock() + args.start_deadline if args.start_deadline > 0 else None
@@ -508,6 +528,10 @@ def run_jobs(args) -> tuple[list, dict]:
     # whose runs from an encoder are all finished does not pre-train it again (its checkpoint may
     # be gone, e.g. on a fresh GPU machine, while its committed fine-tuning results stay valid)
     needed = set().union(*(methods_left(job) for _, _, job in jobs))
+    stale = forget_encoders_without_checkpoint(sorted(needed), args)
+    if stale:
+        print(f"pre-training again {', '.join(stale)}: finished before, but the checkpoint is not "
+              "here (e.g. a fresh machine; checkpoints are not committed)", flush=True)
     pre = [pretrain_run(m, args) for m in args.methods if m != "scratch" and m in needed]
     unneeded = [m for m in args.methods if m != "scratch" and m not in needed]
     print(f"pre-training {len(pre)} config(s)"

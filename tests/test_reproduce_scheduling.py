@@ -2,6 +2,7 @@
 --order longest-first (run_main is replaced by fakes; fast, CPU only)."""
 
 import json
+import shutil
 import sys
 import threading
 import time
@@ -31,8 +32,11 @@ class FakeClock:
 
 
 def write_results(run_dirs):
+    """What a finished run leaves: results.json, and for a pre-training run its checkpoint."""
     for w in run_dirs:
         Path(w).mkdir(parents=True, exist_ok=True)
+        if Path(w).parent.name == "pretrain":
+            (Path(w) / "checkpoints" / "best" / "10").mkdir(parents=True, exist_ok=True)
         (Path(w) / "results.json").write_text(json.dumps(
             {"test_mae_final": 0.5, "test_mae_best_val": 0.4, "units": "eV", "steps": 10}))
 
@@ -282,3 +286,30 @@ def test_finished_encoders_are_not_pretrained_again_inside_together_groups(monke
         reproduce.main(argv)
     assert started == [str(runs / "pretrain" / "pretrain_mask50")]
     assert exc.value.summary["not_started"] == {"pre-training not finished: pretrain_mask50": [group]}
+
+
+def test_encoder_without_checkpoint_is_pretrained_again(monkeypatch, tmp_path, capsys):
+    """A committed sweep continued on a fresh machine: pos30's pre-training results.json is
+    committed, its checkpoint is not. Fine-tuning from it would fail, so it is pre-trained again;
+    mask30, whose checkpoint is here, is not."""
+    started = []
+
+    def fake_run_main(workdir, flags, env, log_dir, module="dpf_jax.main", run_dirs=None):
+        if reproduce.job_finished((workdir, flags, run_dirs)):
+            return {}
+        started.append(workdir)
+        write_results([w for w in (run_dirs or [workdir]) if not (Path(w) / "results.json").exists()])
+        return {}
+
+    monkeypatch.setattr(reproduce, "run_main", fake_run_main)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    write_results([runs / "pretrain" / "pretrain_pos30", runs / "pretrain" / "pretrain_mask30"])
+    shutil.rmtree(runs / "pretrain" / "pretrain_pos30" / "checkpoints")  # results.json alone
+    assert not reproduce.has_checkpoint(runs / "pretrain" / "pretrain_pos30")
+    assert reproduce.has_checkpoint(runs / "pretrain" / "pretrain_mask30")
+    reproduce.main(["--methods", "pretrain_mask30", "pretrain_pos30", "--tasks", "jarvis:ehull", "--seeds", "0",
+                    "--runs", str(runs), "--out", str(out)])
+    ft = runs / "finetune" / "jarvis_ehull"
+    assert started == [str(runs / "pretrain" / "pretrain_pos30"),
+                       str(ft / "pretrain_mask30" / "seed0"), str(ft / "pretrain_pos30" / "seed0")]
+    assert "pre-training again pretrain_pos30: finished before, but the checkpoint is not here" in capsys.readouterr().out
