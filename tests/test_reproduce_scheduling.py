@@ -41,6 +41,20 @@ def write_results(run_dirs):
             {"test_mae_final": 0.5, "test_mae_best_val": 0.4, "units": "eV", "steps": 10}))
 
 
+def recording_run_main(started: list):
+    """A fake `run_main` that skips finished jobs as the real one does, appends the workdir of
+    every job it starts to `started` and leaves the files of a finished run."""
+
+    def fake_run_main(workdir, flags, env, log_dir, module="dpf_jax.main", run_dirs=None):
+        if reproduce.job_finished((workdir, flags, run_dirs)):
+            return {}  # as run_main: a finished job is skipped at once
+        started.append(workdir)
+        write_results([w for w in (run_dirs or [workdir]) if not (Path(w) / "results.json").exists()])
+        return {}
+
+    return fake_run_main
+
+
 # ------------------------------------------------------------------------------ worker slots
 
 def test_worker_envs_spread_workers_over_gpus(monkeypatch):
@@ -247,14 +261,7 @@ def test_finished_encoders_are_not_pretrained_again_inside_together_groups(monke
     pre-training run is gone; it shares a --together group with an unfinished '+rebuild' method.
     Only the encoder that still has runs to do is pre-trained, and the group is not blocked."""
     started = []
-
-    def fake_run_main(workdir, flags, env, log_dir, module="dpf_jax.main", run_dirs=None):
-        if reproduce.job_finished((workdir, flags, run_dirs)):
-            return {}  # as run_main: a finished job is skipped at once
-        started.append(workdir)
-        write_results([w for w in (run_dirs or [workdir]) if not (Path(w) / "results.json").exists()])
-        return {}
-
+    fake_run_main = recording_run_main(started)
     monkeypatch.setattr(reproduce, "run_main", fake_run_main)
     runs, out = tmp_path / "runs", tmp_path / "out"
     ft = runs / "finetune" / "jarvis_ehull"
@@ -293,15 +300,7 @@ def test_encoder_without_checkpoint_is_pretrained_again(monkeypatch, tmp_path, c
     committed, its checkpoint is not. Fine-tuning from it would fail, so it is pre-trained again;
     mask30, whose checkpoint is here, is not."""
     started = []
-
-    def fake_run_main(workdir, flags, env, log_dir, module="dpf_jax.main", run_dirs=None):
-        if reproduce.job_finished((workdir, flags, run_dirs)):
-            return {}
-        started.append(workdir)
-        write_results([w for w in (run_dirs or [workdir]) if not (Path(w) / "results.json").exists()])
-        return {}
-
-    monkeypatch.setattr(reproduce, "run_main", fake_run_main)
+    monkeypatch.setattr(reproduce, "run_main", recording_run_main(started))
     runs, out = tmp_path / "runs", tmp_path / "out"
     write_results([runs / "pretrain" / "pretrain_pos30", runs / "pretrain" / "pretrain_mask30"])
     shutil.rmtree(runs / "pretrain" / "pretrain_pos30" / "checkpoints")  # results.json alone
