@@ -494,10 +494,15 @@ def pretrain_done(method: str, args) -> bool:
 
 
 def has_checkpoint(workdir: Path) -> bool:
-    """Whether `workdir` holds an Orbax step folder (checkpoints/best or checkpoints/latest)."""
-    return any(d.is_dir() and d.name.isdigit()
-               for which in ("best", "latest") if (workdir / "checkpoints" / which).is_dir()
-               for d in (workdir / "checkpoints" / which).iterdir())
+    """Whether fine-tuning can restore an encoder from `workdir`: the lookup `restore_encoder`
+    itself makes (imported here: the sweep's own process otherwise never loads JAX / Orbax)."""
+    from dpf_jax.train.checkpoint import find_checkpoint_dir
+
+    try:
+        find_checkpoint_dir(workdir)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def forget_encoders_without_checkpoint(methods, args) -> list[str]:
