@@ -39,7 +39,9 @@ def entry_op_counts(hlo_text: str) -> collections.Counter:
     return counts
 
 
-def count(config_name: str, batch_size: int, records: int, flatten: bool, num_devices: int = 1) -> dict:
+def compile_step(config_name: str, batch_size: int, records: int, flatten: bool = True, num_devices: int = 1):
+    """The project's own jitted training step, compiled for the first batch of a real dataset:
+    (compiled executable, that batch, parameter pytree)."""
     import jax
 
     from dpf_jax.train import loop
@@ -61,10 +63,17 @@ def count(config_name: str, batch_size: int, records: int, flatten: bool, num_de
     mesh = make_mesh(num_devices)
     state = put_replicated(create_state(model, tx, jax.tree_util.tree_map(lambda x: x[0], batch), 0, stats), mesh)
     compiled = make_train_step(objective, model, tx, mesh).lower(state, put_batch(batch, mesh)).compile()
+    return compiled, batch, state.params
+
+
+def count(config_name: str, batch_size: int, records: int, flatten: bool, num_devices: int = 1) -> dict:
+    import jax
+
+    compiled, _, params = compile_step(config_name, batch_size, records, flatten, num_devices)
     ops = entry_op_counts(compiled.as_text())
     return {"config": config_name, "batch_size": batch_size, "flatten": flatten, "num_devices": num_devices,
             "backend": jax.default_backend(),
-            "parameter_leaves": len(jax.tree_util.tree_leaves(state.params)),
+            "parameter_leaves": len(jax.tree_util.tree_leaves(params)),
             "entry_instructions": sum(ops.values()), "ops": dict(ops.most_common())}
 
 
