@@ -1,7 +1,7 @@
 """Where the compiled training step's memory traffic goes, per layer and per padded edge (any
 backend; no timing).
 
-    python scripts/step_bytes.py --batch-sizes 64 256 512             # compile pretrain_mask30 here
+    python scripts/step_bytes.py --batch-sizes 256 1024               # compile pretrain_mask30 here
     python scripts/step_bytes.py --hlo scripts/results/h200x4_session9/hlo_*.txt.gz   # saved programs
 
 The step is bound by memory traffic over per-edge tensors (PERF_NOTES.md), and XLA chooses its
@@ -148,7 +148,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--hlo", nargs="+", default=None, help="saved optimised HLO texts (.txt or .txt.gz) to analyse")
     p.add_argument("--config", default="pretrain_mask30")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
-    p.add_argument("--records", type=int, default=0, help="dataset records to load (0: 3 x the largest batch, >= 300)")
+    p.add_argument("--records", type=int, default=0,
+                   help="dataset records to load (0: all, so the first batch has the budgets bench_train.py times)")
     p.add_argument("--num-devices", type=int, default=1)
     p.add_argument("--layer", type=int, default=2, help="message-passing layer whose instructions are listed")
     p.add_argument("--save-hlo", default=None, help="folder for the compiled programs (.txt.gz)")
@@ -162,8 +163,7 @@ def main(argv=None) -> list[dict]:
                 rows.append({"hlo": path, **summarise(f.read(), args.layer)})
     else:
         sys.path.insert(0, str(REPO / "scripts"))
-        records = args.records or max(300, 3 * max(args.batch_sizes))
-        rows = [compile_and_summarise(args.config, b, records, args.num_devices, args.layer, args.save_hlo)
+        rows = [compile_and_summarise(args.config, b, args.records, args.num_devices, args.layer, args.save_hlo)
                 for b in args.batch_sizes]
     for r in rows:
         layers = r["kb_per_edge_layer"]
