@@ -39,8 +39,10 @@ def entry_op_counts(hlo_text: str) -> collections.Counter:
     return counts
 
 
-def compile_step(config_name: str, batch_size: int, records: int, flatten: bool = True, num_devices: int = 1):
-    """The project's own jitted training step, compiled for the first batch of a real dataset:
+def compile_step(config_name: str, batch_size: int, records: int, flatten: bool = True, num_devices: int = 1,
+                 budgets=None):
+    """The project's own jitted training step, compiled for the first batch of a real dataset
+    (padded to the batcher's own budgets, or to `budgets`, a list of batching.Budget):
     (compiled executable, that batch, parameter pytree)."""
     import jax
 
@@ -56,7 +58,7 @@ def compile_step(config_name: str, batch_size: int, records: int, flatten: bool 
     config.optim.flatten = flatten
     data = loop.load_data(config)
     stats = loop.data_stats(config, data)
-    batch = next(loop.make_batcher(data.splits["train"], config, num_devices).iterate(shuffle=False))
+    batch = next(loop.make_batcher(data.splits["train"], config, num_devices, budgets=budgets).iterate(shuffle=False))
     objective = loop.make_objective(config)
     model = objective.make_model()
     tx = make_optimizer(config.optim, 1000)

@@ -2,11 +2,12 @@
 backend; no timing).
 
     python scripts/step_bytes.py --batch-sizes 256 1024               # compile pretrain_mask30 here
+    python scripts/step_bytes.py --batch-sizes 256 --budgets 2176x46080 2176x47104   # chosen padded shapes
     python scripts/step_bytes.py --hlo scripts/results/h200x4_session9/hlo_*.txt.gz   # saved programs
 
 The step is bound by memory traffic over per-edge tensors (PERF_NOTES.md), and XLA chooses its
 fusions per shape: the same step code compiled at two padding budgets can move different numbers
-of bytes per edge (session 9: 259 KB per edge and layer at a B=256 budget of an H200, 221-225 KB
+of bytes per edge (session 9: 253 KB per edge and layer at a B=256 budget on an H200, 217-223 KB
 at B=512 and B=1024 budgets). For every top-level instruction of the optimised program (fusion,
 library call, copy, collective) this counts the bytes of its operands and results (the traffic if
 each is read or written once; cuBLAS workspaces not counted), groups them by message-passing
@@ -119,12 +120,14 @@ def summarise(hlo_text: str, list_layer: int = 2) -> dict:
 
 
 def compile_and_summarise(config: str, batch_size: int, records: int, num_devices: int, list_layer: int,
-                          save_hlo: str | None) -> dict:
+                          save_hlo: str | None, budget: tuple[int, int] | None = None) -> dict:
     import jax
 
     from count_step_ops import compile_step
+    from dpf_jax.data.batching import Budget
 
-    compiled, batch, _ = compile_step(config, batch_size, records, True, num_devices)
+    budgets = [Budget(budget[0], budget[1], batch_size // num_devices + 1)] if budget else None
+    compiled, batch, _ = compile_step(config, batch_size, records, True, num_devices, budgets)
     text = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -151,6 +154,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--records", type=int, default=0,
                    help="dataset records to load (0: all, so the first batch has the budgets bench_train.py times)")
     p.add_argument("--num-devices", type=int, default=1)
+    p.add_argument("--budgets", nargs="+", default=None, metavar="NODESxEDGES",
+                   help="pad the first batch to each of these per-device budgets in turn (e.g. 2176x46080: "
+                        "how the program depends on the padded shape); default: the batcher's own")
     p.add_argument("--layer", type=int, default=2, help="message-passing layer whose instructions are listed")
     p.add_argument("--save-hlo", default=None, help="folder for the compiled programs (.txt.gz)")
     p.add_argument("--out", default=str(REPO / "scripts" / "results" / "step_bytes.json"))
@@ -163,11 +169,12 @@ def main(argv=None) -> list[dict]:
                 rows.append({"hlo": path, **summarise(f.read(), args.layer)})
     else:
         sys.path.insert(0, str(REPO / "scripts"))
-        rows = [compile_and_summarise(args.config, b, args.records, args.num_devices, args.layer, args.save_hlo)
-                for b in args.batch_sizes]
+        budgets = [tuple(int(x) for x in b.lower().split("x")) for b in args.budgets] if args.budgets else [None]
+        rows = [compile_and_summarise(args.config, b, args.records, args.num_devices, args.layer, args.save_hlo, budget)
+                for b in args.batch_sizes for budget in budgets]
     for r in rows:
         layers = r["kb_per_edge_layer"]
-        print(f"{r.get('hlo') or 'B=%d' % r['batch_size']}: {r['padded_edges']} padded edges, "
+        print(f"{r.get('hlo') or 'B=%d' % r['batch_size']}: {r.get('padded_nodes', '?')} x {r['padded_edges']} padded, "
               f"{r['kb_per_edge_step']} KB/edge per step, per layer "
               f"{', '.join(str(v) for v in layers.values())} KB/edge", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
