@@ -45,7 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     # dpf_jax/model/edge_kernel.py), "pallas_node" (node formulation: the gathers and e @ W3 in
     # the kernels too; dpf_jax/model/gather_kernel.py) or "pallas_gate" (node formulation: only
     # alpha -> LayerNorm -> sigmoid -> x upd fused, matmuls in XLA; dpf_jax/model/gate_kernel.py);
-    # "-16x8" appended sets the tile (edges per program x warps).
+    # "-16x8" appended sets the tile (edges per program x warps). "xla_recompute" (node
+    # formulation): the gate in jax.numpy with a written backward that stores no per-edge
+    # intermediate (dpf_jax/model/gate_recompute.py).
     c.model.edge_kernel = "xla"
     # Backward-pass rematerialisation per layer (same parameters and maths; speed / memory):
     # "none", "layer" (keep only layer inputs), "dots" (keep matmul outputs), "dots_no_batch";

@@ -1,12 +1,14 @@
 """What the forward pass keeps for the backward, per edge and per layer (any backend; no timing).
 
-    python scripts/saved_residuals.py            # precision default/bf16 x model.remat none/dots/layer
+    python scripts/saved_residuals.py   # model.edge_kernel xla/xla_recompute x precision x model.remat
 
 The training step is bound by memory traffic over per-edge tensors (PERF_NOTES.md): every
 tensor the forward saves for the backward ("residual") is written once and read once more.
 This lists the residuals JAX's autodiff keeps for one full-width MatformerConv layer (H = 4,
 C = 128, real JARVIS crystals, training mode) and sums the per-edge ones in bytes per edge,
-for each precision mode and `model.remat` policy. XLA may still fuse or recompute some of them;
+for each precision mode and `model.remat` policy, with `model.edge_kernel` "xla" (autodiff of
+the gate) and "xla_recompute" (a written backward that keeps only the gate's inputs; the rest
+of the layer is autodiff's either way). XLA may still fuse or recompute some of them;
 the numbers are what the program asks for, a bound to compare variants by, not a timing.
 Writes a JSON file (`--out`).
 """
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def residual_bytes_per_edge(precision: str, remat: str, batch) -> dict:
+def residual_bytes_per_edge(precision: str, remat: str, batch, edge_kernel: str = "xla") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -33,7 +35,7 @@ def residual_bytes_per_edge(precision: str, remat: str, batch) -> dict:
     from dpf_jax.model.matformer import MatformerEncoder
 
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-    encoder = MatformerEncoder(num_layers=1, dtype=dtype, remat=remat)
+    encoder = MatformerEncoder(num_layers=1, dtype=dtype, remat=remat, edge_kernel=edge_kernel)
     variables = encoder.init(jax.random.PRNGKey(0), batch, train=False)
 
     def loss(params):
@@ -48,7 +50,7 @@ def residual_bytes_per_edge(precision: str, remat: str, batch) -> dict:
         if len(shape) and shape[0] == n_edge:  # a per-edge tensor
             per_edge[f"{list(shape[1:])} {aval.dtype}"] += 1
             total += int(np.prod(shape[1:])) * np.dtype(aval.dtype).itemsize
-    return {"precision": precision, "remat": remat, "bytes_per_edge": total,
+    return {"precision": precision, "remat": remat, "edge_kernel": edge_kernel, "bytes_per_edge": total,
             "per_edge_residuals": dict(per_edge.most_common())}
 
 
@@ -73,12 +75,16 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--precision", nargs="+", default=["default", "bf16"], choices=["default", "bf16"])
     p.add_argument("--remat", nargs="+", default=["none", "dots", "dots_no_batch", "layer"])
+    p.add_argument("--edge-kernels", nargs="+", default=["xla", "xla_recompute"], choices=["xla", "xla_recompute"],
+                   help="model.edge_kernel: autodiff's residuals, or the recomputing gate's (its inputs)")
     p.add_argument("--out", default=str(REPO / "scripts" / "results" / "saved_residuals.json"))
     args = p.parse_args(argv)
     batch = real_batch()
-    rows = [residual_bytes_per_edge(pr, rm, batch) for pr in args.precision for rm in args.remat]
+    rows = [residual_bytes_per_edge(pr, rm, batch, ek) for ek in args.edge_kernels for pr in args.precision
+            for rm in args.remat]
     for r in rows:
-        print(f"precision {r['precision']:8s} remat {r['remat']:14s} {r['bytes_per_edge']:7,d} bytes per edge and "
+        print(f"{r['edge_kernel']:13s} precision {r['precision']:8s} remat {r['remat']:14s} "
+              f"{r['bytes_per_edge']:7,d} bytes per edge and "
               f"layer: {r['per_edge_residuals']}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))

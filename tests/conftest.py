@@ -15,6 +15,17 @@ if str(REPO) not in sys.path:  # configs/ is a plain folder imported by config f
 DATA = REPO / "data"
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package), registered in sys.modules."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny(config, records=96, epochs=2, batch=16, layers=2, channels=16, heads=2):
     """A small model and data slice so CPU tests run in seconds; the code path is the real one."""
     config.model.num_layers = layers

@@ -1,24 +1,16 @@
 """scripts/bench_train.py: runs end to end on CPU (--small), writes its JSON and .npz dump,
 and its FLOP count matches the numbers documented in the script."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import load_script
 from configs import base
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script()
+bench = load_script("bench_train")
 
 FIELDS = ("senders", "receivers", "images", "positions", "lattice", "atomic_numbers", "n_node", "n_edge")
 
@@ -118,7 +110,7 @@ def test_small_benchmark_of_runs_trained_together(tmp_path):
 
 
 def test_scaling_efficiency_pairs_each_configuration_with_its_one_device_run():
-    bench = _load_script()
+    bench = load_script("bench_train")
     row = dict(data="real", model="pretrain_mask30", precision="default", formulation="node", runs=1)
     results = [dict(row, batch_size=256, num_devices=1, crystals_per_s=12000.0),
                dict(row, batch_size=256, num_devices=4, crystals_per_s=30000.0),
@@ -129,9 +121,7 @@ def test_scaling_efficiency_pairs_each_configuration_with_its_one_device_run():
 
 
 def test_step_op_counter_reads_the_optimised_program():
-    spec = importlib.util.spec_from_file_location("count_step_ops", REPO / "scripts" / "count_step_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("count_step_ops")
     import jax
     import jax.numpy as jnp
 

@@ -362,13 +362,9 @@ def test_cutoff_growth_matches_reference_rules(cid):
 
 def test_cutoff_growth_matches_jarvis_tools():
     """jarvis-tools' own functions (loaded without torch/dgl; a test dependency) on the growth path."""
-    import importlib.util
-    import sys
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("bench_graphs", REPO / "scripts" / "bench_graphs.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_graphs", bench)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_graphs")
     for c in [by_id("jarvis_dft3d", x) for x in GROWTH]:
         for cutoff in (2.0, 3.0):
             senders, receivers, images = bench.jarvis_reference_graph(c, cutoff=cutoff)

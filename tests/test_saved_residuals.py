@@ -1,17 +1,15 @@
 """scripts/saved_residuals.py: per-edge residual bytes of one layer, by precision and remat."""
 
-import importlib.util
 import json
 
-from conftest import REPO
+from conftest import load_script
 
 
 def test_remat_and_bf16_shrink_what_the_forward_keeps(tmp_path):
-    spec = importlib.util.spec_from_file_location("saved_residuals", REPO / "scripts" / "saved_residuals.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("saved_residuals")
     out = tmp_path / "r.json"
-    rows = module.main(["--precision", "default", "bf16", "--remat", "none", "dots", "--out", str(out)])
+    rows = module.main(["--precision", "default", "bf16", "--remat", "none", "dots", "--edge-kernels", "xla",
+                        "--out", str(out)])
     got = {(r["precision"], r["remat"]): r for r in rows}
     assert json.loads(out.read_text()) == rows
     none32, dots32 = got["default", "none"]["bytes_per_edge"], got["default", "dots"]["bytes_per_edge"]
@@ -21,3 +19,14 @@ def test_remat_and_bf16_shrink_what_the_forward_keeps(tmp_path):
     assert got["bf16", "none"]["bytes_per_edge"] < none32  # some residuals are bfloat16 there
     # every floating residual is bfloat16 there; only the edge indices / mask keep their size
     assert got["bf16", "dots"]["bytes_per_edge"] <= dots32 / 2 + 16
+
+
+def test_recomputing_gate_keeps_only_its_inputs(tmp_path):
+    module = load_script("saved_residuals")
+    rows = module.main(["--precision", "default", "--remat", "none", "--out", str(tmp_path / "r.json")])
+    got = {r["edge_kernel"]: r for r in rows}
+    # autodiff keeps alpha, its normalisation, the gate, ...; the written backward only e @ W3 (an
+    # input) and the gated message (msg_layer_0's input, for its weight gradient)
+    assert got["xla_recompute"]["per_edge_residuals"]["[4, 384] float32"] == 2
+    assert got["xla"]["per_edge_residuals"]["[4, 384] float32"] >= 5
+    assert got["xla_recompute"]["bytes_per_edge"] < 0.5 * got["xla"]["bytes_per_edge"]

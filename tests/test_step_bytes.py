@@ -2,19 +2,9 @@
 and on the project's real compiled training step finds every message-passing layer and agrees
 with XLA's own count of bytes accessed."""
 
-import importlib.util
+from conftest import load_script
 
-from conftest import REPO
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("step_bytes", REPO / "scripts" / "step_bytes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-step_bytes = _load_script()
+step_bytes = load_script("step_bytes")
 
 # A hand-written ENTRY of the shape XLA prints: a padded batch of 100 edges, one forward fusion
 # of layer 0, one backward library call of layer 1 whose tuple result carries a workspace.

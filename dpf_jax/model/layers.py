@@ -25,6 +25,7 @@ import numpy as np
 
 from dpf_jax.model.edge_kernel import KernelOptions, fused_edge_message
 from dpf_jax.model.gate_kernel import fused_gate
+from dpf_jax.model.gate_recompute import gate_message
 from dpf_jax.model.gather_kernel import fused_node_message
 
 Dtype = Any
@@ -272,7 +273,9 @@ class MatformerConv(nn.Module):
     into the kernels: the per-edge tables, upd and their copies are never written to memory.
     "pallas_gate" (node formulation; `dpf_jax.model.gate_kernel`) fuses only the gate (alpha ->
     LayerNorm_3C -> sigmoid -> x upd) into one kernel pair reading the gathered tables as XLA
-    wrote them, and leaves msg_layer_0 and LayerNorm_C to XLA.
+    wrote them, and leaves msg_layer_0 and LayerNorm_C to XLA. "xla_recompute" (node
+    formulation; `dpf_jax.model.gate_recompute`) is the gate in jax.numpy with a written backward
+    that keeps no per-edge intermediate and recomputes them from the node tables, e and e @ W3.
     """
 
     channels: int = 128
@@ -309,6 +312,11 @@ class MatformerConv(nn.Module):
                 *params, opts = self._chain_params()
                 msg = fused_node_message(recv_tab, send_tab, e, receivers, senders, edge_mask, w3, *params, opts)
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train)
+            if self.edge_kernel == "xla_recompute":  # the gate in jax.numpy, its backward recomputing
+                ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
+                msg = gate_message(recv_tab.astype(dt), send_tab.astype(dt), ein("ehc,cd->ehd", e, w3), e, receivers,
+                                   senders, edge_mask, ln1_scale, ln1_bias)
+                return self._aggregate_and_update(x, self._message_out(msg, edge_mask), receivers, node_mask, train)
             r = gather(recv_tab, receivers, dt)
             s = gather(send_tab, senders, dt)
             if self.edge_kernel.startswith("pallas_gate"):  # the gate in one kernel pair, matmuls in XLA
@@ -320,7 +328,7 @@ class MatformerConv(nn.Module):
             k_j, vm_j = s[..., :C], s[..., C:]
             upd = vm_i + vm_j + ein("ehc,cd->ehd", e, w3)
         elif self.formulation == "edge":
-            if self.edge_kernel.startswith(("pallas_node", "pallas_gate")):
+            if self.edge_kernel.startswith(("pallas_node", "pallas_gate", "xla_recompute")):
                 raise ValueError(f"edge_kernel {self.edge_kernel!r} needs formulation 'node' (use 'pallas' with 'edge')")
             x_i = gather(x, receivers, dt)
             x_j = gather(x, senders, dt)
@@ -343,8 +351,8 @@ class MatformerConv(nn.Module):
             gate = jax.nn.sigmoid(LayerNorm(dtype=jnp.float32, name="layer_norm")(alpha))
             msg = self._message_out((upd.astype(jnp.float32) * gate).astype(dt), edge_mask)
         else:
-            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, pallas, pallas_node, "
-                             "pallas_gate; the last three optionally -<block_edges>x<num_warps>)")
+            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, xla_recompute, pallas, "
+                             "pallas_node, pallas_gate; the last three optionally -<block_edges>x<num_warps>)")
         return self._aggregate_and_update(x, msg, receivers, node_mask, train)
 
     def _message_out(self, gated, edge_mask):

@@ -84,7 +84,8 @@ class MatformerEncoder(nn.Module):
         see `dpf_jax.model.layers.MatformerConv` for their FLOPs and measured speed.
       edge_kernel: how the per-edge message chain runs (same parameters): "xla" (default),
         "pallas" (the chain as one fused Triton kernel pair, `dpf_jax.model.edge_kernel`),
-        "pallas_node" (gathers inside too) or "pallas_gate" (only the gate; see MatformerConv).
+        "pallas_node" (gathers inside too), "pallas_gate" (only the gate) or "xla_recompute" (the
+        gate in jax.numpy, backward recomputing instead of storing; see MatformerConv).
       remat: a key of `REMAT_POLICIES`: what each layer's forward keeps for the backward.
     """
 
