@@ -137,9 +137,11 @@ def test_conv_pallas_equals_xla_with_gradients(kernel):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-def test_conv_pallas_gate_in_bf16_is_close_to_xla():
-    """precision bf16: the gate kernel computes the alpha products and upd in float32 where the
-    "xla" path rounds them to bfloat16, so the two agree to bfloat16 rounding, not exactly."""
+@pytest.mark.parametrize("kernel", ["pallas_gate-16x4", "xla_recompute"])
+def test_conv_gate_in_bf16_is_close_to_xla(kernel):
+    """precision bf16: the gate kernel and the recomputing gate compute the alpha products and upd
+    in float32 where the "xla" path rounds them to bfloat16, so they agree to bfloat16 rounding,
+    not exactly."""
     rng = np.random.default_rng(1)
     n_node, n_edge, C, H = 24, 96, 16, 2
     receivers = np.sort(rng.integers(0, 20, n_edge)).astype(np.int32)
@@ -147,7 +149,7 @@ def test_conv_pallas_gate_in_bf16_is_close_to_xla():
                                    rng.standard_normal((n_edge, 8)).astype(np.float32),
                                    rng.integers(0, 20, n_edge).astype(np.int32), receivers,
                                    np.arange(n_node) < 20, np.arange(n_edge) < 90)))
-    convs = {k: MatformerConv(C, H, dtype=jnp.bfloat16, edge_kernel=k) for k in ("xla", "pallas_gate-16x4")}
+    convs = {k: MatformerConv(C, H, dtype=jnp.bfloat16, edge_kernel=k) for k in ("xla", kernel)}
     v = convs["xla"].init(jax.random.PRNGKey(3), *args, train=False)
 
     def loss(params, conv):
@@ -454,3 +456,11 @@ def test_conv_recomputing_gate_equals_xla_on_devices():
     for (path, gr), gx in zip(jax.tree_util.tree_leaves_with_path(got["xla_recompute"][1]), flat_x):
         np.testing.assert_allclose(gr, gx, rtol=2e-4, atol=2e-4 * float(np.abs(gx).max()) + floor,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_recomputing_gate_needs_the_node_formulation():
+    args = (jnp.ones((4, 8)), jnp.ones((6, 8)), jnp.zeros(6, jnp.int32), jnp.zeros(6, jnp.int32),
+            jnp.ones(4, bool), jnp.ones(6, bool))
+    with pytest.raises(ValueError, match="needs formulation 'node'"):
+        MatformerConv(8, 2, formulation="edge", edge_kernel="xla_recompute").init(jax.random.PRNGKey(0), *args,
+                                                                                 train=False)
