@@ -38,8 +38,9 @@ def _gate_terms(recv_tab, send_tab, ew3, e, receivers, senders, ln1_scale, ln1_b
     """Per edge: q_i, k_j, e, LayerNorm's 1/std and normalised alpha, the gate, upd (float32)."""
     f32 = jnp.float32
     c = e.shape[-1]
-    r = jnp.take(recv_tab, receivers, axis=0).astype(f32)
-    s = jnp.take(send_tab, senders, axis=0).astype(f32)
+    # the same gathers as dpf_jax.model.layers.gather: float32 rows, indices promised in bounds
+    r = recv_tab.astype(f32).at[receivers].get(mode="promise_in_bounds")
+    s = send_tab.astype(f32).at[senders].get(mode="promise_in_bounds")
     e = e.astype(f32)
     q, qk, vm_i = r[..., :c], r[..., c:2 * c], r[..., 2 * c:]
     k, vm_j = s[..., :c], s[..., c:]
@@ -79,11 +80,12 @@ def _backward(args, dm):
     dalpha = rstd * (dah - dah.mean(-1, keepdims=True) - ahat * (dah * ahat).mean(-1, keepdims=True))
     dalpha = dalpha * (1.0 / math.sqrt(3 * c))
     dqk, da_k, da_e = dalpha[..., :c], dalpha[..., c:2 * c], dalpha[..., 2 * c:]
-    # the gathers' transposes: scatter-adds, without a sortedness hint (dpf_jax.model.layers.gather)
-    d_recv = jax.ops.segment_sum(jnp.concatenate([da_k * k + da_e * e32, dqk, dupd], axis=-1), receivers,
-                                 num_segments=recv_tab.shape[0])
-    d_send = jax.ops.segment_sum(jnp.concatenate([da_k * q, dupd], axis=-1), senders,
-                                 num_segments=send_tab.shape[0])
+    # the gathers' transposes, as autodiff writes them: float32 scatter-adds, no sortedness hint
+    # (slow on the GPU with one: dpf_jax.model.layers.gather)
+    d_recv = jnp.zeros(recv_tab.shape, jnp.float32).at[receivers].add(
+        jnp.concatenate([da_k * k + da_e * e32, dqk, dupd], axis=-1), mode="promise_in_bounds")
+    d_send = jnp.zeros(send_tab.shape, jnp.float32).at[senders].add(
+        jnp.concatenate([da_k * q, dupd], axis=-1), mode="promise_in_bounds")
     zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  (integer / bool inputs)
     return (d_recv.astype(recv_tab.dtype), d_send.astype(send_tab.dtype), dupd.astype(ew3.dtype),
             (da_e * q).astype(e.dtype), zero(receivers), zero(senders), zero(mask),
