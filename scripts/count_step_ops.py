@@ -40,9 +40,10 @@ def entry_op_counts(hlo_text: str) -> collections.Counter:
 
 
 def compile_step(config_name: str, batch_size: int, records: int, flatten: bool = True, num_devices: int = 1,
-                 budgets=None):
+                 budgets=None, overrides=()):
     """The project's own jitted training step, compiled for the first batch of a real dataset
-    (padded to the batcher's own budgets, or to `budgets`, a list of batching.Budget):
+    (padded to the batcher's own budgets, or to `budgets`, a list of batching.Budget), with
+    `overrides` ("model.edge_kernel=xla_recompute", ... as bench_train.py's --set) applied:
     (compiled executable, that batch, parameter pytree)."""
     import jax
 
@@ -56,6 +57,11 @@ def compile_step(config_name: str, batch_size: int, records: int, flatten: bool 
     config.train.batch_size = batch_size
     config.train.progress_bar = False
     config.optim.flatten = flatten
+    if overrides:
+        from bench_train import apply_override  # scripts/ is on sys.path when a script runs
+
+        for item in overrides:
+            apply_override(config, item)
     data = loop.load_data(config)
     stats = loop.data_stats(config, data)
     batch = next(loop.make_batcher(data.splits["train"], config, num_devices, budgets=budgets).iterate(shuffle=False))

@@ -120,18 +120,18 @@ def summarise(hlo_text: str, list_layer: int = 2) -> dict:
 
 
 def compile_and_summarise(config: str, batch_size: int, records: int, num_devices: int, list_layer: int,
-                          save_hlo: str | None, budget: tuple[int, int] | None = None) -> dict:
+                          save_hlo: str | None, budget: tuple[int, int] | None = None, overrides=()) -> dict:
     import jax
 
     from count_step_ops import compile_step
     from dpf_jax.data.batching import Budget
 
     budgets = [Budget(budget[0], budget[1], batch_size // num_devices + 1)] if budget else None
-    compiled, batch, _ = compile_step(config, batch_size, records, True, num_devices, budgets)
+    compiled, batch, _ = compile_step(config, batch_size, records, True, num_devices, budgets, overrides)
     text = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    row = {"config": config, "batch_size": batch_size, "num_devices": num_devices,
+    row = {"config": config, "batch_size": batch_size, "num_devices": num_devices, "set": list(overrides),
            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
            "padded_nodes": int(jax.tree_util.tree_leaves(batch.nodes)[0].shape[-1]),
            "xla_bytes_accessed_per_edge_kb": None, **summarise(text, list_layer)}
@@ -157,6 +157,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--budgets", nargs="+", default=None, metavar="NODESxEDGES",
                    help="pad the first batch to each of these per-device budgets in turn (e.g. 2176x46080: "
                         "how the program depends on the padded shape); default: the batcher's own")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, as bench_train.py's (e.g. model.edge_kernel=xla_recompute)")
     p.add_argument("--layer", type=int, default=2, help="message-passing layer whose instructions are listed")
     p.add_argument("--save-hlo", default=None, help="folder for the compiled programs (.txt.gz)")
     p.add_argument("--out", default=str(REPO / "scripts" / "results" / "step_bytes.json"))
@@ -170,7 +172,8 @@ def main(argv=None) -> list[dict]:
     else:
         sys.path.insert(0, str(REPO / "scripts"))
         budgets = [tuple(int(x) for x in b.lower().split("x")) for b in args.budgets] if args.budgets else [None]
-        rows = [compile_and_summarise(args.config, b, args.records, args.num_devices, args.layer, args.save_hlo, budget)
+        rows = [compile_and_summarise(args.config, b, args.records, args.num_devices, args.layer, args.save_hlo, budget,
+                                      args.set)
                 for b in args.batch_sizes for budget in budgets]
     for r in rows:
         layers = r["kb_per_edge_layer"]

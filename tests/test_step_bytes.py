@@ -43,9 +43,11 @@ def test_instructions_bytes_and_kinds_of_a_written_program():
 
 def test_the_compiled_training_step_on_real_crystals(tmp_path):
     rows = step_bytes.main(["--batch-sizes", "8", "--records", "60", "--budgets", "256x8192",
+                            "--set", "model.edge_kernel=xla_recompute",
                             "--out", str(tmp_path / "b.json"), "--save-hlo", str(tmp_path)])
     (row,) = rows
     assert (row["padded_nodes"], row["padded_edges"]) == (256, 8192)  # the budget asked for
+    assert row["set"] == ["model.edge_kernel=xla_recompute"]
     assert sorted(row["kb_per_edge_layer"]) == [0, 1, 2, 3, 4]  # the five MatformerConv layers
     # every layer reads or writes at least one float32 [E, H=4, 3C=384] tensor per direction
     assert min(row["kb_per_edge_layer"].values()) >= 2 * 4 * 384 * 4 / 1e3
@@ -54,3 +56,7 @@ def test_the_compiled_training_step_on_real_crystals(tmp_path):
     assert (tmp_path / "b.json").exists() and row["hlo"].endswith(".txt.gz")
     again = step_bytes.main(["--hlo", row["hlo"], "--out", str(tmp_path / "c.json")])[0]
     assert again["kb_per_edge_layer"] == row["kb_per_edge_layer"]
+    # the override reaches the model: the default gate compiles to another program
+    (plain,) = step_bytes.main(["--batch-sizes", "8", "--records", "60", "--budgets", "256x8192",
+                                "--out", str(tmp_path / "d.json")])
+    assert plain["set"] == [] and plain["kb_per_edge_step"] != row["kb_per_edge_step"]
