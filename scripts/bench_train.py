@@ -779,7 +779,8 @@ def parse_args(argv):
     p.add_argument("--formulation", nargs="+", default=None,
                    help="MatformerConv formulation(s) to time: edge, node (default: the model's own); "
                         "'node+pallas' runs the per-edge chain as the fused Pallas kernel "
-                        "(model.edge_kernel), 'node+pallas-16x8' with another tile (edges x warps)")
+                        "(model.edge_kernel), 'node+pallas-16x8' with another tile (edges x warps), "
+                        "'node+xla_recompute' the recomputing jax.numpy gate")
     p.add_argument("--num-devices", nargs="+", type=int, default=[0],
                    help="device counts to time, each over the first N visible devices (0: every visible "
                         "device); with several, the JSON also gets the scaling efficiency "
@@ -802,8 +803,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     for f in args.formulation or []:
         form, _, kernel = f.partition("+")
-        if form not in ("edge", "node") or not (kernel in ("", "xla") or kernel.startswith("pallas")):
-            p.error(f"--formulation {f!r}: edge or node, optionally +pallas or +pallas-<block>x<warps>")
+        if form not in ("edge", "node") or not (kernel in ("", "xla", "xla_recompute") or kernel.startswith("pallas")):
+            p.error(f"--formulation {f!r}: edge or node, optionally +xla_recompute, +pallas or "
+                    "+pallas-<block>x<warps>")
     if args.synthetic:
         args.data = ["synthetic"]
     args.data = args.data or ["real"]

@@ -147,3 +147,13 @@ def test_config_overrides_are_checked():
         bench.apply_override(config, "train.balance_share=False")
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         bench.apply_override(config, "optim.flatten")
+
+
+def test_formulation_names_an_edge_kernel(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--small", "--formulation", "node+bogus", "--out", str(tmp_path / "x.json")])
+    res = bench.main(["--small", "--models", "finetune", "--precision", "default", "--batch-sizes", "8",
+                      "--pool", "2", "--steps", "2", "--warmup", "1", "--formulation", "node+xla_recompute",
+                      "--out", str(tmp_path / "b.json")])
+    (r,) = res["results"]
+    assert r["formulation"] == "node+xla_recompute" and r["crystals_per_s"] > 0
