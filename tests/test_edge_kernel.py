@@ -413,7 +413,13 @@ def test_recomputing_gate_matches_autodiff_with_gradients():
     out = gate_message(*args)
     np.testing.assert_allclose(out, gate_message_reference(*args), rtol=1e-6, atol=1e-6)
     assert not np.any(np.asarray(out[75:]))  # padding edges carry no message
-    check_gradients(gate_message, gate_message_reference, args, (0, 1, 2, 3, 7, 8), f(n_edge, H, 3 * C))
+    cot = f(n_edge, H, 3 * C)
+    grads = check_gradients(gate_message, gate_message_reference, args, (0, 1, 2, 3, 7, 8), cot)
+    # padding edges holding NaN (ew3, e) change nothing: their gradients are exactly 0
+    nan_args = (*args[:2], args[2].at[75:].set(jnp.nan), args[3].at[75:].set(jnp.nan), *args[4:])
+    nan_grads = jax.grad(lambda *a: jnp.sum(gate_message(*a) * cot), argnums=(0, 1, 2, 3, 7, 8))(*nan_args)
+    for g, g_nan in zip(grads, nan_grads):
+        np.testing.assert_allclose(g_nan, g, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="send_tab"):
         gate_message(args[0], args[0], *args[2:])
 

@@ -72,24 +72,27 @@ def _backward(args, dm):
     c = e.shape[-1]
     q, k, e32, rstd, ahat, gate, upd = _gate_terms(recv_tab, send_tab, ew3, e, receivers, senders,
                                                    ln1_scale, ln1_bias)
-    dm = jnp.where(mask.astype(bool)[:, None, None], dm.astype(jnp.float32), 0.0)
-    dupd = dm * gate
+    real = mask.astype(bool)[:, None, None]
+    masked = lambda x: jnp.where(real, x, 0.0)  # noqa: E731  (a padding edge's gradients are exactly 0)
+    dm = masked(dm.astype(jnp.float32))
+    dupd = masked(dm * gate)
     dz = dm * upd * gate * (1.0 - gate)  # d(pre-sigmoid)
     dah = dz * ln1_scale
     # LayerNorm_3C backward, then alpha = [qk | q*k | q*e] * inv
     dalpha = rstd * (dah - dah.mean(-1, keepdims=True) - ahat * (dah * ahat).mean(-1, keepdims=True))
-    dalpha = dalpha * (1.0 / math.sqrt(3 * c))
+    dalpha = masked(dalpha * (1.0 / math.sqrt(3 * c)))
     dqk, da_k, da_e = dalpha[..., :c], dalpha[..., c:2 * c], dalpha[..., 2 * c:]
     # the gathers' transposes, as autodiff writes them: float32 scatter-adds, no sortedness hint
     # (slow on the GPU with one: dpf_jax.model.layers.gather)
     d_recv = jnp.zeros(recv_tab.shape, jnp.float32).at[receivers].add(
-        jnp.concatenate([da_k * k + da_e * e32, dqk, dupd], axis=-1), mode="promise_in_bounds")
+        jnp.concatenate([masked(da_k * k + da_e * e32), dqk, dupd], axis=-1), mode="promise_in_bounds")
     d_send = jnp.zeros(send_tab.shape, jnp.float32).at[senders].add(
-        jnp.concatenate([da_k * q, dupd], axis=-1), mode="promise_in_bounds")
+        jnp.concatenate([masked(da_k * q), dupd], axis=-1), mode="promise_in_bounds")
     zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  (integer / bool inputs)
     return (d_recv.astype(recv_tab.dtype), d_send.astype(send_tab.dtype), dupd.astype(ew3.dtype),
-            (da_e * q).astype(e.dtype), zero(receivers), zero(senders), zero(mask),
-            jnp.sum(dz * ahat, axis=(0, 1)).astype(ln1_scale.dtype), jnp.sum(dz, axis=(0, 1)).astype(ln1_bias.dtype))
+            masked(da_e * q).astype(e.dtype), zero(receivers), zero(senders), zero(mask),
+            jnp.sum(masked(dz * ahat), axis=(0, 1)).astype(ln1_scale.dtype),
+            jnp.sum(masked(dz), axis=(0, 1)).astype(ln1_bias.dtype))
 
 
 _gate_message.defvjp(_forward, _backward)
