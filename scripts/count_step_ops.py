@@ -25,18 +25,25 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def entry_op_counts(hlo_text: str) -> collections.Counter:
-    """Opcode -> count over the ENTRY computation of an optimised HLO module's text."""
+# "%name = TYPE opcode(...": TYPE is one token, or a parenthesised tuple type (with spaces,
+# commas and /*index=k*/ comments) for multi-output ops such as combined all-reduces
+ENTRY_INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^)]*\)|\S+)\s+([a-z][\w-]*)\((.*)$")
+
+
+def entry_instructions(hlo_text: str):
+    """(line, (name, type, opcode, rest of the line)) of each instruction of the ENTRY computation
+    of an optimised HLO module's text."""
     entry = hlo_text[hlo_text.index("\nENTRY"):]
     body = entry[:entry.index("\n}")]
-    counts = collections.Counter()
     for line in body.splitlines()[1:]:
-        # "%name = TYPE opcode(": TYPE is one token, or a parenthesised tuple type (with spaces,
-        # commas and /*index=k*/ comments) for multi-output ops such as combined all-reduces
-        m = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?:\([^)]*\)|\S+)\s+([a-z][\w-]*)\(", line)
+        m = ENTRY_INSTRUCTION.match(line)
         if m:
-            counts[m.group(1)] += 1
-    return counts
+            yield line, m.groups()
+
+
+def entry_op_counts(hlo_text: str) -> collections.Counter:
+    """Opcode -> count over the ENTRY computation of an optimised HLO module's text."""
+    return collections.Counter(opcode for _, (_, _, opcode, _) in entry_instructions(hlo_text))
 
 
 def compile_step(config_name: str, batch_size: int, records: int, flatten: bool = True, num_devices: int = 1,

@@ -30,12 +30,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import count_step_ops  # noqa: E402  (scripts/ is not a package)
 
 ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                  "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
 ARRAY = re.compile(r"\b(" + "|".join(ELEMENT_BYTES) + r")\[([\d,]*)\]")
-INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^)]*\)|\S+)\s+([a-z][\w-]*)\((.*)$")
 
 
 def array_bytes(type_text: str, first_only: bool = False) -> int:
@@ -54,14 +56,8 @@ def array_bytes(type_text: str, first_only: bool = False) -> int:
 def entry_instructions(hlo_text: str) -> list[dict]:
     """Top-level instructions of an optimised HLO module's ENTRY computation, with the bytes of
     their results and operands, their kind and their op_name metadata."""
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
-    body = entry[:entry.index("\n}")]
     result_bytes, rows = {}, []
-    for line in body.splitlines()[1:]:
-        m = INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, type_text, opcode, rest = m.groups()
+    for line, (name, type_text, opcode, rest) in count_step_ops.entry_instructions(hlo_text):
         target = re.search(r'custom_call_target="([^"]*)"', line)
         # a library call's tuple result is (output, workspace): the workspace is scratch, not traffic
         out = array_bytes(type_text, first_only=opcode == "custom-call" and type_text.startswith("("))
@@ -123,11 +119,10 @@ def compile_and_summarise(config: str, batch_size: int, records: int, num_device
                           save_hlo: str | None, budget: tuple[int, int] | None = None, overrides=()) -> dict:
     import jax
 
-    from count_step_ops import compile_step
     from dpf_jax.data.batching import Budget
 
     budgets = [Budget(budget[0], budget[1], batch_size // num_devices + 1)] if budget else None
-    compiled, batch, _ = compile_step(config, batch_size, records, True, num_devices, budgets, overrides)
+    compiled, batch, _ = count_step_ops.compile_step(config, batch_size, records, True, num_devices, budgets, overrides)
     text = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -170,7 +165,6 @@ def main(argv=None) -> list[dict]:
             with opener(path, "rt") as f:
                 rows.append({"hlo": path, **summarise(f.read(), args.layer)})
     else:
-        sys.path.insert(0, str(REPO / "scripts"))
         budgets = [tuple(int(x) for x in b.lower().split("x")) for b in args.budgets] if args.budgets else [None]
         rows = [compile_and_summarise(args.config, b, args.records, args.num_devices, args.layer, args.save_hlo, budget,
                                       args.set)

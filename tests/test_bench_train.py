@@ -110,7 +110,6 @@ def test_small_benchmark_of_runs_trained_together(tmp_path):
 
 
 def test_scaling_efficiency_pairs_each_configuration_with_its_one_device_run():
-    bench = load_script("bench_train")
     row = dict(data="real", model="pretrain_mask30", precision="default", formulation="node", runs=1)
     results = [dict(row, batch_size=256, num_devices=1, crystals_per_s=12000.0),
                dict(row, batch_size=256, num_devices=4, crystals_per_s=30000.0),

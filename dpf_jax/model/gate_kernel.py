@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _compiler_params, _gate,
                                        _make_varying, _masked, _out_struct, _pad_edges, _varying_axes)
+from dpf_jax.model.gate_recompute import gate_terms
 
 
 def gate_reference(r, s, ew3, e, mask, ln1_scale, ln1_bias):
@@ -41,17 +42,8 @@ def gate_reference(r, s, ew3, e, mask, ln1_scale, ln1_bias):
     in float32 from the inputs as given, like the kernels. (MatformerConv's "xla" path computes
     the same in float32; with bfloat16 inputs it rounds the alpha products and upd to bfloat16
     before the LayerNorm, the kernels do not: results differ by about one bfloat16 step.)"""
-    f32 = jnp.float32
-    c = e.shape[-1]
-    r, s, e3, e = (t.astype(f32) for t in (r, s, ew3, e))
-    q, qk, vm_i = r[..., :c], r[..., c:2 * c], r[..., 2 * c:]
-    k, vm_j = s[..., :c], s[..., c:]
-    alpha = jnp.concatenate([qk, q * k, q * e], axis=-1) / math.sqrt(3 * c)
-    mu = alpha.mean(-1, keepdims=True)
-    d = alpha - mu
-    ahat = d * jax.lax.rsqrt((d * d).mean(-1, keepdims=True) + 1e-5)
-    m = (vm_i + vm_j + e3) * jax.nn.sigmoid(ahat * ln1_scale + ln1_bias)
-    return jnp.where(mask.astype(bool)[:, None, None], m, 0.0).astype(ew3.dtype)
+    *_, gate, upd = gate_terms(r, s, ew3, e, ln1_scale, ln1_bias)
+    return jnp.where(mask.astype(bool)[:, None, None], upd * gate, 0.0).astype(ew3.dtype)
 
 
 class TableTiles(BlockTiles):

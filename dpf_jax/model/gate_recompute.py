@@ -34,14 +34,12 @@ from dpf_jax.model.edge_kernel import _make_varying, _varying_axes
 EPSILON = 1e-5  # torch.nn.LayerNorm's
 
 
-def _gate_terms(recv_tab, send_tab, ew3, e, receivers, senders, ln1_scale, ln1_bias):
-    """Per edge: q_i, k_j, e, LayerNorm's 1/std and normalised alpha, the gate, upd (float32)."""
+def gate_terms(r, s, ew3, e, ln1_scale, ln1_bias):
+    """From the gathered rows r = recv_tab[i] [E, H, 5C] and s = send_tab[j] [E, H, 4C], ew3 and
+    e, in float32: q_i, k_j, e, LayerNorm's 1/std and normalised alpha, the gate, upd."""
     f32 = jnp.float32
     c = e.shape[-1]
-    # the same gathers as dpf_jax.model.layers.gather: float32 rows, indices promised in bounds
-    r = recv_tab.astype(f32).at[receivers].get(mode="promise_in_bounds")
-    s = send_tab.astype(f32).at[senders].get(mode="promise_in_bounds")
-    e = e.astype(f32)
+    r, s, e = r.astype(f32), s.astype(f32), e.astype(f32)
     q, qk, vm_i = r[..., :c], r[..., c:2 * c], r[..., 2 * c:]
     k, vm_j = s[..., :c], s[..., c:]
     alpha = jnp.concatenate([qk, q * k, q * e], axis=-1) * (1.0 / math.sqrt(3 * c))
@@ -50,6 +48,14 @@ def _gate_terms(recv_tab, send_tab, ew3, e, receivers, senders, ln1_scale, ln1_b
     ahat = d * rstd
     gate = jax.nn.sigmoid(ahat * ln1_scale + ln1_bias)
     return q, k, e, rstd, ahat, gate, vm_i + vm_j + ew3.astype(f32)
+
+
+def _gate_terms(recv_tab, send_tab, ew3, e, receivers, senders, ln1_scale, ln1_bias):
+    """`gate_terms` of the node tables gathered at the receivers and senders, with the same
+    gathers as dpf_jax.model.layers.gather (float32 rows, indices promised in bounds)."""
+    r = recv_tab.astype(jnp.float32).at[receivers].get(mode="promise_in_bounds")
+    s = send_tab.astype(jnp.float32).at[senders].get(mode="promise_in_bounds")
+    return gate_terms(r, s, ew3, e, ln1_scale, ln1_bias)
 
 
 def gate_message_reference(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_scale, ln1_bias):

@@ -314,8 +314,8 @@ class MatformerConv(nn.Module):
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train)
             if self.edge_kernel == "xla_recompute":  # the gate in jax.numpy, its backward recomputing
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
-                msg = gate_message(recv_tab.astype(dt), send_tab.astype(dt), ein("ehc,cd->ehd", e, w3), e, receivers,
-                                   senders, edge_mask, ln1_scale, ln1_bias)
+                msg = gate_message(recv_tab, send_tab, ein("ehc,cd->ehd", e, w3), e, receivers, senders, edge_mask,
+                                   ln1_scale, ln1_bias)
                 return self._aggregate_and_update(x, self._message_out(msg, edge_mask), receivers, node_mask, train)
             r = gather(recv_tab, receivers, dt)
             s = gather(send_tab, senders, dt)
