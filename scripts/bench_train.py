@@ -586,15 +586,23 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     drop = len(batcher) >= batch_size
     pool_size = args.pool or (3 if args.small else 20)
     pool_host = host_pool(batcher, config, pool_size, drop)
-    group = f"{data_kind}_{model_label(name)}_bs{batch_size}"
-    if dump is not None and not any(k.startswith(group + "/") for k in dump):
-        dump_group(dump, group, pool_host)
 
     print(f"{data_kind} {model_label(name)} B={batch_size} {precision} {formulation or ''}"
           f"{f' x{runs} runs' if runs > 1 else ''}: compiling and timing...", flush=True)
     state, train_step, table, n_params, formulation = build_run(
         config, data, mesh, pool_host, reuse_key=(data_kind, name, mesh.size), formulation=formulation,
         num_runs=runs)
+    budget_rows = []
+    if config.train.get("budget_search", 0):  # as train/loop.py does before the first step
+        example = pool_host[0] if runs == 1 else jax.tree_util.tree_map(lambda x: np.stack([x] * runs), pool_host[0])
+        t0 = time.perf_counter()
+        budget_rows = loop.maybe_tune_budgets(config, batcher, train_step, state, example, mesh, run_axis=runs > 1)
+        print(f"  budget search: {[r['budget'][1] for r in budget_rows]} -> {[r['chosen_n_edge'] for r in budget_rows]}"
+              f" padded edges ({time.perf_counter() - t0:.1f} s)", flush=True)
+        pool_host = host_pool(batcher, config, pool_size, drop)
+    group = f"{data_kind}_{model_label(name)}_bs{batch_size}"
+    if dump is not None and not any(k.startswith(group + "/") for k in dump):
+        dump_group(dump, group, pool_host)
     coef = flop_coefficients(table)["train"]
     members = stack_runs(pool_host, runs) if runs > 1 else [[b] for b in pool_host]
     pool_step = [jax.tree_util.tree_map(lambda *x: np.stack(x), *m) if runs > 1 else m[0] for m in members]
@@ -643,6 +651,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
         "optim_flatten": bool(config.optim.get("flatten", False)),
         "balance_shares": bool(config.train.get("balance_shares", True)),
         "remat": config.model.get("remat", "none"),
+        "budget_search": budget_rows,
         "crystals_per_s": tot["real_graphs"] / t_med,
         "crystals_per_s_per_run": tot["real_graphs"] / t_med / runs,
         "crystals_per_s_min": tot["real_graphs"] / max(times),

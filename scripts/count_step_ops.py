@@ -46,12 +46,17 @@ def entry_op_counts(hlo_text: str) -> collections.Counter:
     return collections.Counter(opcode for _, (_, _, opcode, _) in entry_instructions(hlo_text))
 
 
+_DATA: dict = {}  # prepared data per (config, records, overrides): loaded once per process
+
+
 def compile_step(config_name: str, batch_size: int, records: int, flatten: bool = True, num_devices: int = 1,
-                 budgets=None, overrides=()):
+                 budgets=None, overrides=(), shuffle: bool = False):
     """The project's own jitted training step, compiled for the first batch of a real dataset
-    (padded to the batcher's own budgets, or to `budgets`, a list of batching.Budget), with
-    `overrides` ("model.edge_kernel=xla_recompute", ... as bench_train.py's --set) applied:
-    (compiled executable, that batch, parameter pytree)."""
+    (in file order, or of the seed-0 shuffled first epoch with `shuffle`), padded to the
+    batcher's own budgets or to `budgets` (a list of batching.Budget; a batch that fits none of
+    them is an error, not a silently different shape), with `overrides`
+    ("model.edge_kernel=xla_recompute", ... as bench_train.py's --set) applied:
+    (compiled executable, that host batch, the initial train state on the devices)."""
     import jax
 
     from dpf_jax.train import loop
@@ -69,22 +74,33 @@ def compile_step(config_name: str, batch_size: int, records: int, flatten: bool 
 
         for item in overrides:
             apply_override(config, item)
-    data = loop.load_data(config)
+    key = (config_name, records, tuple(overrides))
+    if key not in _DATA:
+        _DATA[key] = loop.load_data(config)
+    data = _DATA[key]
     stats = loop.data_stats(config, data)
-    batch = next(loop.make_batcher(data.splits["train"], config, num_devices, budgets=budgets).iterate(shuffle=False))
+    asked = list(budgets) if budgets else None
+    batcher = loop.make_batcher(data.splits["train"], config, num_devices, budgets=budgets)
+    batch = next(batcher.iterate(seed=0, epoch=0, shuffle=shuffle))
+    shape = (batch.nodes["mask"].shape[-1], batch.edges["mask"].shape[-1])
+    if asked and shape not in {(b.n_node, b.n_edge) for b in asked}:
+        real = (int(batch.nodes["mask"].sum()), int(batch.edges["mask"].sum()))
+        raise ValueError(f"the first batch ({real[0]} nodes / {real[1]} edges over {num_devices} device(s)) "
+                         f"does not fit the asked budgets {[(b.n_node, b.n_edge) for b in asked]}")
     objective = loop.make_objective(config)
     model = objective.make_model()
     tx = make_optimizer(config.optim, 1000)
     mesh = make_mesh(num_devices)
     state = put_replicated(create_state(model, tx, jax.tree_util.tree_map(lambda x: x[0], batch), 0, stats), mesh)
     compiled = make_train_step(objective, model, tx, mesh).lower(state, put_batch(batch, mesh)).compile()
-    return compiled, batch, state.params
+    return compiled, batch, state
 
 
 def count(config_name: str, batch_size: int, records: int, flatten: bool, num_devices: int = 1) -> dict:
     import jax
 
-    compiled, _, params = compile_step(config_name, batch_size, records, flatten, num_devices)
+    compiled, _, state = compile_step(config_name, batch_size, records, flatten, num_devices)
+    params = state.params
     ops = entry_op_counts(compiled.as_text())
     return {"config": config_name, "batch_size": batch_size, "flatten": flatten, "num_devices": num_devices,
             "backend": jax.default_backend(),

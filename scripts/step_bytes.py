@@ -2,7 +2,7 @@
 backend; no timing).
 
     python scripts/step_bytes.py --batch-sizes 256 1024               # compile pretrain_mask30 here
-    python scripts/step_bytes.py --batch-sizes 256 --budgets 2176x46080 2176x47104   # chosen padded shapes
+    python scripts/step_bytes.py --batch-sizes 256 --shuffle --budgets 2176x48128 2176x49152   # chosen shapes
     python scripts/step_bytes.py --hlo scripts/results/h200x4_session9/hlo_*.txt.gz   # saved programs
 
 The step is bound by memory traffic over per-edge tensors (PERF_NOTES.md), and XLA chooses its
@@ -116,13 +116,15 @@ def summarise(hlo_text: str, list_layer: int = 2) -> dict:
 
 
 def compile_and_summarise(config: str, batch_size: int, records: int, num_devices: int, list_layer: int,
-                          save_hlo: str | None, budget: tuple[int, int] | None = None, overrides=()) -> dict:
+                          save_hlo: str | None, budget: tuple[int, int] | None = None, overrides=(),
+                          shuffle: bool = False) -> dict:
     import jax
 
     from dpf_jax.data.batching import Budget
 
     budgets = [Budget(budget[0], budget[1], batch_size // num_devices + 1)] if budget else None
-    compiled, batch, _ = count_step_ops.compile_step(config, batch_size, records, True, num_devices, budgets, overrides)
+    compiled, batch, _ = count_step_ops.compile_step(config, batch_size, records, True, num_devices, budgets, overrides,
+                                                     shuffle)
     text = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -150,8 +152,12 @@ def main(argv=None) -> list[dict]:
                    help="dataset records to load (0: all, so the first batch has the budgets bench_train.py times)")
     p.add_argument("--num-devices", type=int, default=1)
     p.add_argument("--budgets", nargs="+", default=None, metavar="NODESxEDGES",
-                   help="pad the first batch to each of these per-device budgets in turn (e.g. 2176x46080: "
-                        "how the program depends on the padded shape); default: the batcher's own")
+                   help="pad the first batch to each of these per-device budgets in turn (e.g. 2176x47104: "
+                        "how the program depends on the padded shape; a batch that does not fit is an "
+                        "error); default: the batcher's own")
+    p.add_argument("--shuffle", action="store_true",
+                   help="the first batch of the seed-0 shuffled epoch (a typical one) instead of the first "
+                        "in file order")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, as bench_train.py's (e.g. model.edge_kernel=xla_recompute)")
     p.add_argument("--layer", type=int, default=2, help="message-passing layer whose instructions are listed")
@@ -167,7 +173,7 @@ def main(argv=None) -> list[dict]:
     else:
         budgets = [tuple(int(x) for x in b.lower().split("x")) for b in args.budgets] if args.budgets else [None]
         rows = [compile_and_summarise(args.config, b, args.records, args.num_devices, args.layer, args.save_hlo, budget,
-                                      args.set)
+                                      args.set, args.shuffle)
                 for b in args.batch_sizes for budget in budgets]
     for r in rows:
         layers = r["kb_per_edge_layer"]

@@ -2,6 +2,10 @@
 and on the project's real compiled training step finds every message-passing layer and agrees
 with XLA's own count of bytes accessed."""
 
+import json
+
+import pytest
+
 from conftest import load_script
 
 step_bytes = load_script("step_bytes")
@@ -60,3 +64,19 @@ def test_the_compiled_training_step_on_real_crystals(tmp_path):
     (plain,) = step_bytes.main(["--batch-sizes", "8", "--records", "60", "--budgets", "256x8192",
                                 "--out", str(tmp_path / "d.json")])
     assert plain["set"] == [] and plain["kb_per_edge_step"] != row["kb_per_edge_step"]
+
+
+def test_a_budget_the_batch_does_not_fit_is_an_error():
+    with pytest.raises(ValueError, match="does not fit the asked budgets"):
+        step_bytes.main(["--batch-sizes", "8", "--records", "60", "--budgets", "64x512", "--out", "/dev/null"])
+
+
+def test_bench_shapes_times_one_batch_at_each_budget(tmp_path):
+    bench_shapes = load_script("bench_shapes")
+    out = bench_shapes.main(["--batch-size", "8", "--records", "60", "--budgets", "256x8192", "320x9216",
+                             "--steps", "1", "--blocks", "2", "--out", str(tmp_path / "s.json")])
+    a, b = out["rows"]
+    assert (a["budget"], b["budget"]) == ([256, 8192], [320, 9216])
+    assert (a["real_nodes"], a["real_edges"]) == (b["real_nodes"], b["real_edges"])  # the same crystals
+    assert a["real_edges"] <= 8192 and all(r["ms"] > 0 and r["xla_gb_accessed"] > 0 for r in (a, b))
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == out["rows"]

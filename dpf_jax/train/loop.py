@@ -36,10 +36,11 @@ from dpf_jax.tasks.losses import lattice_param_stats
 from dpf_jax.tasks.official import OfficialBatcher, drop_single_atom_structures
 from dpf_jax.tasks.rebuild import RebuildingBatcher, shutdown_workers
 from dpf_jax.train import checkpoint as ckpt_lib
+from dpf_jax.train.budget_search import tune_batcher
 from dpf_jax.train.objectives import DenoisingObjective, OfficialDenoisingObjective, RegressionObjective
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import (make_mesh, maybe_initialize_distributed, prefetch_to_device,
-                                    put_replicated)
+                                    put_batch, put_replicated)
 from dpf_jax.train.step import TrainState, create_state, make_eval_step, make_train_step, split_seed
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,20 @@ def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_f
     return GraphBatcher(graphs, config.train.batch_size, num_devices, budgets=budgets,
                         num_levels=config.train.num_budget_levels, seed=0,
                         balance=balance)
+
+
+def maybe_tune_budgets(config, batcher, train_step, state, host_batch, mesh, run_axis: bool = False) -> list[dict]:
+    """With `train.budget_search` = K > 0: the training batcher's padded edge counts chosen
+    among K per budget level by the compiled step's cost (`dpf_jax.train.budget_search`);
+    `host_batch`: any batch of the step's input layout (its shapes do not matter)."""
+    candidates = int(config.train.get("budget_search", 0))
+    if candidates <= 0:
+        return []
+    t0 = time.time()
+    rows = tune_batcher(batcher, train_step, state, put_batch(host_batch, mesh, run_axis), candidates,
+                        int(config.train.get("budget_search_granule", 1024)))
+    log.info("budget search: %d compilations in %.1f s", candidates * len(rows), time.time() - t0)
+    return rows
 
 
 def restore_encoder(state: TrainState, path: str) -> TrainState:
@@ -358,7 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx = make_optimizer(config.optim, total_steps)
     model = objective.make_model()
 
-    example = jax.tree_util.tree_map(lambda x: x[0], next(train_b.iterate(shuffle=False)))
+    first_batch = next(train_b.iterate(shuffle=False))
+    example = jax.tree_util.tree_map(lambda x: x[0], first_batch)
     state = create_state(model, tx, example, config.seed, stats)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     log.info("model: %s with %d parameters on %d device(s) (%s)", type(model).__name__, n_params,
@@ -375,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = put_replicated(state, mesh)
 
     train_step = make_train_step(objective, model, tx, mesh)
+    budget_rows = maybe_tune_budgets(config, train_b, train_step, state, first_batch, mesh)
     eval_step = make_eval_step(objective, model, mesh)
     eval_key = put_replicated(eval_key, mesh)
     metric_name = "mae" if config.mode == "finetune" else "loss"
@@ -485,6 +502,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "platform": jax.devices()[0].platform, "steps": int(jax.device_get(state.step)),
                     "skipped_records": len(data.skipped),
                     "init_checkpoint": init_path or ""})
+    if budget_rows:
+        results["budget_search"] = budget_rows
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2), flush=True)
     checkpointer.close()

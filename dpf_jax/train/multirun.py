@@ -160,6 +160,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     log.info("%d runs of %s trained together: %s", n_runs, type(model).__name__, run_names)
 
     train_step = make_train_step(objective, model, tx, mesh, num_runs=n_runs)
+    budget_rows = loop.maybe_tune_budgets(config, train_b, train_step, state, next(batches.iterate(0)), mesh,
+                                          run_axis=True)
     eval_step = make_eval_step(objective, model, mesh, num_runs=n_runs)
     eval_key = put_replicated(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**30), mesh)
 
@@ -254,6 +256,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                     "platform": jax.devices()[0].platform, "steps": step,
                     "skipped_records": len(data.skipped), "init_checkpoint": init_paths[r] or "",
                     "trained_together_with": run_names})
+        if budget_rows:
+            res["budget_search"] = budget_rows
         (workdirs[r] / "results.json").write_text(json.dumps(res, indent=2))
         ck.close()
         results.append(res)
