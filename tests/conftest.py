@@ -42,6 +42,32 @@ def tiny(config, records=96, epochs=2, batch=16, layers=2, channels=16, heads=2)
     return config
 
 
+def train_setup(config, data, num_devices):
+    """What the training loop builds for `config` on `num_devices` (mesh, the training split's
+    batcher, objective, model, optimiser) plus the initial state (seed 0, on the host) and the
+    first batch of the seed-0 shuffled epoch."""
+    import types
+
+    import jax
+
+    from dpf_jax.train import loop
+    from dpf_jax.train.optim import make_optimizer
+    from dpf_jax.train.parallel import make_mesh
+    from dpf_jax.train.step import create_state
+
+    mesh = make_mesh(num_devices)
+    batcher = loop.make_batcher(data.splits["train"], config, num_devices)
+    objective = loop.make_objective(config)
+    model = objective.make_model()
+    tx = make_optimizer(config.optim, 10)
+    host = next(batcher.iterate(seed=0, epoch=0, shuffle=True))
+    example = jax.tree_util.tree_map(lambda x: x[0], host)
+    # identical initial parameters whatever the device count (same seed, same model)
+    state = create_state(model, tx, example, 0, loop.data_stats(config, data))
+    return types.SimpleNamespace(mesh=mesh, batcher=batcher, objective=objective, model=model, tx=tx,
+                                 state=state, batch=host)
+
+
 def terminate_after_epochs(command, metrics_csv, epochs=3, env=None, timeout=300):
     """Starts `command` (a training CLI), sends SIGTERM once `metrics_csv` has `epochs` rows,
     waits for it to stop; returns (exit code, its stdout + stderr)."""

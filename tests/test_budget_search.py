@@ -9,13 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DATA, tiny
+from conftest import DATA, tiny, train_setup
 from configs import finetune_jarvis, pretrain_mask30
 from dpf_jax.data.batching import Budget
 from dpf_jax.train import budget_search, loop, multirun
-from dpf_jax.train.optim import make_optimizer
-from dpf_jax.train.parallel import make_mesh, put_batch, put_replicated
-from dpf_jax.train.step import create_state, make_forward, make_train_step
+from dpf_jax.train.parallel import put_batch, put_replicated
+from dpf_jax.train.step import make_forward, make_train_step
 
 
 def test_edge_candidates():
@@ -32,6 +31,7 @@ def test_search_keeps_the_cheapest_edge_count_per_level():
     new, rows = budget_search.search_budgets(budgets, lambda n, e: costs[(n, e)], candidates=3, granule=512)
     assert new == [Budget(64, 1024, 9), Budget(128, 2048, 9), Budget(192, 4096, 9)]
     assert [r["chosen_n_edge"] for r in rows] == [1024, 2048, 4096]
+    assert rows[1]["bytes_accessed"] == {"2048": 5.0, "2560": None, "3072": 6.0}  # JSON-safe
     with pytest.raises(ValueError, match="candidates"):
         budget_search.search_budgets(budgets, lambda n, e: 0.0, candidates=0)
 
@@ -41,25 +41,20 @@ def _pretrain_setup(num_devices, records=48, batch=16):
     config.data.path = str(DATA / "pretrain.jsonl.gz")
     config.pretrain.position_scale = 0.1  # every denoising head on
     config.pretrain.lattice_scale = 0.1
-    data = loop.load_data(config)
-    mesh = make_mesh(num_devices)
-    batcher = loop.make_batcher(data.splits["train"], config, num_devices)
-    objective = loop.make_objective(config)
-    model = objective.make_model()
-    tx = make_optimizer(config.optim, 10)
-    host = next(batcher.iterate(seed=0, epoch=0, shuffle=True))
-    state = create_state(model, tx, jax.tree_util.tree_map(lambda x: x[0], host), 0, loop.data_stats(config, data))
-    return (objective, model), mesh, batcher, make_train_step(objective, model, tx, mesh), state
+    t = train_setup(config, loop.load_data(config), num_devices)
+    t.step = make_train_step(t.objective, t.model, t.tx, t.mesh)
+    return t
 
 
 def test_a_larger_padded_shape_changes_no_loss_or_gradient_on_4_devices():
-    (objective, model), mesh, batcher, _, state = _pretrain_setup(4)
+    t = _pretrain_setup(4)
+    mesh, batcher, state = t.mesh, t.batcher, t.state
     indices = batcher.epoch_order(0, 0, shuffle=True)[:batcher.batch_size]
     small = batcher.make_batch(indices)
     b = Budget(small.nodes["mask"].shape[-1], small.edges["mask"].shape[-1], small.globals["mask"].shape[-1])
     large = batcher.make_batch(indices, Budget(b.n_node + 64, b.n_edge + 1536, b.n_graph))
     assert large.edges["mask"].shape[-1] == b.n_edge + 1536
-    grad_fn = jax.jit(jax.value_and_grad(make_forward(objective, model, mesh, train=True), has_aux=True))
+    grad_fn = jax.jit(jax.value_and_grad(make_forward(t.objective, t.model, mesh, train=True), has_aux=True))
     args = [put_replicated(x, mesh) for x in (state.params, state.batch_stats, state.stats)]
     out = {}
     for name, host in (("small", small), ("large", large)):
@@ -73,7 +68,8 @@ def test_a_larger_padded_shape_changes_no_loss_or_gradient_on_4_devices():
 
 
 def test_shaped_like_matches_a_real_batch_of_that_shape_on_4_devices():
-    _, mesh, batcher, _, _ = _pretrain_setup(4)
+    t = _pretrain_setup(4)
+    mesh, batcher = t.mesh, t.batcher
     indices = batcher.epoch_order(0, 0, shuffle=True)[:batcher.batch_size]
     dev = put_batch(batcher.make_batch(indices), mesh)
     g = dev.globals["mask"].shape[-1]
@@ -88,7 +84,8 @@ def test_shaped_like_matches_a_real_batch_of_that_shape_on_4_devices():
 
 
 def test_tune_batcher_keeps_the_cheapest_compiled_candidate():
-    _, mesh, batcher, step, state = _pretrain_setup(1)
+    t = _pretrain_setup(1)
+    mesh, batcher, step, state = t.mesh, t.batcher, t.step, t.state
     before = list(batcher.budgets)
     dev = put_batch(next(batcher.iterate(shuffle=False)), mesh)
     rows = budget_search.tune_batcher(batcher, step, put_replicated(state, mesh), dev, candidates=3, granule=512)

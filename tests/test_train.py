@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO, terminate_after_epochs, tiny
+from conftest import DATA, REPO, terminate_after_epochs, tiny, train_setup
 from configs import finetune_jarvis, pretrain_mask30
 from dpf_jax.train import loop
 from dpf_jax.train.checkpoint import load_raw_checkpoint
@@ -20,21 +20,14 @@ from dpf_jax.train.parallel import make_mesh, put_batch, put_replicated
 from dpf_jax.train.step import create_state, make_forward
 
 
-def _loss_and_grads(config, data, stats, num_devices):
-    mesh = make_mesh(num_devices)
-    batcher = loop.make_batcher(data.splits["train"], config, num_devices)
-    objective = loop.make_objective(config)
-    model = objective.make_model()
-    tx = make_optimizer(config.optim, 10)
-    host = next(batcher.iterate(seed=0, epoch=0, shuffle=True))
-    example = jax.tree_util.tree_map(lambda x: x[0], host)
-    # identical initial parameters whatever the device count (same seed, same model)
-    state = create_state(model, tx, example, 0, stats)
-    forward = make_forward(objective, model, mesh, train=True)
+def _loss_and_grads(config, data, num_devices):
+    t = train_setup(config, data, num_devices)
+    forward = make_forward(t.objective, t.model, t.mesh, train=True)
     key = jax.random.PRNGKey(5)
     fn = jax.jit(jax.value_and_grad(forward, has_aux=True))
-    (loss, (bs, terms, _)), grads = fn(put_replicated(state.params, mesh), put_replicated(state.batch_stats, mesh),
-                                       put_replicated(state.stats, mesh), put_batch(host, mesh), key)
+    rep = lambda x: put_replicated(x, t.mesh)  # noqa: E731
+    (loss, (bs, terms, _)), grads = fn(rep(t.state.params), rep(t.state.batch_stats), rep(t.state.stats),
+                                       put_batch(t.batch, t.mesh), key)
     return jax.device_get((loss, bs, terms, grads))
 
 
@@ -47,9 +40,8 @@ def test_four_devices_match_one_device(make_config):
         config.pretrain.position_scale = 0.1
         config.pretrain.lattice_scale = 0.1
     data = loop.load_data(config)
-    stats = loop.data_stats(config, data)
-    one = _loss_and_grads(config, data, stats, 1)
-    four = _loss_and_grads(config, data, stats, 4)
+    one = _loss_and_grads(config, data, 1)
+    four = _loss_and_grads(config, data, 4)
     np.testing.assert_allclose(one[0], four[0], rtol=2e-5)
     for name in one[2]:
         np.testing.assert_allclose(one[2][name], four[2][name], rtol=2e-5, atol=1e-6, err_msg=name)
@@ -67,10 +59,9 @@ def test_remat_inside_the_data_parallel_step_changes_nothing():
     config = tiny(pretrain_mask30.get_config(), records=64, batch=32)
     config.data.path = str(DATA / "pretrain.jsonl.gz")
     data = loop.load_data(config)
-    stats = loop.data_stats(config, data)
-    plain = _loss_and_grads(config, data, stats, 4)
+    plain = _loss_and_grads(config, data, 4)
     config.model.remat = "dots"
-    rematted = _loss_and_grads(config, data, stats, 4)
+    rematted = _loss_and_grads(config, data, 4)
     np.testing.assert_allclose(plain[0], rematted[0], rtol=1e-5)
     scale = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(plain[3]))
     for g1, g2 in zip(jax.tree_util.tree_leaves(plain[3]), jax.tree_util.tree_leaves(rematted[3])):

@@ -77,7 +77,8 @@ def search_budgets(budgets: list[Budget], cost_of, candidates: int = 4, granule:
                    ) -> tuple[list[Budget], list[dict]]:
     """Each budget with its edge count replaced by the cheapest of `edge_candidates` under
     `cost_of(n_node, n_edge)`; ties and unknown (nan) costs keep the smaller count. Returns the
-    new budgets (sorted, duplicates merged) and one report row per original budget."""
+    new budgets (sorted, duplicates merged) and one report row per original budget (costs by
+    edge count, None where unknown: the rows go into results.json)."""
     if candidates < 1 or granule < 1:
         raise ValueError(f"budget search needs candidates >= 1 and granule >= 1, got {candidates}, {granule}")
     chosen, rows = [], []
@@ -87,7 +88,7 @@ def search_budgets(budgets: list[Budget], cost_of, candidates: int = 4, granule:
         best = min(known, key=lambda e: (known[e], e)) if known else b.n_edge
         chosen.append(dataclasses.replace(b, n_edge=best))
         rows.append({"budget": [b.n_node, b.n_edge, b.n_graph], "chosen_n_edge": best,
-                     "bytes_accessed": {str(e): c for e, c in costs.items()}})
+                     "bytes_accessed": {str(e): (None if math.isnan(c) else c) for e, c in costs.items()}})
     return sorted(set(chosen)), rows
 
 
@@ -99,7 +100,7 @@ def tune_batcher(batcher, step, state, device_batch, candidates: int = 4, granul
     new, rows = search_budgets(list(batcher.budgets), cost_of, candidates, granule)
     for r in rows:
         n, e, _ = r["budget"]
-        gb = {k: (f"{v / 1e9:.2f}" if not math.isnan(v) else "?") for k, v in r["bytes_accessed"].items()}
+        gb = {k: ("?" if v is None else f"{v / 1e9:.2f}") for k, v in r["bytes_accessed"].items()}
         log.info("padding budget %d nodes x %d edges -> %d edges (GB accessed per step by edge count: %s)",
                  n, e, r["chosen_n_edge"], ", ".join(f"{k}: {v}" for k, v in gb.items()))
     batcher.budgets = new
