@@ -90,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
     # larger padded shape (dpf_jax/train/budget_search.py). Costs that many compilations.
     c.train.budget_search = 0
     c.train.budget_search_granule = 1024
+    c.train.budget_search_cache = ".cache/budget_search.json"  # byte counts found ("": none)
     c.train.prefetch = 2
     c.train.progress_bar = True
 

@@ -38,6 +38,7 @@ def tiny(config, records=96, epochs=2, batch=16, layers=2, channels=16, heads=2)
     config.train.epochs = epochs
     config.train.batch_size = batch
     config.train.progress_bar = False
+    config.train.budget_search_cache = ""  # tests that search give it a temporary file
     config.init_checkpoint = ""
     return config
 

@@ -101,11 +101,12 @@ def test_small_benchmark_of_runs_trained_together(tmp_path):
     out = tmp_path / "bench.json"
     res = bench.main(["--small", "--models", "finetune", "--precision", "default", "--batch-sizes", "8",
                       "--pool", "4", "--steps", "4", "--warmup", "1", "--runs", "1", "3", "--out", str(out),
-                      "--set", "train.budget_search=2"])
+                      "--set", "train.budget_search=2", f"train.budget_search_cache={tmp_path / 'counts.json'}"])
     one, three = res["results"]
     for r in (one, three):  # the timed batches use the edge counts the search chose
         assert r["budget_search"] and all(len(row["bytes_accessed"]) == 2 for row in r["budget_search"])
         assert {b[1] for b in r["budgets"]} <= {row["chosen_n_edge"] for row in r["budget_search"]}
+    assert (tmp_path / "counts.json").exists()
     assert one["runs"] == 1 and three["runs"] == 3
     # three runs do three times the work per step: crystals and FLOPs per step scale by 3
     assert three["gflop_per_step"] == pytest.approx(3 * one["gflop_per_step"], rel=0.35)

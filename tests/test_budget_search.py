@@ -83,13 +83,17 @@ def test_shaped_like_matches_a_real_batch_of_that_shape_on_4_devices():
     assert runs.edges["mask"].shape == (3, 4, 9728) and runs.nodes["positions"].shape == (3, 4, 640, 3)
 
 
-def test_tune_batcher_keeps_the_cheapest_compiled_candidate():
+def test_tune_batcher_keeps_the_cheapest_compiled_candidate_and_caches_the_counts(tmp_path, monkeypatch):
     t = _pretrain_setup(1)
-    mesh, batcher, step, state = t.mesh, t.batcher, t.step, t.state
+    mesh, batcher, step, state = t.mesh, t.batcher, t.step, put_replicated(t.state, t.mesh)
     before = list(batcher.budgets)
     dev = put_batch(next(batcher.iterate(shuffle=False)), mesh)
-    rows = budget_search.tune_batcher(batcher, step, put_replicated(state, mesh), dev, candidates=3, granule=512)
-    assert len(rows) == len(before)
+    compiles = []
+    real_compile = budget_search._compile
+    monkeypatch.setattr(budget_search, "_compile", lambda lowered: compiles.append(1) or real_compile(lowered))
+    cache = tmp_path / "counts.json"
+    rows = budget_search.tune_batcher(batcher, step, state, dev, candidates=3, granule=512, cache_path=cache)
+    assert len(rows) == len(before) and len(compiles) == 3 * len(before)
     for b, row in zip(before, rows):
         costs = {int(e): c for e, c in row["bytes_accessed"].items()}
         assert sorted(costs) == budget_search.edge_candidates(b.n_edge, 3, 512)
@@ -98,11 +102,17 @@ def test_tune_batcher_keeps_the_cheapest_compiled_candidate():
     assert batcher.budgets == sorted({Budget(b.n_node, r["chosen_n_edge"], b.n_graph) for b, r in zip(before, rows)})
     shapes = {b.edges["mask"].shape[-1] for b in batcher.iterate(seed=0, epoch=0)}
     assert shapes <= {b.n_edge for b in batcher.budgets}
+    assert len(json.loads(cache.read_text())) == 3 * len(before)
+    # the same search again (a restarted run): every count from the file, nothing compiled
+    batcher.budgets = list(before)
+    again = budget_search.tune_batcher(batcher, step, state, dev, candidates=3, granule=512, cache_path=cache)
+    assert again == rows and len(compiles) == 3 * len(before)
 
 
 def test_training_loop_and_multirun_search_budgets(tmp_path):
     config = tiny(finetune_jarvis.get_config(), records=64, epochs=1, batch=16)
     config.train.budget_search = 2
+    config.train.budget_search_cache = str(tmp_path / "counts.json")
     res = loop.train_and_evaluate(config, str(tmp_path / "one"))
     rows = json.loads((tmp_path / "one" / "results.json").read_text())["budget_search"]
     assert rows == res["budget_search"] and all(len(r["bytes_accessed"]) == 2 for r in rows)

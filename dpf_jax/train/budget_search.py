@@ -12,15 +12,21 @@ program accesses the fewest bytes. Padding never changes the numbers a step comp
 edges are masked), only its cost.
 
 Cost: `candidates` compilations per budget level, once per run, before the first step (a
-B=256 step compiles in ~10-20 s on a GPU; the persistent compilation cache,
-`JAX_COMPILATION_CACHE_DIR`, makes later runs with the same shapes cheap).
+B=256 step compiles in ~10-20 s on a GPU). The byte counts are kept in a small JSON file
+(`train.budget_search_cache`, keyed by the lowered program), so a later run with the same
+program and shapes only lowers them (a second or two each); with JAX's persistent compilation
+cache (`JAX_COMPILATION_CACHE_DIR`) the chosen shapes' compilation is not repeated either.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -60,17 +66,65 @@ def shaped_like(batch, n_node: int, n_edge: int):
                           globals=tm(same, batch.globals), n_node=same(batch.n_node), n_edge=same(batch.n_edge))
 
 
-def compiled_bytes(step, state, abstract_batch) -> float:
+class ByteCountCache:
+    """XLA byte counts of compiled programs, in a JSON file keyed by a hash of the lowered
+    program and of everything its compilation depends on (backend, device kind, jax/jaxlib
+    versions, XLA_FLAGS), so a repeated search (a restarted run, the next run of a sweep with the
+    same shapes) lowers but does not compile. Writes are atomic (several processes may share the
+    file; a lost race costs a recompilation, never a wrong count)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.counts = self._read()
+
+    def _read(self) -> dict:
+        try:
+            return dict(json.loads(self.path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    @staticmethod
+    def key(lowered_text: str) -> str:
+        import jaxlib
+
+        device = jax.devices()[0]
+        context = [jax.default_backend(), device.device_kind, jax.__version__,
+                   getattr(jaxlib, "__version__", ""), os.environ.get("XLA_FLAGS", "")]
+        return hashlib.sha256("\n".join(context + [lowered_text]).encode()).hexdigest()
+
+    def get(self, key: str) -> float | None:
+        return self.counts.get(key)
+
+    def put(self, key: str, value: float) -> None:
+        self.counts = {**self._read(), **self.counts, key: value}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.counts, indent=0))
+        os.replace(tmp, self.path)
+
+
+def _compile(lowered):
+    return lowered.compile()
+
+
+def compiled_bytes(step, state, abstract_batch, cache: ByteCountCache | None = None) -> float:
     """XLA's count of the bytes the compiled `step(state, batch)` program accesses (nan if the
-    backend gives no cost analysis)."""
-    compiled = step.lower(state, abstract_batch).compile()
+    backend gives no cost analysis); looked up in / added to `cache` if given."""
+    lowered = step.lower(state, abstract_batch)
+    key = cache.key(lowered.as_text()) if cache is not None else None
+    if key is not None and cache.get(key) is not None:
+        return float(cache.get(key))
+    compiled = _compile(lowered)
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001  (some backends/versions have none)
         return math.nan
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    return float((cost or {}).get("bytes accessed", math.nan))
+    count = float((cost or {}).get("bytes accessed", math.nan))
+    if key is not None and not math.isnan(count):
+        cache.put(key, count)
+    return count
 
 
 def search_budgets(budgets: list[Budget], cost_of, candidates: int = 4, granule: int = 1024
@@ -92,11 +146,14 @@ def search_budgets(budgets: list[Budget], cost_of, candidates: int = 4, granule:
     return sorted(set(chosen)), rows
 
 
-def tune_batcher(batcher, step, state, device_batch, candidates: int = 4, granule: int = 1024) -> list[dict]:
+def tune_batcher(batcher, step, state, device_batch, candidates: int = 4, granule: int = 1024,
+                 cache_path: str | os.PathLike | None = None) -> list[dict]:
     """Replaces `batcher.budgets` by the cheapest edge counts for `step` (see the module
     docstring); `device_batch` is any batch of this batcher as the step receives it (shapes
-    and shardings are taken from it). Logs and returns the report rows."""
-    cost_of = lambda n, e: compiled_bytes(step, state, shaped_like(device_batch, n, e))
+    and shardings are taken from it); `cache_path`: a `ByteCountCache` file. Logs and returns
+    the report rows."""
+    cache = ByteCountCache(cache_path) if cache_path else None
+    cost_of = lambda n, e: compiled_bytes(step, state, shaped_like(device_batch, n, e), cache)
     new, rows = search_budgets(list(batcher.budgets), cost_of, candidates, granule)
     for r in rows:
         n, e, _ = r["budget"]

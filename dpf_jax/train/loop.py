@@ -162,8 +162,10 @@ def maybe_tune_budgets(config, batcher, train_step, state, host_batch, mesh, run
         return []
     t0 = time.time()
     rows = tune_batcher(batcher, train_step, state, put_batch(host_batch, mesh, run_axis), candidates,
-                        int(config.train.get("budget_search_granule", 1024)))
-    log.info("budget search: %d compilations in %.1f s", candidates * len(rows), time.time() - t0)
+                        int(config.train.get("budget_search_granule", 1024)),
+                        config.train.get("budget_search_cache", "") or None)
+    log.info("budget search: %d candidate shapes in %.1f s", sum(len(r["bytes_accessed"]) for r in rows),
+             time.time() - t0)
     return rows
 
 
