@@ -6,7 +6,7 @@ import pytest
 
 from conftest import DATA
 from dpf_jax.data.batching import (Budget, GraphBatcher, balanced_split, choose_budgets, fit_budget,
-                                   graph_to_jraph, pad_graphs, prefetch, split_evenly)
+                                   graph_to_jraph, pad_graphs, prefetch, split_evenly, spread_padding_loops)
 from dpf_jax.data.graphs import build_crystal_graph
 from dpf_jax.data.readers import load_dataset_records
 
@@ -49,6 +49,16 @@ def test_pad_graphs_layout(jarvis_graphs):
     np.testing.assert_array_equal(b.globals["lattice"][4:], np.broadcast_to(np.eye(3), (3, 3, 3)))
     np.testing.assert_array_equal(b.globals["index"], [10, 11, 12, 13, -1, -1, -1])
     np.testing.assert_allclose(b.globals["target"][:4], [g.globals["target"][0] for g in gs])
+    # padding edges: self-loops on the padding nodes (all in the padding graph), 100 over 5
+    # nodes = 20 each, so no node takes all the padding updates of a scatter-add
+    pad = ~real
+    assert np.all(b.senders[pad] == b.receivers[pad]) and np.all(b.receivers[pad] >= n)
+    np.testing.assert_array_equal(np.bincount(b.receivers[pad] - n), [20] * 5)
+    assert np.all(b.nodes["graph"][b.receivers[pad]] == 4)
+    # uneven counts: the sizes differ by at most one
+    loops = spread_padding_loops(10, 13, 50, 57)
+    assert np.all(np.diff(loops) >= 0) and sorted(np.bincount(loops - 10)) == [2, 2, 3]
+    assert len(spread_padding_loops(10, 13, 50, 50)) == 0
 
 
 def test_budget_too_small_is_an_error(jarvis_graphs):

@@ -74,9 +74,32 @@ def test_a_budget_the_batch_does_not_fit_is_an_error():
 def test_bench_shapes_times_one_batch_at_each_budget(tmp_path):
     bench_shapes = load_script("bench_shapes")
     out = bench_shapes.main(["--batch-size", "8", "--records", "60", "--budgets", "256x8192", "320x9216",
+                             "--padding-edges", "spread", "first",
                              "--steps", "1", "--blocks", "2", "--out", str(tmp_path / "s.json")])
-    a, b = out["rows"]
-    assert (a["budget"], b["budget"]) == ([256, 8192], [320, 9216])
+    a, first, b, _ = out["rows"]
+    assert (a["budget"], first["budget"], b["budget"]) == ([256, 8192], [256, 8192], [320, 9216])
+    assert (a["padding_edges"], first["padding_edges"]) == ("spread", "first")
     assert (a["real_nodes"], a["real_edges"]) == (b["real_nodes"], b["real_edges"])  # the same crystals
     assert a["real_edges"] <= 8192 and all(r["ms"] > 0 and r["xla_gb_accessed"] > 0 for r in (a, b))
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == out["rows"]
+
+
+def test_jraph_padding_layout_for_the_timing_comparison():
+    import importlib
+
+    import numpy as np
+
+    from dpf_jax.train import loop
+
+    bench_shapes = load_script("bench_shapes")
+    config = importlib.import_module("configs.pretrain_mask30").get_config()
+    config.data.max_records, config.data.cache_dir, config.train.batch_size = 40, "", 8
+    batch = loop.make_batcher(loop.load_data(config).splits["train"], config, 2).make_batch(list(range(8)))
+    old = bench_shapes.loops_on_first_padding_node(batch)
+    for d in range(2):  # device shares
+        pad = ~batch.edges["mask"][d]
+        first = int(batch.nodes["mask"][d].sum())
+        assert len(set(batch.receivers[d][pad])) > 1  # the batcher spreads them
+        assert set(old.receivers[d][pad]) == set(old.senders[d][pad]) == {first}
+        np.testing.assert_array_equal(old.receivers[d][~pad], batch.receivers[d][~pad])
+        np.testing.assert_array_equal(old.senders[d][~pad], batch.senders[d][~pad])

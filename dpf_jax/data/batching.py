@@ -14,9 +14,12 @@ Batch layout (every array numpy on the host; the training code adds a leading de
              "mask":      bool[G]}
   senders, receivers: int32[E]; n_node, n_edge: int32[G].
 
-Padding follows `jraph.pad_with_graphs`: one padding graph holds every padding node and edge
-(padding edges are self-loops on the first padding node), the remaining padding graphs are
-empty. Edges stay sorted by receiver because padding indices exceed every real index.
+Padding follows `jraph.pad_with_graphs`: one padding graph holds every padding node and edge,
+the remaining padding graphs are empty. Padding edges are zero-length self-loops spread evenly
+over the padding nodes in non-decreasing order (jraph puts them all on the first padding node,
+which makes every scatter-add over edges, the aggregation and the gathers' transposes, pile its
+padding updates onto one row); edges stay sorted by receiver because padding indices exceed
+every real index.
 
 Budgets: a handful of (n_node, n_edge) levels per batch, chosen from the dataset's own size
 distribution so that padding waste stays low while jit compiles only a few shapes; a batch
@@ -79,6 +82,15 @@ def graph_to_jraph(graph: CrystalGraph, target: float | None = None) -> jraph.Gr
     )
 
 
+def spread_padding_loops(n_node: int, n_node_padded: int, n_edge: int, n_edge_padded: int) -> np.ndarray:
+    """Node index of each padding edge's self-loop: the padding nodes n_node..n_node_padded-1
+    in turn, in non-decreasing order, as evenly as the counts allow."""
+    n_pad_nodes, n_pad_edges = n_node_padded - n_node, n_edge_padded - n_edge
+    if n_pad_edges and n_pad_nodes < 1:
+        raise ValueError("padding edges need at least one padding node")
+    return (n_node + np.arange(n_pad_edges, dtype=np.int64) * n_pad_nodes // max(n_pad_edges, 1)).astype(np.int32)
+
+
 def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index: int = 0,
                positions: Sequence[int] | None = None) -> jraph.GraphsTuple:
     """Concatenates single-crystal graphs and pads them to `budget` with `jraph` padding.
@@ -111,11 +123,12 @@ def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index:
     index = np.full(budget.n_graph, -1, np.int32)
     index[:n_graph] = (np.arange(first_index, first_index + n_graph) if positions is None
                        else np.asarray(positions, np.int32))
+    loops = spread_padding_loops(n_node, budget.n_node, n_edge, budget.n_edge)
     return padded._replace(
         nodes={**padded.nodes, "graph": graph_index},
         globals={**padded.globals, "lattice": lattice, "index": index},
-        senders=padded.senders.astype(np.int32),
-        receivers=padded.receivers.astype(np.int32),
+        senders=np.concatenate([padded.senders[:n_edge], loops]).astype(np.int32),
+        receivers=np.concatenate([padded.receivers[:n_edge], loops]).astype(np.int32),
         n_node=padded.n_node.astype(np.int32),
         n_edge=padded.n_edge.astype(np.int32),
     )
