@@ -577,6 +577,20 @@ def compile_shapes(train_step, state, dev_batches, host_batches):
     return state, compile_s, costs
 
 
+def search_budgets(config, batcher, train_step, state, example, mesh, runs: int = 1) -> list[dict]:
+    """`train.budget_search`, as train/loop.py runs it before the first step (no-op when 0):
+    the batcher's padded edge counts replaced; report rows."""
+    if not config.train.get("budget_search", 0):
+        return []
+    if runs > 1:
+        example = jax.tree_util.tree_map(lambda x: np.stack([x] * runs), example)
+    t0 = time.perf_counter()
+    rows = loop.maybe_tune_budgets(config, batcher, train_step, state, example, mesh, run_axis=runs > 1)
+    print(f"  budget search: {[r['budget'][1] for r in rows]} -> {[r['chosen_n_edge'] for r in rows]}"
+          f" padded edges ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return rows
+
+
 def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, formulation=None,
               runs: int = 1) -> dict:
     config = make_config(name, args, batch_size, precision)
@@ -592,13 +606,8 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     state, train_step, table, n_params, formulation = build_run(
         config, data, mesh, pool_host, reuse_key=(data_kind, name, mesh.size), formulation=formulation,
         num_runs=runs)
-    budget_rows = []
-    if config.train.get("budget_search", 0):  # as train/loop.py does before the first step
-        example = pool_host[0] if runs == 1 else jax.tree_util.tree_map(lambda x: np.stack([x] * runs), pool_host[0])
-        t0 = time.perf_counter()
-        budget_rows = loop.maybe_tune_budgets(config, batcher, train_step, state, example, mesh, run_axis=runs > 1)
-        print(f"  budget search: {[r['budget'][1] for r in budget_rows]} -> {[r['chosen_n_edge'] for r in budget_rows]}"
-              f" padded edges ({time.perf_counter() - t0:.1f} s)", flush=True)
+    budget_rows = search_budgets(config, batcher, train_step, state, pool_host[0], mesh, runs)
+    if budget_rows:
         pool_host = host_pool(batcher, config, pool_size, drop)
     group = f"{data_kind}_{model_label(name)}_bs{batch_size}"
     if dump is not None and not any(k.startswith(group + "/") for k in dump):
@@ -703,6 +712,11 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     host = list(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop))
     host_s = time.perf_counter() - t0
     state, train_step, table, n_params, formulation = build_run(config, data, mesh, host, formulation=formulation)
+    budget_rows = search_budgets(config, train_b, train_step, state, host[0], mesh)
+    if budget_rows:  # the epoch as the searched budgets pad it
+        t0 = time.perf_counter()
+        host = list(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop))
+        host_s = time.perf_counter() - t0
     coef = flop_coefficients(table)["train"]
     n_crystals = sum(int(b.globals["mask"].sum()) for b in host)
     flops_real = sum(step_flops(coef, batch_sizes_of(b), padded=False) for b in host)
@@ -759,6 +773,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         "compile_s": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in compile_s.items()},
         "jit_cache_entries": _cache_size(train_step),
         "peak_bytes_in_use": (mem or {}).get("peak_bytes_in_use"),
+        "budget_search": budget_rows,
     }
     res["pipeline_over_pure"] = res["crystals_per_s_pipeline"] / res["crystals_per_s_pure_step"]
     res["within_15_percent"] = bool(res["pipeline_over_pure"] >= 0.85)

@@ -83,8 +83,11 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
 
 def test_small_epoch_check(tmp_path):
     out = tmp_path / "epoch.json"
-    res = bench.main(["--small", "--epoch", "--num-devices", "1", "--out", str(out)])
+    res = bench.main(["--small", "--epoch", "--num-devices", "1", "--out", str(out),
+                      "--set", "train.budget_search=2", f"train.budget_search_cache={tmp_path / 'counts.json'}"])
     (e,) = json.loads(out.read_text())["epoch"]
+    chosen = {row["chosen_n_edge"] for row in e["budget_search"]}
+    assert chosen and {int(k.split("x")[1]) for k in e["compile_s"]} <= chosen  # the epoch ran the searched shapes
     assert e == json.loads(json.dumps(res["epoch"][0], default=str))
     assert e["model"] == "pretrain_mask30" and e["steps"] >= 1 and e["crystals"] == 16 * e["steps"]
     for key in ("crystals_per_s_pipeline", "crystals_per_s_pure_step", "pipeline_over_pure",
