@@ -79,14 +79,13 @@ def compile_step(config_name: str, batch_size: int, records: int, flatten: bool 
         _DATA[key] = loop.load_data(config)
     data = _DATA[key]
     stats = loop.data_stats(config, data)
-    asked = list(budgets) if budgets else None
     batcher = loop.make_batcher(data.splits["train"], config, num_devices, budgets=budgets)
     batch = next(batcher.iterate(seed=0, epoch=0, shuffle=shuffle))
     shape = (batch.nodes["mask"].shape[-1], batch.edges["mask"].shape[-1])
-    if asked and shape not in {(b.n_node, b.n_edge) for b in asked}:
+    if budgets and shape not in {(b.n_node, b.n_edge) for b in budgets}:  # the batcher added one
         real = (int(batch.nodes["mask"].sum()), int(batch.edges["mask"].sum()))
         raise ValueError(f"the first batch ({real[0]} nodes / {real[1]} edges over {num_devices} device(s)) "
-                         f"does not fit the asked budgets {[(b.n_node, b.n_edge) for b in asked]}")
+                         f"does not fit the asked budgets {[(b.n_node, b.n_edge) for b in budgets]}")
     objective = loop.make_objective(config)
     model = objective.make_model()
     tx = make_optimizer(config.optim, 1000)
@@ -100,11 +99,10 @@ def count(config_name: str, batch_size: int, records: int, flatten: bool, num_de
     import jax
 
     compiled, _, state = compile_step(config_name, batch_size, records, flatten, num_devices)
-    params = state.params
     ops = entry_op_counts(compiled.as_text())
     return {"config": config_name, "batch_size": batch_size, "flatten": flatten, "num_devices": num_devices,
             "backend": jax.default_backend(),
-            "parameter_leaves": len(jax.tree_util.tree_leaves(params)),
+            "parameter_leaves": len(jax.tree_util.tree_leaves(state.params)),
             "entry_instructions": sum(ops.values()), "ops": dict(ops.most_common())}
 
 

@@ -20,7 +20,8 @@ backward writes the tables' gradients in their own layout (d_r [E, H, 5C], d_s [
 plus d(ew3) and the alpha part of d(e): per edge and layer (HC = H x C floats) the forward
 moves 13 HC in and 3 HC out, the backward 16 HC in and 13 HC out. No [E, H, 3C] intermediate
 of the gate is stored for the backward; the LayerNorm statistics are recomputed.
-`gate_reference` is the same maths in jax.numpy; the tests compare values and gradients.
+`gate_reference` (`gate_recompute.py`) is the same maths in jax.numpy; the tests compare values
+and gradients.
 """
 
 from __future__ import annotations
@@ -33,17 +34,7 @@ import jax.numpy as jnp
 
 from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _compiler_params, _gate,
                                        _make_varying, _masked, _out_struct, _pad_edges, _varying_axes)
-from dpf_jax.model.gate_recompute import gate_terms
-
-
-def gate_reference(r, s, ew3, e, mask, ln1_scale, ln1_bias):
-    """The gated message in jax.numpy, masked. Shapes: r [E, H, 5C], s [E, H, 4C], ew3
-    [E, H, 3C], e [E, H, C], mask [E]; ln1_* [3C]. Returns [E, H, 3C] in ew3's dtype, computed
-    in float32 from the inputs as given, like the kernels. (MatformerConv's "xla" path computes
-    the same in float32; with bfloat16 inputs it rounds the alpha products and upd to bfloat16
-    before the LayerNorm, the kernels do not: results differ by about one bfloat16 step.)"""
-    *_, gate, upd = gate_terms(r, s, ew3, e, ln1_scale, ln1_bias)
-    return jnp.where(mask.astype(bool)[:, None, None], upd * gate, 0.0).astype(ew3.dtype)
+from dpf_jax.model.gate_recompute import gate_reference  # the kernels' jax.numpy twin
 
 
 class TableTiles(BlockTiles):

@@ -50,18 +50,33 @@ def gate_terms(r, s, ew3, e, ln1_scale, ln1_bias):
     return q, k, e, rstd, ahat, gate, vm_i + vm_j + ew3.astype(f32)
 
 
+def gate_reference(r, s, ew3, e, mask, ln1_scale, ln1_bias):
+    """The gated message in jax.numpy, masked, from the gathered rows. Shapes: r [E, H, 5C],
+    s [E, H, 4C], ew3 [E, H, 3C], e [E, H, C], mask [E]; ln1_* [3C]. Returns [E, H, 3C] in ew3's
+    dtype, computed in float32 from the inputs as given, like the Pallas gate kernels
+    (`gate_kernel.py`). (MatformerConv's "xla" path computes the same in float32; with bfloat16
+    inputs it rounds the alpha products and upd to bfloat16 before the LayerNorm, this does not:
+    results differ by about one bfloat16 step.)"""
+    *_, gate, upd = gate_terms(r, s, ew3, e, ln1_scale, ln1_bias)
+    return jnp.where(mask.astype(bool)[:, None, None], upd * gate, 0.0).astype(ew3.dtype)
+
+
+def _gathered(recv_tab, send_tab, receivers, senders):
+    """The node tables' rows at the receivers and senders, with the same gathers as
+    dpf_jax.model.layers.gather (float32 rows, indices promised in bounds)."""
+    return (recv_tab.astype(jnp.float32).at[receivers].get(mode="promise_in_bounds"),
+            send_tab.astype(jnp.float32).at[senders].get(mode="promise_in_bounds"))
+
+
 def _gate_terms(recv_tab, send_tab, ew3, e, receivers, senders, ln1_scale, ln1_bias):
-    """`gate_terms` of the node tables gathered at the receivers and senders, with the same
-    gathers as dpf_jax.model.layers.gather (float32 rows, indices promised in bounds)."""
-    r = recv_tab.astype(jnp.float32).at[receivers].get(mode="promise_in_bounds")
-    s = send_tab.astype(jnp.float32).at[senders].get(mode="promise_in_bounds")
-    return gate_terms(r, s, ew3, e, ln1_scale, ln1_bias)
+    """`gate_terms` of the node tables gathered at the receivers and senders (`_gathered`)."""
+    return gate_terms(*_gathered(recv_tab, send_tab, receivers, senders), ew3, e, ln1_scale, ln1_bias)
 
 
 def gate_message_reference(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_scale, ln1_bias):
-    """The gated message, masked, in ew3's dtype; JAX's autodiff for the backward."""
-    *_, gate, upd = _gate_terms(recv_tab, send_tab, ew3, e, receivers, senders, ln1_scale, ln1_bias)
-    return jnp.where(mask.astype(bool)[:, None, None], upd * gate, 0.0).astype(ew3.dtype)
+    """`gate_reference` of the node tables gathered at the receivers and senders; JAX's
+    autodiff for the backward."""
+    return gate_reference(*_gathered(recv_tab, send_tab, receivers, senders), ew3, e, mask, ln1_scale, ln1_bias)
 
 
 @jax.custom_vjp

@@ -107,21 +107,27 @@ def _compile(lowered):
     return lowered.compile()
 
 
-def compiled_bytes(step, state, abstract_batch, cache: ByteCountCache | None = None) -> float:
-    """XLA's count of the bytes the compiled `step(state, batch)` program accesses (nan if the
-    backend gives no cost analysis); looked up in / added to `cache` if given."""
-    lowered = step.lower(state, abstract_batch)
-    key = cache.key(lowered.as_text()) if cache is not None else None
-    if key is not None and cache.get(key) is not None:
-        return float(cache.get(key))
-    compiled = _compile(lowered)
+def bytes_accessed(compiled) -> float:
+    """XLA's count of the bytes a compiled program accesses (nan if the backend gives no cost
+    analysis; older jax returns it as a one-element list)."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001  (some backends/versions have none)
         return math.nan
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    count = float((cost or {}).get("bytes accessed", math.nan))
+    return float((cost or {}).get("bytes accessed", math.nan))
+
+
+def compiled_bytes(step, state, abstract_batch, cache: ByteCountCache | None = None) -> float:
+    """`bytes_accessed` of the compiled `step(state, batch)` program; looked up in / added to
+    `cache` if given."""
+    lowered = step.lower(state, abstract_batch)
+    key = cache.key(lowered.as_text()) if cache is not None else None
+    cached = cache.get(key) if key is not None else None
+    if cached is not None:
+        return float(cached)
+    count = bytes_accessed(_compile(lowered))
     if key is not None and not math.isnan(count):
         cache.put(key, count)
     return count
