@@ -91,6 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.budget_search = 0
     c.train.budget_search_granule = 1024
     c.train.budget_search_cache = ".cache/budget_search.json"  # byte counts found ("": none)
+    c.train.budget_search_threads = 4  # candidate compilations run at once
+    # >=0: XLA's GPU autotune level for the candidate compilations only (0: none: the search then
+    # took 32 s instead of 85-92 s on an H200 and chose the same shapes); -1: the compiler's default
+    c.train.budget_search_autotune_level = 0
     c.train.prefetch = 2
     c.train.progress_bar = True
 

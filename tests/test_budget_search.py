@@ -28,12 +28,15 @@ def test_search_keeps_the_cheapest_edge_count_per_level():
              (128, 2048): 5.0, (128, 2560): math.nan, (128, 3072): 6.0,  # nan: unknown, not cheapest
              (192, 4096): math.nan, (192, 4608): math.nan, (192, 5120): math.nan}
     budgets = [Budget(64, 512, 9), Budget(128, 2048, 9), Budget(192, 4096, 9)]
-    new, rows = budget_search.search_budgets(budgets, lambda n, e: costs[(n, e)], candidates=3, granule=512)
+    asked = []
+    costs_of = lambda shapes: asked.append(list(shapes)) or [costs[s] for s in shapes]
+    new, rows = budget_search.search_budgets(budgets, costs_of, candidates=3, granule=512)
+    assert len(asked) == 1 and len(asked[0]) == 3 * len(budgets)  # one call: may run them at once
     assert new == [Budget(64, 1024, 9), Budget(128, 2048, 9), Budget(192, 4096, 9)]
     assert [r["chosen_n_edge"] for r in rows] == [1024, 2048, 4096]
     assert rows[1]["bytes_accessed"] == {"2048": 5.0, "2560": None, "3072": 6.0}  # JSON-safe
     with pytest.raises(ValueError, match="candidates"):
-        budget_search.search_budgets(budgets, lambda n, e: 0.0, candidates=0)
+        budget_search.search_budgets(budgets, lambda shapes: [0.0] * len(shapes), candidates=0)
 
 
 def _pretrain_setup(num_devices, records=48, batch=16):
@@ -90,7 +93,8 @@ def test_tune_batcher_keeps_the_cheapest_compiled_candidate_and_caches_the_count
     dev = put_batch(next(batcher.iterate(shuffle=False)), mesh)
     compiles = []
     real_compile = budget_search._compile
-    monkeypatch.setattr(budget_search, "_compile", lambda lowered: compiles.append(1) or real_compile(lowered))
+    monkeypatch.setattr(budget_search, "_compile",
+                        lambda lowered, options=None: compiles.append(options) or real_compile(lowered, options))
     cache = tmp_path / "counts.json"
     rows = budget_search.tune_batcher(batcher, step, state, dev, candidates=3, granule=512, cache_path=cache)
     assert len(rows) == len(before) and len(compiles) == 3 * len(before)
@@ -107,11 +111,23 @@ def test_tune_batcher_keeps_the_cheapest_compiled_candidate_and_caches_the_count
     batcher.budgets = list(before)
     again = budget_search.tune_batcher(batcher, step, state, dev, candidates=3, granule=512, cache_path=cache)
     assert again == rows and len(compiles) == 3 * len(before)
+    # concurrent compilation, without the cache: the same counts and choices
+    batcher.budgets = list(before)
+    threaded = budget_search.tune_batcher(batcher, step, state, dev, candidates=3, granule=512, threads=3)
+    assert threaded == rows and len(compiles) == 6 * len(before)
+    # candidate-only compiler options are part of the cache key: compiled again, with the options
+    batcher.budgets = list(before)
+    options = {"xla_embed_ir_in_executable": False}
+    budget_search.tune_batcher(batcher, step, state, dev, candidates=3, granule=512, cache_path=cache,
+                               compiler_options=options)
+    assert compiles[6 * len(before):] == [options] * (3 * len(before))
+    assert len(json.loads(cache.read_text())) == 6 * len(before)
 
 
 def test_training_loop_and_multirun_search_budgets(tmp_path):
     config = tiny(finetune_jarvis.get_config(), records=64, epochs=1, batch=16)
     config.train.budget_search = 2
+    config.train.budget_search_threads = 2
     config.train.budget_search_cache = str(tmp_path / "counts.json")
     res = loop.train_and_evaluate(config, str(tmp_path / "one"))
     rows = json.loads((tmp_path / "one" / "results.json").read_text())["budget_search"]

@@ -12,7 +12,11 @@ program accesses the fewest bytes. Padding never changes the numbers a step comp
 edges are masked), only its cost.
 
 Cost: `candidates` compilations per budget level, once per run, before the first step (a
-B=256 step compiles in ~10-20 s on a GPU). The byte counts are kept in a small JSON file
+B=256 step compiles in ~10-20 s on a GPU; session 11, one H200: 85-92 s for the 8 candidates
+of a B=256 or B=1024 pre-training run, one after the other). `threads` > 1 compiles that many
+candidates at once (lowering stays serial), and `compiler_options` (e.g. on a GPU
+`{"xla_gpu_autotune_level": 0}`: no kernel autotuning, which the byte count does not need)
+applies to the candidate compilations only, never to the program that trains. The byte counts are kept in a small JSON file
 (`train.budget_search_cache`, keyed by the lowered program), so a later run with the same
 program and shapes only lowers them (a second or two each); with JAX's persistent compilation
 cache (`JAX_COMPILATION_CACHE_DIR`) the chosen shapes' compilation is not repeated either.
@@ -26,6 +30,7 @@ import json
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -84,12 +89,14 @@ class ByteCountCache:
             return {}
 
     @staticmethod
-    def key(lowered_text: str) -> str:
+    def key(lowered_text: str, compiler_options: dict | None = None) -> str:
         import jaxlib
 
         device = jax.devices()[0]
         context = [jax.default_backend(), device.device_kind, jax.__version__,
                    getattr(jaxlib, "__version__", ""), os.environ.get("XLA_FLAGS", "")]
+        if compiler_options:  # the key of a search without options is unchanged
+            context.append(json.dumps(compiler_options, sort_keys=True))
         return hashlib.sha256("\n".join(context + [lowered_text]).encode()).hexdigest()
 
     def get(self, key: str) -> float | None:
@@ -103,8 +110,8 @@ class ByteCountCache:
         os.replace(tmp, self.path)
 
 
-def _compile(lowered):
-    return lowered.compile()
+def _compile(lowered, compiler_options: dict | None = None):
+    return lowered.compile(compiler_options) if compiler_options else lowered.compile()
 
 
 def bytes_accessed(compiled) -> float:
@@ -119,31 +126,42 @@ def bytes_accessed(compiled) -> float:
     return float((cost or {}).get("bytes accessed", math.nan))
 
 
-def compiled_bytes(step, state, abstract_batch, cache: ByteCountCache | None = None) -> float:
-    """`bytes_accessed` of the compiled `step(state, batch)` program; looked up in / added to
-    `cache` if given."""
-    lowered = step.lower(state, abstract_batch)
-    key = cache.key(lowered.as_text()) if cache is not None else None
-    cached = cache.get(key) if key is not None else None
-    if cached is not None:
-        return float(cached)
-    count = bytes_accessed(_compile(lowered))
-    if key is not None and not math.isnan(count):
-        cache.put(key, count)
-    return count
+def compiled_bytes_many(step, state, abstract_batches: list, cache: ByteCountCache | None = None,
+                        threads: int = 1, compiler_options: dict | None = None) -> list[float]:
+    """`bytes_accessed` of the compiled `step(state, batch)` program for each abstract batch;
+    looked up in / added to `cache` if given. Lowering is serial (tracing is Python); the
+    compilations not in the cache run `threads` at a time (XLA compiles outside the GIL)."""
+    lowered = [step.lower(state, b) for b in abstract_batches]
+    keys = [cache.key(lo.as_text(), compiler_options) if cache is not None else None for lo in lowered]
+    counts = [cache.get(k) if k is not None else None for k in keys]
+    todo = [i for i, c in enumerate(counts) if c is None]
+    count_of = lambda i: bytes_accessed(_compile(lowered[i], compiler_options))
+    if threads > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(min(threads, len(todo))) as pool:
+            found = list(pool.map(count_of, todo))
+    else:
+        found = [count_of(i) for i in todo]
+    for i, count in zip(todo, found):
+        counts[i] = count
+        if keys[i] is not None and not math.isnan(count):
+            cache.put(keys[i], count)
+    return [float(c) for c in counts]
 
 
-def search_budgets(budgets: list[Budget], cost_of, candidates: int = 4, granule: int = 1024
+def search_budgets(budgets: list[Budget], costs_of, candidates: int = 4, granule: int = 1024
                    ) -> tuple[list[Budget], list[dict]]:
     """Each budget with its edge count replaced by the cheapest of `edge_candidates` under
-    `cost_of(n_node, n_edge)`; ties and unknown (nan) costs keep the smaller count. Returns the
-    new budgets (sorted, duplicates merged) and one report row per original budget (costs by
-    edge count, None where unknown: the rows go into results.json)."""
+    `costs_of([(n_node, n_edge), ...]) -> [cost, ...]` (called once with every candidate shape,
+    so it may evaluate them concurrently); ties and unknown (nan) costs keep the smaller count.
+    Returns the new budgets (sorted, duplicates merged) and one report row per original budget
+    (costs by edge count, None where unknown: the rows go into results.json)."""
     if candidates < 1 or granule < 1:
         raise ValueError(f"budget search needs candidates >= 1 and granule >= 1, got {candidates}, {granule}")
+    shapes = [(b.n_node, e) for b in budgets for e in edge_candidates(b.n_edge, candidates, granule)]
+    cost = dict(zip(shapes, costs_of(shapes)))
     chosen, rows = [], []
     for b in budgets:
-        costs = {e: cost_of(b.n_node, e) for e in edge_candidates(b.n_edge, candidates, granule)}
+        costs = {e: cost[(b.n_node, e)] for e in edge_candidates(b.n_edge, candidates, granule)}
         known = {e: c for e, c in costs.items() if not math.isnan(c)}
         best = min(known, key=lambda e: (known[e], e)) if known else b.n_edge
         chosen.append(dataclasses.replace(b, n_edge=best))
@@ -153,14 +171,16 @@ def search_budgets(budgets: list[Budget], cost_of, candidates: int = 4, granule:
 
 
 def tune_batcher(batcher, step, state, device_batch, candidates: int = 4, granule: int = 1024,
-                 cache_path: str | os.PathLike | None = None) -> list[dict]:
+                 cache_path: str | os.PathLike | None = None, threads: int = 1,
+                 compiler_options: dict | None = None) -> list[dict]:
     """Replaces `batcher.budgets` by the cheapest edge counts for `step` (see the module
     docstring); `device_batch` is any batch of this batcher as the step receives it (shapes
-    and shardings are taken from it); `cache_path`: a `ByteCountCache` file. Logs and returns
-    the report rows."""
+    and shardings are taken from it); `cache_path`: a `ByteCountCache` file; `threads`,
+    `compiler_options`: see `compiled_bytes_many`. Logs and returns the report rows."""
     cache = ByteCountCache(cache_path) if cache_path else None
-    cost_of = lambda n, e: compiled_bytes(step, state, shaped_like(device_batch, n, e), cache)
-    new, rows = search_budgets(list(batcher.budgets), cost_of, candidates, granule)
+    costs_of = lambda shapes: compiled_bytes_many(
+        step, state, [shaped_like(device_batch, n, e) for n, e in shapes], cache, threads, compiler_options)
+    new, rows = search_budgets(list(batcher.budgets), costs_of, candidates, granule)
     for r in rows:
         n, e, _ = r["budget"]
         gb = {k: ("?" if v is None else f"{v / 1e9:.2f}") for k, v in r["bytes_accessed"].items()}
