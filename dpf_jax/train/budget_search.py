@@ -12,14 +12,16 @@ program accesses the fewest bytes. Padding never changes the numbers a step comp
 edges are masked), only its cost.
 
 Cost: `candidates` compilations per budget level, once per run, before the first step (a
-B=256 step compiles in ~10-20 s on a GPU; session 11, one H200: 85-92 s for the 8 candidates
-of a B=256 or B=1024 pre-training run, one after the other). `threads` > 1 compiles that many
-candidates at once (lowering stays serial), and `compiler_options` (e.g. on a GPU
-`{"xla_gpu_autotune_level": 0}`: no kernel autotuning, which the byte count does not need)
-applies to the candidate compilations only, never to the program that trains. The byte counts are kept in a small JSON file
-(`train.budget_search_cache`, keyed by the lowered program), so a later run with the same
-program and shapes only lowers them (a second or two each); with JAX's persistent compilation
-cache (`JAX_COMPILATION_CACHE_DIR`) the chosen shapes' compilation is not repeated either.
+B=256 step compiles in ~10-20 s on a GPU; session 11, H200: 85-92 s for the 8 candidates of a
+B=256 or B=1024 pre-training run, one after the other). `threads` > 1 compiles that many
+candidates at once (lowering stays serial), and `compiler_options` apply to the candidate
+compilations only, never to the program that trains: on a GPU `{"xla_gpu_autotune_level": 0}`
+(no kernel autotuning) with 4 threads took 32 s and ranked the eight candidates in the same
+order as the tuned programs (4 threads with autotuning: 92 s, no faster). The byte counts are
+kept in a small JSON file (`train.budget_search_cache`, keyed by the lowered program and the
+candidate compiler options), so a later run with the same program and shapes only lowers them
+(a second or two each); with JAX's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`)
+the chosen shapes' compilation is not repeated either.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def compiled_bytes_many(step, state, abstract_batches: list, cache: ByteCountCac
                         threads: int = 1, compiler_options: dict | None = None) -> list[float]:
     """`bytes_accessed` of the compiled `step(state, batch)` program for each abstract batch;
     looked up in / added to `cache` if given. Lowering is serial (tracing is Python); the
-    compilations not in the cache run `threads` at a time (XLA compiles outside the GIL)."""
+    compilations not in the cache run `threads` at a time."""
     lowered = [step.lower(state, b) for b in abstract_batches]
     keys = [cache.key(lo.as_text(), compiler_options) if cache is not None else None for lo in lowered]
     counts = [cache.get(k) if k is not None else None for k in keys]
