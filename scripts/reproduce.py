@@ -410,7 +410,9 @@ def plot_curves(summary: dict, out_dir: Path, name: str = "reproduce") -> list[P
 
 def write_report(summary: dict, out_dir: Path, name: str, header: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    # one line: indented, every per-epoch curve value took a line of its own (the full sweep's
+    # file grew past 2 MB); the Markdown file is the readable view
+    (out_dir / f"{name}.json").write_text(json.dumps(summary))
     text = [header, "", "Test MAE of the final model, mean ± std over seeds "
             f"{summary['seeds']} (change vs scratch):", "", markdown_table(summary, "test_mae_final"), "",
             "Test MAE of the best-validation checkpoint:", "", markdown_table(summary, "test_mae_best_val"), ""]
