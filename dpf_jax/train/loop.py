@@ -161,12 +161,12 @@ def maybe_tune_budgets(config, batcher, train_step, state, host_batch, mesh, run
     if candidates <= 0:
         return []
     t0 = time.time()
-    level = int(config.train.get("budget_search_autotune_level", -1))
+    level = int(config.train.get("budget_search_autotune_level", 0))
     options = {"xla_gpu_autotune_level": level} if level >= 0 and jax.default_backend() == "gpu" else None
     rows = tune_batcher(batcher, train_step, state, put_batch(host_batch, mesh, run_axis), candidates,
                         int(config.train.get("budget_search_granule", 1024)),
                         config.train.get("budget_search_cache", "") or None,
-                        threads=int(config.train.get("budget_search_threads", 1)), compiler_options=options)
+                        threads=int(config.train.get("budget_search_threads", 4)), compiler_options=options)
     log.info("budget search: %d candidate shapes in %.1f s", sum(len(r["bytes_accessed"]) for r in rows),
              time.time() - t0)
     return rows
