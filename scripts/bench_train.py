@@ -585,7 +585,7 @@ def search_budgets(config, batcher, train_step, state, example, mesh, runs: int 
     if runs > 1:
         example = jax.tree_util.tree_map(lambda x: np.stack([x] * runs), example)
     t0 = time.perf_counter()
-    rows = loop.maybe_tune_budgets(config, batcher, train_step, state, example, mesh, run_axis=runs > 1)
+    rows = loop.maybe_tune_budgets(config, batcher, train_step, state, lambda: example, mesh, run_axis=runs > 1)
     print(f"  budget search: {[r['budget'][1] for r in rows]} -> {[r['chosen_n_edge'] for r in rows]}"
           f" padded edges ({time.perf_counter() - t0:.1f} s)", flush=True)
     return rows

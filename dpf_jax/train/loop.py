@@ -153,17 +153,18 @@ def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_f
                         balance=balance)
 
 
-def maybe_tune_budgets(config, batcher, train_step, state, host_batch, mesh, run_axis: bool = False) -> list[dict]:
+def maybe_tune_budgets(config, batcher, train_step, state, host_batch_fn, mesh, run_axis: bool = False) -> list[dict]:
     """With `train.budget_search` = K > 0: the training batcher's padded edge counts chosen
     among K per budget level by the compiled step's cost (`dpf_jax.train.budget_search`);
-    `host_batch`: any batch of the step's input layout (its shapes do not matter)."""
+    `host_batch_fn()`: any batch of the step's input layout (its shapes do not matter), made
+    only when the search runs."""
     candidates = int(config.train.get("budget_search", 0))
     if candidates <= 0:
         return []
     t0 = time.time()
     level = int(config.train.get("budget_search_autotune_level", 0))
     options = {"xla_gpu_autotune_level": level} if level >= 0 and jax.default_backend() == "gpu" else None
-    rows = tune_batcher(batcher, train_step, state, put_batch(host_batch, mesh, run_axis), candidates,
+    rows = tune_batcher(batcher, train_step, state, put_batch(host_batch_fn(), mesh, run_axis), candidates,
                         int(config.train.get("budget_search_granule", 1024)),
                         config.train.get("budget_search_cache", "") or None,
                         threads=int(config.train.get("budget_search_threads", 4)), compiler_options=options)
@@ -396,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = put_replicated(state, mesh)
 
     train_step = make_train_step(objective, model, tx, mesh)
-    budget_rows = maybe_tune_budgets(config, train_b, train_step, state, first_batch, mesh)
+    budget_rows = maybe_tune_budgets(config, train_b, train_step, state, lambda: first_batch, mesh)
     eval_step = make_eval_step(objective, model, mesh)
     eval_key = put_replicated(eval_key, mesh)
     metric_name = "mae" if config.mode == "finetune" else "loss"

@@ -160,8 +160,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     log.info("%d runs of %s trained together: %s", n_runs, type(model).__name__, run_names)
 
     train_step = make_train_step(objective, model, tx, mesh, num_runs=n_runs)
-    budget_rows = loop.maybe_tune_budgets(config, train_b, train_step, state, next(batches.iterate(0)), mesh,
-                                          run_axis=True)
+    budget_rows = loop.maybe_tune_budgets(config, train_b, train_step, state, lambda: next(batches.iterate(0)),
+                                          mesh, run_axis=True)
     eval_step = make_eval_step(objective, model, mesh, num_runs=n_runs)
     eval_key = put_replicated(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**30), mesh)
 
