@@ -53,6 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
     # "none", "layer" (keep only layer inputs), "dots" (keep matmul outputs), "dots_no_batch";
     # see REMAT_POLICIES in dpf_jax/model/matformer.py.
     c.model.remat = "none"
+    # How BatchNorm combines its training statistics over devices: "gathered" (each device's count,
+    # mean and squared deviations in one all-gather, combined exactly) or "two_pass" (psum the
+    # sums, then the squared deviations from the global mean): the same numbers up to float32
+    # rounding; "gathered" has one collective per BatchNorm in each direction instead of two
+    # (dpf_jax/model/layers.py MaskedBatchNorm; measured in the README's multi-GPU section).
+    c.model.batch_norm_stats = "gathered"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

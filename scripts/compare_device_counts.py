@@ -62,6 +62,22 @@ def max_rel_dev(curve, ref) -> float:
     return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(curve, ref))
 
 
+def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: dict) -> dict:
+    """The JSON report of the device counts run so far (1 first: the reference curve)."""
+    ref = curves[1]
+    report = {"device": device_kind, "config": args.config, "small": args.small,
+              "batch_norm_stats": config.model.get("batch_norm_stats", ""),
+              "global_batch": config.train.batch_size, "steps": steps,
+              "loss_curves": {str(n): c for n, c in curves.items()},
+              "wall_s": {str(n): w for n, w in wall.items()}, "max_rel_dev_first_10_steps": {},
+              "max_rel_dev_all_steps": {}}
+    for n, curve in curves.items():
+        if n != 1:
+            report["max_rel_dev_first_10_steps"][str(n)] = max_rel_dev(curve[:10], ref[:10])
+            report["max_rel_dev_all_steps"][str(n)] = max_rel_dev(curve, ref)
+    return report
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="pretrain_mask30")
@@ -100,18 +116,13 @@ def main(argv=None) -> dict:
         wall[n] = time.time() - t0
         print(f"{n} device(s): {len(curves[n])} steps, loss {curves[n][0]:.5g} -> {curves[n][-1]:.5g} "
               f"({wall[n]:.1f} s incl. compilation)", flush=True)
-    ref = curves[1]
-    report = {"device": jax.devices()[0].device_kind, "config": args.config, "small": args.small,
-              "global_batch": config.train.batch_size, "steps": steps, "loss_curves": {str(n): c for n, c in curves.items()},
-              "wall_s": {str(n): w for n, w in wall.items()}, "max_rel_dev_first_10_steps": {},
-              "max_rel_dev_all_steps": {}}
+        # written after every device count: a run cut short (a time limit) keeps the curves it has
+        report = make_report(jax.devices()[0].device_kind, args, config, steps, curves, wall)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
     for n in counts[1:]:
-        report["max_rel_dev_first_10_steps"][str(n)] = max_rel_dev(curves[n][:10], ref[:10])
-        report["max_rel_dev_all_steps"][str(n)] = max_rel_dev(curves[n], ref)
         print(f"{n} vs 1 device(s): max relative loss deviation {report['max_rel_dev_first_10_steps'][str(n)]:.2e} "
-              f"(first 10 steps), {report['max_rel_dev_all_steps'][str(n)]:.2e} (all {len(ref)} steps)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+              f"(first 10 steps), {report['max_rel_dev_all_steps'][str(n)]:.2e} (all {len(curves[1])} steps)")
     return report
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import load_script
 from configs import base
+from dpf_jax.model import layers as bn_layers
 
 
 bench = load_script("bench_train")
@@ -143,6 +144,28 @@ def test_step_op_counter_reads_the_optimised_program():
            "  %gte = f32[4]{0} get-tuple-element(%all-reduce.1), index=1\n"
            "  ROOT %f = f32[4]{0} fusion(%gte), kind=kLoop, calls=%fused\n}\n")
     assert module.entry_op_counts(hlo) == {"parameter": 1, "all-reduce": 1, "get-tuple-element": 1, "fusion": 1}
+
+
+def test_gathered_batchnorm_halves_the_collectives_of_the_step():
+    """The data-parallel training step on four fake devices, 2 layers: "two_pass" BatchNorm
+    statistics take two collectives per layer in each direction (4L + 1 with the gradients'),
+    "gathered" one (the README's multi-GPU section measures what this saves on GPUs)."""
+    module = load_script("count_step_ops")
+    collectives = {}
+    for stats in ("two_pass", "gathered"):
+        compiled, _, _ = module.compile_step(
+            "pretrain_mask30", 16, 64, True, 4, overrides=(
+                "model.num_layers=2", "model.channels=16", "model.heads=2", "model.rbf_bins=16",
+                f"model.batch_norm_stats={stats}"))
+        ops = module.entry_op_counts(compiled.as_text())
+        collectives[stats] = sum(n for op, n in ops.items() if op.startswith(("all-", "reduce-scatter")))
+    layers = 2
+    assert collectives["two_pass"] >= 4 * layers + 1
+    if not bn_layers._INVARIANT_GATHER:  # this JAX lacks all_gather(to="invarying"): two_pass's psums
+        assert collectives["gathered"] == collectives["two_pass"]
+        return
+    assert collectives["gathered"] <= 2 * layers + 2, collectives  # + the gradients' and the loss terms'
+    assert collectives["two_pass"] - collectives["gathered"] >= layers
 
 
 def test_config_overrides_are_checked():

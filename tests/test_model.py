@@ -329,15 +329,17 @@ def test_padding_does_not_leak(crystals):
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(results[2][2]))
 
 
-def test_cross_device_batchnorm_statistics(crystals):
+@pytest.mark.parametrize("stats", ["two_pass", "gathered"])
+def test_cross_device_batchnorm_statistics(crystals, stats):
     """BatchNorm with `axis_name`, run on two shares under `vmap` and under `shard_map` (two
-    fake CPU devices), equals BatchNorm over the whole global batch on one device."""
+    fake CPU devices), equals BatchNorm over the whole global batch on one device (two-pass
+    statistics there), with either way of summing the statistics."""
     graphs = [build_crystal_graph(c) for c in crystals[:4]]
     budget = Budget(32, 1024, 4)
     shares = [pad_graphs([graph_to_jraph(g) for g in part], budget) for part in (graphs[:2], graphs[2:])]
     whole = to_device(pad_graphs([graph_to_jraph(g) for g in graphs], Budget(64, 2048, 8)))
     single = MatformerRegressor(encoder=MatformerEncoder(**SMALL))
-    mapped = MatformerRegressor(encoder=MatformerEncoder(**SMALL, axis_name="batch"))
+    mapped = MatformerRegressor(encoder=MatformerEncoder(**SMALL, axis_name="batch", batch_norm_stats=stats))
     variables = model_variables(single, shares[0])
     y_ref, stats_ref, grads_ref = train_apply(single, variables, whole)
     y_ref = np.asarray(y_ref)
@@ -346,11 +348,12 @@ def test_cross_device_batchnorm_statistics(crystals):
         y, upd = mapped.apply(variables, b, train=True, mutable=["batch_stats"])
         return y, upd["batch_stats"]
 
-    stacked = to_device(tree_map(lambda *xs: np.stack(xs), *shares))
-    y, stats = jax.jit(jax.vmap(local, axis_name="batch"))(stacked)
-    np.testing.assert_allclose(np.asarray(y[:, :2]).reshape(-1), y_ref[:4], rtol=1e-5, atol=1e-6)
-    for i in range(2):
-        tree_map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6), stats, stats_ref)
+    if stats == "two_pass":  # "gathered" is for shard_map (the training step), not vmap's named axes
+        stacked = to_device(tree_map(lambda *xs: np.stack(xs), *shares))
+        y, bn_stats = jax.jit(jax.vmap(local, axis_name="batch"))(stacked)
+        np.testing.assert_allclose(np.asarray(y[:, :2]).reshape(-1), y_ref[:4], rtol=1e-5, atol=1e-6)
+        for i in range(2):
+            tree_map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6), bn_stats, stats_ref)
 
     assert len(jax.devices()) >= 2, "tests/conftest.py sets 4 fake CPU devices"
     from jax.sharding import Mesh, PartitionSpec as P
@@ -359,9 +362,56 @@ def test_cross_device_batchnorm_statistics(crystals):
     from dpf_jax.train.parallel import shard_map  # jax.shard_map, or the experimental one
     folded = to_device(tree_map(lambda *xs: np.concatenate(xs), *shares))  # each shard keeps local indices
     f = jax.jit(shard_map(local, mesh, in_specs=(P("batch"),), out_specs=(P("batch"), P())))
-    y, stats = f(folded)
+    y, bn_stats = f(folded)
     np.testing.assert_allclose(np.asarray(y)[[0, 1, 4, 5]], y_ref[:4], rtol=1e-5, atol=1e-6)
-    tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, stats_ref)
+    tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), bn_stats, stats_ref)
+
+
+def _batchnorm_loss(bn, x, mask, weights, ra_mean, axis_name=None):
+    """Σ w * BN(x) over real rows (summed over `axis_name` too) and the new running statistics."""
+    variables = {"params": {"scale": jnp.linspace(0.5, 1.5, x.shape[1]), "bias": jnp.full((x.shape[1],), 0.1)},
+                 "batch_stats": {"mean": ra_mean, "var": jnp.ones((x.shape[1],))}}
+
+    def loss(x):
+        y, upd = bn.apply(variables, x, mask, True, mutable=["batch_stats"])
+        total = jnp.sum(jnp.where(mask[:, None], weights * y, 0.0))
+        return (jax.lax.psum(total, axis_name) if axis_name else total), upd["batch_stats"]
+
+    (value, stats), grad = jax.value_and_grad(loss, has_aux=True)(x)
+    return value, stats, grad
+
+
+def test_gathered_batchnorm_equals_two_pass():
+    """"gathered" statistics (each device's count, mean and squared deviations, all-gathered once
+    and combined) give the same outputs, running statistics and input gradients as "two_pass"
+    on one device, for features whose mean is 30 standard deviations from zero and a share of
+    padding rows, on one device and spread unevenly over four fake devices (one with no real row)."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from dpf_jax.model.layers import MaskedBatchNorm
+    from dpf_jax.train.parallel import shard_map
+
+    rng = np.random.default_rng(0)
+    rows, channels = 64, 8
+    x = (rng.normal(size=(rows, channels)) * 0.5 + np.linspace(-15.0, 15.0, channels)).astype(np.float32)
+    mask = rng.random(rows) < np.repeat([0.9, 0.5, 0.0, 0.8], rows // 4)  # device 2: padding only
+    weights = rng.normal(size=(rows, channels)).astype(np.float32)
+    ra_mean = rng.normal(size=channels).astype(np.float32)
+    ref = _batchnorm_loss(MaskedBatchNorm(stats="two_pass"), x, mask, weights, ra_mean)
+    one = _batchnorm_loss(MaskedBatchNorm(stats="gathered"), x, mask, weights, ra_mean)
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    spread = jax.jit(shard_map(
+        functools.partial(_batchnorm_loss, MaskedBatchNorm(stats="gathered", axis_name="data"), axis_name="data"),
+        mesh, in_specs=(P("data"), P("data"), P("data"), P()), out_specs=(P(), P(), P("data"))))
+    four = spread(x, mask, weights, ra_mean)
+    for got in (one, four):
+        np.testing.assert_allclose(got[0], ref[0], atol=1e-4)  # a sum of 400 terms of size ~1
+        tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got[1], ref[1])
+        np.testing.assert_allclose(got[2], ref[2], rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(ref[2])).max() > 0.1  # gradients are not trivially zero
+    with pytest.raises(ValueError, match="two_pass"):
+        _batchnorm_loss(MaskedBatchNorm(stats="one_pass"), x, mask, weights, ra_mean)
 
 
 # --------------------------------------------------------------------------- dtype, misc

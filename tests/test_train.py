@@ -31,10 +31,13 @@ def _loss_and_grads(config, data, num_devices):
     return jax.device_get((loss, bs, terms, grads))
 
 
-@pytest.mark.parametrize("make_config", [finetune_jarvis.get_config, pretrain_mask30.get_config])
-def test_four_devices_match_one_device(make_config):
+@pytest.mark.parametrize("make_config, batch_norm_stats", [
+    (finetune_jarvis.get_config, "gathered"), (pretrain_mask30.get_config, "gathered"),
+    (pretrain_mask30.get_config, "two_pass")])
+def test_four_devices_match_one_device(make_config, batch_norm_stats):
     assert len(jax.devices()) >= 4, "conftest sets 4 fake CPU devices"
     config = tiny(make_config(), records=64, batch=32)
+    config.model.batch_norm_stats = batch_norm_stats
     if config.mode == "pretrain":
         config.data.path = str(DATA / "pretrain.jsonl.gz")
         config.pretrain.position_scale = 0.1

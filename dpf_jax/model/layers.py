@@ -15,6 +15,7 @@ collection as `mean` / `var`. Parameters are always float32; `dtype` is the comp
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -127,23 +128,41 @@ class LayerNorm(nn.Module):
         return layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
+# `lax.all_gather(..., to="invarying")` (recent JAX): a gather whose result shard_map knows is the
+# same on every device, so statistics derived from it can leave shard_map replicated. Without
+# it, "gathered" BatchNorm statistics fall back to the two psums of "two_pass" (same numbers).
+_INVARIANT_GATHER = "to" in inspect.signature(jax.lax.all_gather).parameters
+
+
 class MaskedBatchNorm(nn.Module):
     """`torch.nn.BatchNorm1d` over the real nodes of a padded batch.
 
     Training: mean and (biased) variance over rows with `mask` True only; with `axis_name`
-    set, the sums and the count are `lax.psum`-ed over that axis first, so every device
-    normalises with the statistics of the whole global batch (call inside `shard_map`, or
-    `vmap` with the same axis name). Running averages (`batch_stats`: `mean`, `var`) follow
+    set, the statistics are combined over that axis first (see `stats`), so every device
+    normalises with the statistics of the whole global batch (call inside `shard_map`; with
+    "two_pass" also `vmap` with the same axis name). Running averages (`batch_stats`: `mean`, `var`) follow
     PyTorch: new = momentum * old + (1 - momentum) * batch, with the *unbiased* variance
     (n / (n - 1)), momentum 0.9 here = 0.1 in PyTorch. A step with no real node anywhere
     leaves them unchanged. Evaluation: normalises with the running averages. Statistics are
     float32 whatever the compute dtype.
+
+    `stats`: how the statistics of several devices are combined (this class defaults to
+    "two_pass"; the training configs to "gathered", `model.batch_norm_stats`). "two_pass": the sums
+    and count, then the squared deviations from the global mean, each `psum`-ed: two collectives
+    one after the other in the forward and two in the backward per BatchNorm. "gathered": each
+    device's count, mean and squared deviations from its own mean, all-gathered in one
+    collective and combined exactly (Chan et al.: Σ sq_d + Σ n_d (mean_d - mean)^2), so one
+    collective in the forward and one in the backward. Same numbers up to float32 rounding on
+    one device or several; same parameters, statistics and checkpoints. "gathered" runs under
+    `shard_map` (the training step; also vmapped over runs), not under `vmap` with an axis name,
+    and needs `lax.all_gather(..., to="invarying")` (recent JAX; older: two_pass's psums).
     """
 
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    stats: str = "two_pass"
 
     @nn.compact
     def __call__(self, x, mask, train: bool):
@@ -152,19 +171,39 @@ class MaskedBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if self.stats not in ("two_pass", "gathered"):
+            raise ValueError(f"batch-norm stats must be 'two_pass' or 'gathered', got {self.stats!r}")
         xf = x.astype(jnp.float32)
         if train:
             m = mask.astype(bool)[:, None]
             count = jnp.sum(m, dtype=jnp.float32)
-            total = jnp.sum(jnp.where(m, xf, 0.0), axis=0)
-            if self.axis_name is not None:
-                count, total = jax.lax.psum((count, total), self.axis_name)
-            n = jnp.maximum(count, 1.0)
-            mean = total / n
-            dev = jnp.where(m, xf - mean, 0.0)
-            sq = jnp.sum(dev * dev, axis=0)
-            if self.axis_name is not None:
-                sq = jax.lax.psum(sq, self.axis_name)
+            if self.stats == "gathered" and (self.axis_name is None or _INVARIANT_GATHER):
+                total = jnp.sum(jnp.where(m, xf, 0.0), axis=0)
+                local_mean = total / jnp.maximum(count, 1.0)
+                dev = jnp.where(m, xf - local_mean, 0.0)
+                sq = jnp.sum(dev * dev, axis=0)
+                if self.axis_name is not None:
+                    # every device's (count, mean, squared deviations) in one collective, then
+                    # combined exactly (Chan et al.): no global mean is needed before the squares
+                    shares = jax.lax.all_gather(jnp.concatenate([count[None], local_mean, sq]), self.axis_name,
+                                                to="invarying")
+                    counts, means, sqs = shares[:, :1], shares[:, 1:c + 1], shares[:, c + 1:]
+                    count = jnp.sum(counts)
+                    mean = jnp.sum(counts * means, axis=0) / jnp.maximum(count, 1.0)
+                    sq = jnp.sum(sqs, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)
+                else:
+                    mean = local_mean
+                n = jnp.maximum(count, 1.0)
+            else:
+                total = jnp.sum(jnp.where(m, xf, 0.0), axis=0)
+                if self.axis_name is not None:
+                    count, total = jax.lax.psum((count, total), self.axis_name)
+                n = jnp.maximum(count, 1.0)
+                mean = total / n
+                dev = jnp.where(m, xf - mean, 0.0)
+                sq = jnp.sum(dev * dev, axis=0)
+                if self.axis_name is not None:
+                    sq = jax.lax.psum(sq, self.axis_name)
             var = sq / n
             if not self.is_initializing():
                 unbiased = sq / jnp.maximum(count - 1.0, 1.0)
@@ -285,6 +324,7 @@ class MatformerConv(nn.Module):
     precision: Precision = None
     formulation: str = "node"
     edge_kernel: str = "xla"
+    batch_norm_stats: str = "two_pass"
 
     @nn.compact
     def __call__(self, x, edge_attr, senders, receivers, node_mask, edge_mask, train: bool):
@@ -379,6 +419,6 @@ class MatformerConv(nn.Module):
         n_node, (n_edge, H, C), dt = x.shape[0], msg.shape, self.dtype
         agg = segment_sum_sorted(msg.reshape(n_edge, H * C), receivers, n_node)  # float32
         out = Linear(C, True, dt, self.precision, name="lin_concate")(agg.astype(dt))
-        out = MaskedBatchNorm(axis_name=self.axis_name, dtype=dt, name="bn")(out, node_mask, train)
+        out = MaskedBatchNorm(axis_name=self.axis_name, dtype=dt, stats=self.batch_norm_stats, name="bn")(out, node_mask, train)
         out = jax.nn.silu(out)
         return out + Linear(C, True, dt, self.precision, name="lin_skip")(x)

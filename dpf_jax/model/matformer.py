@@ -74,8 +74,8 @@ class MatformerEncoder(nn.Module):
     Attributes:
       num_layers, channels, heads: 5, 128, 4 as in the reference.
       rbf_bins, cutoff: RBF expansion of |r| with `rbf_bins` centres on [0, cutoff] Å.
-      axis_name: mapped axis over which BatchNorm statistics are summed (`shard_map` / `vmap`
-        axis of the data-parallel batch); None on one device.
+      axis_name: mapped axis over which BatchNorm statistics are combined (the `shard_map` axis
+        of the data-parallel batch; a `vmap` axis name only with "two_pass"); None on one device.
       dtype: compute dtype (float32 or bfloat16); parameters, geometry, RBF, normalisation
         statistics and the returned node features are float32.
       precision: matmul precision of every Dense (e.g. "highest"; None = backend default,
@@ -87,6 +87,9 @@ class MatformerEncoder(nn.Module):
         "pallas_node" (gathers inside too), "pallas_gate" (only the gate) or "xla_recompute" (the
         gate in jax.numpy, backward recomputing instead of storing; see MatformerConv).
       remat: a key of `REMAT_POLICIES`: what each layer's forward keeps for the backward.
+      batch_norm_stats: "two_pass" or "gathered", how BatchNorm sums its training statistics
+        (same maths up to float32 rounding; "gathered" halves the collectives across devices;
+        see `dpf_jax.model.layers.MaskedBatchNorm`).
     """
 
     num_layers: int = 5
@@ -100,6 +103,7 @@ class MatformerEncoder(nn.Module):
     formulation: str = "node"
     edge_kernel: str = "xla"
     remat: str = "none"
+    batch_norm_stats: str = "two_pass"
 
     @nn.compact
     def __call__(self, graph, train: bool) -> EncoderOutput:
@@ -128,7 +132,7 @@ class MatformerEncoder(nn.Module):
             conv = nn.remat(MatformerConv, static_argnums=(7,), policy=REMAT_POLICIES[self.remat])
         for layer in range(self.num_layers):
             x = conv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
-                     self.edge_kernel, name=f"att_layers_{layer}")(
+                     self.edge_kernel, self.batch_norm_stats, name=f"att_layers_{layer}")(
                 x, edge_attr, senders, receivers, node_mask, edge_mask, train)
         return EncoderOutput(x.astype(jnp.float32), vec, length)
 

@@ -31,12 +31,16 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
     precision = model_cfg.get("precision", "default")
     if precision not in _PRECISIONS:
         raise ValueError(f"model.precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    bn_stats = model_cfg.get("batch_norm_stats", "gathered")  # configs saved before the key: base.py default
+    if bn_stats not in ("two_pass", "gathered"):
+        raise ValueError(f"model.batch_norm_stats must be 'two_pass' or 'gathered', got {bn_stats!r}")
     dtype = jnp.bfloat16 if precision == "bf16" else _DTYPES[model_cfg.get("dtype", "float32")]
     return dict(num_layers=model_cfg.num_layers, channels=model_cfg.channels, heads=model_cfg.heads,
                 rbf_bins=model_cfg.rbf_bins, cutoff=model_cfg.cutoff, axis_name=axis_name,
                 dtype=dtype, precision=_PRECISIONS[precision],
                 formulation=model_cfg.get("formulation", "node"), edge_kernel=model_cfg.get("edge_kernel", "xla"),
-                remat=model_cfg.get("remat", "none"))
+                remat=model_cfg.get("remat", "none"),
+                batch_norm_stats=bn_stats)
 
 
 @dataclasses.dataclass
