@@ -132,6 +132,7 @@ class LayerNorm(nn.Module):
 # same on every device, so statistics derived from it can leave shard_map replicated. Without
 # it, "gathered" BatchNorm statistics fall back to the two psums of "two_pass" (same numbers).
 _INVARIANT_GATHER = "to" in inspect.signature(jax.lax.all_gather).parameters
+BATCH_NORM_STATS = ("two_pass", "gathered")  # MaskedBatchNorm.stats
 
 
 class MaskedBatchNorm(nn.Module):
@@ -171,39 +172,34 @@ class MaskedBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        if self.stats not in ("two_pass", "gathered"):
-            raise ValueError(f"batch-norm stats must be 'two_pass' or 'gathered', got {self.stats!r}")
+        if self.stats not in BATCH_NORM_STATS:
+            raise ValueError(f"batch-norm stats must be one of {BATCH_NORM_STATS}, got {self.stats!r}")
         xf = x.astype(jnp.float32)
         if train:
             m = mask.astype(bool)[:, None]
             count = jnp.sum(m, dtype=jnp.float32)
-            if self.stats == "gathered" and (self.axis_name is None or _INVARIANT_GATHER):
-                total = jnp.sum(jnp.where(m, xf, 0.0), axis=0)
-                local_mean = total / jnp.maximum(count, 1.0)
-                dev = jnp.where(m, xf - local_mean, 0.0)
-                sq = jnp.sum(dev * dev, axis=0)
-                if self.axis_name is not None:
-                    # every device's (count, mean, squared deviations) in one collective, then
-                    # combined exactly (Chan et al.): no global mean is needed before the squares
-                    shares = jax.lax.all_gather(jnp.concatenate([count[None], local_mean, sq]), self.axis_name,
-                                                to="invarying")
-                    counts, means, sqs = shares[:, :1], shares[:, 1:c + 1], shares[:, c + 1:]
-                    count = jnp.sum(counts)
-                    mean = jnp.sum(counts * means, axis=0) / jnp.maximum(count, 1.0)
-                    sq = jnp.sum(sqs, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)
-                else:
-                    mean = local_mean
+            # "gathered" on several devices: this device's own mean and squared deviations, then
+            # one collective; otherwise the sums are psum-ed before the mean (none on one device)
+            gathered = self.axis_name is not None and self.stats == "gathered" and _INVARIANT_GATHER
+            total = jnp.sum(jnp.where(m, xf, 0.0), axis=0)
+            if self.axis_name is not None and not gathered:
+                count, total = jax.lax.psum((count, total), self.axis_name)
+            n = jnp.maximum(count, 1.0)
+            mean = total / n
+            dev = jnp.where(m, xf - mean, 0.0)
+            sq = jnp.sum(dev * dev, axis=0)
+            if gathered:
+                # every device's (count, mean, squared deviations) in one collective, then
+                # combined exactly (Chan et al.): no global mean is needed before the squares
+                shares = jax.lax.all_gather(jnp.concatenate([count[None], mean, sq]), self.axis_name,
+                                            to="invarying")
+                counts, means, sqs = shares[:, :1], shares[:, 1:c + 1], shares[:, c + 1:]
+                count = jnp.sum(counts)
                 n = jnp.maximum(count, 1.0)
-            else:
-                total = jnp.sum(jnp.where(m, xf, 0.0), axis=0)
-                if self.axis_name is not None:
-                    count, total = jax.lax.psum((count, total), self.axis_name)
-                n = jnp.maximum(count, 1.0)
-                mean = total / n
-                dev = jnp.where(m, xf - mean, 0.0)
-                sq = jnp.sum(dev * dev, axis=0)
-                if self.axis_name is not None:
-                    sq = jax.lax.psum(sq, self.axis_name)
+                mean = jnp.sum(counts * means, axis=0) / n
+                sq = jnp.sum(sqs, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)
+            elif self.axis_name is not None:
+                sq = jax.lax.psum(sq, self.axis_name)
             var = sq / n
             if not self.is_initializing():
                 unbiased = sq / jnp.maximum(count - 1.0, 1.0)

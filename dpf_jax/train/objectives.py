@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dpf_jax.model.heads import DenoisingModel
+from dpf_jax.model.layers import BATCH_NORM_STATS
 from dpf_jax.model.matformer import MatformerEncoder, MatformerRegressor
 from dpf_jax.tasks import losses, perturb
 from dpf_jax.tasks.rebuild import targets_from_batch
@@ -32,8 +33,8 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
     if precision not in _PRECISIONS:
         raise ValueError(f"model.precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
     bn_stats = model_cfg.get("batch_norm_stats", "gathered")  # configs saved before the key: base.py default
-    if bn_stats not in ("two_pass", "gathered"):
-        raise ValueError(f"model.batch_norm_stats must be 'two_pass' or 'gathered', got {bn_stats!r}")
+    if bn_stats not in BATCH_NORM_STATS:
+        raise ValueError(f"model.batch_norm_stats must be one of {BATCH_NORM_STATS}, got {bn_stats!r}")
     dtype = jnp.bfloat16 if precision == "bf16" else _DTYPES[model_cfg.get("dtype", "float32")]
     return dict(num_layers=model_cfg.num_layers, channels=model_cfg.channels, heads=model_cfg.heads,
                 rbf_bins=model_cfg.rbf_bins, cutoff=model_cfg.cutoff, axis_name=axis_name,
