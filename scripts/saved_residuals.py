@@ -74,7 +74,8 @@ def real_batch(num_crystals: int = 4):
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--precision", nargs="+", default=["default", "bf16"], choices=["default", "bf16"])
-    p.add_argument("--remat", nargs="+", default=["none", "dots", "dots_no_batch", "layer"])
+    p.add_argument("--remat", nargs="+",
+                   default=["none", "gate", "gate_lean", "stats", "dots", "dots_no_batch", "layer"])
     p.add_argument("--edge-kernels", nargs="+", default=["xla", "xla_recompute"], choices=["xla", "xla_recompute"],
                    help="model.edge_kernel: autodiff's residuals, or the recomputing gate's (its inputs)")
     p.add_argument("--out", default=str(REPO / "scripts" / "results" / "saved_residuals.json"))

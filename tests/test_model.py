@@ -487,7 +487,7 @@ def test_full_model_train_step_and_gradients(crystals):
     assert not np.allclose(before, after)
 
 
-@pytest.mark.parametrize("remat", ["layer", "dots"])
+@pytest.mark.parametrize("remat", ["layer", "dots", "gate", "gate_lean", "stats"])
 def test_remat_changes_nothing_but_memory_and_speed(crystals, remat):
     """`model.remat` recomputes each layer in the backward: same parameter tree (checkpoints
     interchangeable), same loss, gradients and BatchNorm running statistics as without it."""

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from dpf_jax.model.edge_kernel import KernelOptions, fused_edge_message
 from dpf_jax.model.gate_kernel import fused_gate
@@ -87,10 +88,11 @@ class Linear(nn.Module):
 def layer_norm(x, scale, bias, epsilon: float = 1e-5, dtype: Dtype = jnp.float32):
     """LayerNorm over the last axis, statistics in float32 (two-pass variance), output in dtype."""
     xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    # named for `model.remat` policies that keep the statistics ([..., 1]) and recompute the rest
+    mean = checkpoint_name(jnp.mean(xf, axis=-1, keepdims=True), "ln_stats")
     d = xf - mean
-    var = jnp.mean(d * d, axis=-1, keepdims=True)
-    y = d * jax.lax.rsqrt(var + epsilon) * scale + bias
+    rstd = checkpoint_name(jax.lax.rsqrt(jnp.mean(d * d, axis=-1, keepdims=True) + epsilon), "ln_stats")
+    y = d * rstd * scale + bias
     return y.astype(dtype)
 
 
@@ -378,13 +380,19 @@ class MatformerConv(nn.Module):
         else:
             raise ValueError(f"unknown MatformerConv formulation {self.formulation!r}")
 
+        # Named for the `model.remat` policies that keep some per-edge tensors for the backward
+        # and recompute the rest (matformer.REMAT_POLICIES); without remat the names do nothing.
+        q_i, k_j = checkpoint_name(q_i, "edge_q_k"), checkpoint_name(k_j, "edge_q_k")
+        upd = checkpoint_name(upd, "edge_upd")
         # upd * sigmoid(LayerNorm_3C(alpha)) -> msg_layer_0 -> LayerNorm_C -> edge mask
         if self.edge_kernel.startswith("pallas"):  # one fused kernel pair (dpf_jax.model.edge_kernel)
             *params, opts = self._chain_params()
             msg = fused_edge_message(qk_ii, q_i, k_j, e, upd, edge_mask, *params, opts)
         elif self.edge_kernel == "xla":
             alpha = jnp.concatenate([qk_ii, q_i * k_j, q_i * e], axis=-1) * inv  # [E, H, 3C]
+            alpha = checkpoint_name(alpha, "edge_alpha")
             gate = jax.nn.sigmoid(LayerNorm(dtype=jnp.float32, name="layer_norm")(alpha))
+            gate = checkpoint_name(gate, "edge_gate")
             msg = self._message_out((upd.astype(jnp.float32) * gate).astype(dt), edge_mask)
         else:
             raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, xla_recompute, pallas, "

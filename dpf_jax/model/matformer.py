@@ -50,13 +50,26 @@ from dpf_jax.model.layers import Dtype, Linear, MatformerConv, Precision, gather
 # tensors, so recomputing the cheap elementwise chain (and the gathers from node tables that
 # may sit in L2) inside the backward's fusions can cost less than writing and re-reading it.
 # Same parameters and maths; the choice is a speed / memory trade, measured with
-# `bench_train.py --set model.remat=...`.
+# `bench_train.py --set model.remat=...`: every policy so far is slower than "none" (README,
+# performance); "stats" saves the most memory per time lost (-23% peak, +2.8% on an H100).
 REMAT_POLICIES = {
     "none": None,  # keep what XLA keeps (no remat)
     "layer": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's inputs
     "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# Between "none" and "dots": keep the matmul outputs plus some of the tensors MatformerConv names
+# (layers.py: edge_q_k = the gathered q_i and k_j [E, H, C], edge_upd / edge_alpha / edge_gate =
+# [E, H, 3C], ln_stats = each LayerNorm's mean and 1/std [..., 1]); with the statistics kept the
+# backward recomputes the gate's LayerNorm elementwise, without a reduction.
+_KEEP_NAMED = {
+    "gate": ("edge_q_k", "edge_upd", "edge_alpha", "edge_gate", "ln_stats"),  # recompute x^, upd * gate
+    "gate_lean": ("edge_q_k", "edge_gate", "ln_stats"),  # also recompute alpha and upd from the gathers
+    "stats": ("edge_q_k", "ln_stats"),  # recompute the whole chain, but no LayerNorm reduction
+}
+for _name, _kept in _KEEP_NAMED.items():
+    REMAT_POLICIES[_name] = jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names(*_kept))
 
 REFERENCE_NUM_PARAMS = 2_782_849
 REFERENCE_NUM_PARAMS_PER_LAYER = 544_256
