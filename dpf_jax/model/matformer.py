@@ -50,8 +50,9 @@ from dpf_jax.model.layers import Dtype, Linear, MatformerConv, Precision, gather
 # tensors, so recomputing the cheap elementwise chain (and the gathers from node tables that
 # may sit in L2) inside the backward's fusions can cost less than writing and re-reading it.
 # Same parameters and maths; the choice is a speed / memory trade, measured with
-# `bench_train.py --set model.remat=...`: every policy so far is slower than "none" (README,
-# performance); "stats" saves the most memory per time lost (-23% peak, +2.8% on an H100).
+# `bench_train.py --set model.remat=...`: no policy is faster than "none" (README, performance);
+# "stats" is the memory saver (H100: -38% peak memory at the same speed on real pre-training
+# batches, -23% for +2.5-2.8% step time on the synthetic fine-tuning batch).
 REMAT_POLICIES = {
     "none": None,  # keep what XLA keeps (no remat)
     "layer": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's inputs
