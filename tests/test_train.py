@@ -56,14 +56,16 @@ def test_four_devices_match_one_device(make_config, batch_norm_stats):
         np.testing.assert_allclose(s1, s4, rtol=1e-5, atol=1e-6)  # synchronised BatchNorm stats
 
 
-def test_remat_inside_the_data_parallel_step_changes_nothing():
-    """model.remat with the real step on 4 devices (shard_map, BatchNorm psums inside the
-    recomputed layers): same loss, terms, gradients and BatchNorm statistics as without it."""
+@pytest.mark.parametrize("remat", ["dots", "stats"])
+def test_remat_inside_the_data_parallel_step_changes_nothing(remat):
+    """model.remat with the real step on 4 devices (shard_map, BatchNorm collectives inside the
+    recomputed layers; "stats" also keeps named tensors): same loss, terms, gradients and
+    BatchNorm statistics as without it."""
     config = tiny(pretrain_mask30.get_config(), records=64, batch=32)
     config.data.path = str(DATA / "pretrain.jsonl.gz")
     data = loop.load_data(config)
     plain = _loss_and_grads(config, data, 4)
-    config.model.remat = "dots"
+    config.model.remat = remat
     rematted = _loss_and_grads(config, data, 4)
     np.testing.assert_allclose(plain[0], rematted[0], rtol=1e-5)
     scale = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(plain[3]))
