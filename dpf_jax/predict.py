@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -421,12 +422,19 @@ class Predictor:
     def predict_records(self, inputs, return_failures: bool = False):
         """Rows {"id", "formula", "prediction", "units"[, "prediction_<linear units>"]} for every
         structure of `inputs` (also folders and multi-structure files). Structures that fail are
-        left out; with `return_failures=True` returns `(rows, [(id or path, reason)])`."""
+        left out, with a warning that counts them; with `return_failures=True` returns
+        `(rows, [(id or path, reason)])` instead of warning."""
         crystals, _, failures = self._to_crystals(_as_list(inputs), expand=True)
         res = self.predict_crystals(crystals)
         rows = self.rows(res)
         failures = failures + res.failures
-        return (rows, failures) if return_failures else rows
+        if return_failures:
+            return rows, failures
+        if failures:
+            rid, reason = failures[0]
+            warnings.warn(f"{len(failures)} input(s) could not be predicted and are left out (first: {rid}: "
+                          f"{reason}); predict_records(..., return_failures=True) lists them", stacklevel=2)
+        return rows
 
     def rows(self, res: Prediction, with_targets: bool = False) -> list[dict]:
         rows = []

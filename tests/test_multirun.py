@@ -66,7 +66,7 @@ def test_resume_and_refusals(tmp_path):
     specs = multirun.run_workdirs(str(tmp_path), [0, 1], [""])
     multirun.train_runs(_config(epochs=2), specs)
     # other epochs = another schedule: resuming could not be exact, so it is refused
-    with pytest.raises(loop.TrainingError, match="same settings"):
+    with pytest.raises(loop.TrainingError, match="train.epochs: 2 -> 3"):
         multirun.train_runs(_config(epochs=3), specs)
     # runs whose checkpoints are at different steps cannot continue together
     with pytest.raises(loop.TrainingError, match="share no step"):

@@ -139,6 +139,8 @@ def test_api_accepts_ase_crystals_paths_and_reports_failures(model, cif_folder, 
     assert mixed[0] == pytest.approx(ref, rel=1e-5) and np.isnan(mixed[1])
     rows, failures = model.predict_records([cif_folder], return_failures=True)
     assert len(rows) == len(jarvis_structures) and len(failures) == 2
+    with pytest.warns(UserWarning, match=r"2 input\(s\) could not be predicted .*return_failures=True"):
+        assert model.predict_records([cif_folder]) == rows
     assert set(rows[0]) == {"id", "formula", "prediction", "units"}
     assert model.task == "formation_energy_peratom" and model.units == "eV/atom" and model.transform == ""
 
@@ -255,3 +257,17 @@ def test_slim_export_predicts_like_the_run(run, model, jarvis_structures, tmp_pa
     slim = predict_lib.load_model(tmp_path / "slim")
     structures = [s for _, s in jarvis_structures]
     np.testing.assert_allclose(slim.predict(structures), model.predict(structures), rtol=1e-6, atol=1e-7)
+
+
+def test_export_names_the_missing_checkpoint(tmp_path, capsys):
+    """A run that kept only 'latest' (no validation split): export's default 'best' fails with a
+    one-line error that says what the run holds and what to pass, not a traceback."""
+    from dpf_jax.train import export
+
+    (tmp_path / "run" / "checkpoints" / "latest").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(tmp_path / "run"), str(tmp_path / "slim")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "has no 'best' checkpoint (it holds: latest)" in err and "--which latest" in err
+    assert not (tmp_path / "slim").exists()

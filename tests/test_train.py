@@ -227,8 +227,16 @@ def test_checkpoint_boundaries_and_changed_settings(tmp_path):
     config.train.max_steps = 0
     assert loop.train_and_evaluate(config, str(tmp_path))["steps"] == 8
     config.train.epochs = 3
-    with pytest.raises(loop.TrainingError, match="same settings"):
+    with pytest.raises(loop.TrainingError, match=r"holds a different run \(train.epochs: 2 -> 3\)"):
         loop.train_and_evaluate(config, str(tmp_path))
+    # another task in the same workdir (same split sizes, so the same steps per epoch): refused,
+    # and the finished run's files are left as they were
+    written = {f: (tmp_path / f).read_text() for f in ("config.json", "results.json")}
+    config.train.epochs = 2
+    config.data.task = "optb88vdw_bandgap"
+    with pytest.raises(loop.TrainingError, match="data.task: 'formation_energy_peratom' -> 'optb88vdw_bandgap'"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert {f: (tmp_path / f).read_text() for f in written} == written
 
 
 def test_resume_adopts_the_saved_optimizer_layout(tmp_path, capsys):

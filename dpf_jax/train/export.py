@@ -24,8 +24,14 @@ KEPT = ("step", "params", "batch_stats", "stats")
 def export_slim_checkpoint(workdir, out_dir, which: str = "best") -> Path:
     """Copies the model part of `workdir`'s `which` checkpoint to `out_dir`; returns the step folder."""
     src = Path(workdir)
-    if (src / "checkpoints" / which).is_dir():
-        src = src / "checkpoints" / which
+    ckpts = src / "checkpoints"
+    if (ckpts / which).is_dir():
+        src = ckpts / which
+    elif ckpts.is_dir():  # a run's workdir without that checkpoint
+        held = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
+        raise FileNotFoundError(
+            f"{workdir} has no {which!r} checkpoint (it holds: {', '.join(held) or 'none'}); a run without a "
+            "validation split, or stopped before its first validation, keeps only 'latest': use --which latest")
     directory, step = find_checkpoint_dir(src)
     raw, meta = load_raw_checkpoint(directory, step)
     slim = {k: raw[k] for k in KEPT if k in raw}
@@ -49,7 +55,10 @@ def main(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--which", choices=["best", "latest"], default="best")
     args = p.parse_args(argv)
-    path = export_slim_checkpoint(args.workdir, args.out_dir, args.which)
+    try:
+        path = export_slim_checkpoint(args.workdir, args.out_dir, args.which)
+    except (FileNotFoundError, ValueError) as e:
+        p.exit(1, f"export: error: {e}\n")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"wrote {path} ({size / 2**20:.1f} MiB)")
 

@@ -347,7 +347,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_workdir(workdir)
     _add_file_logging(workdir)
     maybe_initialize_distributed(config.get("distributed", False))
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     objective = make_objective(config)
     init_path = resolve_init_checkpoint(config)  # fail fast, before data preparation
@@ -374,8 +373,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     saved_meta = checkpointer.read_meta("latest")
     if saved_meta is not None:  # before building the state a restore must match
         _check_resume_compatible(saved_meta, steps_per_epoch, config, workdir)
-        if adopt_saved_optimizer_layout(saved_meta, config):
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        adopt_saved_optimizer_layout(saved_meta, config)
+    # written once the run is known to be this workdir's own (a refused resume leaves it alone)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     tx = make_optimizer(config.optim, total_steps)
     model = objective.make_model()
 
@@ -456,7 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 bar.close()
                 save(epoch)
                 checkpointer.close()
-                log.warning("stopped at train.max_steps=%d (step %d); run again to resume", max_steps, step)
+                log.warning("stopped at train.max_steps=%d (step %d); run again with a larger (or no) "
+                            "train.max_steps to continue", max_steps, step)
                 return {"stopped_at_step": step}
             _drain(pending, sums)
             bar.close()
@@ -552,14 +553,43 @@ def final_results(config, objective, state, checkpointer, eval_step, mesh, key, 
     return out
 
 
+# The settings that define what a run computes: resuming with any of them changed would continue
+# one run under another's name (e.g. a formation-energy model scored and saved as a band gap run).
+# Sections are compared whole. Speed-only settings (precision, remat, kernels, budgets, logging,
+# checkpoint intervals, workers, max_steps) may change between a run and its resumption.
+RUN_DEFINING_SETTINGS = (
+    "mode", "seed", "init_checkpoint", "data.path", "data.task", "data.units", "data.target_transform",
+    "data.val_fraction", "data.max_records", "graph", "model.num_layers", "model.channels", "model.heads",
+    "model.rbf_bins", "model.cutoff", "optim.learning_rate", "optim.weight_decay", "optim.pct_start",
+    "optim.div_factor", "optim.final_div_factor", "optim.cycle_momentum", "optim.base_momentum",
+    "optim.max_momentum", "optim.clip_norm", "train.epochs", "train.batch_size", "train.standardize_targets",
+    "pretrain",
+)
+_MISSING = object()
+
+
+def _setting(tree, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree
+
+
 def _check_resume_compatible(meta: dict, steps_per_epoch: int, config, workdir) -> None:
-    """Resuming is exact only with the same data and schedule: refuse anything else."""
-    saved_epochs = meta.get("config", {}).get("train", {}).get("epochs", config.train.epochs)
-    if meta.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch or saved_epochs != config.train.epochs:
+    """Resuming is exact only with the same data, model, task and schedule: refuse anything else
+    (settings a checkpoint predates are not compared)."""
+    saved_cfg, cfg = meta.get("config", {}), json.loads(config.to_json_best_effort())
+    changed = [f"{k}: {_setting(saved_cfg, k)!r} -> {_setting(cfg, k)!r}" for k in RUN_DEFINING_SETTINGS
+               if _setting(saved_cfg, k) is not _MISSING and _setting(saved_cfg, k) != _setting(cfg, k)]
+    if changed:
         raise TrainingError(
-            f"{workdir} holds a run with {meta.get('steps_per_epoch')} steps per epoch and {saved_epochs} "
-            f"epochs; this config gives {steps_per_epoch} and {config.train.epochs} (changed data, batch "
-            "size or epochs). Resume with the same settings or use another --workdir.")
+            f"{workdir} holds a different run ({'; '.join(changed)}). Resume it with its own settings "
+            "(its config.json), or give this run another --workdir.")
+    if meta.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise TrainingError(
+            f"{workdir} holds a run with {meta.get('steps_per_epoch')} steps per epoch; this config gives "
+            f"{steps_per_epoch} (the data changed). Resume with the same data or use another --workdir.")
 
 
 def adopt_saved_optimizer_layout(meta: dict, config) -> bool:

@@ -100,7 +100,6 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
         c = ml_collections.ConfigDict(config.to_dict())
         c.seed, c.init_checkpoint = seed, init
         loop.check_workdir(workdir)
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
         configs.append(c)
     loop._add_file_logging(Path(os.path.commonpath([str(w.absolute()) for w in workdirs])))
     for _, init, workdir in runs:  # strict: a run named after an encoder must start from it
@@ -129,9 +128,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     for c, w, meta in zip(configs, workdirs, metas):  # before the state exists: see loop.py
         loop._check_resume_compatible(meta, steps_per_epoch, c, w)
     if metas and loop.adopt_saved_optimizer_layout(metas[0], config):  # one optimiser for all runs
-        for c, w in zip(configs, workdirs):
+        for c in configs:
             c.optim.flatten = config.optim.flatten
-            (w / "config.json").write_text(c.to_json_best_effort(indent=2))
     tx = make_optimizer(config.optim, steps_per_epoch * config.train.epochs)
     model = objective.make_model()
     example = jax.tree_util.tree_map(lambda x: x[0], next(train_b.iterate(shuffle=False)))
@@ -140,6 +138,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
         raise loop.TrainingError(
             f"the runs' latest checkpoints share no step ({dict(zip(map(str, workdirs), map(sorted, saved)))}); "
             "resume them separately (python -m dpf_jax.main) or delete the unfinished ones")
+    for c, w in zip(configs, workdirs):  # once the workdirs are known to hold these runs (or none)
+        (w / "config.json").write_text(c.to_json_best_effort(indent=2))
     states, best, resumed = [], [], []
     for c, init, ck, w in zip(configs, init_paths, checkpointers, workdirs):
         state = create_state(model, tx, example, c.seed, stats)
