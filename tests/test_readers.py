@@ -110,6 +110,21 @@ def test_bad_structure_files_name_file_and_reason(name, reason):
     assert name in str(info.value)
 
 
+@pytest.mark.parametrize("old, new", [("  Se  Se2  1  0.33333300", "  Se  Se2  0.33333300"),  # atom-site row short
+                                      ("  1  'x, y, z'", "  1  'x, y, z'  2")])  # symmetry row long
+def test_cif_loop_with_a_wrong_row_says_so(tmp_path, old, new):
+    """pymatgen's own messages for a loop_ row of the wrong length ("zip() argument 2 is longer
+    than argument 1" here; "len(items)=5 is not a multiple of n=2" with other pymatgen versions)
+    name no loop or row: the error adds what they mean."""
+    text = (STRUCT / "JVASP-10.cif").read_text()
+    assert old in text
+    text = text.replace(old, new)
+    bad = tmp_path / "short_row.cif"
+    bad.write_text(text)
+    with pytest.raises(CrystalError, match="could not parse CIF: .*a loop_ has a row with more or fewer values"):
+        readers.read_structure_file(bad)
+
+
 def test_forced_format():
     c = readers.read_structure_file(STRUCT / "JVASP-10.cif", fmt="cif", id="custom")
     assert c.id == "custom"
