@@ -324,11 +324,10 @@ def _warning_text(caught: Sequence[warnings.WarningMessage]) -> str:
     return "; ".join(msgs[:3])
 
 
-# pymatgen messages that do not say what is wrong in the file, and what they mean
-_CIF_HINTS = (
-    ("is not a multiple of", "a loop_ has a row with more or fewer values than the loop has column names"),
-    ("zip() argument", "a loop_ has a row with more or fewer values than the loop has column names"),
-)
+# pymatgen's messages for a loop_ row of the wrong length (they name no loop or row; which one
+# depends on the pymatgen version), and what they mean
+_CIF_LOOP_ROW_ERRORS = ("is not a multiple of", "zip() argument")
+_CIF_LOOP_ROW_HINT = "a loop_ has a row with more or fewer values than the loop has column names"
 
 
 def structures_from_cif_text(text: str, record: str) -> list[Any]:
@@ -345,8 +344,8 @@ def structures_from_cif_text(text: str, record: str) -> list[Any]:
             parser = CifParser.from_str(text)
             structures = parser.parse_structures(primitive=False, on_error="raise")
         except Exception as e:  # noqa: BLE001 - pymatgen raises many types; report them all
-            hints = [h for key, h in _CIF_HINTS if key in str(e)]
-            extra = "; ".join(part for part in hints + [_warning_text(caught)] if part)
+            hint = _CIF_LOOP_ROW_HINT if any(key in str(e) for key in _CIF_LOOP_ROW_ERRORS) else ""
+            extra = "; ".join(part for part in (hint, _warning_text(caught)) if part)
             raise CrystalError(
                 record, _one_line(f"could not parse CIF: {type(e).__name__}: {e}" + (f" ({extra})" if extra else ""))
             ) from None

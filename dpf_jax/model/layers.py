@@ -423,6 +423,7 @@ class MatformerConv(nn.Module):
         n_node, (n_edge, H, C), dt = x.shape[0], msg.shape, self.dtype
         agg = segment_sum_sorted(msg.reshape(n_edge, H * C), receivers, n_node)  # float32
         out = Linear(C, True, dt, self.precision, name="lin_concate")(agg.astype(dt))
-        out = MaskedBatchNorm(axis_name=self.axis_name, dtype=dt, stats=self.batch_norm_stats, name="bn")(out, node_mask, train)
+        bn = MaskedBatchNorm(axis_name=self.axis_name, dtype=dt, stats=self.batch_norm_stats, name="bn")
+        out = bn(out, node_mask, train)
         out = jax.nn.silu(out)
         return out + Linear(C, True, dt, self.precision, name="lin_skip")(x)

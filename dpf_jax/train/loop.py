@@ -580,8 +580,8 @@ def _check_resume_compatible(meta: dict, steps_per_epoch: int, config, workdir) 
     """Resuming is exact only with the same data, model, task and schedule: refuse anything else
     (settings a checkpoint predates are not compared)."""
     saved_cfg, cfg = meta.get("config", {}), json.loads(config.to_json_best_effort())
-    changed = [f"{k}: {_setting(saved_cfg, k)!r} -> {_setting(cfg, k)!r}" for k in RUN_DEFINING_SETTINGS
-               if _setting(saved_cfg, k) is not _MISSING and _setting(saved_cfg, k) != _setting(cfg, k)]
+    pairs = [(k, _setting(saved_cfg, k), _setting(cfg, k)) for k in RUN_DEFINING_SETTINGS]
+    changed = [f"{k}: {old!r} -> {new!r}" for k, old, new in pairs if old is not _MISSING and old != new]
     if changed:
         raise TrainingError(
             f"{workdir} holds a different run ({'; '.join(changed)}). Resume it with its own settings "
