@@ -335,8 +335,8 @@ class Predictor:
     def _graph_params(self):
         from dpf_jax.data.dataset import GraphParams
 
-        g = self.config.graph
-        return GraphParams(cutoff=g.cutoff, max_neighbors=g.max_neighbors, use_lattice=g.use_lattice)
+        # a fine-tuned model's input geometry is never perturbed: every merge level is exact
+        return GraphParams.from_config(self.config.graph, perturbs_geometry=False)
 
     def predict_crystals(self, crystals: Sequence, targets: Sequence[float] | None = None,
                          progress: bool = False) -> Prediction:

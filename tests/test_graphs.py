@@ -534,3 +534,79 @@ def test_auto_search_falls_back_to_numpy_without_pymatgen(monkeypatch):
         np.testing.assert_array_equal(g.senders, h.senders)
         np.testing.assert_array_equal(g.receivers, h.receivers)
         np.testing.assert_array_equal(g.images, h.images)
+
+
+# ---------------------------------------------------------------------------------------------
+# merging edges that carry the same message (merge_equivalent_edges)
+
+
+def _length32(g: CrystalGraph) -> np.ndarray:
+    return np.sqrt(np.sum(g.edge_vectors() ** 2, axis=1)).astype(np.float32)
+
+
+def _expanded(g: CrystalGraph, key) -> collections.Counter:
+    """Multiset of key(edge) with each edge counted `counts` times."""
+    out = collections.Counter()
+    for k, c in zip(key(g), g.edge_counts().tolist()):
+        out[k] += c
+    return out
+
+
+def _mirror_key(g: CrystalGraph):
+    """(receiver, sender, image up to sign for self-images): what "mirror" merges on, written
+    plainly (the image or its negation, whichever is lexicographically larger)."""
+    out = []
+    for r, s, im in zip(g.receivers.tolist(), g.senders.tolist(), map(tuple, g.images.tolist())):
+        neg = tuple(-x for x in im)
+        out.append((r, s, max(im, neg) if r == s else im))
+    return out
+
+
+def _distance_key(g: CrystalGraph):
+    return list(zip(g.receivers.tolist(), g.senders.tolist(), _length32(g).tolist()))
+
+
+@pytest.mark.parametrize("name", ["jarvis_dft3d", "mp_megnet"])
+def test_merged_edges_stand_for_the_reference_edges(name):
+    """On 150 shipped structures: a merged graph, each edge counted `counts` times, is the
+    reference multiset of (receiver, sender, image up to mirror) and of (receiver, sender,
+    float32 length); every merged edge is a real edge with the same key as its members; edges
+    stay sorted by receiver, then sender; net = members with the kept image - with its mirror."""
+    crystals = load_crystals(name)[:150]
+    kept = {"mirror": 0, "distance": 0}
+    total = 0
+    for c in crystals:
+        ref = build_crystal_graph(c)
+        total += ref.num_edges
+        for level, key in (("mirror", _mirror_key), ("distance", _distance_key)):
+            g = build_crystal_graph(c, merge_edges=level)
+            kept[level] += g.num_edges
+            assert g.num_reference_edges == ref.num_edges
+            assert _expanded(g, key) == collections.Counter(key(ref)), (c.id, level)
+            assert len(set(key(g))) == g.num_edges, (c.id, level)  # one edge per group
+            assert set(as_counter(g)) <= set(as_counter(ref))  # the kept edges are reference edges
+            order = np.lexsort((g.senders, g.receivers))
+            assert np.array_equal(order, np.arange(g.num_edges))
+            if level == "mirror":
+                members = collections.Counter(zip(ref.receivers.tolist(), ref.senders.tolist(),
+                                                  map(tuple, ref.images.tolist())))
+                for r, s, im, n in zip(g.receivers.tolist(), g.senders.tolist(), map(tuple, g.images.tolist()),
+                                       g.net.tolist()):
+                    assert n == members[(r, s, im)] - (members[(r, s, tuple(-x for x in im))] if r == s else 0)
+    # what the module docstring promises on the shipped data (these 150 structures)
+    assert kept["mirror"] < 0.8 * total and kept["distance"] < 0.6 * total, (kept, total)
+
+
+def test_merge_levels_compose_and_reject_unknown_names():
+    c = by_id("jarvis_dft3d", "JVASP-816")  # 1 atom: every edge is a self-image
+    ref = build_crystal_graph(c)
+    mirror = build_crystal_graph(c, merge_edges="mirror")
+    twice = graphs_mod.merge_equivalent_edges(mirror, "distance")
+    once = build_crystal_graph(c, merge_edges="distance")
+    assert _expanded(twice, _distance_key) == _expanded(once, _distance_key) == collections.Counter(_distance_key(ref))
+    assert np.all(mirror.net == 0)  # an atom's self-images come in mirror pairs: their vector terms cancel
+    assert graphs_mod.merge_equivalent_edges(ref, "none") is ref
+    with pytest.raises(ValueError, match="merge_edges"):
+        build_crystal_graph(c, merge_edges="all")
+    with pytest.raises(ValueError, match="merge level"):
+        graphs_mod.merge_equivalent_edges(ref, "everything")

@@ -226,6 +226,10 @@ def test_checkpoint_boundaries_and_changed_settings(tmp_path):
     assert loop.train_and_evaluate(config, str(tmp_path)) == {"stopped_at_step": 4}
     config.train.max_steps = 0
     assert loop.train_and_evaluate(config, str(tmp_path))["steps"] == 8
+    # edge merging only changes speed: a finished run is found finished, not refused
+    config.graph.merge_edges = "none"
+    assert loop.train_and_evaluate(config, str(tmp_path))["steps"] == 8
+    config.graph.merge_edges = "auto"
     config.train.epochs = 3
     with pytest.raises(loop.TrainingError, match=r"holds a different run \(train.epochs: 2 -> 3\)"):
         loop.train_and_evaluate(config, str(tmp_path))
@@ -415,3 +419,16 @@ def test_compare_device_counts_script(tmp_path):
     assert abs(one[-1] - one[0]) > 1e-3 * abs(one[0])  # four optimiser steps changed the loss
     assert report["max_rel_dev_all_steps"]["4"] < 1e-5
     assert json.loads((tmp_path / "report.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize("name, level", [("finetune_jarvis", "distance"), ("finetune_mp", "distance"),
+                                         ("pretrain_mask30", "distance"), ("pretrain_official", "distance"),
+                                         ("pretrain_pos10", "mirror"), ("pretrain_lattice30", "mirror")])
+def test_shipped_configs_merge_edges_as_far_as_exact(name, level):
+    """graph.merge_edges="auto" per shipped config: by distance where the step never moves atoms
+    or the lattice (fine-tuning, type masking, the official corruption applied on the host with
+    its graphs rebuilt), only mirrored self-images under position or lattice noise."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert loop._graph_params(config).merge_edges == level

@@ -7,7 +7,10 @@ Batch layout (every array numpy on the host; the training code adds a leading de
              "graph":     int32[N]   index of the node's graph in this batch,
              "mask":      bool[N]    True for real atoms}
   edges   = {"images":    int32[E,3] integer image of the receiver (see graphs.py),
-             "mask":      bool[E]}
+             "mask":      bool[E],
+             "count":     int32[E]   reference edges this edge stands for (1 unless the graph
+                                     was merged, `graphs.merge_equivalent_edges`; 0 for padding),
+             "net":       int32[E]   its net count for vector sums over edges (same source)}
   globals = {"lattice":   float32[G,3,3] rows = lattice vectors (identity for padding graphs),
              "target":    float32[G] raw target (0 where absent),
              "index":     int32[G] position of the crystal in the global batch (-1: padding),
@@ -68,7 +71,8 @@ def graph_to_jraph(graph: CrystalGraph, target: float | None = None) -> jraph.Gr
             "graph": np.zeros(n, np.int32),
             "mask": np.ones(n, bool),
         },
-        edges={"images": graph.images.astype(np.int32), "mask": np.ones(e, bool)},
+        edges={"images": graph.images.astype(np.int32), "mask": np.ones(e, bool),
+               "count": graph.edge_counts().astype(np.int32), "net": graph.edge_net().astype(np.int32)},
         senders=graph.senders.astype(np.int32),
         receivers=graph.receivers.astype(np.int32),
         globals={
@@ -107,7 +111,8 @@ def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index:
         batch = jraph.GraphsTuple(
             nodes={"species": np.zeros(0, np.int32), "positions": np.zeros((0, 3), np.float32),
                    "graph": np.zeros(0, np.int32), "mask": np.zeros(0, bool)},
-            edges={"images": np.zeros((0, 3), np.int32), "mask": np.zeros(0, bool)},
+            edges={"images": np.zeros((0, 3), np.int32), "mask": np.zeros(0, bool),
+                   "count": np.zeros(0, np.int32), "net": np.zeros(0, np.int32)},
             senders=np.zeros(0, np.int32), receivers=np.zeros(0, np.int32),
             globals={"lattice": np.zeros((0, 3, 3), np.float32), "target": np.zeros(0, np.float32),
                      "index": np.zeros(0, np.int32), "mask": np.zeros(0, bool)},

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpf_jax.data.graphs import CrystalGraph, build_crystal_graph
+from dpf_jax.data.graphs import MERGE_LEVELS, CrystalGraph, build_crystal_graph
 from dpf_jax.data.records import Crystal, CrystalError
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,33 @@ GRAPH_BUILDER_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class GraphParams:
+    """Keyword arguments of `build_crystal_graph` that a dataset's graphs are built with."""
+
     cutoff: float = 8.0
     max_neighbors: int = 12
     use_lattice: bool = True
+    merge_edges: str = "none"  # `dpf_jax.data.graphs.MERGE_LEVELS`
 
     def key(self) -> str:
-        return f"c{self.cutoff:g}-k{self.max_neighbors}-l{int(self.use_lattice)}-v{GRAPH_BUILDER_VERSION}"
+        merged = "" if self.merge_edges == "none" else f"-m{self.merge_edges}"
+        return f"c{self.cutoff:g}-k{self.max_neighbors}-l{int(self.use_lattice)}{merged}-v{GRAPH_BUILDER_VERSION}"
+
+    @classmethod
+    def from_config(cls, graph_cfg, perturbs_geometry: bool) -> "GraphParams":
+        """From a config's `graph` section. `graph.merge_edges`: "auto" (default) merges by
+        distance unless `perturbs_geometry` (pre-training with position or lattice noise
+        applied on the device), where only mirrored self-images stay exact ("mirror");
+        "distance" is refused there. Configs from before the option: "auto"."""
+        level = graph_cfg.get("merge_edges", "auto")
+        if level == "auto":
+            level = "mirror" if perturbs_geometry else "distance"
+        if level not in MERGE_LEVELS:
+            raise ValueError(f"graph.merge_edges must be 'auto' or one of {MERGE_LEVELS}, got {level!r}")
+        if level == "distance" and perturbs_geometry:
+            raise ValueError("graph.merge_edges='distance' is exact only for unperturbed geometry; this run perturbs "
+                             "positions or the lattice: use 'mirror', 'none' or 'auto'")
+        return cls(cutoff=graph_cfg.cutoff, max_neighbors=graph_cfg.max_neighbors, use_lattice=graph_cfg.use_lattice,
+                   merge_edges=level)
 
 
 def records_digest(crystals: Sequence[Crystal]) -> str:
@@ -57,13 +78,12 @@ def records_digest(crystals: Sequence[Crystal]) -> str:
 def _build_one(args):
     crystal, params = args
     try:
-        g = build_crystal_graph(crystal, cutoff=params.cutoff, max_neighbors=params.max_neighbors,
-                                use_lattice=params.use_lattice)
-        return g.senders, g.receivers, g.images, None
+        g = build_crystal_graph(crystal, **dataclasses.asdict(params))
+        return (g.senders, g.receivers, g.images, g.counts, g.net), None
     except CrystalError as e:
-        return None, None, None, e.reason
+        return None, e.reason
     except Exception as e:  # noqa: BLE001 - one bad structure must not stop the dataset
-        return None, None, None, f"graph construction failed: {type(e).__name__}: {e}"
+        return None, f"graph construction failed: {type(e).__name__}: {e}"
 
 
 def _build_chunk(chunk):
@@ -117,12 +137,12 @@ def build_graphs(
     bar.close()
     graphs: list[CrystalGraph | None] = []
     skipped: list[tuple[str, str]] = []
-    for c, (s, r, im, reason) in zip(crystals, results):
+    for c, (arrays, reason) in zip(crystals, results):
         if reason is not None:
             graphs.append(None)
             skipped.append((c.id, reason))
         else:
-            graphs.append(CrystalGraph(c, s, r, im))
+            graphs.append(CrystalGraph(c, *arrays))
     return graphs, skipped
 
 
@@ -131,12 +151,16 @@ def _save_cache(path: Path, ids, graphs):
     ok = [g for g in graphs if g is not None]
     cat = lambda name, shape: (np.concatenate([getattr(g, name) for g in ok]) if ok
                                else np.zeros(shape, np.int32))
+    merged = {}
+    if any(g.counts is not None for g in ok):  # merged graphs (GraphParams.merge_edges)
+        merged = {"counts": np.concatenate([g.edge_counts() for g in ok]),
+                  "net": np.concatenate([g.edge_net() for g in ok])}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
     os.close(fd)
     with open(tmp, "wb") as f:
         np.savez(f, ids=np.array(ids, dtype=str), n_edge=n_edge, senders=cat("senders", (0,)),
-                 receivers=cat("receivers", (0,)), images=cat("images", (0, 3)))
+                 receivers=cat("receivers", (0,)), images=cat("images", (0, 3)), **merged)
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
 
 
@@ -146,6 +170,7 @@ def _load_cache(path: Path, crystals: Sequence[Crystal]):
         if len(ids) != len(crystals) or any(i != c.id for i, c in zip(ids, crystals)):
             return None
         s, r, im = z["senders"], z["receivers"], z["images"]
+        counts, net = (z["counts"], z["net"]) if "counts" in z.files else (None, None)
     offsets = np.concatenate([[0], np.cumsum(np.maximum(n_edge, 0))])
     graphs = []
     for k, c in enumerate(crystals):
@@ -153,7 +178,8 @@ def _load_cache(path: Path, crystals: Sequence[Crystal]):
             graphs.append(None)
         else:
             a, b = offsets[k], offsets[k + 1]
-            graphs.append(CrystalGraph(c, s[a:b], r[a:b], im[a:b]))
+            extra = () if counts is None else (counts[a:b], net[a:b])
+            graphs.append(CrystalGraph(c, s[a:b], r[a:b], im[a:b], *extra))
     return graphs
 
 

@@ -58,7 +58,8 @@ class PositionHead(nn.Module):
     every atom leaves it unchanged. Padding edges are masked out. The first layer is split
     per input block (h_i W_a + h_j W_b + rbf W_c), so h_i W_a and h_j W_b are computed per node
     and gathered. Note the lattice self-loops (+a and -a, ...) of an atom have equal weights
-    and cancel exactly, as they should.
+    and cancel exactly, as they should. `edge_net` (merged graphs, `edges["net"]`): each edge's
+    term counts that many times (0 for a merged mirror pair, whose terms cancel); None: once.
     """
 
     hidden: int = 128
@@ -68,7 +69,7 @@ class PositionHead(nn.Module):
     precision: Precision = None
 
     @nn.compact
-    def __call__(self, nodes, edge_vec, edge_len, senders, receivers, edge_mask):
+    def __call__(self, nodes, edge_vec, edge_len, senders, receivers, edge_mask, edge_net=None):
         dt, prec = self.dtype, self.precision
         n_node = nodes.shape[0]
         h_recv = Linear(self.hidden, True, dt, prec, name="lin_receiver")(nodes)
@@ -79,7 +80,7 @@ class PositionHead(nn.Module):
         z = jax.nn.silu(z)
         z = jax.nn.silu(Linear(self.hidden, True, dt, prec, name="hidden")(z))
         w = Linear(1, True, dt, prec, name="out")(z)[:, 0].astype(jnp.float32)
-        w = jnp.where(edge_mask, w, 0.0)
+        w = jnp.where(edge_mask, w if edge_net is None else w * edge_net.astype(jnp.float32), 0.0)
         unit = edge_vec.astype(jnp.float32) / edge_len.astype(jnp.float32)[:, None]
         return segment_sum_sorted(w[:, None] * unit, receivers, n_node)
 
@@ -151,7 +152,7 @@ class DenoisingModel(nn.Module):
             out["displacement"] = PositionHead(self.head_hidden, self.encoder.rbf_bins, self.encoder.cutoff, dt,
                                                prec, name="position_head")(
                 enc.nodes, enc.edge_vec, enc.edge_len, graph.senders, graph.receivers,
-                graph.edges["mask"].astype(bool))
+                graph.edges["mask"].astype(bool), graph.edges.get("net"))
         if self.lattice:
             out["lattice"] = LatticeHead(self.head_hidden, 6, dt, prec, name="lattice_head")(
                 enc.nodes, graph.nodes["graph"], graph.nodes["mask"], graph.n_node.shape[0])

@@ -325,7 +325,10 @@ class MatformerConv(nn.Module):
     batch_norm_stats: str = "two_pass"
 
     @nn.compact
-    def __call__(self, x, edge_attr, senders, receivers, node_mask, edge_mask, train: bool):
+    def __call__(self, x, edge_attr, senders, receivers, node_mask, edge_mask, train: bool, edge_count=None):
+        """`edge_count` (float32 [E], optional): how many reference edges each edge stands for
+        (merged graphs, `dpf_jax.data.graphs.merge_equivalent_edges`): its message is counted
+        that many times in the receiver's sum. None: once (the edge mask alone)."""
         H, C = self.heads, self.channels
         n_node, n_edge = x.shape[0], edge_attr.shape[0]
         dt = self.dtype
@@ -349,19 +352,21 @@ class MatformerConv(nn.Module):
             if self.edge_kernel.startswith("pallas_node"):  # gathers and chain in one kernel pair
                 *params, opts = self._chain_params()
                 msg = fused_node_message(recv_tab, send_tab, e, receivers, senders, edge_mask, w3, *params, opts)
-                return self._aggregate_and_update(x, msg, receivers, node_mask, train)
+                return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             if self.edge_kernel == "xla_recompute":  # the gate in jax.numpy, its backward recomputing
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
                 msg = gate_message(recv_tab, send_tab, ein("ehc,cd->ehd", e, w3), e, receivers, senders, edge_mask,
                                    ln1_scale, ln1_bias)
-                return self._aggregate_and_update(x, self._message_out(msg, edge_mask), receivers, node_mask, train)
+                msg = self._message_out(msg, edge_mask)
+                return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             r = gather(recv_tab, receivers, dt)
             s = gather(send_tab, senders, dt)
             if self.edge_kernel.startswith("pallas_gate"):  # the gate in one kernel pair, matmuls in XLA
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
                 msg = fused_gate(r, s, ein("ehc,cd->ehd", e, w3), e, edge_mask, ln1_scale, ln1_bias,
                                  self._kernel_options())
-                return self._aggregate_and_update(x, self._message_out(msg, edge_mask), receivers, node_mask, train)
+                msg = self._message_out(msg, edge_mask)
+                return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             q_i, qk_ii, vm_i = r[..., :C], r[..., C:2 * C], r[..., 2 * C:]
             k_j, vm_j = s[..., :C], s[..., C:]
             upd = vm_i + vm_j + ein("ehc,cd->ehd", e, w3)
@@ -397,7 +402,7 @@ class MatformerConv(nn.Module):
         else:
             raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, xla_recompute, pallas, "
                              "pallas_node, pallas_gate; the last three optionally -<block_edges>x<num_warps>)")
-        return self._aggregate_and_update(x, msg, receivers, node_mask, train)
+        return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
 
     def _message_out(self, gated, edge_mask):
         """msg_layer_0 -> LayerNorm_C -> edge mask of the gated message [E, H, 3C]: [E, H, C] float32."""
@@ -418,9 +423,11 @@ class MatformerConv(nn.Module):
         """The fused kernels' settings from `edge_kernel` ("pallas_gate-32x4" etc.) and the precision."""
         return KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
 
-    def _aggregate_and_update(self, x, msg, receivers, node_mask, train):
+    def _aggregate_and_update(self, x, msg, receivers, node_mask, train, edge_count):
         """Receiver sums of the messages [E, H, C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)."""
         n_node, (n_edge, H, C), dt = x.shape[0], msg.shape, self.dtype
+        if edge_count is not None:  # merged edges: one message for several equal ones
+            msg = msg * edge_count.astype(msg.dtype)[:, None, None]
         agg = segment_sum_sorted(msg.reshape(n_edge, H * C), receivers, n_node)  # float32
         out = Linear(C, True, dt, self.precision, name="lin_concate")(agg.astype(dt))
         bn = MaskedBatchNorm(axis_name=self.axis_name, dtype=dt, stats=self.batch_norm_stats, name="bn")

@@ -124,6 +124,8 @@ class MatformerEncoder(nn.Module):
         dt = self.dtype
         node_mask = graph.nodes["mask"].astype(bool)
         edge_mask = graph.edges["mask"].astype(bool)
+        # merged graphs (`graph.merge_edges`): each message counts for the edges it stands for
+        edge_count = edge_counts(graph)
         senders, receivers = graph.senders, graph.receivers
         vec, length = edge_geometry(graph)
 
@@ -147,8 +149,17 @@ class MatformerEncoder(nn.Module):
         for layer in range(self.num_layers):
             x = conv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
                      self.edge_kernel, self.batch_norm_stats, name=f"att_layers_{layer}")(
-                x, edge_attr, senders, receivers, node_mask, edge_mask, train)
+                x, edge_attr, senders, receivers, node_mask, edge_mask, train, edge_count)
         return EncoderOutput(x.astype(jnp.float32), vec, length)
+
+
+def edge_counts(graph):
+    """float32 [E]: how many reference edges each edge of the batch stands for (`edges["count"]`,
+    see `dpf_jax.data.graphs.merge_equivalent_edges`), 0 on padding; the edge mask for batches
+    without the field."""
+    count = graph.edges.get("count")
+    mask = graph.edges["mask"].astype(bool)
+    return jnp.where(mask, (mask if count is None else count).astype(jnp.float32), 0.0)
 
 
 class MatformerRegressor(nn.Module):

@@ -69,9 +69,16 @@ def check_workdir(workdir: Path, min_free_mb: int = 200) -> None:
                             f"need at least {min_free_mb} MB for checkpoints")
 
 
+def perturbs_geometry(config) -> bool:
+    """Whether the training step moves atoms or the lattice of the batch it is given (paper
+    corruption with position or lattice noise): then only "mirror" edge merging is exact."""
+    p = config.pretrain
+    return (config.mode == "pretrain" and _corruption(config) == "paper"
+            and bool(p.position_scale or p.lattice_scale))
+
+
 def _graph_params(config) -> GraphParams:
-    g = config.graph
-    return GraphParams(cutoff=g.cutoff, max_neighbors=g.max_neighbors, use_lattice=g.use_lattice)
+    return GraphParams.from_config(config.graph, perturbs_geometry(config))
 
 
 def load_data(config) -> PreparedData:
@@ -555,11 +562,13 @@ def final_results(config, objective, state, checkpointer, eval_step, mesh, key, 
 
 # The settings that define what a run computes: resuming with any of them changed would continue
 # one run under another's name (e.g. a formation-energy model scored and saved as a band gap run).
-# Sections are compared whole. Speed-only settings (precision, remat, kernels, budgets, logging,
-# checkpoint intervals, workers, max_steps) may change between a run and its resumption.
+# Sections are compared whole. Speed-only settings (precision, remat, kernels, budgets, edge
+# merging, logging, checkpoint intervals, workers, max_steps) may change between a run and its
+# resumption.
 RUN_DEFINING_SETTINGS = (
     "mode", "seed", "init_checkpoint", "data.path", "data.task", "data.units", "data.target_transform",
-    "data.val_fraction", "data.max_records", "graph", "model.num_layers", "model.channels", "model.heads",
+    "data.val_fraction", "data.max_records", "graph.cutoff", "graph.max_neighbors", "graph.use_lattice",
+    "model.num_layers", "model.channels", "model.heads",
     "model.rbf_bins", "model.cutoff", "optim.learning_rate", "optim.weight_decay", "optim.pct_start",
     "optim.div_factor", "optim.final_div_factor", "optim.cycle_momentum", "optim.base_momentum",
     "optim.max_momentum", "optim.clip_norm", "train.epochs", "train.batch_size", "train.standardize_targets",
