@@ -27,9 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.graph.use_lattice = True
     # Edges that carry the same message (same receiver, sender and length) processed once with a
     # count: the same model output and gradients (float rounding aside), fewer edges per step.
-    # "auto": "distance" (all such groups: JARVIS graphs keep 47% of their edges, MP 52%, the
-    # pre-training corpus 69%) unless the run perturbs positions or the lattice on the device,
-    # then "mirror" (an atom's self-images n and -n only, 70-73%); "none": the reference list.
+    # "auto": "distance" (all such groups: JARVIS graphs keep 47% of their edges, MP 60%, the
+    # pre-training corpus 48%) unless the run perturbs positions or the lattice on the device,
+    # then "mirror" (an atom's self-images n and -n only, 70-74%); "none": the reference list.
     # See dpf_jax/data/graphs.py (merge_equivalent_edges).
     c.graph.merge_edges = "auto"
 

@@ -61,6 +61,61 @@ def test_pad_graphs_layout(jarvis_graphs):
     assert len(spread_padding_loops(10, 13, 50, 50)) == 0
 
 
+def _pad_graphs_with_jraph(graphs, budget, positions):
+    """The layout spelled with `jraph.batch_np` + `jraph.pad_with_graphs` and the same fixes
+    (how `pad_graphs` was written before it concatenated each field at once)."""
+    batch = jraph.batch_np(list(graphs))
+    n_node, n_edge = int(batch.n_node.sum()), int(batch.n_edge.sum())
+    padded = jraph.pad_with_graphs(batch, budget.n_node, budget.n_edge, budget.n_graph)
+    lattice = padded.globals["lattice"].copy()
+    lattice[len(graphs):] = np.eye(3)
+    index = np.full(budget.n_graph, -1, np.int32)
+    index[:len(graphs)] = positions
+    loops = spread_padding_loops(n_node, budget.n_node, n_edge, budget.n_edge)
+    return padded._replace(
+        nodes={**padded.nodes, "graph": np.repeat(np.arange(budget.n_graph, dtype=np.int32), padded.n_node)},
+        globals={**padded.globals, "lattice": lattice, "index": index},
+        senders=np.concatenate([padded.senders[:n_edge], loops]), receivers=np.concatenate([padded.receivers[:n_edge],
+                                                                                           loops]))
+
+
+@pytest.mark.parametrize("merge", ["none", "distance"])
+def test_pad_graphs_equals_jraph_batch_and_pad(jarvis_graphs, merge):
+    """Field by field, dtype included, the same batch as jraph's batch_np + pad_with_graphs, for
+    shares of 1 to 60 crystals (merged graphs: their count / net fields too)."""
+    from dpf_jax.data.graphs import merge_equivalent_edges
+    from dpf_jax.data.readers import load_dataset_records
+
+    gs = jarvis_graphs
+    if merge != "none":
+        records = load_dataset_records(DATA / "jarvis_dft3d.jsonl.gz").records[:60]
+        gs = [graph_to_jraph(merge_equivalent_edges(build_crystal_graph(r), merge)) for r in records]
+        assert any(int(g.edges["count"].max()) > 1 for g in gs)
+    rng = np.random.default_rng(0)
+    for size in (1, 7, 60):
+        share = [gs[i] for i in rng.choice(len(gs), size, replace=False)]
+        n = sum(int(g.n_node[0]) for g in share)
+        e = sum(int(g.n_edge[0]) for g in share)
+        budget = Budget(n + 9, e + 77, size + 3)
+        positions = rng.permutation(size).astype(np.int32)
+        ours = pad_graphs(share, budget, positions=positions)
+        ref = _pad_graphs_with_jraph(share, budget, positions)
+        flat_ours, tree_ours = jax_tree_flatten(ours)
+        flat_ref, tree_ref = jax_tree_flatten(ref)
+        assert tree_ours == tree_ref
+        for a, b in zip(flat_ours, flat_ref):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype or (a.dtype.kind == b.dtype.kind == "i"), (a.dtype, b.dtype)
+    empty = pad_graphs([], Budget(4, 8, 2))
+    assert empty.nodes["mask"].sum() == 0 and empty.edges["count"].sum() == 0 and list(empty.n_node) == [4, 0]
+
+
+def jax_tree_flatten(tree):
+    import jax
+
+    return jax.tree_util.tree_flatten(tree)
+
+
 def test_budget_too_small_is_an_error(jarvis_graphs):
     with pytest.raises(ValueError, match="exceeds"):
         pad_graphs(jarvis_graphs[:4], Budget(3, 10, 6))

@@ -84,14 +84,14 @@ multiplies each message by it) gives the same sums with fewer edges to process. 
 * ``"mirror"``: the duplicate copies above, plus every self-image edge ``i -> i`` with image
   ``-n`` merged into its mirror with image ``n`` (lengths ``|n L|`` and ``|-n L|`` are equal for
   any lattice, and a self-image vector does not depend on the atom's position). Exact under
-  every perturbation of positions and lattice. Shipped data: 70-73% of the edges remain
-  (80% of the synthetic benchmark crystals').
+  every perturbation of positions and lattice. Shipped data: 70% (JARVIS), 74% (MP, the
+  pre-training corpus) of the edges remain; 81% of the synthetic benchmark crystals'.
 * ``"distance"``: every group with the same receiver, sender and float32 length (float64
   length rounded to float32: the precision the model computes lengths in), e.g. the six
   symmetry-equivalent images of one neighbour in a rocksalt cell. Exact only while the
   geometry stays as built (fine-tuning, prediction, type-masking pre-training), since a
   perturbation changes equal lengths by different amounts. Shipped data: 47% (JARVIS),
-  52% (MP), 69% (pre-training corpus) of the edges remain.
+  60% (MP), 48% (pre-training corpus) of the edges remain (`scripts/merge_stats.py`).
 
 Vector-valued sums over edges (the pre-training position head, sum of w_e * vec_e / |vec_e|)
 use ``net`` instead: the members with the representative's image minus those with the opposite
