@@ -758,7 +758,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
             state, m = train_step(state, dev)
             pending.append((i, m))
             if len(pending) >= log_every:
-                loop._drain(pending, sums)
+                loop._drain(pending, sums, keep=2)  # as train/loop.py: never wait on the newest steps
         loop._drain(pending, sums)
         jax.block_until_ready(state)
         t_end = time.perf_counter()
