@@ -336,7 +336,7 @@ class Predictor:
         from dpf_jax.data.dataset import GraphParams
 
         # a fine-tuned model's input geometry is never perturbed: every merge level is exact
-        return GraphParams.from_config(self.config.graph, perturbs_geometry=False)
+        return GraphParams.from_config(self.config.graph)
 
     def predict_crystals(self, crystals: Sequence, targets: Sequence[float] | None = None,
                          progress: bool = False) -> Prediction:

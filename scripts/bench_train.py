@@ -489,11 +489,17 @@ def host_pool(batcher, config, size: int, drop: bool) -> list:
 
 
 def dump_group(dump: dict, group: str, pool) -> None:
-    """The real part of each batch, device shares concatenated (node indices offset)."""
+    """The real part of each batch, device shares concatenated (node indices offset). The edges
+    are those the step processed: with `graph.merge_edges` (on by default) each stands for
+    `edge_count` reference edges of the same receiver, sender and length, and `n_edge` counts
+    merged edges. Repeating edge e edge_count[e] times (`np.repeat(senders, edge_count)`, ...)
+    gives a graph with the reference's multiset of (receiver, sender, length), hence the same
+    Matformer output, though not the reference's images; for the reference edge list itself,
+    dump with `--set graph.merge_edges=none`."""
     for i, b in enumerate(pool):
         D = b.n_node.shape[0]
-        parts = {k: [] for k in ("senders", "receivers", "images", "positions", "lattice", "atomic_numbers",
-                                 "n_node", "n_edge", "target")}
+        parts = {k: [] for k in ("senders", "receivers", "images", "edge_count", "positions", "lattice",
+                                 "atomic_numbers", "n_node", "n_edge", "target")}
         offset = 0
         for d in range(D):
             nm, em, gm = b.nodes["mask"][d], b.edges["mask"][d], b.globals["mask"][d]
@@ -502,6 +508,8 @@ def dump_group(dump: dict, group: str, pool) -> None:
             parts["senders"].append(b.senders[d][em] + offset)
             parts["receivers"].append(b.receivers[d][em] + offset)
             parts["images"].append(b.edges["images"][d][em])
+            parts["edge_count"].append(b.edges["count"][d][em] if "count" in b.edges
+                                       else np.ones(int(em.sum()), np.int32))
             parts["positions"].append(b.nodes["positions"][d][nm])
             parts["atomic_numbers"].append(b.nodes["species"][d][nm])
             parts["lattice"].append(b.globals["lattice"][d][gm])

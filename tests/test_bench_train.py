@@ -13,7 +13,8 @@ from dpf_jax.model import layers as bn_layers
 
 bench = load_script("bench_train")
 
-FIELDS = ("senders", "receivers", "images", "positions", "lattice", "atomic_numbers", "n_node", "n_edge")
+FIELDS = ("senders", "receivers", "images", "edge_count", "positions", "lattice", "atomic_numbers", "n_node",
+          "n_edge")
 
 
 def test_flop_count_of_the_default_model():
@@ -57,6 +58,7 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
                 "xla_step_memory_bytes", "jit_cache_entries"):
         assert key in r, key
     assert r["crystals_per_s"] > 0 and r["tflops"] > 0 and 0 <= r["edge_padding"] < 1
+    assert r["merge_edges"] == "distance" and 0.3 < r["merged_edge_fraction"] < 0.8
     assert r["formulation"] in ("edge", "node")
     assert r["crystals_per_s_min"] <= r["crystals_per_s"] <= r["crystals_per_s_max"]
     assert r["jit_cache_entries"] in (None, len(r["compile_s"]))  # no recompilation while timed
@@ -70,7 +72,9 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
         n_node, n_edge = b["n_node"], b["n_edge"]
         assert len(n_node) == len(n_edge) == 8 == len(b["lattice"])
         assert n_node.sum() == len(b["positions"]) == len(b["atomic_numbers"])
-        assert n_edge.sum() == len(b["senders"]) == len(b["receivers"]) == len(b["images"])
+        assert n_edge.sum() == len(b["senders"]) == len(b["receivers"]) == len(b["images"]) == len(b["edge_count"])
+        # fine-tuning merges equal edges by default: each dumped edge stands for edge_count reference edges
+        assert (b["edge_count"] >= 1).all() and b["edge_count"].sum() > len(b["senders"])
         assert b["positions"].shape[1] == 3 and b["lattice"].shape[1:] == (3, 3) and b["images"].shape[1] == 3
         assert (b["atomic_numbers"] > 0).all()
         # every edge stays inside its own crystal (device shares concatenated with offsets)

@@ -423,12 +423,23 @@ def test_compare_device_counts_script(tmp_path):
 
 @pytest.mark.parametrize("name, level", [("finetune_jarvis", "distance"), ("finetune_mp", "distance"),
                                          ("pretrain_mask30", "distance"), ("pretrain_official", "distance"),
-                                         ("pretrain_pos10", "mirror"), ("pretrain_lattice30", "mirror")])
+                                         ("pretrain_pos10", "mirror"), ("pretrain_lattice30", "mirror"),
+                                         ("pretrain_lattice30+rebuild", "distance"), ("pretrain_pos10+rebuild", "mirror")])
 def test_shipped_configs_merge_edges_as_far_as_exact(name, level):
     """graph.merge_edges="auto" per shipped config: by distance where the step never moves atoms
-    or the lattice (fine-tuning, type masking, the official corruption applied on the host with
-    its graphs rebuilt), only mirrored self-images under position or lattice noise."""
+    or the lattice and no head sums edge vectors (fine-tuning, type masking, the official
+    corruption and rebuilt topologies, whose graphs are merged as perturbed), only mirrored
+    self-images under lattice noise on the device or with the position head."""
     import importlib
 
-    config = importlib.import_module(f"configs.{name}").get_config()
+    module, _, rebuild = name.partition("+")
+    config = importlib.import_module(f"configs.{module}").get_config()
+    config.pretrain.rebuild_topology = bool(rebuild)
     assert loop._graph_params(config).merge_edges == level
+
+
+def test_finetune_config_without_a_pretrain_section():
+    """Fine-tuning never reads the pre-training settings (configs of older versions lack them)."""
+    config = finetune_jarvis.get_config()
+    del config["pretrain"]
+    assert loop._graph_params(config).merge_edges == "distance"

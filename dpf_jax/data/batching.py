@@ -10,7 +10,8 @@ Batch layout (every array numpy on the host; the training code adds a leading de
              "mask":      bool[E],
              "count":     int32[E]   reference edges this edge stands for (1 unless the graph
                                      was merged, `graphs.merge_equivalent_edges`; 0 for padding),
-             "net":       int32[E]   its net count for vector sums over edges (same source)}
+             "net":       int32[E]   its net count for vector sums over edges (same source;
+                                     absent after "distance" merging, which has none)}
   globals = {"lattice":   float32[G,3,3] rows = lattice vectors (identity for padding graphs),
              "target":    float32[G] raw target (0 where absent),
              "index":     int32[G] position of the crystal in the global batch (-1: padding),
@@ -72,7 +73,8 @@ def graph_to_jraph(graph: CrystalGraph, target: float | None = None) -> jraph.Gr
             "mask": np.ones(n, bool),
         },
         edges={"images": graph.images.astype(np.int32), "mask": np.ones(e, bool),
-               "count": graph.edge_counts().astype(np.int32), "net": graph.edge_net().astype(np.int32)},
+               "count": graph.edge_counts().astype(np.int32),
+               **({"net": graph.edge_net().astype(np.int32)} if graph.has_net else {})},
         senders=graph.senders.astype(np.int32),
         receivers=graph.receivers.astype(np.int32),
         globals={
@@ -96,43 +98,50 @@ def spread_padding_loops(n_node: int, n_node_padded: int, n_edge: int, n_edge_pa
 
 
 def _concat_padded(parts: Sequence[np.ndarray], n: int, size: int) -> np.ndarray:
-    """The arrays `parts` (n rows together) one after the other, then zeros up to `size` rows."""
-    out = np.empty((size,) + parts[0].shape[1:], parts[0].dtype)
+    """The arrays `parts` (n rows together) one after the other, then zeros up to `size` rows
+    (dtype promoted over the parts, as np.concatenate would)."""
+    out = np.empty((size,) + parts[0].shape[1:], np.result_type(*parts))
     np.concatenate(parts, axis=0, out=out[:n])
     out[n:] = 0
     return out
 
 
 def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index: int = 0,
-               positions: Sequence[int] | None = None) -> jraph.GraphsTuple:
+               positions: Sequence[int] | None = None, template: jraph.GraphsTuple | None = None
+               ) -> jraph.GraphsTuple:
     """Concatenates single-crystal graphs and pads them to `budget` with `jraph` padding.
 
     globals["index"] is each graph's position in the global batch: `positions` if given, else
-    `first_index`, `first_index + 1`, ... (-1 on padding graphs).
+    `first_index`, `first_index + 1`, ... (-1 on padding graphs). An empty list gives an
+    all-padding batch with the fields (and dtypes) of `template`, a graph of the same dataset
+    (default: this module's layout, unmerged).
 
     The layout is that of `jraph.batch_np` + `jraph.pad_with_graphs` (tested against them),
     written as one concatenation per field: those two walk every graph's every field in Python,
     which made them ~80% of the host's batching time (tests/test_batching.py).
     """
     n_graph = len(graphs)
-    if n_graph >= budget.n_graph:
-        raise ValueError(f"{n_graph} graphs do not fit a budget of {budget.n_graph} (one is padding)")
     if not graphs:  # an empty device share (last partial batch on many devices)
-        graphs = [jraph.GraphsTuple(
-            nodes={"species": np.zeros(0, np.int32), "positions": np.zeros((0, 3), np.float32),
-                   "graph": np.zeros(0, np.int32), "mask": np.zeros(0, bool)},
-            edges={"images": np.zeros((0, 3), np.int32), "mask": np.zeros(0, bool),
-                   "count": np.zeros(0, np.int32), "net": np.zeros(0, np.int32)},
-            senders=np.zeros(0, np.int32), receivers=np.zeros(0, np.int32),
-            globals={"lattice": np.zeros((0, 3, 3), np.float32), "target": np.zeros(0, np.float32),
-                     "index": np.zeros(0, np.int32), "mask": np.zeros(0, bool)},
-            n_node=np.zeros(0, np.int32), n_edge=np.zeros(0, np.int32))]
+        if template is None:
+            template = jraph.GraphsTuple(
+                nodes={"species": np.zeros(0, np.int32), "positions": np.zeros((0, 3), np.float32),
+                       "graph": np.zeros(0, np.int32), "mask": np.zeros(0, bool)},
+                edges={"images": np.zeros((0, 3), np.int32), "mask": np.zeros(0, bool),
+                       "count": np.zeros(0, np.int32), "net": np.zeros(0, np.int32)},
+                senders=np.zeros(0, np.int32), receivers=np.zeros(0, np.int32),
+                globals={"lattice": np.zeros((0, 3, 3), np.float32), "target": np.zeros(0, np.float32),
+                         "index": np.zeros(0, np.int32), "mask": np.zeros(0, bool)},
+                n_node=np.zeros(0, np.int32), n_edge=np.zeros(0, np.int32))
+        graphs = [jraph.GraphsTuple(*(None if x is None else {k: v[:0] for k, v in x.items()} if isinstance(x, dict)
+                                      else np.asarray(x)[:0] for x in template))]
     n_node_g = np.concatenate([g.n_node for g in graphs]).astype(np.int32)
     n_edge_g = np.concatenate([g.n_edge for g in graphs]).astype(np.int32)
     n_node, n_edge = int(n_node_g.sum()), int(n_edge_g.sum())
+    n_real_graphs = n_node_g.size
+    if n_real_graphs >= budget.n_graph:
+        raise ValueError(f"{n_real_graphs} graphs do not fit a budget of {budget.n_graph} (one is padding)")
     if n_node >= budget.n_node or n_edge > budget.n_edge:
         raise ValueError(f"batch of {n_node} nodes / {n_edge} edges exceeds {budget}")
-    n_real_graphs = n_node_g.size
     # each GraphsTuple's first node index in the batch, repeated over its edges
     if len(graphs) == n_real_graphs:  # single-crystal GraphsTuples (the batchers' case)
         node_sizes, edge_sizes = n_node_g, n_edge_g
@@ -324,7 +333,7 @@ class GraphBatcher:
     def pad_share(self, share: Sequence[int], budget: Budget, positions: Sequence[int]) -> jraph.GraphsTuple:
         """One device's padded share: crystals `share` at global-batch `positions` (subclasses
         add fields, e.g. denoising targets)."""
-        return pad_graphs([self.graphs[i] for i in share], budget, positions=positions)
+        return pad_graphs([self.graphs[i] for i in share], budget, positions=positions, template=self.graphs[0])
 
     def make_batch(self, indices: Sequence[int], budget: Budget | None = None) -> jraph.GraphsTuple:
         """The padded batch of these crystals (to `budget` if given, else the smallest fitting)."""

@@ -47,19 +47,20 @@ class GraphParams:
         return f"c{self.cutoff:g}-k{self.max_neighbors}-l{int(self.use_lattice)}{merged}-v{GRAPH_BUILDER_VERSION}"
 
     @classmethod
-    def from_config(cls, graph_cfg, perturbs_geometry: bool) -> "GraphParams":
+    def from_config(cls, graph_cfg, distance_blocker: str | None = None) -> "GraphParams":
         """From a config's `graph` section. `graph.merge_edges`: "auto" (default) merges by
-        distance unless `perturbs_geometry` (pre-training with position or lattice noise
-        applied on the device), where only mirrored self-images stay exact ("mirror");
-        "distance" is refused there. Configs from before the option: "auto"."""
+        distance unless `distance_blocker` names a reason it would not be exact (the training
+        step perturbs geometry, or a head sums edge vectors), then only mirrored self-images
+        ("mirror"); an explicit "distance" is refused with that reason. Configs from before the
+        option: "auto"."""
         level = graph_cfg.get("merge_edges", "auto")
         if level == "auto":
-            level = "mirror" if perturbs_geometry else "distance"
+            level = "mirror" if distance_blocker else "distance"
         if level not in MERGE_LEVELS:
             raise ValueError(f"graph.merge_edges must be 'auto' or one of {MERGE_LEVELS}, got {level!r}")
-        if level == "distance" and perturbs_geometry:
-            raise ValueError("graph.merge_edges='distance' is exact only for unperturbed geometry; this run perturbs "
-                             "positions or the lattice: use 'mirror', 'none' or 'auto'")
+        if level == "distance" and distance_blocker:
+            raise ValueError(f"graph.merge_edges='distance' would change this run's results: {distance_blocker}; "
+                             "use 'mirror', 'none' or 'auto'")
         return cls(cutoff=graph_cfg.cutoff, max_neighbors=graph_cfg.max_neighbors, use_lattice=graph_cfg.use_lattice,
                    merge_edges=level)
 
@@ -153,8 +154,9 @@ def _save_cache(path: Path, ids, graphs):
                                else np.zeros(shape, np.int32))
     merged = {}
     if any(g.counts is not None for g in ok):  # merged graphs (GraphParams.merge_edges)
-        merged = {"counts": np.concatenate([g.edge_counts() for g in ok]),
-                  "net": np.concatenate([g.edge_net() for g in ok])}
+        merged["counts"] = np.concatenate([g.edge_counts() for g in ok])
+        if all(g.has_net for g in ok):  # not after "distance" merging
+            merged["net"] = np.concatenate([g.edge_net() for g in ok])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
     os.close(fd)
@@ -170,7 +172,8 @@ def _load_cache(path: Path, crystals: Sequence[Crystal]):
         if len(ids) != len(crystals) or any(i != c.id for i, c in zip(ids, crystals)):
             return None
         s, r, im = z["senders"], z["receivers"], z["images"]
-        counts, net = (z["counts"], z["net"]) if "counts" in z.files else (None, None)
+        counts = z["counts"] if "counts" in z.files else None
+        net = z["net"] if "net" in z.files else None
     offsets = np.concatenate([[0], np.cumsum(np.maximum(n_edge, 0))])
     graphs = []
     for k, c in enumerate(crystals):
@@ -178,8 +181,8 @@ def _load_cache(path: Path, crystals: Sequence[Crystal]):
             graphs.append(None)
         else:
             a, b = offsets[k], offsets[k + 1]
-            extra = () if counts is None else (counts[a:b], net[a:b])
-            graphs.append(CrystalGraph(c, s[a:b], r[a:b], im[a:b], *extra))
+            graphs.append(CrystalGraph(c, s[a:b], r[a:b], im[a:b], None if counts is None else counts[a:b],
+                                       None if net is None else net[a:b]))
     return graphs
 
 

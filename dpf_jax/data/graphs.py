@@ -95,9 +95,9 @@ multiplies each message by it) gives the same sums with fewer edges to process. 
 
 Vector-valued sums over edges (the pre-training position head, sum of w_e * vec_e / |vec_e|)
 use ``net`` instead: the members with the representative's image minus those with the opposite
-image. A mirror group contributes zero (its ``+n`` and ``-n`` terms cancel exactly, as they do
-edge by edge). ``net`` means nothing after ``"distance"`` merging, whose groups hold other
-images too; that level is refused wherever positions are perturbed.
+image. A mirror group contributes zero (its ``+n`` and ``-n`` terms cancel, as they do edge by
+edge up to rounding). ``"distance"`` groups hold vectors of other directions too, so their
+graphs carry no ``net`` and the position head refuses them.
 """
 
 from __future__ import annotations
@@ -132,7 +132,10 @@ class CrystalGraph:
     """A crystal plus its directed edge list (both directions of every undirected edge).
 
     Edges are sorted by receiver (then sender), so a batch built by concatenation is sorted too
-    and segment sums may use `indices_are_sorted=True`.
+    and segment sums may use `indices_are_sorted=True`. A merged graph
+    (`merge_equivalent_edges`) keeps one edge per group of equal ones: `num_edges` counts those,
+    `counts` / `num_reference_edges` the reference edges they stand for (use these, not the
+    edge list, for neighbour counts).
     """
 
     crystal: Crystal
@@ -140,7 +143,8 @@ class CrystalGraph:
     receivers: np.ndarray  # (E,) int32
     images: np.ndarray  # (E, 3) int32
     # After `merge_equivalent_edges`: how many reference edges each edge stands for, and its
-    # net count for vector sums (see the module docstring). None: one each (no merging).
+    # net count for vector sums (see the module docstring); None: one each (no merging). A
+    # "distance"-merged graph has counts but no net (its groups hold unrelated vectors).
     counts: np.ndarray | None = None  # (E,) int32
     net: np.ndarray | None = None  # (E,) int32
 
@@ -161,8 +165,16 @@ class CrystalGraph:
         """(E,) int32 `counts`, ones when nothing was merged."""
         return np.ones(self.num_edges, np.int32) if self.counts is None else self.counts
 
+    @property
+    def has_net(self) -> bool:
+        """Whether vector sums over edges are defined (unmerged or "mirror"-merged)."""
+        return self.counts is None or self.net is not None
+
     def edge_net(self) -> np.ndarray:
-        """(E,) int32 `net`, ones when nothing was merged."""
+        """(E,) int32 `net`, ones when nothing was merged. Raises for "distance"-merged graphs."""
+        if not self.has_net:
+            raise ValueError(f"{self.crystal.id}: a 'distance'-merged graph has no net edge counts (its merged "
+                             "edges stand for vectors of other directions); vector sums over edges need 'mirror'")
         return np.ones(self.num_edges, np.int32) if self.net is None else self.net
 
     def edge_vectors(self) -> np.ndarray:
@@ -476,15 +488,16 @@ def merge_equivalent_edges(graph: CrystalGraph, level: str) -> CrystalGraph:
     ``i -> i`` with ``n`` and ``-n``; exact under any perturbation) or "distance" (same
     receiver, sender and float32 length; exact for the geometry as built). The first edge of
     each group stands for it, so the edges keep their order (sorted by receiver); `counts`
-    sums the members' counts and `net` their net counts, each member signed +1 if its image is
-    the representative's, -1 if it is the opposite one, 0 otherwise (only under "distance").
+    sums the members' counts and, under "mirror", `net` their net counts, each member signed +1
+    if its image is the representative's and -1 if it is the opposite one ("distance": no `net`).
     Merging an already merged graph again composes (counts add up).
     """
     if level not in MERGE_LEVELS:
         raise ValueError(f"merge level must be one of {MERGE_LEVELS}, got {level!r}")
     n_edge = graph.num_edges
-    if level == "none" or n_edge == 0:
+    if level == "none":
         return graph
+    # (always a merged graph, groups of one included, so a dataset's graphs share one layout)
     r, s, img = graph.receivers, graph.senders, graph.images.astype(np.int64)
     # a self-image edge's image up to sign: the sign that makes its first non-zero entry positive
     lead = img[np.arange(n_edge), np.argmax(img != 0, axis=1)]
@@ -496,17 +509,16 @@ def merge_equivalent_edges(graph: CrystalGraph, level: str) -> CrystalGraph:
         key = np.column_stack([r, s, length.view(np.int32)])
     _, first, group = np.unique(key, axis=0, return_index=True, return_inverse=True)
     group = group.reshape(-1)
-    if first.size == n_edge:
-        return graph
     # renumber the groups in edge order, so the representatives keep the sorted edge order
     order = np.argsort(first, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
     group, keep = rank[group], first[order]
-    rep = img[keep][group]
-    sign = np.where(np.all(img == rep, axis=1), 1, np.where(np.all(img == -rep, axis=1), -1, 0))
     counts = np.bincount(group, weights=graph.edge_counts(), minlength=keep.size).astype(np.int32)
-    net = np.bincount(group, weights=sign * graph.edge_net(), minlength=keep.size).astype(np.int32)
+    net = None
+    if level == "mirror" and graph.has_net:  # every member's image is +-(the representative's)
+        sign = np.where(np.all(img == img[keep][group], axis=1), 1, -1)
+        net = np.bincount(group, weights=sign * graph.edge_net(), minlength=keep.size).astype(np.int32)
     return dataclasses.replace(graph, senders=graph.senders[keep], receivers=graph.receivers[keep],
                                images=graph.images[keep], counts=counts, net=net)
 

@@ -58,8 +58,9 @@ class PositionHead(nn.Module):
     every atom leaves it unchanged. Padding edges are masked out. The first layer is split
     per input block (h_i W_a + h_j W_b + rbf W_c), so h_i W_a and h_j W_b are computed per node
     and gathered. Note the lattice self-loops (+a and -a, ...) of an atom have equal weights
-    and cancel exactly, as they should. `edge_net` (merged graphs, `edges["net"]`): each edge's
-    term counts that many times (0 for a merged mirror pair, whose terms cancel); None: once.
+    and cancel, as they should (up to float rounding; exactly when merged as a mirror pair).
+    `edge_net` (merged graphs, `edges["net"]`): each edge's term counts that many times (0 for a
+    merged mirror pair); None: once.
     """
 
     hidden: int = 128
@@ -149,6 +150,10 @@ class DenoisingModel(nn.Module):
         if self.types:
             out["type_logits"] = TypeHead(self.num_types, dt, prec, name="type_head")(enc.nodes)
         if self.positions:
+            if "count" in graph.edges and "net" not in graph.edges:
+                raise ValueError("the position head sums edge vectors, but these graphs were merged by distance "
+                                 "(graph.merge_edges='distance'), whose merged edges stand for vectors of other "
+                                 "directions: build them with merge_edges='mirror' or 'none'")
             out["displacement"] = PositionHead(self.head_hidden, self.encoder.rbf_bins, self.encoder.cutoff, dt,
                                                prec, name="position_head")(
                 enc.nodes, enc.edge_vec, enc.edge_len, graph.senders, graph.receivers,

@@ -186,8 +186,8 @@ class RebuildingBatcher(GraphBatcher):
         padded = []
         for graphs, targets, positions in built:
             host_targets = batch_host_targets(targets, budget.n_node, budget.n_graph) if targets else {}
-            padded.append(attach_targets(pad_graphs(graphs, budget, positions=positions), host_targets,
-                                         GRAPH_LEVEL))
+            padded.append(attach_targets(pad_graphs(graphs, budget, positions=positions, template=self.graphs[0]),
+                                         host_targets, GRAPH_LEVEL))
         if any(not t for _, t, _ in built):  # an empty device share: give it the same fields
             template = next(p for p, (_, t, _) in zip(padded, built) if t)
             padded = [p if t else _zero_fields_like(p, template) for p, (_, t, _) in zip(padded, built)]

@@ -69,16 +69,25 @@ def check_workdir(workdir: Path, min_free_mb: int = 200) -> None:
                             f"need at least {min_free_mb} MB for checkpoints")
 
 
-def perturbs_geometry(config) -> bool:
-    """Whether the training step moves atoms or the lattice of the batch it is given (paper
-    corruption with position or lattice noise): then only "mirror" edge merging is exact."""
+def distance_merge_blocker(config) -> str | None:
+    """Why merging edges by distance (`graph.merge_edges`) would not be exact for this run, or
+    None. Only pre-training with the paper's corruption has a reason: the position head sums
+    edge vectors, and a step that perturbs the lattice itself changes equal lengths by different
+    amounts (with `rebuild_topology` the input pipeline perturbs and merges the perturbed
+    structure, which stays exact)."""
+    if config.mode != "pretrain" or _corruption(config) != "paper":
+        return None
     p = config.pretrain
-    return (config.mode == "pretrain" and _corruption(config) == "paper"
-            and bool(p.position_scale or p.lattice_scale))
+    if p.position_scale:
+        return ("the position head (pretrain.position_scale > 0) sums edge vectors, and distance-merged edges stand "
+                "for vectors of other directions")
+    if p.lattice_scale and not p.rebuild_topology:
+        return "the training step perturbs the lattice (pretrain.lattice_scale > 0), so equal edge lengths stop being equal"
+    return None
 
 
 def _graph_params(config) -> GraphParams:
-    return GraphParams.from_config(config.graph, perturbs_geometry(config))
+    return GraphParams.from_config(config.graph, distance_merge_blocker(config))
 
 
 def load_data(config) -> PreparedData:
@@ -562,9 +571,9 @@ def final_results(config, objective, state, checkpointer, eval_step, mesh, key, 
 
 # The settings that define what a run computes: resuming with any of them changed would continue
 # one run under another's name (e.g. a formation-energy model scored and saved as a band gap run).
-# Sections are compared whole. Speed-only settings (precision, remat, kernels, budgets, edge
-# merging, logging, checkpoint intervals, workers, max_steps) may change between a run and its
-# resumption.
+# "pretrain" is compared whole, "graph" key by key (a new graph.* key must be added here if it
+# changes results). Speed-only settings (precision, remat, kernels, budgets, edge merging,
+# logging, checkpoint intervals, workers, max_steps) may change between a run and its resumption.
 RUN_DEFINING_SETTINGS = (
     "mode", "seed", "init_checkpoint", "data.path", "data.task", "data.units", "data.target_transform",
     "data.val_fraction", "data.max_records", "graph.cutoff", "graph.max_neighbors", "graph.use_lattice",
