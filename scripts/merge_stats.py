@@ -63,7 +63,7 @@ def main(argv=None):
         out[Path(f).name] = merge_fractions(records)
         print(f"{f}: {out[Path(f).name]['fraction_kept']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.synthetic_count:
-        from bench_train import SYNTH_MAX_K, choose_k, synthetic_crystals  # noqa: F401
+        from bench_train import choose_k, synthetic_crystals
 
         crystals = synthetic_crystals(args.synthetic_count, seed=0)
         k, _ = choose_k(crystals[:128], 36.0)  # as bench_train.py --synthetic does

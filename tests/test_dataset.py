@@ -90,3 +90,39 @@ def test_graph_params_from_config_resolve_the_merge_level():
         GraphParams.from_config(g)
     old = ml_collections.ConfigDict({"cutoff": 8.0, "max_neighbors": 12, "use_lattice": True})
     assert GraphParams.from_config(old).merge_edges == "distance"
+
+
+def test_bad_structures_are_skipped_counted_and_named(tmp_path):
+    path = _subset(tmp_path, 40, corrupt=(3, 17))
+    data = prepare_labeled(str(path), "formation_energy_peratom", cache_dir=None, workers=1, progress=False)
+    assert len(data.skipped) == 2
+    bad_ids = {rid for rid, _ in data.skipped}
+    lines = gzip.open(path, "rt").read().splitlines()
+    assert bad_ids == {json.loads(lines[3])["id"], json.loads(lines[17])["id"]}
+    assert all("overlap" in reason for _, reason in data.skipped)
+    total = sum(len(s) for s in data.splits.values())
+    assert total == 38
+
+
+def test_official_splits_and_log10_transform():
+    data = prepare_labeled(str(DATA / "mp_megnet.jsonl.gz"), "K_VRH", transform="log10",
+                           cache_dir=None, workers=2, progress=False)
+    sizes = {k: len(v) for k, v in data.splits.items()}
+    # 899/112/113 in the data README, less any non-positive moduli dropped by log10
+    assert 890 <= sizes["train"] <= 899 and 105 <= sizes["val"] <= 112 and 105 <= sizes["test"] <= 113
+    assert np.all(data.splits["train"].targets < 3.5) and np.all(data.splits["train"].targets > -1)
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="not found"):
+        prepare_labeled(str(DATA / "jarvis_dft3d.jsonl.gz"), "no_such_task", cache_dir=None,
+                        max_records=20, progress=False)
+
+
+def test_unlabeled_split_is_stable():
+    a = prepare_unlabeled(str(DATA / "pretrain.jsonl.gz"), max_records=200, cache_dir=None,
+                          workers=1, progress=False, seed=0, val_fraction=0.1)
+    b = prepare_unlabeled(str(DATA / "pretrain.jsonl.gz"), max_records=200, cache_dir=None,
+                          workers=1, progress=False, seed=0, val_fraction=0.1)
+    assert a.splits["val"].ids == b.splits["val"].ids
+    assert 5 <= len(a.splits["val"]) <= 40 and len(a.splits["train"]) + len(a.splits["val"]) == 200
