@@ -202,6 +202,18 @@ def flop_coefficients(table) -> dict:
     return out
 
 
+def reference_edges(host_batch) -> int:
+    """Edges of the reference graphs a (merged) host batch stands for: each edge's count, times
+    its receiver's class size after "atoms" merging (only the class representative's edges are
+    kept)."""
+    if "count" not in host_batch.edges:
+        return int(host_batch.edges["mask"].sum())
+    count = host_batch.edges["count"].astype(np.int64)
+    if "source" in host_batch.edges:
+        count = count * np.take_along_axis(host_batch.nodes["count"], host_batch.receivers, axis=-1)
+    return int(count.sum())
+
+
 def batch_sizes_of(host_batch) -> dict:
     """Real and padded sizes of a device-stacked host batch (leading device axis)."""
     D = host_batch.n_node.shape[0]
@@ -209,8 +221,7 @@ def batch_sizes_of(host_batch) -> dict:
             "real_nodes": int(host_batch.nodes["mask"].sum()),
             "real_edges": int(host_batch.edges["mask"].sum()),
             # edges of the unmerged (reference) graphs; = real_edges unless graph.merge_edges merged some
-            "reference_edges": int(host_batch.edges["count"].sum()) if "count" in host_batch.edges
-            else int(host_batch.edges["mask"].sum()),
+            "reference_edges": reference_edges(host_batch),
             "real_graphs": int(host_batch.globals["mask"].sum()),
             "pad_nodes": int(host_batch.nodes["mask"].size),
             "pad_edges": int(host_batch.edges["mask"].size),

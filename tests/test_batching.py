@@ -72,14 +72,19 @@ def _pad_graphs_with_jraph(graphs, budget, positions):
     index = np.full(budget.n_graph, -1, np.int32)
     index[:len(graphs)] = positions
     loops = spread_padding_loops(n_node, budget.n_node, n_edge, budget.n_edge)
+    edges = padded.edges
+    if "source" in edges:  # an index field ("atoms" merging): offset like the senders, padding loops
+        offsets = np.repeat(np.cumsum(batch.n_node) - batch.n_node, batch.n_edge)
+        edges = {**edges, "source": np.concatenate([edges["source"][:n_edge] + offsets, loops]).astype(np.int32)}
     return padded._replace(
+        edges=edges,
         nodes={**padded.nodes, "graph": np.repeat(np.arange(budget.n_graph, dtype=np.int32), padded.n_node)},
         globals={**padded.globals, "lattice": lattice, "index": index},
         senders=np.concatenate([padded.senders[:n_edge], loops]), receivers=np.concatenate([padded.receivers[:n_edge],
                                                                                            loops]))
 
 
-@pytest.mark.parametrize("merge", ["none", "distance"])
+@pytest.mark.parametrize("merge", ["none", "distance", "atoms"])
 def test_pad_graphs_equals_jraph_batch_and_pad(jarvis_graphs, merge):
     """Field by field, dtype included, the same batch as jraph's batch_np + pad_with_graphs, for
     shares of 1 to 60 crystals (merged graphs: their count / net fields too)."""
@@ -91,6 +96,7 @@ def test_pad_graphs_equals_jraph_batch_and_pad(jarvis_graphs, merge):
         records = load_dataset_records(DATA / "jarvis_dft3d.jsonl.gz").records[:60]
         gs = [graph_to_jraph(merge_equivalent_edges(build_crystal_graph(r), merge)) for r in records]
         assert any(int(g.edges["count"].max()) > 1 for g in gs)
+        assert merge != "atoms" or any(int(g.nodes["count"].max()) > 1 for g in gs)
     rng = np.random.default_rng(0)
     for size in (1, 7, 60):
         share = [gs[i] for i in rng.choice(len(gs), size, replace=False)]

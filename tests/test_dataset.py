@@ -52,44 +52,49 @@ def test_cache_roundtrip_and_key(tmp_path):
     # other graph parameters → another cache entry
     cached_graphs(records, path, GraphParams(cutoff=6.0), cache_dir=cache, workers=1, progress=False)
     assert len(list(cache.glob("*.npz"))) == 2
-    # merged graphs: their own entry, counts and net counts read back as built
-    merged = GraphParams(merge_edges="distance")
-    built, _ = cached_graphs(records, path, merged, cache_dir=cache, workers=1, progress=False)
-    assert len(list(cache.glob("*.npz"))) == 3
-    loaded, _ = cached_graphs(records, path, merged, cache_dir=cache, workers=1, progress=False)
-    assert sum(g.num_edges for g in built) < 0.6 * sum(g.num_edges for g in first)
-    for a, b, ref in zip(built, loaded, first):
-        for field in ("senders", "receivers", "images", "counts", "net"):
-            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
-        assert a.num_reference_edges == ref.num_edges
+    # merged graphs: their own entry per level, every merge field read back as built
+    for level, entries in (("distance", 3), ("atoms", 4)):
+        merged = GraphParams(merge_edges=level)
+        built, _ = cached_graphs(records, path, merged, cache_dir=cache, workers=1, progress=False)
+        assert len(list(cache.glob("*.npz"))) == entries
+        loaded, _ = cached_graphs(records, path, merged, cache_dir=cache, workers=1, progress=False)
+        assert sum(g.num_edges for g in built) < 0.6 * sum(g.num_edges for g in first)
+        for a, b, ref in zip(built, loaded, first):
+            for field in ("senders", "receivers", "images", "counts", "net", "sources", "node_counts"):
+                x, y = getattr(a, field), getattr(b, field)
+                assert (x is None) == (y is None), field
+                if x is not None:
+                    np.testing.assert_array_equal(x, y)
+            assert level == "atoms" or a.num_reference_edges == ref.num_edges
     # a changed file → another cache entry (keyed by content hash)
     path = _subset(tmp_path, 59)  # same file name, other content
     recs2 = load_dataset_records(path).records
     cached_graphs(recs2, path, cache_dir=cache, workers=1, progress=False)
-    assert len(list(cache.glob("*.npz"))) == 4
+    assert len(list(cache.glob("*.npz"))) == 5
 
 
 def test_graph_params_from_config_resolve_the_merge_level():
-    """graph.merge_edges "auto": by distance unless a reason blocks it (then "mirror"); an
-    explicit "distance" is refused with that reason; old configs without the field: "auto"."""
+    """graph.merge_edges "auto": the most merging exact for the run (`max_level`); more is
+    refused with the run's reason; old configs without the field: "auto"."""
     import ml_collections
 
     from configs import base
 
     g = base.get_config().graph
     why = "the position head sums edge vectors"
-    assert GraphParams.from_config(g).merge_edges == "distance"
-    assert GraphParams.from_config(g, why).merge_edges == "mirror"
+    assert GraphParams.from_config(g).merge_edges == "atoms"
+    assert GraphParams.from_config(g, "mirror", why).merge_edges == "mirror"
     g.merge_edges = "none"
-    assert GraphParams.from_config(g, why) == GraphParams()
+    assert GraphParams.from_config(g, "mirror", why) == GraphParams()
     g.merge_edges = "distance"
     with pytest.raises(ValueError, match="would change this run's results: the position head sums"):
-        GraphParams.from_config(g, why)
+        GraphParams.from_config(g, "mirror", why)
+    assert GraphParams.from_config(g).merge_edges == "distance"
     g.merge_edges = "everything"
     with pytest.raises(ValueError, match="graph.merge_edges must be"):
         GraphParams.from_config(g)
     old = ml_collections.ConfigDict({"cutoff": 8.0, "max_neighbors": 12, "use_lattice": True})
-    assert GraphParams.from_config(old).merge_edges == "distance"
+    assert GraphParams.from_config(old, "distance", "per-atom outputs").merge_edges == "distance"
 
 
 def test_bad_structures_are_skipped_counted_and_named(tmp_path):

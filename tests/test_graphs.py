@@ -610,3 +610,65 @@ def test_merge_levels_compose_and_reject_unknown_names():
         build_crystal_graph(c, merge_edges="all")
     with pytest.raises(ValueError, match="merge level"):
         graphs_mod.merge_equivalent_edges(ref, "everything")
+
+
+def _incoming(g: CrystalGraph, classes, node) -> collections.Counter:
+    """Multiset of (sender's class, float32 length) over the reference edges into `node`."""
+    into = g.receivers == node
+    return collections.Counter(zip(classes[g.edge_sources()[into]].tolist(), _length32(g)[into].tolist()))
+
+
+@pytest.mark.parametrize("name", ["jarvis_dft3d", "mp_megnet"])
+def test_atom_classes_are_an_equitable_partition(name):
+    """On 80 shipped structures: atoms of one class have the same species and the same multiset
+    of (sender's class, length) over their incoming edges (what makes their features equal in
+    every layer), checked by brute force; an "atoms"-merged graph keeps exactly the incoming
+    edges of each class's first atom, senders mapped to their class's first atom, counts and
+    lengths intact, and every atom once in `node_counts`."""
+    merged_atoms = total_atoms = 0
+    for c in load_crystals(name)[:80]:
+        ref = build_crystal_graph(c)
+        cls = graphs_mod.atom_classes(ref)
+        for k in np.unique(cls):
+            members = np.flatnonzero(cls == k)
+            assert len(set(c.numbers[members].tolist())) == 1
+            first = _incoming(ref, cls, members[0])
+            assert all(_incoming(ref, cls, m) == first for m in members[1:]), (c.id, k)
+        g = build_crystal_graph(c, merge_edges="atoms")
+        reps = np.unique(cls, return_index=True)[1]
+        assert np.array_equal(np.flatnonzero(g.node_counts), np.sort(reps))
+        assert g.node_counts.sum() == c.num_atoms and np.array_equal(g.node_counts[reps], np.bincount(cls))
+        assert set(g.receivers.tolist()) <= set(reps.tolist()) and set(g.senders.tolist()) <= set(reps.tolist())
+        assert np.array_equal(cls[g.senders], cls[g.sources])
+        for r in reps:  # the kept edges, counted, are the representative's incoming multiset
+            got = collections.Counter()
+            into = g.receivers == r
+            for key, n in zip(zip(cls[g.senders[into]].tolist(), _length32(g)[into].tolist()),
+                              g.counts[into].tolist()):
+                got[key] += n
+            assert got == _incoming(ref, cls, r), (c.id, r)
+        merged_atoms += int(np.count_nonzero(g.node_counts))
+        total_atoms += c.num_atoms
+    assert merged_atoms < 0.85 * total_atoms, (merged_atoms, total_atoms)
+
+
+def test_atom_classes_of_known_structures():
+    """Rocksalt in its 8-atom conventional cell: two classes (Na, Cl), so the merged graph is the
+    2-atom one; random positions: every atom its own class; translating or permuting atoms
+    moves the classes with them."""
+    a = 5.64
+    na = [(0, 0, 0), (0, .5, .5), (.5, 0, .5), (.5, .5, 0)]
+    cl = [(.5, .5, .5), (.5, 0, 0), (0, .5, 0), (0, 0, .5)]
+    rocksalt = Crystal("NaCl-conventional", np.eye(3) * a, [11] * 4 + [17] * 4, na + cl)
+    cls = graphs_mod.atom_classes(build_crystal_graph(rocksalt))
+    assert cls.tolist() == [0] * 4 + [1] * 4
+    g = build_crystal_graph(rocksalt, merge_edges="atoms")
+    assert g.node_counts.tolist() == [4, 0, 0, 0, 4, 0, 0, 0]
+    rng = np.random.default_rng(0)
+    random_cell = Crystal("random", np.eye(3) * 6.0, [14] * 6, rng.random((6, 3)))
+    assert sorted(graphs_mod.atom_classes(build_crystal_graph(random_cell)).tolist()) == list(range(6))
+    perm = np.array([5, 2, 7, 0, 1, 4, 6, 3])
+    shuffled = Crystal("shuffled", rocksalt.lattice, rocksalt.numbers[perm], (rocksalt.frac_coords[perm] + 0.13) % 1.0)
+    cls2 = graphs_mod.atom_classes(build_crystal_graph(shuffled))
+    assert np.array_equal(rocksalt.numbers[perm][cls2 == cls2[0]], np.full(4, rocksalt.numbers[perm][0]))
+    assert len(set(cls2.tolist())) == 2

@@ -182,6 +182,10 @@ def test_mirror_merged_edges_under_perturbation():
         out[level] = apply_eval(model, variables, batch)
     for name in ("type_logits", "displacement", "lattice"):
         np.testing.assert_allclose(out["mirror"][name], out["none"][name], rtol=1e-4, atol=1e-5, err_msg=name)
+    # merged atoms have no per-atom outputs: refused by every denoising model
+    with pytest.raises(ValueError, match="merged by equal atoms"):
+        apply_eval(model, variables, perturb(key, padded([build_crystal_graph(c, merge_edges="atoms") for c in cs]),
+                                             cfg)[0])
     # "distance" merging is refused by the position head (its merged edges carry no net count) ...
     with pytest.raises(ValueError, match="position head sums edge vectors"):
         apply_eval(model, variables, perturb(key, padded([build_crystal_graph(c, merge_edges="distance")

@@ -525,13 +525,14 @@ def test_remat_changes_nothing_but_memory_and_speed(crystals, remat):
 
 @pytest.mark.parametrize("formulation", ["node", "edge"])
 def test_merged_edges_give_the_same_model(crystals, formulation):
-    """Graphs with equal edges merged (`graph.merge_edges`: "mirror", "distance") give the
-    reference graph's predictions (train and eval mode), BatchNorm statistics and parameter
-    gradients, up to float32 rounding, with 30-60% fewer edges."""
+    """Graphs with equal edges merged (`graph.merge_edges`: "mirror", "distance") and equal
+    atoms merged ("atoms": BatchNorm statistics and the per-crystal mean weighted by class
+    sizes) give the reference graph's predictions (train and eval mode), BatchNorm statistics
+    and parameter gradients, up to float32 rounding, with 30-70% fewer edges."""
     model = MatformerRegressor(encoder=MatformerEncoder(**SMALL, formulation=formulation))
     ref_graphs = [build_crystal_graph(c) for c in crystals]
     batches = {level: to_device(padded_batch([build_crystal_graph(c, merge_edges=level) for c in crystals]))
-               for level in ("none", "mirror", "distance")}
+               for level in ("none", "mirror", "distance", "atoms")}
     variables = model_variables(model, batches["none"])
 
     def loss(params, batch):
@@ -541,9 +542,10 @@ def test_merged_edges_give_the_same_model(crystals, formulation):
     grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (l0, (y0, bs0)), g0 = grad_fn(variables["params"], batches["none"])
     e0 = sum(g.num_edges for g in ref_graphs)
-    for level in ("mirror", "distance"):
+    for level in ("mirror", "distance", "atoms"):
         b = batches[level]
-        assert int(b.edges["count"].sum()) == e0 and int(b.edges["mask"].sum()) < 0.8 * e0
+        assert int(b.edges["mask"].sum()) < 0.8 * e0
+        assert int(b.edges["count"].sum()) == e0 if level != "atoms" else int(b.nodes["count"].max()) > 1
         (l1, (y1, bs1)), g1 = grad_fn(variables["params"], b)
         np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5, err_msg=level)
         np.testing.assert_allclose(l1, l0, rtol=1e-5, err_msg=level)
@@ -556,3 +558,8 @@ def test_merged_edges_give_the_same_model(crystals, formulation):
                                                 "count": batches["distance"].edges["mask"].astype(jnp.int32)})
     y_plain = grad_fn(variables["params"], plain)[0][1][0]
     assert not np.allclose(y_plain, y0, rtol=1e-3, atol=1e-3)
+    # and so do the atom counts: unweighted, the merged atoms' BatchNorm statistics and means differ
+    b = batches["atoms"]
+    unweighted = b._replace(nodes={**b.nodes, "count": b.nodes["mask"].astype(jnp.int32)})
+    y_unweighted = grad_fn(variables["params"], unweighted)[0][1][0]
+    assert not np.allclose(y_unweighted, y0, rtol=1e-3, atol=1e-3)

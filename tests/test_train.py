@@ -421,25 +421,30 @@ def test_compare_device_counts_script(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["steps"] == 4
 
 
-@pytest.mark.parametrize("name, level", [("finetune_jarvis", "distance"), ("finetune_mp", "distance"),
+@pytest.mark.parametrize("name, level", [("finetune_jarvis", "atoms"), ("finetune_mp", "atoms"),
                                          ("pretrain_mask30", "distance"), ("pretrain_official", "distance"),
                                          ("pretrain_pos10", "mirror"), ("pretrain_lattice30", "mirror"),
                                          ("pretrain_lattice30+rebuild", "distance"), ("pretrain_pos10+rebuild", "mirror")])
 def test_shipped_configs_merge_edges_as_far_as_exact(name, level):
-    """graph.merge_edges="auto" per shipped config: by distance where the step never moves atoms
-    or the lattice and no head sums edge vectors (fine-tuning, type masking, the official
-    corruption and rebuilt topologies, whose graphs are merged as perturbed), only mirrored
-    self-images under lattice noise on the device or with the position head."""
+    """graph.merge_edges="auto" per shipped config: equal atoms too for fine-tuning (a mean over
+    atoms); by distance in pre-training where the step never moves atoms or the lattice and no
+    head sums edge vectors (type masking, the official corruption and rebuilt topologies, whose
+    graphs are merged as perturbed); only mirrored self-images under lattice noise on the
+    device or with the position head. More than that is refused."""
     import importlib
 
     module, _, rebuild = name.partition("+")
     config = importlib.import_module(f"configs.{module}").get_config()
     config.pretrain.rebuild_topology = bool(rebuild)
     assert loop._graph_params(config).merge_edges == level
+    if level != "atoms":
+        config.graph.merge_edges = "atoms"
+        with pytest.raises(ValueError, match="would change this run's results"):
+            loop._graph_params(config)
 
 
 def test_finetune_config_without_a_pretrain_section():
     """Fine-tuning never reads the pre-training settings (configs of older versions lack them)."""
     config = finetune_jarvis.get_config()
     del config["pretrain"]
-    assert loop._graph_params(config).merge_edges == "distance"
+    assert loop._graph_params(config).merge_edges == "atoms"

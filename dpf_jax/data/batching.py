@@ -5,13 +5,18 @@ Batch layout (every array numpy on the host; the training code adds a leading de
   nodes   = {"species":   int32[N]   atomic number Z, 0 for padding (and for masked atoms),
              "positions": float32[N,3] Cartesian Å,
              "graph":     int32[N]   index of the node's graph in this batch,
-             "mask":      bool[N]    True for real atoms}
+             "mask":      bool[N]    True for real atoms,
+             "count":     int32[N]   the atom's weight in BatchNorm statistics and per-crystal
+                                     means: 1, or after "atoms" merging its class size (0 for
+                                     atoms that only give positions); 0 for padding}
   edges   = {"images":    int32[E,3] integer image of the receiver (see graphs.py),
              "mask":      bool[E],
              "count":     int32[E]   reference edges this edge stands for (1 unless the graph
                                      was merged, `graphs.merge_equivalent_edges`; 0 for padding),
              "net":       int32[E]   its net count for vector sums over edges (same source;
-                                     absent after "distance" merging, which has none)}
+                                     absent after "distance" merging, which has none),
+             "source":    int32[E]   only after "atoms" merging: the atom the edge's vector
+                                     starts from (the sender is its class representative)}
   globals = {"lattice":   float32[G,3,3] rows = lattice vectors (identity for padding graphs),
              "target":    float32[G] raw target (0 where absent),
              "index":     int32[G] position of the crystal in the global batch (-1: padding),
@@ -71,10 +76,12 @@ def graph_to_jraph(graph: CrystalGraph, target: float | None = None) -> jraph.Gr
             "positions": c.cart_coords.astype(np.float32),
             "graph": np.zeros(n, np.int32),
             "mask": np.ones(n, bool),
+            "count": graph.atom_counts().astype(np.int32),
         },
         edges={"images": graph.images.astype(np.int32), "mask": np.ones(e, bool),
                "count": graph.edge_counts().astype(np.int32),
-               **({"net": graph.edge_net().astype(np.int32)} if graph.has_net else {})},
+               **({"net": graph.edge_net().astype(np.int32)} if graph.has_net else {}),
+               **({"source": graph.sources.astype(np.int32)} if graph.sources is not None else {})},
         senders=graph.senders.astype(np.int32),
         receivers=graph.receivers.astype(np.int32),
         globals={
@@ -125,7 +132,7 @@ def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index:
         if template is None:
             template = jraph.GraphsTuple(
                 nodes={"species": np.zeros(0, np.int32), "positions": np.zeros((0, 3), np.float32),
-                       "graph": np.zeros(0, np.int32), "mask": np.zeros(0, bool)},
+                       "graph": np.zeros(0, np.int32), "mask": np.zeros(0, bool), "count": np.zeros(0, np.int32)},
                 edges={"images": np.zeros((0, 3), np.int32), "mask": np.zeros(0, bool),
                        "count": np.zeros(0, np.int32), "net": np.zeros(0, np.int32)},
                 senders=np.zeros(0, np.int32), receivers=np.zeros(0, np.int32),
@@ -155,6 +162,9 @@ def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index:
     receivers = np.concatenate([np.concatenate([g.receivers for g in graphs]).astype(np.int32) + edge_offsets, loops])
     nodes = {k: _concat_padded([g.nodes[k] for g in graphs], n_node, budget.n_node) for k in graphs[0].nodes}
     edges = {k: _concat_padded([g.edges[k] for g in graphs], n_edge, budget.n_edge) for k in graphs[0].edges}
+    if "source" in edges:  # node indices, like the senders
+        edges["source"][:n_edge] += edge_offsets
+        edges["source"][n_edge:] = loops
     glob = {k: _concat_padded([g.globals[k] for g in graphs], n_real_graphs, budget.n_graph) for k in graphs[0].globals}
     # jraph's padding: one graph holds every padding node and edge, the other padding graphs are empty
     pad_n = np.zeros(budget.n_graph - n_real_graphs, np.int32)

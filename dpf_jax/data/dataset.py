@@ -47,20 +47,18 @@ class GraphParams:
         return f"c{self.cutoff:g}-k{self.max_neighbors}-l{int(self.use_lattice)}{merged}-v{GRAPH_BUILDER_VERSION}"
 
     @classmethod
-    def from_config(cls, graph_cfg, distance_blocker: str | None = None) -> "GraphParams":
-        """From a config's `graph` section. `graph.merge_edges`: "auto" (default) merges by
-        distance unless `distance_blocker` names a reason it would not be exact (the training
-        step perturbs geometry, or a head sums edge vectors), then only mirrored self-images
-        ("mirror"); an explicit "distance" is refused with that reason. Configs from before the
-        option: "auto"."""
+    def from_config(cls, graph_cfg, max_level: str = "atoms", reason: str = "") -> "GraphParams":
+        """From a config's `graph` section. `graph.merge_edges`: "auto" (default) takes
+        `max_level`, the most merging that is exact for the run (`MERGE_LEVELS` are ordered);
+        a level beyond it is refused with `reason`. Configs from before the option: "auto"."""
         level = graph_cfg.get("merge_edges", "auto")
         if level == "auto":
-            level = "mirror" if distance_blocker else "distance"
+            level = max_level
         if level not in MERGE_LEVELS:
             raise ValueError(f"graph.merge_edges must be 'auto' or one of {MERGE_LEVELS}, got {level!r}")
-        if level == "distance" and distance_blocker:
-            raise ValueError(f"graph.merge_edges='distance' would change this run's results: {distance_blocker}; "
-                             "use 'mirror', 'none' or 'auto'")
+        if MERGE_LEVELS.index(level) > MERGE_LEVELS.index(max_level):
+            raise ValueError(f"graph.merge_edges={level!r} would change this run's results: {reason}; use "
+                             f"{max_level!r} (what 'auto' gives here) or less")
         return cls(cutoff=graph_cfg.cutoff, max_neighbors=graph_cfg.max_neighbors, use_lattice=graph_cfg.use_lattice,
                    merge_edges=level)
 
@@ -80,7 +78,7 @@ def _build_one(args):
     crystal, params = args
     try:
         g = build_crystal_graph(crystal, **dataclasses.asdict(params))
-        return (g.senders, g.receivers, g.images, g.counts, g.net), None
+        return (g.senders, g.receivers, g.images, g.counts, g.net, g.sources, g.node_counts), None
     except CrystalError as e:
         return None, e.reason
     except Exception as e:  # noqa: BLE001 - one bad structure must not stop the dataset
@@ -157,6 +155,9 @@ def _save_cache(path: Path, ids, graphs):
         merged["counts"] = np.concatenate([g.edge_counts() for g in ok])
         if all(g.has_net for g in ok):  # not after "distance" merging
             merged["net"] = np.concatenate([g.edge_net() for g in ok])
+    if any(g.sources is not None for g in ok):  # "atoms" merging
+        merged["sources"] = np.concatenate([g.edge_sources() for g in ok])
+        merged["node_counts"] = np.concatenate([g.atom_counts() for g in ok])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
     os.close(fd)
@@ -172,17 +173,21 @@ def _load_cache(path: Path, crystals: Sequence[Crystal]):
         if len(ids) != len(crystals) or any(i != c.id for i, c in zip(ids, crystals)):
             return None
         s, r, im = z["senders"], z["receivers"], z["images"]
-        counts = z["counts"] if "counts" in z.files else None
-        net = z["net"] if "net" in z.files else None
+        counts, net, sources, node_counts = (z[k] if k in z.files else None
+                                             for k in ("counts", "net", "sources", "node_counts"))
     offsets = np.concatenate([[0], np.cumsum(np.maximum(n_edge, 0))])
+    node_offsets = np.concatenate([[0], np.cumsum([c.num_atoms if n >= 0 else 0 for c, n in zip(crystals, n_edge)])])
+    if node_counts is not None and node_counts.size != node_offsets[-1]:
+        return None  # written for other records
     graphs = []
     for k, c in enumerate(crystals):
         if n_edge[k] < 0:
             graphs.append(None)
         else:
             a, b = offsets[k], offsets[k + 1]
-            graphs.append(CrystalGraph(c, s[a:b], r[a:b], im[a:b], None if counts is None else counts[a:b],
-                                       None if net is None else net[a:b]))
+            per_edge = [None if x is None else x[a:b] for x in (counts, net, sources)]
+            nodes = None if node_counts is None else node_counts[node_offsets[k]:node_offsets[k + 1]]
+            graphs.append(CrystalGraph(c, s[a:b], r[a:b], im[a:b], *per_edge, nodes))
     return graphs
 
 

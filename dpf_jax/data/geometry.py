@@ -20,10 +20,11 @@ import jax.numpy as jnp
 
 
 def edge_vectors(graph) -> jnp.ndarray:
-    """(E, 3) displacement vectors, sender -> receiver image, in the dtype of the positions."""
+    """(E, 3) displacement vectors, sender -> receiver image, in the dtype of the positions
+    (from edges["source"] where an "atoms"-merged batch has it: the real sender atom)."""
     pos = graph.nodes["positions"]
     lattice = graph.globals["lattice"].astype(pos.dtype)
-    senders, receivers = graph.senders, graph.receivers
+    senders, receivers = graph.edges.get("source", graph.senders), graph.receivers
     edge_graph = graph.nodes["graph"][senders]
     lat = lattice[edge_graph]  # (E, 3, 3)
     img = graph.edges["images"].astype(pos.dtype)  # (E, 3)

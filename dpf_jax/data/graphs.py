@@ -122,7 +122,7 @@ _CHUNK_PAIRS = 1 << 21
 _AUTO_NUMPY_MAX_TRIPLES = 100_000
 _METHODS = ("auto", "numpy", "pymatgen")
 # Levels of `merge_equivalent_edges` (see the module docstring), least to most merging.
-MERGE_LEVELS = ("none", "mirror", "distance")
+MERGE_LEVELS = ("none", "mirror", "distance", "atoms")
 # Images are decoded through a lookup table of (2 off + 1)^3 rows up to this offset (~0.8 MB).
 _MAX_TABLE_OFF = 20
 
@@ -147,6 +147,11 @@ class CrystalGraph:
     # "distance"-merged graph has counts but no net (its groups hold unrelated vectors).
     counts: np.ndarray | None = None  # (E,) int32
     net: np.ndarray | None = None  # (E,) int32
+    # After "atoms" merging: the atom each edge's geometry starts from (its sender is that atom's
+    # class representative, whose features are the same), and each atom's class size if it
+    # represents its class, else 0 (its features are then not computed from any message).
+    sources: np.ndarray | None = None  # (E,) int32; None: the senders
+    node_counts: np.ndarray | None = None  # (N,) int32; None: ones
 
     @property
     def num_nodes(self) -> int:
@@ -181,7 +186,15 @@ class CrystalGraph:
         """(E, 3) float64 displacement vectors in Å (see the module docstring)."""
         lat = self.crystal.lattice
         f = self.crystal.frac_coords
-        return (f[self.receivers] + self.images - f[self.senders]) @ lat
+        return (f[self.receivers] + self.images - f[self.edge_sources()]) @ lat
+
+    def edge_sources(self) -> np.ndarray:
+        """(E,) the atom each edge's vector starts from: `sources`, else the senders."""
+        return self.senders if self.sources is None else self.sources
+
+    def atom_counts(self) -> np.ndarray:
+        """(N,) int32 `node_counts`, ones when atoms were not merged."""
+        return np.ones(self.num_nodes, np.int32) if self.node_counts is None else self.node_counts
 
 
 def _jarvis_max_length(lattice: np.ndarray) -> float:
@@ -494,9 +507,11 @@ def merge_equivalent_edges(graph: CrystalGraph, level: str) -> CrystalGraph:
     """
     if level not in MERGE_LEVELS:
         raise ValueError(f"merge level must be one of {MERGE_LEVELS}, got {level!r}")
-    n_edge = graph.num_edges
     if level == "none":
         return graph
+    if level == "atoms":
+        graph, level = merge_equivalent_atoms(graph), "distance"
+    n_edge = graph.num_edges
     # (always a merged graph, groups of one included, so a dataset's graphs share one layout)
     r, s, img = graph.receivers, graph.senders, graph.images.astype(np.int64)
     # a self-image edge's image up to sign: the sign that makes its first non-zero entry positive
@@ -520,7 +535,63 @@ def merge_equivalent_edges(graph: CrystalGraph, level: str) -> CrystalGraph:
         sign = np.where(np.all(img == img[keep][group], axis=1), 1, -1)
         net = np.bincount(group, weights=sign * graph.edge_net(), minlength=keep.size).astype(np.int32)
     return dataclasses.replace(graph, senders=graph.senders[keep], receivers=graph.receivers[keep],
-                               images=graph.images[keep], counts=counts, net=net)
+                               images=graph.images[keep], counts=counts, net=net,
+                               sources=None if graph.sources is None else graph.sources[keep])
+
+
+def _edge_length_ids(graph: CrystalGraph) -> np.ndarray:
+    """(E,) int: equal ids for edges of equal float32 length."""
+    length = np.sqrt(np.sum(graph.edge_vectors() ** 2, axis=1)).astype(np.float32)
+    return np.unique(length.view(np.int32), return_inverse=True)[1].reshape(-1)
+
+
+def atom_classes(graph: CrystalGraph) -> np.ndarray:
+    """(N,) int class of each atom by colour refinement (1-Weisfeiler-Lehman) on species and
+    incoming edges labelled by float32 length: start from the species, then split atoms whose
+    multisets of (sender's class, edge length) differ, until nothing splits. Atoms of one class
+    get equal features in every layer of a network whose messages depend only on (receiver,
+    sender, length), as Matformer's do (by induction over the layers); symmetry-equivalent atoms
+    are always in one class. Classes are numbered by their first atom."""
+    n = graph.num_nodes
+    r, src = graph.receivers.astype(np.int64), graph.edge_sources().astype(np.int64)
+    length_id = _edge_length_ids(graph)
+    colors = np.unique(graph.crystal.numbers, return_inverse=True)[1].reshape(-1)
+    bounds = np.searchsorted(r, np.arange(n + 1))  # edges are sorted by receiver
+    n_colors = int(colors.max()) + 1 if n else 0
+    while True:
+        key = colors[src] * (int(length_id.max(initial=0)) + 1) + length_id
+        key = key[np.lexsort((key, r))]  # each receiver's keys, sorted: its multiset
+        seen: dict = {}
+        new = np.array([seen.setdefault((int(colors[i]), key[bounds[i]:bounds[i + 1]].tobytes()), len(seen))
+                        for i in range(n)], np.int64)
+        if len(seen) == n_colors:  # a refinement: the same count means the same partition
+            break
+        colors, n_colors = new, len(seen)
+    first = np.unique(colors, return_index=True)[1]
+    order = np.empty(first.size, np.int64)
+    order[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return order[colors]
+
+
+def merge_equivalent_atoms(graph: CrystalGraph) -> CrystalGraph:
+    """`graph` with each class of `atom_classes` computed once: only the edges into a class's
+    first atom (its representative) are kept, each sending from the representative of its
+    sender's class (same features) while its geometry still starts from the real sender
+    (`sources`); `node_counts` gives each representative its class size (others 0), the weight
+    of its features in BatchNorm statistics and the per-crystal mean. The other atoms stay in
+    the graph as positions only. Exact for a model whose output sums or averages over atoms
+    (a property regressor); not for per-atom outputs. Usually followed by distance merging
+    (level "atoms" of `merge_equivalent_edges`)."""
+    cls = atom_classes(graph)
+    first = np.unique(cls, return_index=True)[1]  # representative atom of each class
+    rep = first[cls]
+    is_rep = rep == np.arange(graph.num_nodes)
+    node_counts = np.where(is_rep, np.bincount(cls, minlength=first.size)[cls], 0).astype(np.int32)
+    keep = is_rep[graph.receivers]
+    return dataclasses.replace(
+        graph, senders=rep[graph.senders[keep]].astype(np.int32), receivers=graph.receivers[keep],
+        images=graph.images[keep], counts=graph.edge_counts()[keep], net=None,
+        sources=graph.edge_sources()[keep].astype(np.int32), node_counts=node_counts)
 
 
 @functools.lru_cache(maxsize=64)

@@ -144,6 +144,9 @@ class DenoisingModel(nn.Module):
 
     @nn.compact
     def __call__(self, graph, train: bool) -> dict:
+        if "source" in graph.edges:
+            raise ValueError("these graphs were merged by equal atoms (graph.merge_edges='atoms'), which keeps "
+                             "per-crystal means exact but not per-atom outputs: pre-train with 'distance' or less")
         enc: EncoderOutput = self.encoder(graph, train)
         dt, prec = self.encoder.dtype, self.encoder.precision
         out = {}

@@ -140,7 +140,8 @@ BATCH_NORM_STATS = ("two_pass", "gathered")  # MaskedBatchNorm.stats
 class MaskedBatchNorm(nn.Module):
     """`torch.nn.BatchNorm1d` over the real nodes of a padded batch.
 
-    Training: mean and (biased) variance over rows with `mask` True only; with `axis_name`
+    Training: mean and (biased) variance over rows with `mask` True only (a float `mask`
+    weights each row: an "atoms"-merged batch's row stands for that many equal atoms); with `axis_name`
     set, the statistics are combined over that axis first (see `stats`), so every device
     normalises with the statistics of the whole global batch (call inside `shard_map`; with
     "two_pass" also `vmap` with the same axis name). Running averages (`batch_stats`: `mean`, `var`) follow
@@ -178,18 +179,20 @@ class MaskedBatchNorm(nn.Module):
             raise ValueError(f"batch-norm stats must be one of {BATCH_NORM_STATS}, got {self.stats!r}")
         xf = x.astype(jnp.float32)
         if train:
-            m = mask.astype(bool)[:, None]
-            count = jnp.sum(m, dtype=jnp.float32)
+            # `mask`: bool, or float weights (an "atoms"-merged batch: each row stands for that many atoms)
+            w = mask.astype(jnp.float32)[:, None]
+            m = w > 0
+            count = jnp.sum(w)
             # "gathered" on several devices: this device's own mean and squared deviations, then
             # one collective; otherwise the sums are psum-ed before the mean (none on one device)
             gathered = self.axis_name is not None and self.stats == "gathered" and _INVARIANT_GATHER
-            total = jnp.sum(jnp.where(m, xf, 0.0), axis=0)
+            total = jnp.sum(jnp.where(m, w * xf, 0.0), axis=0)
             if self.axis_name is not None and not gathered:
                 count, total = jax.lax.psum((count, total), self.axis_name)
             n = jnp.maximum(count, 1.0)
             mean = total / n
             dev = jnp.where(m, xf - mean, 0.0)
-            sq = jnp.sum(dev * dev, axis=0)
+            sq = jnp.sum(w * dev * dev, axis=0)
             if gathered:
                 # every device's (count, mean, squared deviations) in one collective, then
                 # combined exactly (Chan et al.): no global mean is needed before the squares
@@ -242,14 +245,15 @@ def segment_sum_sorted(data, segment_ids, num_segments: int):
 
 
 def mean_pool(x, graph_index, node_mask, num_graphs: int):
-    """Per-graph mean of node rows with `node_mask` True: float32 [num_graphs, C].
+    """Per-graph mean of node rows with `node_mask` True: float32 [num_graphs, C]. A float
+    `node_mask` weights the rows (an "atoms"-merged batch: the atoms each row stands for).
 
     A one-hot matmul (exact: float32 HIGHEST precision) rather than a scatter into few
     segments (slow f32 scatter-add into few segments on GPU in jaxlib 0.10.2-0.11.0, see
     ENGINEERING_NOTES). Graphs without real nodes (padding graphs) get zeros.
     """
-    onehot = (graph_index[None, :] == jnp.arange(num_graphs)[:, None]) & node_mask[None, :].astype(bool)
-    onehot = onehot.astype(jnp.float32)
+    onehot = (graph_index[None, :] == jnp.arange(num_graphs)[:, None]).astype(jnp.float32)
+    onehot = onehot * node_mask.astype(jnp.float32)[None, :]
     sums = jnp.matmul(onehot, x.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     counts = jnp.sum(onehot, axis=1, keepdims=True)
     return sums / jnp.maximum(counts, 1.0)

@@ -122,7 +122,7 @@ class MatformerEncoder(nn.Module):
     @nn.compact
     def __call__(self, graph, train: bool) -> EncoderOutput:
         dt = self.dtype
-        node_mask = graph.nodes["mask"].astype(bool)
+        node_mask = node_weights(graph)  # bool mask, or per-row atom counts of an "atoms"-merged batch
         edge_mask = graph.edges["mask"].astype(bool)
         # merged graphs (`graph.merge_edges`): each message counts for the edges it stands for
         edge_count = edge_counts(graph)
@@ -153,6 +153,16 @@ class MatformerEncoder(nn.Module):
         return EncoderOutput(x.astype(jnp.float32), vec, length)
 
 
+def node_weights(graph):
+    """The nodes' weights in BatchNorm statistics and per-crystal means: the node mask (bool),
+    or for an "atoms"-merged batch (`nodes["count"]` not all 0/1) the float32 number of atoms
+    each row stands for (`dpf_jax.data.graphs.merge_equivalent_atoms`), 0 on padding."""
+    mask = graph.nodes["mask"].astype(bool)
+    if "source" not in graph.edges:  # no atoms merged: counts are the mask
+        return mask
+    return jnp.where(mask, graph.nodes["count"].astype(jnp.float32), 0.0)
+
+
 def edge_counts(graph):
     """float32 [E]: how many reference edges each edge of the batch stands for (`edges["count"]`,
     see `dpf_jax.data.graphs.merge_equivalent_edges`), 0 on padding; the edge mask for batches
@@ -180,7 +190,7 @@ class MatformerRegressor(nn.Module):
     def __call__(self, graph, train: bool, return_pooled: bool = False):
         out = self.encoder(graph, train)
         num_graphs = graph.n_node.shape[0]
-        pooled = mean_pool(out.nodes, graph.nodes["graph"], graph.nodes["mask"], num_graphs)
+        pooled = mean_pool(out.nodes, graph.nodes["graph"], node_weights(graph), num_graphs)
         dt, prec = self.encoder.dtype, self.encoder.precision
         h = jax.nn.silu(Linear(self.fc_features, True, dt, prec, name="fc")(pooled))
         y = Linear(self.output_features, True, dt, prec, name="fc_out")(h).astype(jnp.float32)

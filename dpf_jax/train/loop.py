@@ -69,25 +69,30 @@ def check_workdir(workdir: Path, min_free_mb: int = 200) -> None:
                             f"need at least {min_free_mb} MB for checkpoints")
 
 
-def distance_merge_blocker(config) -> str | None:
-    """Why merging edges by distance (`graph.merge_edges`) would not be exact for this run, or
-    None. Only pre-training with the paper's corruption has a reason: the position head sums
-    edge vectors, and a step that perturbs the lattice itself changes equal lengths by different
-    amounts (with `rebuild_topology` the input pipeline perturbs and merges the perturbed
-    structure, which stays exact)."""
-    if config.mode != "pretrain" or _corruption(config) != "paper":
-        return None
+def merge_limit(config) -> tuple[str, str]:
+    """The most merging of equal edges and atoms (`graph.merge_edges`) that leaves this run's
+    results unchanged, and why no more. Fine-tuning: "atoms" (the prediction is a mean over
+    atoms). Pre-training predicts per atom, so at most "distance"; with the paper's corruption
+    the position head sums edge vectors, and a step that perturbs the lattice changes equal
+    lengths by different amounts, so "mirror" there (with `rebuild_topology` the input pipeline
+    perturbs and merges the perturbed structure, which stays exact)."""
+    if config.mode != "pretrain":
+        return "atoms", ""
+    per_atom = "pre-training predicts per-atom outputs, which merged atoms do not have"
+    if _corruption(config) != "paper":
+        return "distance", per_atom
     p = config.pretrain
     if p.position_scale:
-        return ("the position head (pretrain.position_scale > 0) sums edge vectors, and distance-merged edges stand "
-                "for vectors of other directions")
+        return "mirror", ("the position head (pretrain.position_scale > 0) sums edge vectors, and distance-merged "
+                          "edges stand for vectors of other directions")
     if p.lattice_scale and not p.rebuild_topology:
-        return "the training step perturbs the lattice (pretrain.lattice_scale > 0), so equal edge lengths stop being equal"
-    return None
+        return "mirror", ("the training step perturbs the lattice (pretrain.lattice_scale > 0), so equal edge "
+                          "lengths stop being equal")
+    return "distance", per_atom
 
 
 def _graph_params(config) -> GraphParams:
-    return GraphParams.from_config(config.graph, distance_merge_blocker(config))
+    return GraphParams.from_config(config.graph, *merge_limit(config))
 
 
 def load_data(config) -> PreparedData:
