@@ -5,8 +5,9 @@
 
 For each file: the reference graphs (`build_crystal_graph`, the default graph settings) and the
 edges that remain after merging at each level (`dpf_jax.data.graphs.merge_equivalent_edges`):
-"mirror" (identical edges and an atom's self-images n / -n) and "distance" (same receiver,
-sender and float32 length). The training step's cost grows with the edges it processes, so
+"mirror" (identical edges and an atom's self-images n / -n), "distance" (same receiver,
+sender and float32 length) and "atoms" (also equal atoms computed once; with the fraction of
+atoms that remain). The training step's cost grows with the edges it processes, so
 these fractions bound what merging saves per step (measured: scripts/results/h100_session14/).
 """
 
@@ -22,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+import numpy as np  # noqa: E402
+
 from dpf_jax.data.graphs import MERGE_LEVELS, build_crystal_graph, merge_equivalent_edges  # noqa: E402
 from dpf_jax.data.readers import read_jsonl  # noqa: E402
 from dpf_jax.data.records import CrystalError  # noqa: E402
@@ -31,7 +34,7 @@ FILES = ("data/jarvis_dft3d.jsonl.gz", "data/mp_megnet.jsonl.gz", "data/pretrain
 
 def merge_fractions(crystals, max_neighbors: int = 12) -> dict:
     edges = {level: 0 for level in MERGE_LEVELS}
-    atoms = skipped = 0
+    atoms = skipped = computed_atoms = 0
     for c in crystals:
         try:
             ref = build_crystal_graph(c, max_neighbors=max_neighbors)
@@ -40,11 +43,16 @@ def merge_fractions(crystals, max_neighbors: int = 12) -> dict:
             continue
         atoms += ref.num_nodes
         for level in MERGE_LEVELS:
-            edges[level] += merge_equivalent_edges(ref, level).num_edges
+            g = merge_equivalent_edges(ref, level)
+            edges[level] += g.num_edges
+            if level == "atoms":
+                computed_atoms += int(np.count_nonzero(g.atom_counts()))
     total = edges["none"]
     return {"structures": len(crystals) - skipped, "skipped": skipped, "atoms": atoms, "edges": edges,
             "edges_per_atom": {k: v / max(atoms, 1) for k, v in edges.items()},
-            "fraction_kept": {k: v / max(total, 1) for k, v in edges.items()}}
+            "fraction_kept": {k: v / max(total, 1) for k, v in edges.items()},
+            # "atoms": the class representatives, whose features are computed from messages
+            "atoms_with_messages": computed_atoms, "atoms_fraction_kept": computed_atoms / max(atoms, 1)}
 
 
 def main(argv=None):
@@ -61,7 +69,9 @@ def main(argv=None):
         if args.max_records:
             records = records[:args.max_records]
         out[Path(f).name] = merge_fractions(records)
-        print(f"{f}: {out[Path(f).name]['fraction_kept']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        res = out[Path(f).name]
+        print(f"{f}: edges {res['fraction_kept']}, atoms {res['atoms_fraction_kept']:.3f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.synthetic_count:
         from bench_train import choose_k, synthetic_crystals
 
