@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     # count: the same model output and gradients (float rounding aside), fewer edges per step.
     # "mirror": an atom's self-images n and -n (70-74% of the edges remain on the shipped data);
     # "distance": all such groups (JARVIS 47%, MP 60%, pre-training corpus 48%); "atoms": also
-    # atoms with equal neighbourhoods computed once (JARVIS 30%, MP 18%; property regression
+    # atoms with equal neighbourhoods computed once (JARVIS 33%, MP 30%; property regression
     # only); "none": the reference list. "auto" takes the most that is exact for the run:
     # "atoms" for fine-tuning, "distance" for pre-training, "mirror" with position noise or
     # lattice noise applied by the step. See dpf_jax/data/graphs.py (merge_equivalent_edges).

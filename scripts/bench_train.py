@@ -68,12 +68,15 @@ edges per atom of the real graphs: ~0.89 ("edge") / ~0.37 ("node") GFLOP per ato
 `--dump-npz PATH` writes the exact batches each group timed (real part only, the device shares
 of a batch concatenated; padding is implementation-specific) under keys
 "<data>_<model>_bs<B>/<i>/<field>", fields: senders, receivers (int32 [E], indices into the
-batch's N nodes, edges sorted by receiver within each crystal), images (int32 [E, 3], integer
-lattice offset of the receiver: vec = pos[r] + images @ lattice[g] - pos[s]), positions
-(float32 [N, 3], Cartesian Å), lattice (float32 [G, 3, 3], rows = lattice vectors),
-atomic_numbers (int32 [N], before any masking), n_node, n_edge (int32 [G]), target
-(float32 [G]); plus "<group>/<i>/budget" (int32 [3]: padded n_node, n_edge, n_graph per device
-share) and "<group>/<i>/num_devices".
+batch's N nodes, edges sorted by receiver within each crystal), source (int32 [E]: the atom the
+edge's vector starts from; = senders unless equal atoms were merged), images (int32 [E, 3],
+integer lattice offset of the receiver: vec = pos[r] + images @ lattice[g] - pos[source]),
+edge_count (int32 [E]) and node_count (int32 [N]) of `graph.merge_edges` (see `dump_group`),
+positions (float32 [N, 3], Cartesian Å), lattice (float32 [G, 3, 3], rows = lattice vectors),
+atomic_numbers (int32 [N], before any masking), n_node, n_edge (int32 [G], n_edge counting the
+edges as processed), target (float32 [G]); plus "<group>/<i>/budget" (int32 [3]: padded n_node,
+n_edge, n_graph per device share) and "<group>/<i>/num_devices". For the reference edge list
+itself, dump with `--set graph.merge_edges=none`.
 
 `--epoch`: a whole pre-training epoch over the shipped corpus through the real input pipeline
 (GraphBatcher.iterate in a `prefetch` thread, `prefetch_to_device`, the jitted step, metrics
@@ -503,14 +506,15 @@ def dump_group(dump: dict, group: str, pool) -> None:
     """The real part of each batch, device shares concatenated (node indices offset). The edges
     are those the step processed: with `graph.merge_edges` (on by default) each stands for
     `edge_count` reference edges of the same receiver, sender and length, and `n_edge` counts
-    merged edges. Repeating edge e edge_count[e] times (`np.repeat(senders, edge_count)`, ...)
-    gives a graph with the reference's multiset of (receiver, sender, length), hence the same
-    Matformer output, though not the reference's images; for the reference edge list itself,
-    dump with `--set graph.merge_edges=none`."""
+    merged edges; after "atoms" merging only the edges into atoms with node_count > 0 are kept
+    (each standing for its class of node_count atoms, weighted so in BatchNorm and the mean),
+    senders are class representatives and `source` the real sender for the geometry. The model
+    computes the same output from these fields (counts as weights) as from the reference
+    graph; for the reference edge list itself, dump with `--set graph.merge_edges=none`."""
     for i, b in enumerate(pool):
         D = b.n_node.shape[0]
-        parts = {k: [] for k in ("senders", "receivers", "images", "edge_count", "positions", "lattice",
-                                 "atomic_numbers", "n_node", "n_edge", "target")}
+        parts = {k: [] for k in ("senders", "receivers", "source", "images", "edge_count", "node_count", "positions",
+                                 "lattice", "atomic_numbers", "n_node", "n_edge", "target")}
         offset = 0
         for d in range(D):
             nm, em, gm = b.nodes["mask"][d], b.edges["mask"][d], b.globals["mask"][d]
@@ -519,6 +523,8 @@ def dump_group(dump: dict, group: str, pool) -> None:
             parts["senders"].append(b.senders[d][em] + offset)
             parts["receivers"].append(b.receivers[d][em] + offset)
             parts["images"].append(b.edges["images"][d][em])
+            parts["source"].append(b.edges.get("source", b.senders)[d][em] + offset)
+            parts["node_count"].append(b.nodes["count"][d][nm] if "count" in b.nodes else np.ones(n_real, np.int32))
             parts["edge_count"].append(b.edges["count"][d][em] if "count" in b.edges
                                        else np.ones(int(em.sum()), np.int32))
             parts["positions"].append(b.nodes["positions"][d][nm])

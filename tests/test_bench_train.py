@@ -13,8 +13,8 @@ from dpf_jax.model import layers as bn_layers
 
 bench = load_script("bench_train")
 
-FIELDS = ("senders", "receivers", "images", "edge_count", "positions", "lattice", "atomic_numbers", "n_node",
-          "n_edge")
+FIELDS = ("senders", "receivers", "source", "images", "edge_count", "node_count", "positions", "lattice",
+          "atomic_numbers", "n_node", "n_edge")
 
 
 def test_flop_count_of_the_default_model():
@@ -58,7 +58,7 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
                 "xla_step_memory_bytes", "jit_cache_entries"):
         assert key in r, key
     assert r["crystals_per_s"] > 0 and r["tflops"] > 0 and 0 <= r["edge_padding"] < 1
-    assert r["merge_edges"] == "distance" and 0.3 < r["merged_edge_fraction"] < 0.8
+    assert r["merge_edges"] == "atoms" and 0.1 < r["merged_edge_fraction"] < 0.8
     assert r["formulation"] in ("edge", "node")
     assert r["crystals_per_s_min"] <= r["crystals_per_s"] <= r["crystals_per_s_max"]
     assert r["jit_cache_entries"] in (None, len(r["compile_s"]))  # no recompilation while timed
@@ -73,14 +73,17 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
         assert len(n_node) == len(n_edge) == 8 == len(b["lattice"])
         assert n_node.sum() == len(b["positions"]) == len(b["atomic_numbers"])
         assert n_edge.sum() == len(b["senders"]) == len(b["receivers"]) == len(b["images"]) == len(b["edge_count"])
-        # fine-tuning merges equal edges by default: each dumped edge stands for edge_count reference edges
+        # fine-tuning merges equal edges and atoms by default: each dumped edge stands for edge_count edges
+        # into each atom of its receiver's class (node_count), its vector starting at `source`
         assert (b["edge_count"] >= 1).all() and b["edge_count"].sum() > len(b["senders"])
+        assert b["node_count"].sum() == len(b["positions"]) and len(b["source"]) == len(b["senders"])
+        assert (b["node_count"][b["receivers"]] > 0).all() and (b["node_count"][b["senders"]] > 0).all()
         assert b["positions"].shape[1] == 3 and b["lattice"].shape[1:] == (3, 3) and b["images"].shape[1] == 3
         assert (b["atomic_numbers"] > 0).all()
         # every edge stays inside its own crystal (device shares concatenated with offsets)
         lo = np.repeat(np.cumsum(n_node) - n_node, n_edge)
         hi = np.repeat(np.cumsum(n_node), n_edge)
-        for idx in (b["senders"], b["receivers"]):
+        for idx in (b["senders"], b["receivers"], b["source"]):
             assert ((idx >= lo) & (idx < hi)).all()
         budget = z[f"real_finetune_jarvis_bs8/{i}/budget"]
         assert budget[1] * 4 >= n_edge.sum() and budget[2] == 8 // 4 + 1

@@ -638,6 +638,7 @@ def test_atom_classes_are_an_equitable_partition(name):
         reps = np.unique(cls, return_index=True)[1]
         assert np.array_equal(np.flatnonzero(g.node_counts), np.sort(reps))
         assert g.node_counts.sum() == c.num_atoms and np.array_equal(g.node_counts[reps], np.bincount(cls))
+        assert g.num_reference_edges == ref.num_edges
         assert set(g.receivers.tolist()) <= set(reps.tolist()) and set(g.senders.tolist()) <= set(reps.tolist())
         assert np.array_equal(cls[g.senders], cls[g.sources])
         for r in reps:  # the kept edges, counted, are the representative's incoming multiset
@@ -664,6 +665,9 @@ def test_atom_classes_of_known_structures():
     assert cls.tolist() == [0] * 4 + [1] * 4
     g = build_crystal_graph(rocksalt, merge_edges="atoms")
     assert g.node_counts.tolist() == [4, 0, 0, 0, 4, 0, 0, 0]
+    for merged in (g, build_crystal_graph(rocksalt, merge_edges="distance")):  # classes need each edge once
+        with pytest.raises(ValueError, match="needs the unmerged graph"):
+            graphs_mod.merge_equivalent_edges(merged, "atoms")
     rng = np.random.default_rng(0)
     random_cell = Crystal("random", np.eye(3) * 6.0, [14] * 6, rng.random((6, 3)))
     assert sorted(graphs_mod.atom_classes(build_crystal_graph(random_cell)).tolist()) == list(range(6))

@@ -166,8 +166,13 @@ class CrystalGraph:
 
     @property
     def num_reference_edges(self) -> int:
-        """Edges of the unmerged graph (= num_edges when nothing was merged)."""
-        return self.num_edges if self.counts is None else int(self.counts.sum())
+        """Edges of the unmerged graph (= num_edges when nothing was merged; after "atoms"
+        merging each representative's edges count once per atom of its class)."""
+        if self.counts is None:
+            return self.num_edges
+        if self.node_counts is None:
+            return int(self.counts.sum())
+        return int(np.sum(self.counts.astype(np.int64) * self.node_counts[self.receivers]))
 
     def edge_counts(self) -> np.ndarray:
         """(E,) int32 `counts`, ones when nothing was merged."""
@@ -507,7 +512,8 @@ def merge_equivalent_edges(graph: CrystalGraph, level: str) -> CrystalGraph:
     each group stands for it, so the edges keep their order (sorted by receiver); `counts`
     sums the members' counts and, under "mirror", `net` their net counts, each member signed +1
     if its image is the representative's and -1 if it is the opposite one ("distance": no `net`).
-    Merging an already merged graph again composes (counts add up).
+    Merging a "mirror"- or "distance"-merged graph again composes (counts add up); "atoms"
+    needs the unmerged graph (`merge_equivalent_atoms`).
     """
     if level not in MERGE_LEVELS:
         raise ValueError(f"merge level must be one of {MERGE_LEVELS}, got {level!r}")
@@ -554,8 +560,10 @@ def atom_classes(graph: CrystalGraph) -> np.ndarray:
     incoming edges labelled by float32 length: start from the species, then split atoms whose
     multisets of (sender's class, edge length) differ, until nothing splits. Atoms of one class
     get equal features in every layer of a network whose messages depend only on (receiver,
-    sender, length), as Matformer's do (by induction over the layers); symmetry-equivalent atoms
-    are always in one class. Classes are numbered by their first atom."""
+    sender, length), as Matformer's do (by induction over the layers). Symmetry-equivalent atoms
+    usually share a class; where rounding gives their equivalent edges different float32
+    lengths they do not, which costs speed, not exactness. Classes are numbered by their first
+    atom. Needs an unmerged graph (each edge counted once)."""
     n = graph.num_nodes
     r, src = graph.receivers.astype(np.int64), graph.edge_sources().astype(np.int64)
     length_id = _edge_length_ids(graph)
@@ -586,6 +594,9 @@ def merge_equivalent_atoms(graph: CrystalGraph) -> CrystalGraph:
     the graph as positions only. Exact for a model whose output sums or averages over atoms
     (a property regressor); not for per-atom outputs. Usually followed by distance merging
     (level "atoms" of `merge_equivalent_edges`)."""
+    if graph.counts is not None or graph.node_counts is not None:
+        raise ValueError(f"{graph.crystal.id}: merging equal atoms needs the unmerged graph (its classes count each "
+                         "edge once); build it with merge_edges='atoms' instead of merging a merged graph again")
     cls = atom_classes(graph)
     first = np.unique(cls, return_index=True)[1]  # representative atom of each class
     rep = first[cls]
