@@ -79,7 +79,7 @@ Merging equal edges (`merge_equivalent_edges`, ``build_crystal_graph(merge_edges
 Matformer message depends only on the receiver, the sender and the edge *length* (its edge
 feature is an RBF of |vec|), so edges that agree in all three carry the same message, and the
 receiver's sum counts it once per edge. Keeping one of them with a count (``counts``; the model
-multiplies each message by it) gives the same sums with fewer edges to process. Two levels:
+multiplies each message by it) gives the same sums with fewer edges to process. Levels:
 
 * ``"mirror"``: the duplicate copies above, plus every self-image edge ``i -> i`` with image
   ``-n`` merged into its mirror with image ``n`` (lengths ``|n L|`` and ``|-n L|`` are equal for
