@@ -176,9 +176,10 @@ def _load_cache(path: Path, crystals: Sequence[Crystal]):
         counts, net, sources, node_counts = (z[k] if k in z.files else None
                                              for k in ("counts", "net", "sources", "node_counts"))
     offsets = np.concatenate([[0], np.cumsum(np.maximum(n_edge, 0))])
-    node_offsets = np.concatenate([[0], np.cumsum([c.num_atoms if n >= 0 else 0 for c, n in zip(crystals, n_edge)])])
-    if node_counts is not None and node_counts.size != node_offsets[-1]:
-        return None  # written for other records
+    if node_counts is not None:  # "atoms" merging: per-atom counts of the graphs that were built
+        node_offsets = np.cumsum([0] + [c.num_atoms if n >= 0 else 0 for c, n in zip(crystals, n_edge)])
+        if node_counts.size != node_offsets[-1]:
+            return None  # written for other records
     graphs = []
     for k, c in enumerate(crystals):
         if n_edge[k] < 0:

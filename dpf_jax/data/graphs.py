@@ -530,8 +530,7 @@ def merge_equivalent_edges(graph: CrystalGraph, level: str) -> CrystalGraph:
     if level == "mirror":
         key = np.column_stack([r, s, np.where(flip[:, None], -img, img)])
     else:
-        length = np.sqrt(np.sum(graph.edge_vectors() ** 2, axis=1)).astype(np.float32)
-        key = np.column_stack([r, s, length.view(np.int32)])
+        key = np.column_stack([r, s, _edge_lengths32(graph).view(np.int32)])
     _, first, group = np.unique(key, axis=0, return_index=True, return_inverse=True)
     group = group.reshape(-1)
     # renumber the groups in edge order, so the representatives keep the sorted edge order
@@ -549,10 +548,15 @@ def merge_equivalent_edges(graph: CrystalGraph, level: str) -> CrystalGraph:
                                sources=None if graph.sources is None else graph.sources[keep])
 
 
+def _edge_lengths32(graph: CrystalGraph) -> np.ndarray:
+    """(E,) float32 edge lengths (float64 geometry rounded to the precision the model uses):
+    the length key of "distance" merging and of `atom_classes`."""
+    return np.sqrt(np.sum(graph.edge_vectors() ** 2, axis=1)).astype(np.float32)
+
+
 def _edge_length_ids(graph: CrystalGraph) -> np.ndarray:
     """(E,) int: equal ids for edges of equal float32 length."""
-    length = np.sqrt(np.sum(graph.edge_vectors() ** 2, axis=1)).astype(np.float32)
-    return np.unique(length.view(np.int32), return_inverse=True)[1].reshape(-1)
+    return np.unique(_edge_lengths32(graph).view(np.int32), return_inverse=True)[1].reshape(-1)
 
 
 def atom_classes(graph: CrystalGraph) -> np.ndarray:
