@@ -64,9 +64,12 @@ def max_rel_dev(curve, ref) -> float:
 
 def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: dict) -> dict:
     """The JSON report of the device counts run so far (1 first: the reference curve)."""
+    from dpf_jax.train import loop
+
     ref = curves[1]
     report = {"device": device_kind, "config": args.config, "small": args.small,
               "batch_norm_stats": config.model.get("batch_norm_stats", ""),
+              "merge_edges": loop._graph_params(config).merge_edges,  # graph.merge_edges as resolved
               "global_batch": config.train.batch_size, "steps": steps,
               "loss_curves": {str(n): c for n, c in curves.items()},
               "wall_s": {str(n): w for n, w in wall.items()}, "max_rel_dev_first_10_steps": {},

@@ -1,6 +1,8 @@
 """Where does a training step's time go? Times the step and its parts on one real batch.
 
     python scripts/profile_step.py [--batch-size 256] [--out scripts/results/profile_step.json]
+    python scripts/profile_step.py --records 0 --num-devices 4 --batch-size 1024 \
+        --variants node:default --trace     # data-parallel step: busy and NCCL time per device
 
 Parts timed (median of repeated calls, device-resident inputs): the full train step per
 MatformerConv formulation and precision, the forward pass alone, the encoder's gathers
@@ -49,7 +51,6 @@ def trace_kernels(run_steps, hlo_text: str, steps: int, top: int) -> dict:
     """Device time per step by kernel, from a `jax.profiler` trace of `run_steps()`
     (which runs `steps` steps): total busy ms/step and the `top` kernels with the HLO op and
     model code each came from."""
-    import collections
     import glob
     import gzip
     import tempfile
@@ -59,6 +60,15 @@ def trace_kernels(run_steps, hlo_text: str, steps: int, top: int) -> dict:
             jax.block_until_ready(run_steps())
         path = sorted(glob.glob(f"{d}/plugins/profile/*/*.trace.json.gz"))[-1]
         events = json.load(gzip.open(path))["traceEvents"]
+    return summarise_trace(events, hlo_text, steps, top)
+
+
+def summarise_trace(events: list, hlo_text: str, steps: int, top: int) -> dict:
+    """Chrome-trace events of `steps` steps -> device time per step: kernels by HLO op (means
+    over the devices), and per device its busy time, the part in collectives (NCCL kernels)
+    and the span from its first kernel to its last."""
+    import collections
+
     pnames = {e["pid"]: e["args"]["name"] for e in events
               if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, n in pnames.items() if "/device:" in n and "CPU" not in n.upper()}
@@ -67,7 +77,8 @@ def trace_kernels(run_steps, hlo_text: str, steps: int, top: int) -> dict:
     # kernels live on the "Stream #k" lines; "XLA Ops"/"XLA Modules" lines repeat them as spans
     streams = {k for k, n in tnames.items() if n.startswith("Stream")} or set(tnames)
     per_kernel = collections.defaultdict(lambda: [0.0, 0, ""])
-    busy = 0.0
+    # per device: busy time, time in collectives (NCCL kernels), first and last kernel
+    per_device = collections.defaultdict(lambda: {"busy": 0.0, "collective": 0.0, "t0": float("inf"), "t1": 0.0})
     for e in events:
         if e.get("ph") != "X" or (e["pid"], e.get("tid")) not in streams:
             continue
@@ -78,19 +89,33 @@ def trace_kernels(run_steps, hlo_text: str, steps: int, top: int) -> dict:
         k[0] += e["dur"] / 1e3 / steps
         k[1] += 1
         k[2] = k[2] or e["name"]
-        busy += e["dur"] / 1e3 / steps
+        d = per_device[pnames[e["pid"]]]
+        d["busy"] += e["dur"] / 1e3 / steps
+        if "nccl" in e["name"].lower() or any(c in hlo_op for c in ("all-reduce", "all-gather", "collective")):
+            d["collective"] += e["dur"] / 1e3 / steps
+        d["t0"], d["t1"] = min(d["t0"], e["ts"]), max(d["t1"], e["ts"] + e["dur"])
+    n_dev = max(len(per_device), 1)
+    busy = sum(d["busy"] for d in per_device.values()) / n_dev  # mean over devices
+    devices = {name: {"busy_ms_per_step": d["busy"], "collective_ms_per_step": d["collective"],
+                      "span_ms_per_step": (d["t1"] - d["t0"]) / 1e3 / steps}
+               for name, d in sorted(per_device.items())}
     ops = _op_names(hlo_text)
     rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
-    return {"device_busy_ms_per_step": busy, "kernels_per_step": sum(v[1] for v in per_kernel.values()) / steps,
+    return {"device_busy_ms_per_step": busy, "devices": devices,
+            "kernels_per_step": sum(v[1] for v in per_kernel.values()) / steps / n_dev,
             "device_processes": [pnames[p] for p in device_pids],
             "device_lines": sorted(set(tnames.values()))[:20],
-            "top": [{"hlo_op": k, "kernel": v[2][:80], "ms_per_step": v[0], "launches_per_step": v[1] / steps,
+            "top": [{"hlo_op": k, "kernel": v[2][:80], "ms_per_step": v[0] / n_dev,
+                     "launches_per_step": v[1] / steps / n_dev,
                      "source": ops.get(k, "")[-140:]} for k, v in rows[:top]]}
 
 
 def format_kernels(t: dict) -> str:
     lines = [f"  device busy {t['device_busy_ms_per_step']:.2f} ms/step over "
              f"{t['kernels_per_step']:.0f} kernel launches/step ({t['device_processes']})"]
+    for name, d in t.get("devices", {}).items():
+        lines.append(f"  {name[-24:]}: busy {d['busy_ms_per_step']:.3f} ms/step, collectives "
+                     f"{d['collective_ms_per_step']:.3f}, first to last kernel {d['span_ms_per_step']:.3f}")
     for r in t["top"]:
         lines.append(f"  {r['ms_per_step']:7.3f} ms x{r['launches_per_step']:.0f} {r['hlo_op'][:28]:28s} "
                      f"{r['source'][-90:]}")
@@ -111,6 +136,9 @@ def main(argv=None):
                    help="also capture a profiler trace of these variants (all timed ones if empty) and "
                         "write the top device kernels per step, mapped to model code, into --out")
     p.add_argument("--top", type=int, default=25, help="kernels listed per traced variant")
+    p.add_argument("--num-devices", type=int, default=1,
+                   help="data-parallel over this many devices (the trace then reports each device; "
+                        "kernel times in --top are means over devices)")
     args = p.parse_args(argv)
 
     import importlib
@@ -128,13 +156,14 @@ def main(argv=None):
         config.model.num_layers, config.model.channels, config.model.heads = 1, 16, 1
     data = loop.load_data(config)
     stats = loop.data_stats(config, data)
-    mesh = make_mesh(1)
-    batcher = loop.make_batcher(data.splits["train"], config, 1)
+    mesh = make_mesh(args.num_devices)
+    batcher = loop.make_batcher(data.splits["train"], config, args.num_devices)
     host = next(batcher.iterate(seed=0, epoch=0))
     batch = put_batch(host, mesh)
     n_edge = int(host.edges["mask"].sum())
     n_node = int(host.nodes["mask"].sum())
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch_size": args.batch_size,
+           "num_devices": args.num_devices,
            "real_nodes": n_node, "real_edges": n_edge, "padded_nodes": int(host.nodes["mask"].shape[-1]),
            "padded_edges": int(host.edges["mask"].shape[-1]), "ms": {}}
     print(json.dumps({k: v for k, v in out.items() if k != "ms"}), flush=True)

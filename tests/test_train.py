@@ -419,6 +419,7 @@ def test_compare_device_counts_script(tmp_path):
     assert abs(one[-1] - one[0]) > 1e-3 * abs(one[0])  # four optimiser steps changed the loss
     assert report["max_rel_dev_all_steps"]["4"] < 1e-5
     assert json.loads((tmp_path / "report.json").read_text())["steps"] == 4
+    assert report["merge_edges"] == "distance"  # the pre-training default, as resolved
 
 
 @pytest.mark.parametrize("name, level", [("finetune_jarvis", "atoms"), ("finetune_mp", "atoms"),
