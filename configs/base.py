@@ -113,6 +113,10 @@ def get_config() -> ml_collections.ConfigDict:
     # took 32 s instead of 85-92 s on an H200 and chose the same shapes); -1: the compiler's default
     c.train.budget_search_autotune_level = 0
     c.train.prefetch = 2
+    # the host waits whenever more steps than this are queued on the devices: a SIGTERM /
+    # Ctrl-C then stops within this many steps (0: no limit; the host may run up to
+    # log_every_steps steps ahead)
+    c.train.steps_in_flight = 2
     c.train.progress_bar = True
 
     c.pretrain = ml_collections.ConfigDict()

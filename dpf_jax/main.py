@@ -23,6 +23,24 @@ def default_workdir(config_path: str) -> str:
     return str(Path("runs") / Path(config_path.split(":")[0]).stem)
 
 
+def config_root(argv: list[str]) -> Path | None:
+    """The repository holding the `--config` file (the folder above its `configs/`), or None.
+
+    The shipped configs import `configs.base`, which Python finds only from the repository
+    root; `__main__` puts this folder on the import path so a run started elsewhere still
+    loads its config (its relative data paths still resolve against the working directory)."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if not path:
+        return None
+    root = Path(path.split(":")[0]).resolve().parent.parent
+    return root if (root / "configs" / "base.py").is_file() else None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -35,6 +53,10 @@ def main(argv):
     try:
         train_and_evaluate(config, workdir)
     except (TrainingError, FileNotFoundError, ValueError) as e:
+        root = config_root(sys.argv)
+        if isinstance(e, FileNotFoundError) and root is not None and root != Path.cwd().resolve():
+            e = f"{e} (relative paths in a config are relative to the working directory, {Path.cwd()}; " \
+                f"run from the repository root, {root}, or give absolute paths)"
         logging.error("%s", e)
         sys.exit(f"error: {e}")
     except (Interrupted, KeyboardInterrupt) as e:
@@ -43,4 +65,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _root = config_root(sys.argv)
+    if _root is not None and str(_root) not in sys.path:
+        sys.path.insert(0, str(_root))
     app.run(main)

@@ -782,6 +782,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
                 t_first = time.perf_counter()
             state, m = train_step(state, dev)
             pending.append((i, m))
+            loop.wait_for_older_steps(pending, config.train.get("steps_in_flight", 2))  # as train/loop.py
             if len(pending) >= log_every:
                 loop._drain(pending, sums, keep=2)  # as train/loop.py: never wait on the newest steps
         loop._drain(pending, sums)

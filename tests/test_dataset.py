@@ -131,3 +131,25 @@ def test_unlabeled_split_is_stable():
                           workers=1, progress=False, seed=0, val_fraction=0.1)
     assert a.splits["val"].ids == b.splits["val"].ids
     assert 5 <= len(a.splits["val"]) <= 40 and len(a.splits["train"]) + len(a.splits["val"]) == 200
+
+
+def test_skipped_files_of_a_structure_folder_are_named_by_path(tmp_path):
+    """In a folder of structure files, a file that does not parse and one whose atoms overlap
+    (found when its graph is built) are both reported by their path, so skipped.json points
+    at the files to fix; the good file is kept."""
+    import shutil
+
+    from pymatgen.core import Lattice, Structure
+
+    from dpf_jax.data.pipeline import load_graphs
+
+    fixtures = DATA.parent / "tests" / "fixtures" / "structures"
+    shutil.copy(fixtures / "JVASP-10.cif", tmp_path / "good.cif")
+    shutil.copy(fixtures / "broken.cif", tmp_path / "broken.cif")
+    overlap = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.005, 0, 0]])
+    overlap.to(filename=str(tmp_path / "POSCAR_overlap"), fmt="poscar")
+    pairs, skipped, total = load_graphs(str(tmp_path), GraphParams(), None, 1, progress=False)
+    assert [r.id for r, _ in pairs] == ["good"] and total == 3
+    labels = dict(skipped)
+    assert set(labels) == {str(tmp_path / "broken.cif"), str(tmp_path / "POSCAR_overlap")}, skipped
+    assert "overlap" in labels[str(tmp_path / "POSCAR_overlap")]

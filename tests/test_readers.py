@@ -179,6 +179,17 @@ def test_read_structure_files_recursive_duplicate_ids_and_order():
     assert ids == [c.id for c in again]  # deterministic
 
 
+def test_a_file_given_twice_is_read_once(caplog):
+    """A folder and a file inside it (or overlapping folders): each file once, first place kept."""
+    with caplog.at_level(logging.WARNING):
+        files = readers.expand_structure_paths([STRUCT / "POSCAR", STRUCT, STRUCT / "sub" / ".." / "POSCAR"])
+    assert files[0] == STRUCT / "POSCAR" and len(files) == len(set(f.resolve() for f in files))
+    assert [f.name for f in files].count("POSCAR") == 1
+    assert "2 structure file(s) given more than once" in caplog.text
+    records, _ = readers.read_structure_files([STRUCT, STRUCT / "JVASP-10.cif"])
+    assert [c.id for c in records].count("JVASP-10") == 1
+
+
 def test_read_structure_files_explicit_paths_and_errors(tmp_path):
     records, failures = readers.read_structure_files(
         [STRUCT / "POSCAR-JVASP-19.vasp", STRUCT / "JVASP-10.cif", tmp_path / "missing.cif"]
@@ -318,13 +329,18 @@ def test_iter_jsonl_streams_with_report():
     assert ids == ["JVASP-10", "JVASP-19"] and len(report.skipped) == 5 and report.num_entries == 7
 
 
-def test_truncated_gzip_does_not_crash(tmp_path):
+def test_truncated_gzip_is_an_error_naming_the_file(tmp_path):
+    """A cut .jsonl.gz (a broken download) stops with the file and the last line read, instead
+    of counting as one skipped record while the rest of the dataset silently goes missing."""
     raw = (DATA / "jarvis_dft3d.jsonl.gz").read_bytes()
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(raw[: len(raw) // 2])
-    d = readers.read_jsonl(cut)
-    assert 100 < len(d) < 940
-    assert len(d.skipped) >= 1 and any("truncated" in reason for _, reason in d.skipped)
+    with pytest.raises(readers.DatasetFileError, match=r"cut\.jsonl\.gz: file is truncated or corrupt after line \d+"):
+        readers.read_jsonl(cut)
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(raw[:5000] + bytes(len(raw) - 5000))  # zeros after the first blocks
+    with pytest.raises(readers.DatasetFileError, match="corrupt"):
+        readers.read_jsonl(corrupt)
 
 
 def test_selection_argument_errors(tmp_path):

@@ -199,6 +199,28 @@ def _cli(*args, cwd=REPO, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def test_cli_started_outside_the_repository_loads_its_config(tmp_path):
+    """`python -m dpf_jax.main --config <repo>/configs/x.py` from another folder: the config's
+    `from configs import base` still imports (the repository goes on the import path), and the
+    data path, relative to the working directory, fails with a hint instead of a traceback."""
+    from dpf_jax import main as cli
+
+    config = REPO / "configs" / "finetune_jarvis.py"
+    assert cli.config_root(["m", "--config", str(config)]) == REPO
+    assert cli.config_root(["m", f"--config={config}:arg", "--workdir", "w"]) == REPO
+    assert cli.config_root(["m", "--config", str(tmp_path / "x.py")]) is None
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "dpf_jax").symlink_to(REPO / "dpf_jax")  # the package alone, not the repository root
+    res = subprocess.run([sys.executable, "-m", "dpf_jax.main", "--config", str(config),
+                          "--workdir", str(tmp_path / "run"), "--config.init_checkpoint="],
+                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "No module named 'configs'" not in res.stderr, res.stderr[-2000:]
+    assert "dataset file not found: data/jarvis_dft3d.jsonl.gz" in res.stderr
+    assert f"run from the repository root, {REPO}" in res.stderr
+
+
 def test_cli_runs_and_reports_bad_config(tmp_path):
     common = ["--config.model.num_layers=1", "--config.model.channels=8", "--config.model.heads=1",
               "--config.model.rbf_bins=8", "--config.data.max_records=48", "--config.data.cache_dir=",
@@ -449,3 +471,50 @@ def test_finetune_config_without_a_pretrain_section():
     config = finetune_jarvis.get_config()
     del config["pretrain"]
     assert loop._graph_params(config).merge_edges == "atoms"
+
+
+def test_host_waits_for_the_step_two_back():
+    """`wait_for_older_steps` blocks on the newest step that must be finished for at most
+    `in_flight` to be running (here the third newest of five), on nothing else, and on nothing
+    when the queue is short or the limit off."""
+    class Queued:
+        def __init__(self):
+            self.waited = False
+
+        def block_until_ready(self):
+            self.waited = True
+            return self
+
+    for n, in_flight, expect in ((5, 2, [0, 0, 1, 0, 0]), (2, 2, [0, 0]), (5, 0, [0] * 5), (4, 3, [1, 0, 0, 0])):
+        pending = [(i, {"loss": Queued()}) for i in range(n)]
+        loop.wait_for_older_steps(pending, in_flight)
+        assert [int(m["loss"].waited) for _, m in pending] == expect, (n, in_flight)
+
+
+def test_training_bounds_steps_in_flight_and_lists_skipped_records(tmp_path, monkeypatch):
+    """The training loop applies train.steps_in_flight after every step (a signal then lands
+    within that many steps instead of up to log_every_steps), and a dataset with a bad record
+    trains on the rest, writing skipped.json with the source, the count and the record."""
+    import gzip
+
+    lines = gzip.open(DATA / "jarvis_dft3d.jsonl.gz", "rt").read().splitlines()[:60]
+    bad = json.loads(lines[5])
+    bad["frac_coords"][0] = [float("nan")] * 3
+    lines[5] = json.dumps(bad)
+    path = tmp_path / "subset.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    config = tiny(finetune_jarvis.get_config(), records=0, epochs=1, batch=8)
+    config.data.path = str(path)
+    config.train.steps_in_flight = 3
+    calls = []
+    original = loop.wait_for_older_steps
+    monkeypatch.setattr(loop, "wait_for_older_steps",
+                        lambda pending, in_flight: (calls.append((pending[-1][0], in_flight)),
+                                                    original(pending, in_flight)))
+    res = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    steps = res["steps"]
+    assert steps >= 4 and calls == [(s, 3) for s in range(steps)]
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert skipped["count"] == 1 and skipped["source"].startswith(str(path))
+    assert skipped["skipped"][0]["record"] == bad["id"] and skipped["skipped"][0]["reason"]

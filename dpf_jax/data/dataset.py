@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpf_jax.data.graphs import MERGE_LEVELS, CrystalGraph, build_crystal_graph
+from dpf_jax.data.readers import file_stem
 from dpf_jax.data.records import Crystal, CrystalError
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,21 @@ def _build_one(args):
         return None, f"graph construction failed: {type(e).__name__}: {e}"
 
 
+def skip_label(crystal: Crystal) -> str:
+    """How a skipped record is named: a record read from its own file by that file's path (with
+    the frame or block suffix of its id), as the readers name files they cannot parse; any
+    other by its id."""
+    if not crystal.source.startswith("file:"):
+        return crystal.id
+    path = crystal.source[len("file:"):]
+    if path in crystal.id:
+        return crystal.id
+    stem = file_stem(path)
+    if crystal.id == stem or crystal.id.startswith(stem + ":"):
+        return path + crystal.id[len(stem):]
+    return f"{path} ({crystal.id})"
+
+
 def _build_chunk(chunk):
     return [_build_one(a) for a in chunk]
 
@@ -139,7 +155,7 @@ def build_graphs(
     for c, (arrays, reason) in zip(crystals, results):
         if reason is not None:
             graphs.append(None)
-            skipped.append((c.id, reason))
+            skipped.append((skip_label(c), reason))
         else:
             graphs.append(CrystalGraph(c, *arrays))
     return graphs, skipped

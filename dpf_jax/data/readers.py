@@ -302,7 +302,8 @@ def structure_file_format(path: PathLike) -> str | None:
     return STRUCTURE_SUFFIXES.get(pathlib.PurePath(lower).suffix)
 
 
-def _file_stem(path: PathLike) -> str:
+def file_stem(path: PathLike) -> str:
+    """The id a structure file's record gets (`POSCAR*` / `CONTCAR*` keep their whole name)."""
     name = _strip_compression(pathlib.Path(path).name)
     if name.lower().startswith(("poscar", "contcar")) and not pathlib.PurePath(name.lower()).suffix == ".vasp":
         return name
@@ -440,7 +441,7 @@ def read_structure_frames(path: PathLike, *, fmt: str | None = None, id: str | N
         )
     if fmt not in _FORMAT_READERS:
         raise CrystalError(str(p), f"unknown format {fmt!r}; expected one of {sorted(_FORMAT_READERS)}")
-    return _FORMAT_READERS[fmt](p, id if id is not None else _file_stem(p), f"file:{p}")
+    return _FORMAT_READERS[fmt](p, id if id is not None else file_stem(p), f"file:{p}")
 
 
 def read_structure_file(
@@ -466,17 +467,30 @@ def read_structure_file(
 def expand_structure_paths(paths_or_folders: PathLike | Iterable[PathLike], recursive: bool = False) -> list[pathlib.Path]:
     """Files named directly are kept (in the given order); folders are replaced by their recognised
     structure files (see `structure_file_format`), sorted by path. Missing paths are kept so the
-    reader reports them."""
+    reader reports them. A file reached twice (named and inside a named folder, or two
+    overlapping folders) is kept once, where it first appears."""
     if isinstance(paths_or_folders, (str, os.PathLike)):
         paths_or_folders = [paths_or_folders]
     out: list[pathlib.Path] = []
+    seen: set[pathlib.Path] = set()
+    repeated = 0
     for item in paths_or_folders:
         p = pathlib.Path(item)
         if p.is_dir():
             found = p.rglob("*") if recursive else p.iterdir()
-            out.extend(sorted((f for f in found if f.is_file() and structure_file_format(f)), key=str))
+            files = sorted((f for f in found if f.is_file() and structure_file_format(f)), key=str)
         else:
-            out.append(p)
+            files = [p]
+        for f in files:
+            key = f.resolve() if f.exists() else f
+            if key in seen:
+                repeated += 1
+                continue
+            seen.add(key)
+            out.append(f)
+    if repeated:
+        logger.warning("%d structure file(s) given more than once (directly and through a folder, "
+                       "or in overlapping folders): each is read once", repeated)
     return out
 
 
@@ -511,7 +525,7 @@ def read_structure_files(
     for f, crystals in per_file:
         for c in crystals:
             if counts[c.id] > 1:
-                suffix = c.id[len(_file_stem(f)) :] if c.id.startswith(_file_stem(f)) else ""
+                suffix = c.id[len(file_stem(f)) :] if c.id.startswith(file_stem(f)) else ""
                 c = c.replace(id=f"{f}{suffix}")
             records.append(c)
     if failures:
@@ -724,6 +738,14 @@ def _open_binary(path: pathlib.Path):
     return open(path, "rb")
 
 
+class DatasetFileError(ValueError):
+    """A dataset file that cannot be read to its end (truncated download, corrupt archive).
+
+    Raised rather than reported as one skipped record: the records after the damage are lost
+    with no way to count them, and training on part of a dataset without knowing it would be
+    worse than stopping."""
+
+
 def _jsonl_entries(path: pathlib.Path) -> Iterator[_Entry | _BadEntry]:
     with _open_binary(path) as f:
         line_no = 0
@@ -731,8 +753,10 @@ def _jsonl_entries(path: pathlib.Path) -> Iterator[_Entry | _BadEntry]:
             try:
                 line = f.readline()
             except (EOFError, OSError, zlib.error) as e:
-                yield _BadEntry(f"line {line_no + 1}", f"file is truncated or corrupt, stopped reading: {type(e).__name__}: {e}")
-                return
+                raise DatasetFileError(
+                    f"{path}: file is truncated or corrupt after line {line_no} ({type(e).__name__}: {e}); "
+                    "the rest of it cannot be read. Download or copy it again (a file that "
+                    "dpf_jax.data.download fetched is re-fetched once deleted from its cache).") from None
             if not line:
                 return
             line_no += 1

@@ -376,7 +376,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_devices = mesh.size
     log.info("%s", data.summary())
     if data.skipped:
-        (workdir / "skipped.json").write_text(json.dumps(data.skipped, indent=1))
+        (workdir / "skipped.json").write_text(json.dumps(
+            {"source": data.source, "count": len(data.skipped),
+             "skipped": [{"record": rid, "reason": reason} for rid, reason in data.skipped]}, indent=1))
     stats = data_stats(config, data)
 
     _, run_key = split_seed(config.seed)
@@ -427,6 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_epoch, start_batch = divmod(step, steps_per_epoch)
     writer = MetricsWriter(workdir, start_epoch)
     log_every = max(1, config.train.log_every_steps)
+    in_flight = config.train.get("steps_in_flight", 2)
     ckpt_every = config.train.checkpoint_every_steps
     max_steps = config.train.get("max_steps", 0)
     clock = ckpt_lib.SaveClock(config.train.get("checkpoint_every_secs", 0), config.train.epochs)
@@ -458,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     break
                 state, m = train_step(state, host_batch_dev)
                 pending.append((int(step), m))
+                wait_for_older_steps(pending, in_flight)
                 step += 1
                 n_crystals += config.train.batch_size
                 bar.update()
@@ -626,6 +630,16 @@ def adopt_saved_optimizer_layout(meta: dict, config) -> bool:
           flush=True)
     config.optim.flatten = saved
     return True
+
+
+def wait_for_older_steps(pending: list, in_flight: int) -> None:
+    """Blocks until at most `in_flight` of the queued steps (`pending`, oldest first; earlier
+    ones were fetched) can still be running. JAX dispatches steps asynchronously, so without
+    this the host runs ahead by up to `log_every_steps` steps: a SIGTERM or Ctrl-C would then
+    wait for all of them (minutes on a CPU) before the checkpoint. Two in flight keep a GPU
+    fed. No data is copied to the host."""
+    if in_flight > 0 and len(pending) > in_flight:
+        jax.block_until_ready(pending[-in_flight - 1][1]["loss"])
 
 
 def _drain(pending: list, sums: dict, keep: int = 0, run_names: list[str] | None = None) -> None:

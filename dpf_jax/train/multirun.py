@@ -1,7 +1,7 @@
 """Several fine-tuning runs of one task trained together in one program (vmapped over runs).
 
     python -m dpf_jax.train.multirun --config configs/finetune_jarvis.py --workdir runs/fe \
-        --seeds 0 1 2 --init_checkpoints "" runs/pretrain_mask30 [--config.x=y ...]
+        --seeds 0,1,2 --init_checkpoints scratch,runs/pretrain_mask30 [--config.x=y ...]
 
 trains every (init checkpoint, seed) pair — here 2 x 3 = 6 runs — into
 `<workdir>/<init name or "scratch">/seed<k>/`, each workdir laid out exactly like a
@@ -194,6 +194,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                                                 mesh, config.train.prefetch, run_axis=True):
                 state, m = train_step(state, dev_batch)
                 pending.append((step, m))
+                loop.wait_for_older_steps(pending, config.train.get("steps_in_flight", 2))
                 step += 1
                 bar.update()
                 if step % steps_per_epoch:  # the epoch's last step: checked after its validation
