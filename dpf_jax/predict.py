@@ -480,8 +480,9 @@ class Predictor:
 def _label(c) -> str:
     """How a structure is named in failure reports: its file (and frame), else its input index."""
     if c.source.startswith("file:"):
-        p = c.source[len("file:"):]
-        return p if c.id in (Path(p).stem, Path(p).name, p) else f"{p} ({c.id})"
+        from dpf_jax.data.dataset import skip_label
+
+        return skip_label(c)
     if c.source in ("pymatgen", "ase"):
         return f"input {c.id} ({reduced_formula(c.numbers)})"
     return c.id

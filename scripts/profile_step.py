@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,10 +64,27 @@ def trace_kernels(run_steps, hlo_text: str, steps: int, top: int) -> dict:
     return summarise_trace(events, hlo_text, steps, top)
 
 
+def _union_ms(intervals: list) -> float:
+    """Total length (ms) of the union of (start, end) intervals in microseconds: kernels of one
+    device that overlap on different streams count once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
+COLLECTIVE_OPS = ("all-reduce", "all_reduce", "all-gather", "all_gather", "reduce-scatter", "reduce_scatter",
+                  "all-to-all", "all_to_all", "collective", "psum")
+
+
 def summarise_trace(events: list, hlo_text: str, steps: int, top: int) -> dict:
-    """Chrome-trace events of `steps` steps -> device time per step: kernels by HLO op (means
-    over the devices), and per device its busy time, the part in collectives (NCCL kernels)
-    and the span from its first kernel to its last."""
+    """Chrome-trace events of `steps` steps -> device time per step: kernels by HLO op (summed
+    kernel time, mean over the devices), and per device the time some kernel runs (`busy`, the
+    union over streams), the time some collective (NCCL) kernel runs, and the time from its
+    first kernel to its last divided by `steps` (`first_to_last`: includes the gaps between
+    steps, so it is the step period rather than a step's own span)."""
     import collections
 
     pnames = {e["pid"]: e["args"]["name"] for e in events
@@ -77,8 +95,7 @@ def summarise_trace(events: list, hlo_text: str, steps: int, top: int) -> dict:
     # kernels live on the "Stream #k" lines; "XLA Ops"/"XLA Modules" lines repeat them as spans
     streams = {k for k, n in tnames.items() if n.startswith("Stream")} or set(tnames)
     per_kernel = collections.defaultdict(lambda: [0.0, 0, ""])
-    # per device: busy time, time in collectives (NCCL kernels), first and last kernel
-    per_device = collections.defaultdict(lambda: {"busy": 0.0, "collective": 0.0, "t0": float("inf"), "t1": 0.0})
+    per_device = collections.defaultdict(lambda: {"kernels": [], "collectives": []})
     for e in events:
         if e.get("ph") != "X" or (e["pid"], e.get("tid")) not in streams:
             continue
@@ -90,15 +107,17 @@ def summarise_trace(events: list, hlo_text: str, steps: int, top: int) -> dict:
         k[1] += 1
         k[2] = k[2] or e["name"]
         d = per_device[pnames[e["pid"]]]
-        d["busy"] += e["dur"] / 1e3 / steps
-        if "nccl" in e["name"].lower() or any(c in hlo_op for c in ("all-reduce", "all-gather", "collective")):
-            d["collective"] += e["dur"] / 1e3 / steps
-        d["t0"], d["t1"] = min(d["t0"], e["ts"]), max(d["t1"], e["ts"] + e["dur"])
+        span = (e["ts"], e["ts"] + e["dur"])
+        d["kernels"].append(span)
+        if "nccl" in e["name"].lower() or any(c in hlo_op for c in COLLECTIVE_OPS):
+            d["collectives"].append(span)
     n_dev = max(len(per_device), 1)
-    busy = sum(d["busy"] for d in per_device.values()) / n_dev  # mean over devices
-    devices = {name: {"busy_ms_per_step": d["busy"], "collective_ms_per_step": d["collective"],
-                      "span_ms_per_step": (d["t1"] - d["t0"]) / 1e3 / steps}
+    devices = {name: {"busy_ms_per_step": _union_ms(d["kernels"]) / steps,
+                      "collective_ms_per_step": _union_ms(d["collectives"]) / steps,
+                      "first_to_last_ms_per_step": (max(b for _, b in d["kernels"]) - min(a for a, _ in d["kernels"]))
+                      / 1e3 / steps}
                for name, d in sorted(per_device.items())}
+    busy = sum(d["busy_ms_per_step"] for d in devices.values()) / n_dev  # mean over devices
     ops = _op_names(hlo_text)
     rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
     return {"device_busy_ms_per_step": busy, "devices": devices,
@@ -115,7 +134,7 @@ def format_kernels(t: dict) -> str:
              f"{t['kernels_per_step']:.0f} kernel launches/step ({t['device_processes']})"]
     for name, d in t.get("devices", {}).items():
         lines.append(f"  {name[-24:]}: busy {d['busy_ms_per_step']:.3f} ms/step, collectives "
-                     f"{d['collective_ms_per_step']:.3f}, first to last kernel {d['span_ms_per_step']:.3f}")
+                     f"{d['collective_ms_per_step']:.3f}, first to last kernel / steps {d['first_to_last_ms_per_step']:.3f}")
     for r in t["top"]:
         lines.append(f"  {r['ms_per_step']:7.3f} ms x{r['launches_per_step']:.0f} {r['hlo_op'][:28]:28s} "
                      f"{r['source'][-90:]}")
@@ -163,7 +182,7 @@ def main(argv=None):
     n_edge = int(host.edges["mask"].sum())
     n_node = int(host.nodes["mask"].sum())
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch_size": args.batch_size,
-           "num_devices": args.num_devices,
+           "num_devices": args.num_devices, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "real_nodes": n_node, "real_edges": n_edge, "padded_nodes": int(host.nodes["mask"].shape[-1]),
            "padded_edges": int(host.edges["mask"].shape[-1]), "ms": {}}
     print(json.dumps({k: v for k, v in out.items() if k != "ms"}), flush=True)

@@ -197,14 +197,15 @@ def test_formulation_names_an_edge_kernel(tmp_path):
 
 
 def test_trace_summary_per_device():
-    """scripts/profile_step.py: kernels of two steps on two devices -> per-step busy time per
-    device, the part in NCCL collectives, and kernel times averaged over the devices; host
-    lines and the "XLA Ops" lines (which repeat the kernels as spans) are not counted."""
+    """scripts/profile_step.py: kernels of two steps on two devices -> per step and device the
+    time some kernel runs (kernels overlapping on two streams count once), the time in NCCL
+    collectives, and kernel times averaged over the devices; host lines and the "XLA Ops" lines
+    (which repeat the kernels as spans) are not counted."""
     profile = load_script("profile_step")
     meta = [{"ph": "M", "name": "process_name", "pid": p, "args": {"name": n}}
             for p, n in ((1, "/device:GPU:0"), (2, "/device:GPU:1"), (3, "/host:CPU"))]
     meta += [{"ph": "M", "name": "thread_name", "pid": p, "tid": t, "args": {"name": n}}
-             for p in (1, 2) for t, n in ((7, "Stream #13(Compute)"), (8, "XLA Ops"))]
+             for p in (1, 2) for t, n in ((7, "Stream #13(Compute)"), (9, "Stream #14(Compute)"), (8, "XLA Ops"))]
 
     def kernel(pid, ts, dur, name, op, tid=7):
         return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name, "args": {"hlo_op": op}}
@@ -213,14 +214,15 @@ def test_trace_summary_per_device():
     for step in range(2):
         t = 1000 * step
         events += [kernel(1, t, 300, "fusion_1", "fusion.1"), kernel(1, t + 300, 100, "ncclDevKernel_AllReduce", "all-reduce.2"),
-                   kernel(2, t, 500, "fusion_1", "fusion.1"), kernel(2, t + 500, 200, "ncclDevKernel_AllReduce", "all-reduce.2"),
+                   kernel(1, t + 200, 150, "fusion_3", "fusion.3", tid=9),  # overlaps both on another stream
+                   kernel(2, t, 500, "fusion_1", "fusion.1"), kernel(2, t + 500, 200, "nccl_gather", "all_gather_invariant.4"),
                    kernel(1, t, 400, "fusion_1", "fusion.1", tid=8)]
     s = profile.summarise_trace(events, '%fusion.1 = f32[] fusion(), metadata={op_name="jit(step)/dense"}', steps=2, top=5)
     assert s["devices"]["/device:GPU:0"] == pytest.approx({"busy_ms_per_step": 0.4, "collective_ms_per_step": 0.1,
-                                                           "span_ms_per_step": 0.7})
-    assert s["devices"]["/device:GPU:1"]["busy_ms_per_step"] == pytest.approx(0.7)
-    assert s["devices"]["/device:GPU:1"]["collective_ms_per_step"] == pytest.approx(0.2)
-    assert s["device_busy_ms_per_step"] == pytest.approx(0.55) and s["kernels_per_step"] == 2
+                                                           "first_to_last_ms_per_step": 0.7})
+    assert s["devices"]["/device:GPU:1"] == pytest.approx({"busy_ms_per_step": 0.7, "collective_ms_per_step": 0.2,
+                                                           "first_to_last_ms_per_step": 0.85})
+    assert s["device_busy_ms_per_step"] == pytest.approx(0.55) and s["kernels_per_step"] == 2.5
     top = {r["hlo_op"]: r for r in s["top"]}
     assert top["fusion.1"]["ms_per_step"] == pytest.approx(0.4) and top["fusion.1"]["source"] == "jit(step)/dense"
-    assert top["all-reduce.2"]["launches_per_step"] == 1
+    assert top["all-reduce.2"]["launches_per_step"] == 0.5  # one device of two

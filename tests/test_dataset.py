@@ -148,8 +148,31 @@ def test_skipped_files_of_a_structure_folder_are_named_by_path(tmp_path):
     shutil.copy(fixtures / "broken.cif", tmp_path / "broken.cif")
     overlap = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.005, 0, 0]])
     overlap.to(filename=str(tmp_path / "POSCAR_overlap"), fmt="poscar")
-    pairs, skipped, total = load_graphs(str(tmp_path), GraphParams(), None, 1, progress=False)
-    assert [r.id for r, _ in pairs] == ["good"] and total == 3
-    labels = dict(skipped)
-    assert set(labels) == {str(tmp_path / "broken.cif"), str(tmp_path / "POSCAR_overlap")}, skipped
-    assert "overlap" in labels[str(tmp_path / "POSCAR_overlap")]
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for f in ("good.cif", "broken.cif", "POSCAR_overlap"):
+        (tmp_path / f).rename(folder / f)
+    cache = tmp_path / "cache"
+    for run in range(2):  # built, then a moved copy of the folder through the cache
+        pairs, skipped, total = load_graphs(str(folder), GraphParams(), str(cache), 1, progress=False)
+        assert [r.id for r, _ in pairs] == ["good"] and total == 3
+        labels = dict(skipped)
+        assert set(labels) == {str(folder / "broken.cif"), str(folder / "POSCAR_overlap")}, skipped
+        assert "overlap" in labels[str(folder / "POSCAR_overlap")]
+        if run == 0:  # same folder name elsewhere: the same cache entry
+            shutil.copytree(folder, tmp_path / "elsewhere" / "cifs")
+            folder = tmp_path / "elsewhere" / "cifs"
+    assert len(list(cache.glob("*.npz"))) == 1  # the second load came from the cache
+
+
+def test_skip_label_names_structure_files_by_path_and_dataset_records_by_id():
+    from dpf_jax.data.dataset import skip_label
+
+    rec = load_dataset_records(DATA / "jarvis_dft3d.jsonl.gz").records[0]
+    cases = [("file:/d/x.cif", "x", "/d/x.cif"), ("file:/d/t.extxyz", "t:1", "/d/t.extxyz:1"),
+             ("file:/d/POSCAR", "POSCAR", "/d/POSCAR"), ("file:/d/POSCAR", "/d/POSCAR", "/d/POSCAR"),
+             ("file:/d/x.cif", "mine", "/d/x.cif (mine)"),
+             ("file:/d/set.jsonl.gz", "JVASP-1", "JVASP-1"),  # a dataset file's record: its id
+             ("jarvis_dft3d", "JVASP-1", "JVASP-1")]
+    for source, rid, label in cases:
+        assert skip_label(rec.replace(id=rid, source=source)) == label, (source, rid)

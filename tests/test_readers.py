@@ -190,6 +190,12 @@ def test_a_file_given_twice_is_read_once(caplog):
     assert [c.id for c in records].count("JVASP-10") == 1
 
 
+def test_a_symlinked_structure_file_is_read_under_both_names(tmp_path):
+    (tmp_path / "a.cif").write_bytes((STRUCT / "JVASP-10.cif").read_bytes())
+    (tmp_path / "b.cif").symlink_to(tmp_path / "a.cif")
+    assert [f.name for f in readers.expand_structure_paths(tmp_path)] == ["a.cif", "b.cif"]
+
+
 def test_read_structure_files_explicit_paths_and_errors(tmp_path):
     records, failures = readers.read_structure_files(
         [STRUCT / "POSCAR-JVASP-19.vasp", STRUCT / "JVASP-10.cif", tmp_path / "missing.cif"]

@@ -203,11 +203,14 @@ def test_cli_started_outside_the_repository_loads_its_config(tmp_path):
     """`python -m dpf_jax.main --config <repo>/configs/x.py` from another folder: the config's
     `from configs import base` still imports (the repository goes on the import path), and the
     data path, relative to the working directory, fails with a hint instead of a traceback."""
-    from dpf_jax import main as cli
+    from dpf_jax import cli
 
     config = REPO / "configs" / "finetune_jarvis.py"
     assert cli.config_root(["m", "--config", str(config)]) == REPO
     assert cli.config_root(["m", f"--config={config}:arg", "--workdir", "w"]) == REPO
+    assert cli.config_root(["m", "-config", str(config)]) == REPO
+    assert cli.config_root(["m", f"-config={config}"]) == REPO
+    assert cli.config_root(["m", "--config.train.epochs=1", "--", "--config", str(config)]) is None
     assert cli.config_root(["m", "--config", str(tmp_path / "x.py")]) is None
     site = tmp_path / "site"
     site.mkdir()

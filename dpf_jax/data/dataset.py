@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpf_jax.data.graphs import MERGE_LEVELS, CrystalGraph, build_crystal_graph
-from dpf_jax.data.readers import file_stem
+from dpf_jax.data.readers import file_stem, structure_file_format
 from dpf_jax.data.records import Crystal, CrystalError
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,12 @@ def _build_one(args):
 
 
 def skip_label(crystal: Crystal) -> str:
-    """How a skipped record is named: a record read from its own file by that file's path (with
-    the frame or block suffix of its id), as the readers name files they cannot parse; any
-    other by its id."""
-    if not crystal.source.startswith("file:"):
+    """How a skipped record is named: a record read from its own structure file (CIF, POSCAR,
+    extxyz) by that file's path, with the frame or block suffix of its id, as the readers name
+    files they cannot parse; a record of a dataset file (JSON lines, JSON) by its id."""
+    path = crystal.source[len("file:"):] if crystal.source.startswith("file:") else ""
+    if not path or not structure_file_format(path):
         return crystal.id
-    path = crystal.source[len("file:"):]
     if path in crystal.id:
         return crystal.id
     stem = file_stem(path)
@@ -229,13 +229,15 @@ def cached_graphs(
         if graphs is not None:
             skipped = json.loads(reasons_path.read_text()) if reasons_path.exists() else []
             log.info("loaded %d cached graphs from %s", sum(g is not None for g in graphs), path)
-            return graphs, [tuple(x) for x in skipped]
+            # stored by record index, named now: a moved folder reports its files where they are
+            return graphs, [(skip_label(crystals[i]) if isinstance(i, int) else i, reason) for i, reason in skipped]
         log.warning("graph cache %s does not match the records; rebuilding", path)
     graphs, skipped = build_graphs(crystals, params, workers, progress,
                                    desc=f"graphs of {Path(source_file).name}")
     try:
         _save_cache(path, [c.id for c in crystals], graphs)
-        reasons_path.write_text(json.dumps(skipped))
+        failed = [i for i, g in enumerate(graphs) if g is None]  # build_graphs' skipped, in order
+        reasons_path.write_text(json.dumps([[i, reason] for i, (_, reason) in zip(failed, skipped)]))
     except OSError as e:  # a read-only cache location is not fatal
         log.warning("could not write graph cache %s: %s", path, e)
     return graphs, skipped

@@ -472,7 +472,7 @@ def expand_structure_paths(paths_or_folders: PathLike | Iterable[PathLike], recu
     if isinstance(paths_or_folders, (str, os.PathLike)):
         paths_or_folders = [paths_or_folders]
     out: list[pathlib.Path] = []
-    seen: set[pathlib.Path] = set()
+    seen: set[str] = set()
     repeated = 0
     for item in paths_or_folders:
         p = pathlib.Path(item)
@@ -482,7 +482,7 @@ def expand_structure_paths(paths_or_folders: PathLike | Iterable[PathLike], recu
         else:
             files = [p]
         for f in files:
-            key = f.resolve() if f.exists() else f
+            key = os.path.abspath(f)  # lexical: two names of one file (a symlink) are both read
             if key in seen:
                 repeated += 1
                 continue
@@ -832,7 +832,8 @@ def read_jsonl(
     (symbols), `frac_coords`, target fields named by task (null = no value) and `split`
     (task -> train/val/test). With `task`, only records whose `split` names the task and whose
     target is non-null are kept, with `targets={task: value}`; `split` keeps one side. Malformed
-    lines / records are skipped and listed in `.skipped` as `(id or "line N", reason)`.
+    lines / records are skipped and listed in `.skipped` as `(id or "line N", reason)`; a file
+    that cannot be read to its end (truncated or corrupt gzip) raises `DatasetFileError`.
     """
     report = DatasetRecords([], [], str(path))
     report.records = list(iter_jsonl(path, task, split, transform, report=report))

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -269,6 +270,10 @@ def main(argv=None):
     from absl import app, flags
     from ml_collections import config_flags
 
+    from dpf_jax.cli import explain, put_config_root_on_path
+
+    cli_argv = sys.argv if argv is None else argv
+    put_config_root_on_path(cli_argv)
     flags_ = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "fine-tuning config file", lock_config=True)
     flags.DEFINE_string("workdir", None, "base folder: runs go to <workdir>/<init name|scratch>/seed<k>")
@@ -293,8 +298,9 @@ def main(argv=None):
                 print(f"{spec[2]}: test MAE {res.get('test_mae_final')} (best-val model "
                       f"{res.get('test_mae_best_val')})", flush=True)
         except (loop.TrainingError, FileNotFoundError, ValueError) as e:
-            logging.error("%s", e)
-            raise SystemExit(f"error: {e}")
+            message = explain(e, cli_argv)
+            logging.error("%s", message)
+            raise SystemExit(f"error: {message}")
         except (loop.Interrupted, KeyboardInterrupt) as e:
             raise SystemExit(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume")
 
