@@ -769,6 +769,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     jax.block_until_ready(devs)
     state, compile_s, _ = compile_shapes(train_step, state, devs, host)
     log_every = max(1, config.train.log_every_steps)
+    in_flight = config.train.get("steps_in_flight", 2)
     repeats = 2 if args.small else 3
 
     def pipeline_epoch(state):
@@ -782,7 +783,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
                 t_first = time.perf_counter()
             state, m = train_step(state, dev)
             pending.append((i, m))
-            loop.wait_for_older_steps(pending, config.train.get("steps_in_flight", 2))  # as train/loop.py
+            loop.wait_for_older_steps(pending, in_flight)  # as train/loop.py
             if len(pending) >= log_every:
                 loop._drain(pending, sums, keep=2)  # as train/loop.py: never wait on the newest steps
         loop._drain(pending, sums)

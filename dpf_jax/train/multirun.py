@@ -182,6 +182,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
         clock.saved()
 
     stop = loop.StopOnSignal()
+    in_flight = config.train.get("steps_in_flight", 2)
     pending: list = []
     try:
         for epoch in range(start_epoch, config.train.epochs):
@@ -195,7 +196,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                                                 mesh, config.train.prefetch, run_axis=True):
                 state, m = train_step(state, dev_batch)
                 pending.append((step, m))
-                loop.wait_for_older_steps(pending, config.train.get("steps_in_flight", 2))
+                loop.wait_for_older_steps(pending, in_flight)
                 step += 1
                 bar.update()
                 if step % steps_per_epoch:  # the epoch's last step: checked after its validation
