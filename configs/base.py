@@ -49,15 +49,17 @@ def get_config() -> ml_collections.ConfigDict:
     # of the edge Denses before the gather (fewer FLOPs), "edge" gathers node features first
     # (more FLOPs, much smaller gathers); see dpf_jax/model/layers.py and scripts/results/PERF_NOTES.md.
     c.model.formulation = "node"
-    # How the per-edge message chain runs, same parameters and maths: "xla" (jax.numpy),
-    # "pallas" (the chain as one fused Triton kernel forward and one backward;
+    # How the per-edge message chain runs, same parameters and maths: "auto" (default: on a GPU
+    # "pallas_gate_rows-16x8", the fastest measured; elsewhere "xla"; dpf_jax/model/layers.py
+    # resolve_edge_kernel), "xla" (jax.numpy), "pallas_gate_rows" (node formulation: the gate
+    # alpha -> LayerNorm -> sigmoid -> x upd as one Triton kernel pair that gathers the node-table
+    # rows itself, matmuls in XLA; dpf_jax/model/gate_kernel.py), "pallas_gate" (the same gate on
+    # gathered tables XLA writes first), "pallas" (the chain incl. msg_layer_0 as one kernel pair;
     # dpf_jax/model/edge_kernel.py), "pallas_node" (node formulation: the gathers and e @ W3 in
-    # the kernels too; dpf_jax/model/gather_kernel.py) or "pallas_gate" (node formulation: only
-    # alpha -> LayerNorm -> sigmoid -> x upd fused, matmuls in XLA; dpf_jax/model/gate_kernel.py);
-    # "-16x8" appended sets the tile (edges per program x warps). "xla_recompute" (node
-    # formulation): the gate in jax.numpy with a written backward that stores no per-edge
-    # intermediate (dpf_jax/model/gate_recompute.py).
-    c.model.edge_kernel = "xla"
+    # the kernels too; dpf_jax/model/gather_kernel.py); "-16x8" appended sets the tile (edges
+    # per program x warps). "xla_recompute" (node formulation): the gate in jax.numpy with a
+    # written backward that stores no per-edge intermediate (dpf_jax/model/gate_recompute.py).
+    c.model.edge_kernel = "auto"
     # Backward-pass rematerialisation per layer (same parameters and maths; speed / memory):
     # "none", "layer" (keep only layer inputs), "dots" (keep matmul outputs), "dots_no_batch",
     # "gate" / "gate_lean" / "stats" (matmul outputs plus named per-edge tensors; "stats" is the

@@ -3,7 +3,8 @@ fused Pallas kernels, forward and forward+backward: `--family chain` the chain o
 inputs (`dpf_jax.model.edge_kernel`), `--family node` the gathers, e @ W3 and the chain from
 the node tables (`dpf_jax.model.gather_kernel`), `--family gate` the gate alone on the gathered
 tables (`dpf_jax.model.gate_kernel`; forward 13 HC in, 3 HC out per edge; backward 16 HC in, 13 HC
-out).
+out), `--family gate_rows` the same gate reading the node tables' rows itself (forward 4 HC in,
+3 HC out; backward 7 HC in, 7 HC out; its xla variant is XLA's gathers fused into the gate).
 
     python scripts/bench_edge_kernel.py                       # GPU: E = 46,080 edges (a B=256
                                                               # pre-training budget), H = 4, C = 128
@@ -39,15 +40,17 @@ sys.path.insert(0, str(REPO / "scripts"))
 import profile_step  # noqa: E402 - its `timeit`
 
 from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message  # noqa: E402
-from dpf_jax.model.gate_kernel import fused_gate, gate_reference  # noqa: E402
+from dpf_jax.model.gate_kernel import fused_gate, fused_gate_rows, gate_reference  # noqa: E402
+from dpf_jax.model.gate_recompute import gate_message_reference  # noqa: E402
 from dpf_jax.model.gather_kernel import fused_node_message, node_message_reference  # noqa: E402
 
 DIFF = (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11)
 NODE_DIFF = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12)
 GATE_DIFF = (0, 1, 2, 3, 5, 6)
+ROWS_DIFF = (0, 1, 2, 3, 7, 8)
 # floats per edge, in units of HC = heads x channels, that each family's kernels must move:
 # (forward, forward + backward)
-KERNEL_HC = {"chain": (8, 8 + 19), "gate": (16, 16 + 29)}
+KERNEL_HC = {"chain": (8, 8 + 19), "gate": (16, 16 + 29), "gate_rows": (7, 7 + 14)}
 EDGES_PER_NODE = 25  # the reference graphs' average (PERF_NOTES.md)
 
 
@@ -71,6 +74,19 @@ def make_gate_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
     r = jnp.concatenate([q, qk, jax.random.normal(ks[0], (n_edge, heads, 3 * c))], axis=-1)
     s = jnp.concatenate([k, jax.random.normal(ks[1], (n_edge, heads, 3 * c))], axis=-1)
     return (r, s, upd, e, mask, g1, b1)
+
+
+def make_rows_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
+    """Node tables [N, H, 5C] / [N, H, 4C] (N = E / 25), e @ W3, e, sorted receivers, senders,
+    mask, LayerNorm params: the arguments of `gate_message_reference` / `fused_gate_rows`."""
+    rt, st, e, recv, send, mask, *_ = make_node_inputs(n_edge, heads, c, seed)
+    r, s, ew3, e, mask, g1, b1 = make_gate_inputs(n_edge, heads, c, seed)
+    return (rt, st, ew3, e, recv, send, mask, g1, b1)
+
+
+def _rows_reference(*a, precision=None):
+    del precision  # no matmuls in the gate
+    return gate_message_reference(*a)
 
 
 def _gate_reference(*a, precision=None):
@@ -104,10 +120,13 @@ def main(argv=None) -> dict:
     p.add_argument("--channels", type=int, default=128)
     p.add_argument("--tiles", nargs="+", default=["32x4", "16x8", "64x8"], help="edges-per-program x warps")
     p.add_argument("--precision", choices=["default", "highest"], default="default")
-    p.add_argument("--family", nargs="+", choices=["chain", "node", "gate"], default=["chain", "node", "gate"],
+    p.add_argument("--family", nargs="+", choices=["chain", "node", "gate", "gate_rows"],
+                   default=["chain", "node", "gate", "gate_rows"],
                    help="chain: the per-edge chain on gathered inputs (edge_kernel 'pallas'); node: gathers "
                         "+ e@W3 + chain from node tables (edge_kernel 'pallas_node', N = E / 25); gate: the "
-                        "gate alone on the gathered tables (edge_kernel 'pallas_gate')")
+                        "gate alone on the gathered tables (edge_kernel 'pallas_gate'); gate_rows: the "
+                        "gate from the node tables, gathering rows itself (edge_kernel 'pallas_gate_rows'; "
+                        "its xla variant: XLA's gathers fused into the gate)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes, Pallas interpreter")
     p.add_argument("--out", default="scripts/results/bench_edge_kernel.json")
@@ -123,7 +142,8 @@ def main(argv=None) -> dict:
     families = {  # what is timed: the chain alone (inputs gathered already), or gathers + chain
         "chain": (make_inputs, edge_message_reference, fused_edge_message, "pallas", DIFF),
         "node": (make_node_inputs, node_message_reference, fused_node_message, "pallas_node", NODE_DIFF),
-        "gate": (make_gate_inputs, _gate_reference, fused_gate, "pallas_gate", GATE_DIFF)}
+        "gate": (make_gate_inputs, _gate_reference, fused_gate, "pallas_gate", GATE_DIFF),
+        "gate_rows": (make_rows_inputs, _rows_reference, fused_gate_rows, "pallas_gate_rows", ROWS_DIFF)}
     for n_edge, family in [(n, f) for n in args.edges for f in args.family]:
         make, reference, fused, kernel_name, diff = families[family]
         inputs = make(n_edge, args.heads, args.channels)

@@ -92,6 +92,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -118,6 +119,7 @@ from dpf_jax.data.pipeline import PreparedData, SplitData  # noqa: E402
 from dpf_jax.data.records import Crystal  # noqa: E402
 from dpf_jax.model.atom_features import cgcnn_feature_table  # noqa: E402
 from dpf_jax.model.heads import NUM_TYPES  # noqa: E402
+from dpf_jax.model.layers import resolve_edge_kernel  # noqa: E402
 from dpf_jax.train import loop  # noqa: E402
 from dpf_jax.train.optim import make_optimizer  # noqa: E402
 from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_batch, put_replicated  # noqa: E402
@@ -592,8 +594,9 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
     encoder = getattr(model, "encoder", None)
     formulation = getattr(encoder, "formulation", None)
     table = matmul_table(config.model, config.mode, heads, formulation)
-    if getattr(encoder, "edge_kernel", "xla") != "xla":
-        formulation = f"{formulation}+{encoder.edge_kernel}"
+    kernel = resolve_edge_kernel(getattr(encoder, "edge_kernel", "xla"), formulation)  # "auto" as it runs here
+    if kernel != "xla":
+        formulation = f"{formulation}+{kernel}"
     return state, train_step, table, n_params, formulation
 
 
@@ -773,23 +776,40 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     repeats = 2 if args.small else 3
 
     def pipeline_epoch(state):
+        """One epoch as train/loop.py runs it; also the main thread's seconds in each phase:
+        next_batch (waiting for the host-batching thread, then the copy to the device),
+        dispatch (queuing the step), wait (for the step `in_flight` back: the device is the
+        limit) and drain (metrics to the host)."""
         pending, sums = [], {}
+        phases = dict.fromkeys(("next_batch", "dispatch", "wait", "drain"), 0.0)
         t_start = time.perf_counter()
         t_first = None
         batches = prefetch(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop),
                            config.train.prefetch)
-        for i, dev in enumerate(prefetch_to_device(batches, mesh, config.train.prefetch)):
+        device_batches = iter(prefetch_to_device(batches, mesh, config.train.prefetch))
+        for i in itertools.count():
+            t0 = time.perf_counter()
+            dev = next(device_batches, None)
+            t1 = time.perf_counter()
+            phases["next_batch"] += t1 - t0
+            if dev is None:
+                break
             if t_first is None:
-                t_first = time.perf_counter()
+                t_first = t1
             state, m = train_step(state, dev)
             pending.append((i, m))
+            t2 = time.perf_counter()
             loop.wait_for_older_steps(pending, in_flight)  # as train/loop.py
+            t3 = time.perf_counter()
             if len(pending) >= log_every:
                 loop._drain(pending, sums, keep=2)  # as train/loop.py: never wait on the newest steps
+            phases["dispatch"] += t2 - t1
+            phases["wait"] += t3 - t2
+            phases["drain"] += time.perf_counter() - t3
         loop._drain(pending, sums)
         jax.block_until_ready(state)
         t_end = time.perf_counter()
-        return state, t_end - t_start, t_end - t_first
+        return state, t_end - t_start, t_end - t_first, phases
 
     def pure_epoch(state):
         t_start = time.perf_counter()
@@ -798,11 +818,12 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         jax.block_until_ready(state)
         return state, time.perf_counter() - t_start
 
-    pipe, pipe_from_first, pure = [], [], []
+    pipe, pipe_from_first, pure, phases = [], [], [], []
     for _ in range(repeats):  # interleaved, so drifts of the device clock hit both alike
-        state, t_all, t_first = pipeline_epoch(state)
+        state, t_all, t_first, ph = pipeline_epoch(state)
         pipe.append(t_all)
         pipe_from_first.append(t_first)
+        phases.append(ph)
         state, t = pure_epoch(state)
         pure.append(t)
     mem = _memory_stats()
@@ -814,6 +835,9 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         "crystals_per_s_pipeline_from_first_batch": n_crystals / statistics.median(pipe_from_first),
         "crystals_per_s_pure_step": n_crystals / statistics.median(pure),
         "pipeline_epoch_s": pipe, "pipeline_epoch_s_from_first_batch": pipe_from_first, "pure_epoch_s": pure,
+        # the main thread's time per step in each phase of the pipeline epoch (median repeat)
+        "pipeline_host_ms_per_step": {k: 1e3 * statistics.median(p[k] for p in phases) / len(host)
+                                      for k in phases[0]},
         "host_batches_per_s": len(host) / host_s, "host_crystals_per_s": n_crystals / host_s,
         "tflops_pure": flops_real / statistics.median(pure) / 1e12,
         "compile_s": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in compile_s.items()},
@@ -1029,7 +1053,9 @@ def main(argv=None) -> dict:
                 e = epoch_one(args, name, bs, prec, mesh, cache, form)
                 epochs.append(e)
                 print(f"epoch {e['model']} B={bs} {prec} {e['formulation']}: "
-                      f"pipeline/pure = {100 * e['pipeline_over_pure']:.1f}%", flush=True)
+                      f"pipeline/pure = {100 * e['pipeline_over_pure']:.1f}%; main thread per step: "
+                      + ", ".join(f"{k} {v:.2f} ms" for k, v in e["pipeline_host_ms_per_step"].items()),
+                      flush=True)
             else:
                 r = bench_one(args, data_kind, name, bs, prec, mesh, cache, dump, form, runs)
                 results.append(r)

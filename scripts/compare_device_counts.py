@@ -4,6 +4,8 @@
                                                                      # 1 device vs all visible ones
     python scripts/compare_device_counts.py --devices 1 2 4 --steps 50
     python scripts/compare_device_counts.py --small --steps 3        # CPU smoke run (tiny model)
+    python scripts/compare_device_counts.py --devices 1 --edge-kernels xla   # the config's edge
+                                                                     # kernel ("auto") vs "xla"
 
 For each device count, in one process: the config's own training step (`make_train_step`), its
 optimiser schedule, the same seed and initial parameters, and the same global batches (the
@@ -12,12 +14,16 @@ first `--steps` steps of epoch 0 (default: the whole epoch). Records the loss of
 reports, per device count, the largest relative deviation from the one-device curve. The
 curves drift apart slowly (float summation order differs between device counts, and training
 amplifies it), so the report gives the deviation over the first 10 steps and over all steps.
+`--edge-kernels K ...` also runs one device with each `model.edge_kernel` K and reports its
+deviation from the one-device curve of the config's own kernel the same way: the check that a
+fused kernel trains like jax.numpy on real batches (same maths, other float summation order).
 Writes a JSON report (`--out`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import sys
@@ -62,14 +68,19 @@ def max_rel_dev(curve, ref) -> float:
     return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(curve, ref))
 
 
-def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: dict) -> dict:
-    """The JSON report of the device counts run so far (1 first: the reference curve)."""
+def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: dict,
+                kernel_curves: dict | None = None) -> dict:
+    """The JSON report of the device counts (1 first: the reference curve) and edge kernels
+    run so far."""
+    from dpf_jax.model.layers import resolve_edge_kernel
     from dpf_jax.train import loop
 
     ref = curves[1]
     report = {"device": device_kind, "config": args.config, "small": args.small,
               "batch_norm_stats": config.model.get("batch_norm_stats", ""),
               "merge_edges": loop._graph_params(config).merge_edges,  # graph.merge_edges as resolved
+              "edge_kernel": resolve_edge_kernel(config.model.get("edge_kernel", "auto"),
+                                                 config.model.get("formulation", "node")),
               "global_batch": config.train.batch_size, "steps": steps,
               "loss_curves": {str(n): c for n, c in curves.items()},
               "wall_s": {str(n): w for n, w in wall.items()}, "max_rel_dev_first_10_steps": {},
@@ -78,6 +89,11 @@ def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: 
         if n != 1:
             report["max_rel_dev_first_10_steps"][str(n)] = max_rel_dev(curve[:10], ref[:10])
             report["max_rel_dev_all_steps"][str(n)] = max_rel_dev(curve, ref)
+    if kernel_curves:  # one device, another model.edge_kernel, against the config's own kernel
+        report["edge_kernel_curves"] = kernel_curves
+        report["edge_kernel_max_rel_dev_first_10_steps"] = {k: max_rel_dev(c[:10], ref[:10])
+                                                            for k, c in kernel_curves.items()}
+        report["edge_kernel_max_rel_dev_all_steps"] = {k: max_rel_dev(c, ref) for k, c in kernel_curves.items()}
     return report
 
 
@@ -88,6 +104,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=0, help="steps of epoch 0 to compare (default: all)")
     p.add_argument("--records", type=int, default=0, help="use only the first N records (0 = all)")
     p.add_argument("--small", action="store_true", help="tiny model and data (CPU smoke run)")
+    p.add_argument("--edge-kernels", nargs="*", default=[],
+                   help="also one device with each of these model.edge_kernel values, compared with the "
+                        "config's own kernel on one device")
     p.add_argument("--out", default="scripts/results/compare_device_counts.json")
     args = p.parse_args(argv)
 
@@ -123,9 +142,22 @@ def main(argv=None) -> dict:
         report = make_report(jax.devices()[0].device_kind, args, config, steps, curves, wall)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
+    kernel_curves = {}
+    for kernel in args.edge_kernels:
+        t0 = time.time()
+        other = copy.deepcopy(config)
+        other.model.edge_kernel = kernel
+        kernel_curves[kernel] = loss_curve(other, data, stats, 1, steps)
+        wall[f"1:{kernel}"] = time.time() - t0
+        report = make_report(jax.devices()[0].device_kind, args, config, steps, curves, wall, kernel_curves)
+        Path(args.out).write_text(json.dumps(report, indent=1))
     for n in counts[1:]:
         print(f"{n} vs 1 device(s): max relative loss deviation {report['max_rel_dev_first_10_steps'][str(n)]:.2e} "
               f"(first 10 steps), {report['max_rel_dev_all_steps'][str(n)]:.2e} (all {len(curves[1])} steps)")
+    for kernel in kernel_curves:
+        print(f"edge kernel {kernel} vs {report['edge_kernel']} (1 device): max relative loss deviation "
+              f"{report['edge_kernel_max_rel_dev_first_10_steps'][kernel]:.2e} (first 10 steps), "
+              f"{report['edge_kernel_max_rel_dev_all_steps'][kernel]:.2e} (all {len(curves[1])} steps)")
     return report
 
 

@@ -191,8 +191,9 @@ def make_config(name: str, mode: str, seed: int, epochs: int, task: str | None, 
     config.train.epochs = epochs
     config.train.eval_every_epochs = 1  # one curve point per epoch
     config.train.progress_bar = False
-    config.model.precision, _, kernel = mode.partition("+")  # "default+pallas": fused edge kernel
-    config.model.edge_kernel = kernel or "xla"
+    # "default+pallas": that edge kernel; no suffix: the config's own (base.py: "auto")
+    config.model.precision, _, kernel = mode.partition("+")
+    config.model.edge_kernel = kernel or config.model.edge_kernel
     if small:
         config.model.num_layers, config.model.channels, config.model.heads = 2, 32, 2
         config.model.rbf_bins = 32
@@ -230,7 +231,8 @@ def main(argv=None) -> dict:
     p.add_argument("--task", default=None, help="fine-tuning only; default: the config's data.task")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--modes", nargs="+", default=["highest", "default", "bf16"],
-                   help="model.precision values, each optionally +pallas (model.edge_kernel)")
+                   help="model.precision values, each optionally +<model.edge_kernel> (e.g. default+xla); "
+                        "without one the config's edge_kernel ('auto')")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rtol", type=float, default=0.05)
     p.add_argument("--skip", type=float, default=0.5,

@@ -102,6 +102,11 @@ def test_small_epoch_check(tmp_path):
                 "host_crystals_per_s", "within_15_percent"):
         assert key in e, key
     assert e["crystals_per_s_pipeline"] > 0 and e["crystals_per_s_pure_step"] > 0
+    # the main thread's time per step by phase: each non-negative, together within the epoch's wall time
+    phases = e["pipeline_host_ms_per_step"]
+    assert set(phases) == {"next_batch", "dispatch", "wait", "drain"} and min(phases.values()) >= 0
+    assert phases["next_batch"] > 0 and phases["dispatch"] > 0
+    assert sum(phases.values()) * e["steps"] <= 1e3 * max(e["pipeline_epoch_s"])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message
-from dpf_jax.model.gate_kernel import fused_gate, gate_reference
+from dpf_jax.model.gate_kernel import fused_gate, fused_gate_rows, gate_reference
 from dpf_jax.model.gather_kernel import fused_node_message, node_message_reference
 from dpf_jax.model.layers import MatformerConv
 
@@ -101,7 +101,7 @@ def test_no_edges():
     assert fused_edge_message(*args).shape == (0, 2, 16)
 
 
-@pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4", "pallas_gate-16x4"])
+@pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4", "pallas_gate-16x4", "pallas_gate_rows-16x4"])
 def test_conv_pallas_equals_xla_with_gradients(kernel):
     """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
     same gradients (of parameters and of the node features)."""
@@ -137,7 +137,7 @@ def test_conv_pallas_equals_xla_with_gradients(kernel):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("kernel", ["pallas_gate-16x4", "xla_recompute"])
+@pytest.mark.parametrize("kernel", ["pallas_gate-16x4", "pallas_gate_rows-16x4", "xla_recompute"])
 def test_conv_gate_in_bf16_is_close_to_xla(kernel):
     """precision bf16: the gate kernel and the recomputing gate compute the alpha products and upd
     in float32 where the "xla" path rounds them to bfloat16, so they agree to bfloat16 rounding,
@@ -273,7 +273,7 @@ def test_bench_edge_kernel_script_runs(tmp_path):
     report = bench_edge_kernel.main(["--small", "--out", str(tmp_path / "b.json")])
     rows = {r["variant"]: r for r in report["results"]}
     assert set(rows) == {"xla (chain)", "pallas-32x4", "xla (node)", "pallas_node-32x4",
-                         "xla (gate)", "pallas_gate-32x4"}
+                         "xla (gate)", "pallas_gate-32x4", "xla (gate_rows)", "pallas_gate_rows-32x4"}
     for r in rows.values():
         assert "error" not in r and r["forward_ms"] > 0 and r["train_ms"] > 0
         assert r["max_abs_err_forward"] < 1e-3 and r["max_rel_err_grads"] < 1e-3
@@ -398,6 +398,53 @@ def test_gate_kernel_triton_lowering_inside_data_parallel_step():
     assert 'name = "edge_gate_fwd"' in text and 'name = "edge_gate_bwd"' in text
 
 
+def random_rows_args(n_node, n_edge, heads, c, n_real, seed=1):
+    """Node tables, ew3, e, sorted receivers, senders, edge mask, LayerNorm parameters (the
+    arguments of gate_recompute.gate_message_reference)."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    n_real_nodes = max(1, n_node - 2)  # the last nodes are padding: the padding edges point there
+    recv = np.sort(rng.integers(0, n_real_nodes, n_edge)).astype(np.int32)
+    send = rng.integers(0, n_real_nodes, n_edge).astype(np.int32)
+    recv[n_real:], send[n_real:] = n_node - 1, n_node - 1
+    return [f(n_node, heads, 5 * c), f(n_node, heads, 4 * c), f(n_edge, heads, 3 * c), f(n_edge, heads, c),
+            jnp.asarray(recv), jnp.asarray(send), jnp.arange(n_edge) < n_real, 1 + 0.2 * f(3 * c), 0.2 * f(3 * c)]
+
+
+@pytest.mark.parametrize("n_node,n_edge,n_real,heads,c,block", [(12, 70, 65, 2, 16, 16), (9, 40, 33, 4, 128, 32)])
+def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block):
+    """The gate kernel that gathers node rows itself: values and every gradient (both node
+    tables, summed over each node's edges; e @ W3, e, the LayerNorm parameters); an edge axis
+    that is not a multiple of the block; padding edges holding inf/NaN give and get exactly 0."""
+    from dpf_jax.model.gate_recompute import gate_message_reference
+
+    args = random_rows_args(n_node, n_edge, heads, c, n_real)
+    args[2] = args[2].at[n_real:].set(jnp.inf)
+    args[3] = args[3].at[n_real:].set(jnp.nan)
+    clean = [jnp.where(args[6].reshape(-1, 1, 1), a, 0.0) if i in (2, 3) else a for i, a in enumerate(args)]
+    fused = lambda *a: fused_gate_rows(*a, opts=KernelOptions(block_edges=block))  # noqa: E731
+    m = fused(*args)
+    assert m.shape == (n_edge, heads, 3 * c) and m.dtype == jnp.float32
+    np.testing.assert_allclose(m, gate_message_reference(*clean), rtol=1e-5, atol=1e-5)
+    assert np.isfinite(np.asarray(m)).all() and not np.asarray(m[n_real:]).any()
+    w = jax.random.normal(jax.random.PRNGKey(9), m.shape)
+    grads = check_gradients(fused, gate_message_reference, args, (0, 1, 2, 3, 7, 8), w, ref_args=clean)
+    for g in grads[2:4]:  # masked edges get no gradient at all
+        assert not np.asarray(g[n_real:]).any()
+    assert not np.asarray(grads[0][-1]).any() and not np.asarray(grads[1][-1]).any()  # nor their nodes
+
+
+def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step():
+    f32, i32 = jnp.float32, jnp.int32
+    N, E, H, C = 256, 1024, 4, 128
+    sds = jax.ShapeDtypeStruct
+    shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
+              sds((E,), i32), sds((E,), i32), sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
+    text = lower_grad_in_shard_map(fused_gate_rows, shapes, n_sharded=7, argnums=(0, 2, 7))
+    assert text.count("xla.gpu.triton") == 2
+    assert 'name = "edge_gate_rows_fwd"' in text and 'name = "edge_gate_rows_bwd"' in text
+
+
 def test_recomputing_gate_matches_autodiff_with_gradients():
     """gate_recompute.gate_message (written backward) against JAX's autodiff of the same maths:
     values and the gradients of every float input, with padding edges and repeated nodes."""
@@ -470,3 +517,19 @@ def test_recomputing_gate_needs_the_node_formulation():
     with pytest.raises(ValueError, match="needs formulation 'node'"):
         MatformerConv(8, 2, formulation="edge", edge_kernel="xla_recompute").init(jax.random.PRNGKey(0), *args,
                                                                                  train=False)
+
+
+def test_auto_edge_kernel_resolves_per_backend(monkeypatch):
+    """model.edge_kernel = "auto" (the configs' default): the row-gathering gate kernel on a
+    GPU with the node formulation, jax.numpy elsewhere (no Pallas interpreter on a CPU)."""
+    from dpf_jax.model import layers
+
+    assert layers.resolve_edge_kernel("auto") == "xla"  # this CPU
+    assert layers.resolve_edge_kernel("pallas_gate-16x4") == "pallas_gate-16x4"
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    assert layers.resolve_edge_kernel("auto") == layers.EDGE_KERNEL_AUTO_GPU
+    assert layers.resolve_edge_kernel("auto", "edge") == "xla"
+    KernelOptions.parse(layers.EDGE_KERNEL_AUTO_GPU).check(128, "auto")  # a valid tile
+    from configs.base import get_config
+
+    assert get_config().model.edge_kernel == "auto"

@@ -438,6 +438,7 @@ def test_compare_device_counts_script(tmp_path):
     import compare_device_counts
 
     report = compare_device_counts.main(["--small", "--steps", "4", "--devices", "1", "4",
+                                         "--edge-kernels", "pallas_gate_rows-16x4",
                                          "--out", str(tmp_path / "report.json")])
     one, four = report["loss_curves"]["1"], report["loss_curves"]["4"]
     assert len(one) == len(four) == 4
@@ -445,6 +446,11 @@ def test_compare_device_counts_script(tmp_path):
     assert report["max_rel_dev_all_steps"]["4"] < 1e-5
     assert json.loads((tmp_path / "report.json").read_text())["steps"] == 4
     assert report["merge_edges"] == "distance"  # the pre-training default, as resolved
+    # another edge kernel on one device (on a CPU inside the step's shard_map the kernel's
+    # jax.numpy twin runs: this checks the plumbing; the GPU run is in the README)
+    assert report["edge_kernel"] == "xla"  # "auto" on a CPU
+    assert len(report["edge_kernel_curves"]["pallas_gate_rows-16x4"]) == 4
+    assert report["edge_kernel_max_rel_dev_all_steps"]["pallas_gate_rows-16x4"] < 1e-5
 
 
 @pytest.mark.parametrize("name, level", [("finetune_jarvis", "atoms"), ("finetune_mp", "atoms"),

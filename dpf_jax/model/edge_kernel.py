@@ -53,11 +53,13 @@ class KernelOptions:
 
     @classmethod
     def parse(cls, spec: str, **kw) -> "KernelOptions":
-        """From a config string: "pallas" / "pallas_node" / "pallas_gate" (defaults) or with a tile,
+        """From a config string: "pallas" / "pallas_node" / "pallas_gate" /
+        "pallas_gate_rows" (defaults) or with a tile,
         "pallas-<block_edges>x<num_warps>" (the kernel family is the caller's business)."""
         name, _, tile = spec.partition("-")
-        if name not in ("pallas", "pallas_node", "pallas_gate"):
-            raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node' or 'pallas_gate', "
+        if name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows"):
+            raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
+                             "'pallas_gate_rows', "
                              "optionally with '-<block_edges>x<num_warps>'")
         if tile:
             try:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _compiler_params, _gate,
                                        _make_varying, _masked, _out_struct, _pad_edges, _varying_axes)
-from dpf_jax.model.gate_recompute import gate_reference  # the kernels' jax.numpy twin
+from dpf_jax.model.gate_recompute import gate_message_reference, gate_reference  # the kernels' jax.numpy twins
 
 
 class TableTiles(BlockTiles):
@@ -65,10 +65,10 @@ class TableTiles(BlockTiles):
             self._load(self.ew3_ref, kk * c)
 
 
-def _fwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, m_ref, *, c, inv):
+def _gate_forward(t, mask_ref, g1_ref, b1_ref, m_ref, c):
+    """m = mask * upd * sigmoid(LayerNorm_3C(alpha)) for one block, chunk by chunk."""
     from jax.experimental import pallas as pl
 
-    t = TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv)
     mu, rstd = _alpha_stats(t, c)
     for kk in range(3):
         ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
@@ -76,24 +76,25 @@ def _fwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, m_ref, *
         m_ref[:, pl.ds(kk * c, c)] = _masked(mask_ref, m).astype(m_ref.dtype)
 
 
-def _bwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, dm_ref,
-                dr_ref, ds_ref, dew3_ref, de_ref, part_ref, *, c, inv):
-    """Gradients of m's inputs; every per-edge value masked (a padding edge holding inf/NaN
-    gets exactly 0). part_ref [8, C]: per-block sums for d ln1 scale (rows 0-2, one per C
-    chunk) and d ln1 bias (rows 3-5); rows 6-7 zero (power-of-two block)."""
+def _fwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, m_ref, *, c, inv):
+    _gate_forward(TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv), mask_ref, g1_ref, b1_ref, m_ref, c)
+
+
+def _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd):
+    """The gate's backward on one block: d_upd (handed to `store_dupd(kk, d_upd)` chunk by chunk),
+    the LayerNorm parameters' per-block partial sums (part_ref [8, C]: d ln1 scale in rows 0-2,
+    one per C chunk, d ln1 bias in rows 3-5, rows 6-7 zero: a power-of-two block) and the
+    gradients of q_i, (qk)_ii, k_j and e through alpha = [qk | q*k | q*e] * inv, returned.
+    Every per-edge value is masked (a padding edge holding inf/NaN gets exactly 0)."""
     from jax.experimental import pallas as pl
 
-    t = TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv)
     mu, rstd = _alpha_stats(t, c)
     dahat, m1, m2 = [], 0.0, 0.0
     for kk in range(3):
         ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
         g = _gate(kk, ahat, g1_ref, b1_ref, c)
         dm = _masked(mask_ref, dm_ref[:, pl.ds(kk * c, c)].astype(jnp.float32))
-        dupd = _masked(mask_ref, dm * g)
-        dr_ref[:, pl.ds((2 + kk) * c, c)] = dupd.astype(dr_ref.dtype)
-        ds_ref[:, pl.ds((1 + kk) * c, c)] = dupd.astype(ds_ref.dtype)
-        dew3_ref[:, pl.ds(kk * c, c)] = dupd.astype(dew3_ref.dtype)
+        store_dupd(kk, _masked(mask_ref, dm * g))
         sg = _masked(mask_ref, dm * t.upd(kk) * g * (1.0 - g))  # d(pre-sigmoid)
         part_ref[kk, :] = jnp.sum(_masked(mask_ref, sg * ahat), axis=0)
         part_ref[3 + kk, :] = jnp.sum(sg, axis=0)
@@ -110,10 +111,26 @@ def _bwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, dm_ref,
         ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
         da.append(_masked(mask_ref, rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv))
     q, k, e = t.q(), t.k(), t.e()
-    dr_ref[:, pl.ds(0, c)] = _masked(mask_ref, da[1] * k + da[2] * e).astype(dr_ref.dtype)
-    dr_ref[:, pl.ds(c, c)] = da[0].astype(dr_ref.dtype)
-    ds_ref[:, pl.ds(0, c)] = _masked(mask_ref, da[1] * q).astype(ds_ref.dtype)
-    de_ref[...] = _masked(mask_ref, da[2] * q).astype(de_ref.dtype)
+    d_q = _masked(mask_ref, da[1] * k + da[2] * e)
+    return d_q, da[0], _masked(mask_ref, da[1] * q), _masked(mask_ref, da[2] * q)  # d q_i, d qk_ii, d k_j, d e
+
+
+def _bwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, dm_ref,
+                dr_ref, ds_ref, dew3_ref, de_ref, part_ref, *, c, inv):
+    """Gradients of m's inputs in the gathered tables' layout (see `_gate_backward`)."""
+    from jax.experimental import pallas as pl
+
+    def store_dupd(kk, dupd):  # d_upd is the gradient of vm_i, vm_j and ew3 alike
+        dr_ref[:, pl.ds((2 + kk) * c, c)] = dupd.astype(dr_ref.dtype)
+        ds_ref[:, pl.ds((1 + kk) * c, c)] = dupd.astype(ds_ref.dtype)
+        dew3_ref[:, pl.ds(kk * c, c)] = dupd.astype(dew3_ref.dtype)
+
+    t = TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv)
+    d_q, d_qk, d_k, d_e = _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd)
+    dr_ref[:, pl.ds(0, c)] = d_q.astype(dr_ref.dtype)
+    dr_ref[:, pl.ds(c, c)] = d_qk.astype(dr_ref.dtype)
+    ds_ref[:, pl.ds(0, c)] = d_k.astype(ds_ref.dtype)
+    de_ref[...] = d_e.astype(de_ref.dtype)
 
 
 def _block_specs(c, be):
@@ -210,3 +227,160 @@ def fused_gate(r, s, ew3, e, mask, ln1_scale, ln1_bias, opts: KernelOptions = Ke
     edge_args = tuple(_make_varying(a, axes) for a in edge_args)
     params = [_make_varying(p.astype(jnp.float32), axes) for p in (ln1_scale, ln1_bias)]
     return _fused(*edge_args, *params, opts)
+
+
+# ------------------------------------------- the same gate reading the node tables row by row
+
+class RowTiles(TableTiles):
+    """`TableTiles` read from the node tables themselves through the block's receiver and sender
+    indices (`tab_ref[rows, h, chunk]`: a [BE, C] gather load; a node's rows are read by its
+    ~25-36 edges, mostly from L2), so XLA never writes the gathered tables out."""
+
+    def __init__(self, recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv):
+        from jax.experimental import pallas as pl
+
+        super().__init__(rt_ref, st_ref, ew3_ref, e_ref, c, inv)
+        self.h = pl.program_id(1)
+        self.rows_r, self.rows_s = recv_ref[...], send_ref[...]  # [BE] node rows of this block's edges
+
+    def _load(self, ref, start):
+        from jax.experimental import pallas as pl
+
+        rows = self.rows_r if ref is self.r_ref else self.rows_s
+        return ref[rows, self.h, pl.ds(start, self.c)].astype(jnp.float32)
+
+    def e(self):
+        return self.e_ref[...].astype(jnp.float32)
+
+    def upd(self, kk):
+        from jax.experimental import pallas as pl
+
+        c = self.c
+        return self._load(self.r_ref, (2 + kk) * c) + self._load(self.s_ref, (1 + kk) * c) + \
+            self.ew3_ref[:, pl.ds(kk * c, c)].astype(jnp.float32)
+
+
+def _rows_fwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, m_ref, *, c, inv):
+    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv)
+    _gate_forward(t, mask_ref, g1_ref, b1_ref, m_ref, c)
+
+
+def _rows_bwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, dm_ref,
+                     dupd_ref, dq_ref, dqk_ref, dk_ref, de_ref, part_ref, *, c, inv):
+    """Per-edge gradients, each written once: d_upd (= d vm_i = d vm_j = d ew3), d q_i, d qk_ii,
+    d k_j, d e; XLA sums them into the node tables (the gathers' transposes)."""
+    from jax.experimental import pallas as pl
+
+    def store_dupd(kk, dupd):
+        dupd_ref[:, pl.ds(kk * c, c)] = dupd.astype(dupd_ref.dtype)
+
+    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv)
+    grads = _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd)
+    for ref, g in zip((dq_ref, dqk_ref, dk_ref, de_ref), grads):
+        ref[...] = g.astype(ref.dtype)
+
+
+def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts):
+    """pallas_call over (edge blocks, heads), the edge axis padded to the block size (padding
+    edges: index 0, mask 0). Returns the outputs and the padded edge count."""
+    from jax.experimental import pallas as pl
+
+    rt, st, ew3, e, recv, send, mask, g1, b1 = args
+    heads, c = e.shape[1], e.shape[2]
+    be = opts.block_edges
+    edge_args, n_edge, ne = _padded([recv, send, mask, ew3, e, *extra], be)
+    full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
+    rows = lambda width: pl.BlockSpec((be, None, width), lambda i, h: (i, h, 0))  # noqa: E731
+    edges = pl.BlockSpec((be,), lambda i, h: (i,))
+    vec3 = pl.BlockSpec((3 * c,), lambda i, h: (0,))
+    in_specs = ([edges] * 3 + [full(rt.shape), full(st.shape), rows(3 * c), rows(c), vec3, vec3]
+                + [rows(3 * c)] * len(extra))
+    recv_p, send_p, mask_p, ew3_p, e_p, *extra_p = edge_args
+    outs = pl.pallas_call(
+        functools.partial(kernel, c=c, inv=1.0 / math.sqrt(3 * c)),
+        grid=(ne // be, heads), in_specs=in_specs, out_specs=out_specs(rows, be),
+        out_shape=out_shape(ne, ne // be, heads, c), compiler_params=_compiler_params(opts),
+        interpret=opts.resolved_interpret(), name=name,
+    )(recv_p, send_p, mask_p, rt, st, ew3_p, e_p, g1, b1, *extra_p)
+    return outs, n_edge, ne
+
+
+def _rows_forward(args, opts):
+    e, ew3 = args[3], args[2]
+    m, n_edge, ne = _rows_call(_rows_fwd_kernel, "edge_gate_rows_fwd", args, [],
+                               lambda ne, nb, h, c: _out_struct(e, (ne, h, 3 * c), ew3.dtype),
+                               lambda rows, be: rows(3 * e.shape[2]), opts)
+    return m[:n_edge] if ne != n_edge else m
+
+
+def _rows_backward(args, dm, opts):
+    from jax.experimental import pallas as pl
+
+    rt, st, ew3, e, recv, send, mask, g1, b1 = args
+    f32 = jnp.float32
+
+    def out_shape(ne, nb, h, c):
+        sds = functools.partial(_out_struct, dm)
+        return ([sds((ne, h, 3 * c), f32)] + [sds((ne, h, c), f32)] * 4 + [sds((nb, h, 8, c), f32)])
+
+    def out_specs(rows, be):
+        c = e.shape[2]
+        return [rows(3 * c)] + [rows(c)] * 4 + [pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))]
+
+    outs, n_edge, ne = _rows_call(_rows_bwd_kernel, "edge_gate_rows_bwd", args, [dm], out_shape, out_specs, opts)
+    dupd, dq, dqk, dk, de, part = outs
+    if ne != n_edge:
+        dupd, dq, dqk, dk, de = (x[:n_edge] for x in (dupd, dq, dqk, dk, de))
+    c = e.shape[2]
+    # the gathers' transposes: float32 scatter-adds, no sortedness hint (see layers.gather); XLA
+    # fuses each concatenation into its scatter
+    d_rt = jnp.zeros(rt.shape, f32).at[recv].add(jnp.concatenate([dq, dqk, dupd], axis=-1), mode="promise_in_bounds")
+    d_st = jnp.zeros(st.shape, f32).at[send].add(jnp.concatenate([dk, dupd], axis=-1), mode="promise_in_bounds")
+    part = part.sum(axis=(0, 1))  # [8, C]
+    return (d_rt.astype(rt.dtype), d_st.astype(st.dtype), dupd.astype(ew3.dtype), de.astype(e.dtype), None, None,
+            jnp.zeros_like(mask), part[0:3].reshape(3 * c).astype(g1.dtype),
+            part[3:6].reshape(3 * c).astype(b1.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _fused_rows(rt, st, ew3, e, recv, send, mask, g1, b1, opts):
+    return _rows_forward((rt, st, ew3, e, recv, send, mask, g1, b1), opts)
+
+
+def _fused_rows_fwd(rt, st, ew3, e, recv, send, mask, g1, b1, opts):
+    args = (rt, st, ew3, e, recv, send, mask, g1, b1)
+    return _rows_forward(args, opts), args  # residuals: the inputs (node tables, no per-edge copies)
+
+
+def _fused_rows_bwd(opts, args, dm):
+    return _rows_backward(args, dm, opts)
+
+
+_fused_rows.defvjp(_fused_rows_fwd, _fused_rows_bwd)
+
+
+def fused_gate_rows(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_scale, ln1_bias,
+                    opts: KernelOptions = KernelOptions()):
+    """`gate_recompute.gate_message_reference` as a kernel pair that gathers the node-table rows
+    itself (`model.edge_kernel = "pallas_gate_rows"`): same arguments, [E, H, 3C] in ew3's dtype.
+
+    Against `fused_gate` (which reads gathered tables [E, H, 5C] / [E, H, 4C] that XLA must write
+    first), per edge and layer (HC = heads x channels floats) the forward moves ew3 and e in
+    (4 HC) and m out (3 HC), the backward additionally dm in (3 HC) and d_upd, d q, d qk, d k, d e
+    out (7 HC); the node rows come through the cache."""
+    c = e.shape[-1]
+    if recv_tab.shape[-1] != 5 * c or send_tab.shape[-1] != 4 * c or ew3.shape[-1] != 3 * c:
+        raise ValueError(f"fused_gate_rows: recv_tab [..., {5 * c}], send_tab [..., {4 * c}], ew3 [..., {3 * c}] "
+                         f"expected, got {recv_tab.shape}, {send_tab.shape}, {ew3.shape}")
+    opts.check(c, "fused_gate_rows")
+    if e.shape[0] == 0:
+        return jnp.zeros(ew3.shape, ew3.dtype)
+    receivers, senders = receivers.astype(jnp.int32), senders.astype(jnp.int32)
+    per_edge = (recv_tab, send_tab, ew3, e, receivers, senders, mask.astype(jnp.float32))
+    axes = tuple(sorted(set().union(*(_varying_axes(a) for a in per_edge))))
+    if opts.interpret is None and jax.default_backend() != "gpu" and axes:
+        # no GPU and inside shard_map: the interpreter cannot run here (see KernelOptions)
+        return gate_message_reference(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_scale, ln1_bias)
+    per_edge = tuple(_make_varying(a, axes) for a in per_edge)
+    params = [_make_varying(p.astype(jnp.float32), axes) for p in (ln1_scale, ln1_bias)]
+    return _fused_rows(*per_edge, *params, opts)

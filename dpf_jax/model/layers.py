@@ -26,7 +26,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from dpf_jax.model.edge_kernel import KernelOptions, fused_edge_message
-from dpf_jax.model.gate_kernel import fused_gate
+from dpf_jax.model.gate_kernel import fused_gate, fused_gate_rows
 from dpf_jax.model.gate_recompute import gate_message
 from dpf_jax.model.gather_kernel import fused_node_message
 
@@ -259,6 +259,23 @@ def mean_pool(x, graph_index, node_mask, num_graphs: int):
     return sums / jnp.maximum(counts, 1.0)
 
 
+# model.edge_kernel = "auto" (the configs' default): the fastest kernel measured on this backend.
+# On the GPU the gate kernel pair that gathers node rows itself (session 16, one H100, default
+# precision, B=256: synthetic fine-tuning 42.85 -> 30.64 ms, real pre-training 13.11 -> 10.40,
+# real JARVIS fine-tuning 8.09 -> 6.53; scripts/results/h100_session16/). Elsewhere "xla": on a
+# CPU Pallas would run in its (slow) interpreter.
+EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8"
+
+
+def resolve_edge_kernel(name: str, formulation: str = "node") -> str:
+    """`model.edge_kernel` as it runs here: "auto" becomes `EDGE_KERNEL_AUTO_GPU` when JAX's
+    default backend is a GPU and the formulation is "node" (the kernel's), "xla" otherwise; any
+    other name is returned unchanged."""
+    if name == "auto":
+        return EDGE_KERNEL_AUTO_GPU if jax.default_backend() == "gpu" and formulation == "node" else "xla"
+    return name
+
+
 class MatformerConv(nn.Module):
     """One Matformer message-passing layer (reference `MatformerConv`, concat=True, beta=False).
 
@@ -314,7 +331,9 @@ class MatformerConv(nn.Module):
     into the kernels: the per-edge tables, upd and their copies are never written to memory.
     "pallas_gate" (node formulation; `dpf_jax.model.gate_kernel`) fuses only the gate (alpha ->
     LayerNorm_3C -> sigmoid -> x upd) into one kernel pair reading the gathered tables as XLA
-    wrote them, and leaves msg_layer_0 and LayerNorm_C to XLA. "xla_recompute" (node
+    wrote them, and leaves msg_layer_0 and LayerNorm_C to XLA. "pallas_gate_rows" (node formulation;
+    `gate_kernel.fused_gate_rows`) is that kernel pair reading the node tables' rows itself, so
+    XLA never writes the gathered tables. "xla_recompute" (node
     formulation; `dpf_jax.model.gate_recompute`) is the gate in jax.numpy with a written backward
     that keeps no per-edge intermediate and recomputes them from the node tables, e and e @ W3.
     """
@@ -325,7 +344,7 @@ class MatformerConv(nn.Module):
     dtype: Dtype = jnp.float32
     precision: Precision = None
     formulation: str = "node"
-    edge_kernel: str = "xla"
+    edge_kernel: str = "xla"  # or "auto": see resolve_edge_kernel
     batch_norm_stats: str = "two_pass"
 
     @nn.compact
@@ -336,6 +355,7 @@ class MatformerConv(nn.Module):
         H, C = self.heads, self.channels
         n_node, n_edge = x.shape[0], edge_attr.shape[0]
         dt = self.dtype
+        kernel = resolve_edge_kernel(self.edge_kernel, self.formulation)
         dense = lambda f, name, bias=True: Linear(f, bias, dt, self.precision, name=name)  # noqa: E731
         ein = lambda spec, a, b: jnp.einsum(spec, a, b, precision=self.precision)  # noqa: E731
 
@@ -353,11 +373,17 @@ class MatformerConv(nn.Module):
             # per node: the value_i (+ bias) and value_j parts of lin_msg_update, q_i * k_i
             recv_tab = jnp.concatenate([q, q * k, ein("nhc,cd->nhd", v, w1) + b_msg], axis=-1)  # [N, H, 5C]
             send_tab = jnp.concatenate([k, ein("nhc,cd->nhd", v, w2)], axis=-1)  # [N, H, 4C]
-            if self.edge_kernel.startswith("pallas_node"):  # gathers and chain in one kernel pair
-                *params, opts = self._chain_params()
+            if kernel.startswith("pallas_node"):  # gathers and chain in one kernel pair
+                *params, opts = self._chain_params(kernel)
                 msg = fused_node_message(recv_tab, send_tab, e, receivers, senders, edge_mask, w3, *params, opts)
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
-            if self.edge_kernel == "xla_recompute":  # the gate in jax.numpy, its backward recomputing
+            if kernel.startswith("pallas_gate_rows"):  # the gate kernel pair gathering rows itself
+                ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
+                msg = fused_gate_rows(recv_tab, send_tab, ein("ehc,cd->ehd", e, w3), e, receivers, senders, edge_mask,
+                                      ln1_scale, ln1_bias, self._kernel_options(kernel))
+                msg = self._message_out(msg, edge_mask)
+                return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
+            if kernel == "xla_recompute":  # the gate in jax.numpy, its backward recomputing
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
                 msg = gate_message(recv_tab, send_tab, ein("ehc,cd->ehd", e, w3), e, receivers, senders, edge_mask,
                                    ln1_scale, ln1_bias)
@@ -365,18 +391,18 @@ class MatformerConv(nn.Module):
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             r = gather(recv_tab, receivers, dt)
             s = gather(send_tab, senders, dt)
-            if self.edge_kernel.startswith("pallas_gate"):  # the gate in one kernel pair, matmuls in XLA
+            if kernel.startswith("pallas_gate"):  # the gate in one kernel pair, matmuls in XLA
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
                 msg = fused_gate(r, s, ein("ehc,cd->ehd", e, w3), e, edge_mask, ln1_scale, ln1_bias,
-                                 self._kernel_options())
+                                 self._kernel_options(kernel))
                 msg = self._message_out(msg, edge_mask)
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             q_i, qk_ii, vm_i = r[..., :C], r[..., C:2 * C], r[..., 2 * C:]
             k_j, vm_j = s[..., :C], s[..., C:]
             upd = vm_i + vm_j + ein("ehc,cd->ehd", e, w3)
         elif self.formulation == "edge":
-            if self.edge_kernel.startswith(("pallas_node", "pallas_gate", "xla_recompute")):
-                raise ValueError(f"edge_kernel {self.edge_kernel!r} needs formulation 'node' (use 'pallas' with 'edge')")
+            if kernel.startswith(("pallas_node", "pallas_gate", "xla_recompute")):  # incl. pallas_gate_rows
+                raise ValueError(f"edge_kernel {kernel!r} needs formulation 'node' (use 'pallas' with 'edge')")
             x_i = gather(x, receivers, dt)
             x_j = gather(x, senders, dt)
             q_i = lin_q(x_i).reshape(n_edge, H, C)
@@ -394,18 +420,18 @@ class MatformerConv(nn.Module):
         q_i, k_j = checkpoint_name(q_i, "edge_q_k"), checkpoint_name(k_j, "edge_q_k")
         upd = checkpoint_name(upd, "edge_upd")
         # upd * sigmoid(LayerNorm_3C(alpha)) -> msg_layer_0 -> LayerNorm_C -> edge mask
-        if self.edge_kernel.startswith("pallas"):  # one fused kernel pair (dpf_jax.model.edge_kernel)
-            *params, opts = self._chain_params()
+        if kernel.startswith("pallas"):  # one fused kernel pair (dpf_jax.model.edge_kernel)
+            *params, opts = self._chain_params(kernel)
             msg = fused_edge_message(qk_ii, q_i, k_j, e, upd, edge_mask, *params, opts)
-        elif self.edge_kernel == "xla":
+        elif kernel == "xla":
             alpha = jnp.concatenate([qk_ii, q_i * k_j, q_i * e], axis=-1) * inv  # [E, H, 3C]
             alpha = checkpoint_name(alpha, "edge_alpha")
             gate = jax.nn.sigmoid(LayerNorm(dtype=jnp.float32, name="layer_norm")(alpha))
             gate = checkpoint_name(gate, "edge_gate")
             msg = self._message_out((upd.astype(jnp.float32) * gate).astype(dt), edge_mask)
         else:
-            raise ValueError(f"unknown MatformerConv edge_kernel {self.edge_kernel!r} (xla, xla_recompute, pallas, "
-                             "pallas_node, pallas_gate; the last three optionally -<block_edges>x<num_warps>)")
+            raise ValueError(f"unknown MatformerConv edge_kernel {kernel!r} (xla, xla_recompute, pallas, "
+                             "pallas_node, pallas_gate, pallas_gate_rows; the pallas ones optionally -<block_edges>x<num_warps>)")
         return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
 
     def _message_out(self, gated, edge_mask):
@@ -414,18 +440,18 @@ class MatformerConv(nn.Module):
         msg = LayerNorm(dtype=jnp.float32, name="msg_layer_1")(msg)
         return jnp.where(edge_mask[:, None, None], msg, 0.0)
 
-    def _chain_params(self):
+    def _chain_params(self, kernel):
         """For the fused kernels: the parameters of layer_norm, msg_layer_0 and msg_layer_1 (the
         names and initialisation of the "xla" path's modules) and the kernel options."""
         C = self.channels
         ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
         w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
         ln2_scale, ln2_bias = NormParams(C, name="msg_layer_1")()
-        return ln1_scale, ln1_bias, w0, b0, ln2_scale, ln2_bias, self._kernel_options()
+        return ln1_scale, ln1_bias, w0, b0, ln2_scale, ln2_bias, self._kernel_options(kernel)
 
-    def _kernel_options(self) -> KernelOptions:
-        """The fused kernels' settings from `edge_kernel` ("pallas_gate-32x4" etc.) and the precision."""
-        return KernelOptions.parse(self.edge_kernel, allow_tf32=not _is_highest(self.precision))
+    def _kernel_options(self, kernel: str) -> KernelOptions:
+        """The fused kernels' settings from the kernel name ("pallas_gate-32x4" etc.) and the precision."""
+        return KernelOptions.parse(kernel, allow_tf32=not _is_highest(self.precision))
 
     def _aggregate_and_update(self, x, msg, receivers, node_mask, train, edge_count):
         """Receiver sums of the messages [E, H, C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)."""

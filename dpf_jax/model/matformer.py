@@ -96,10 +96,13 @@ class MatformerEncoder(nn.Module):
         TF32 on recent NVIDIA GPUs).
       formulation: "edge" or "node", two exact ways to evaluate MatformerConv (same params);
         see `dpf_jax.model.layers.MatformerConv` for their FLOPs and measured speed.
-      edge_kernel: how the per-edge message chain runs (same parameters): "xla" (default),
-        "pallas" (the chain as one fused Triton kernel pair, `dpf_jax.model.edge_kernel`),
-        "pallas_node" (gathers inside too), "pallas_gate" (only the gate) or "xla_recompute" (the
-        gate in jax.numpy, backward recomputing instead of storing; see MatformerConv).
+      edge_kernel: how the per-edge message chain runs (same parameters): "xla" (this class's
+        default), "auto" (the configs' default: "pallas_gate_rows-16x8" on a GPU, else "xla";
+        `dpf_jax.model.layers.resolve_edge_kernel`), "pallas_gate_rows" (the gate as one Triton
+        kernel pair gathering node rows itself), "pallas" (the chain as one fused Triton kernel
+        pair, `dpf_jax.model.edge_kernel`), "pallas_node" (gathers inside too), "pallas_gate"
+        (only the gate, on gathered tables) or "xla_recompute" (the gate in jax.numpy, backward
+        recomputing instead of storing; see MatformerConv).
       remat: a key of `REMAT_POLICIES`: what each layer's forward keeps for the backward.
       batch_norm_stats: "two_pass" or "gathered", how BatchNorm sums its training statistics
         (same maths up to float32 rounding; "gathered" halves the collectives across devices;

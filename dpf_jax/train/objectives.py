@@ -39,7 +39,7 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
     return dict(num_layers=model_cfg.num_layers, channels=model_cfg.channels, heads=model_cfg.heads,
                 rbf_bins=model_cfg.rbf_bins, cutoff=model_cfg.cutoff, axis_name=axis_name,
                 dtype=dtype, precision=_PRECISIONS[precision],
-                formulation=model_cfg.get("formulation", "node"), edge_kernel=model_cfg.get("edge_kernel", "xla"),
+                formulation=model_cfg.get("formulation", "node"), edge_kernel=model_cfg.get("edge_kernel", "auto"),
                 remat=model_cfg.get("remat", "none"),
                 batch_norm_stats=bn_stats)
 
