@@ -572,9 +572,10 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
     model = objective.make_model()
     if formulation:
         # same parameters, another exact evaluation order of MatformerConv (--formulation), and
-        # "+pallas": the fused edge kernel (dpf_jax.model.edge_kernel)
+        # "+<kernel>": that model.edge_kernel ("+xla", "+pallas_gate_rows-16x4", ...); without
+        # one the config's own (base.py: "auto")
         form, _, kernel = formulation.partition("+")
-        model = model.clone(encoder=model.encoder.clone(formulation=form, edge_kernel=kernel or "xla"))
+        model = model.clone(encoder=model.encoder.clone(formulation=form, edge_kernel=kernel or model.encoder.edge_kernel))
     tx = make_optimizer(config.optim, 10_000)
     host_state = _INITIAL_STATES.get(reuse_key) if reuse_key is not None else None
     if host_state is None:
@@ -594,7 +595,8 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
     encoder = getattr(model, "encoder", None)
     formulation = getattr(encoder, "formulation", None)
     table = matmul_table(config.model, config.mode, heads, formulation)
-    kernel = resolve_edge_kernel(getattr(encoder, "edge_kernel", "xla"), formulation)  # "auto" as it runs here
+    kernel = resolve_edge_kernel(getattr(encoder, "edge_kernel", "xla"), formulation,  # "auto" as it runs here
+                                 getattr(encoder, "channels", 128), getattr(encoder, "remat", "none"))
     if kernel != "xla":
         formulation = f"{formulation}+{kernel}"
     return state, train_step, table, n_params, formulation
@@ -773,7 +775,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     state, compile_s, _ = compile_shapes(train_step, state, devs, host)
     log_every = max(1, config.train.log_every_steps)
     in_flight = config.train.get("steps_in_flight", 2)
-    repeats = 2 if args.small else 3
+    repeats = args.epoch_repeats or (2 if args.small else 3)
 
     def pipeline_epoch(state):
         """One epoch as train/loop.py runs it; also the main thread's seconds in each phase:
@@ -835,9 +837,11 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         "crystals_per_s_pipeline_from_first_batch": n_crystals / statistics.median(pipe_from_first),
         "crystals_per_s_pure_step": n_crystals / statistics.median(pure),
         "pipeline_epoch_s": pipe, "pipeline_epoch_s_from_first_batch": pipe_from_first, "pure_epoch_s": pure,
-        # the main thread's time per step in each phase of the pipeline epoch (median repeat)
+        # the main thread's time per step in each phase of the pipeline epochs: each phase's
+        # median over the repeats, and every repeat's (a drift from one epoch to the next shows)
         "pipeline_host_ms_per_step": {k: 1e3 * statistics.median(p[k] for p in phases) / len(host)
                                       for k in phases[0]},
+        "pipeline_host_ms_per_step_by_repeat": [{k: 1e3 * v / len(host) for k, v in p.items()} for p in phases],
         "host_batches_per_s": len(host) / host_s, "host_crystals_per_s": n_crystals / host_s,
         "tflops_pure": flops_real / statistics.median(pure) / 1e12,
         "compile_s": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in compile_s.items()},
@@ -870,11 +874,13 @@ def parse_args(argv):
     p.add_argument("--time-budget", type=float, default=540.0,
                    help="start no configuration past this many seconds (0: none); the JSON is rewritten "
                         "after every configuration, so a run cut short keeps its results")
+    p.add_argument("--epoch-repeats", type=int, default=0,
+                   help="with --epoch: pipeline and pure epochs timed, interleaved (default 3; 2 with --small)")
     p.add_argument("--formulation", nargs="+", default=None,
-                   help="MatformerConv formulation(s) to time: edge, node (default: the model's own); "
-                        "'node+pallas' runs the per-edge chain as the fused Pallas kernel "
-                        "(model.edge_kernel), 'node+pallas-16x8' with another tile (edges x warps), "
-                        "'node+xla_recompute' the recomputing jax.numpy gate")
+                   help="MatformerConv formulation(s) to time: edge, node (default: the model's own), "
+                        "each with the config's model.edge_kernel ('auto') unless '+<kernel>' names one: "
+                        "'node+xla' (jax.numpy), 'node+pallas_gate_rows-16x4' (that kernel and tile: edges x "
+                        "warps), 'node+pallas', 'node+xla_recompute' (the recomputing jax.numpy gate)")
     p.add_argument("--num-devices", nargs="+", type=int, default=[0],
                    help="device counts to time, each over the first N visible devices (0: every visible "
                         "device); with several, the JSON also gets the scaling efficiency "

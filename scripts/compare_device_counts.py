@@ -79,8 +79,9 @@ def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: 
     report = {"device": device_kind, "config": args.config, "small": args.small,
               "batch_norm_stats": config.model.get("batch_norm_stats", ""),
               "merge_edges": loop._graph_params(config).merge_edges,  # graph.merge_edges as resolved
-              "edge_kernel": resolve_edge_kernel(config.model.get("edge_kernel", "auto"),
-                                                 config.model.get("formulation", "node")),
+              "edge_kernel": resolve_edge_kernel(config.model.get("edge_kernel", "auto"),  # as it ran
+                                                 config.model.get("formulation", "node"), config.model.channels,
+                                                 config.model.get("remat", "none")),
               "global_batch": config.train.batch_size, "steps": steps,
               "loss_curves": {str(n): c for n, c in curves.items()},
               "wall_s": {str(n): w for n, w in wall.items()}, "max_rel_dev_first_10_steps": {},

@@ -150,7 +150,8 @@ def main(argv=None):
     p.add_argument("--small", action="store_true")
     p.add_argument("--variants", nargs="+", default=["node:default", "node:highest", "node:bf16", "edge:default",
                                                       "edge:highest", "edge:bf16"],
-                   help="formulation[+pallas]:precision, e.g. node+pallas:default (fused edge kernel)")
+                   help="formulation[+kernel]:precision, e.g. node:default (the config's model.edge_kernel, "
+                        "'auto'), node+xla:default (jax.numpy), node+pallas_gate_rows-16x4:default")
     p.add_argument("--trace", nargs="*", default=None,
                    help="also capture a profiler trace of these variants (all timed ones if empty) and "
                         "write the top device kernels per step, mapped to model code, into --out")
@@ -187,10 +188,12 @@ def main(argv=None):
            "padded_edges": int(host.edges["mask"].shape[-1]), "ms": {}}
     print(json.dumps({k: v for k, v in out.items() if k != "ms"}), flush=True)
 
+    config_kernel = config.model.edge_kernel  # a variant without "+<kernel>" keeps the config's ("auto")
+
     def step_time(formulation, precision):
         config.model.precision = precision
-        config.model.formulation, _, kernel = formulation.partition("+")  # "node+pallas": fused edge kernel
-        config.model.edge_kernel = kernel or "xla"
+        config.model.formulation, _, kernel = formulation.partition("+")  # "node+xla", "node+pallas_gate_rows"
+        config.model.edge_kernel = kernel or config_kernel
         objective = loop.make_objective(config)
         model = objective.make_model()
         tx = make_optimizer(config.optim, 1000)

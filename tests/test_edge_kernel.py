@@ -421,7 +421,10 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     args = random_rows_args(n_node, n_edge, heads, c, n_real)
     args[2] = args[2].at[n_real:].set(jnp.inf)
     args[3] = args[3].at[n_real:].set(jnp.nan)
+    args[0] = args[0].at[-1].set(jnp.nan)  # the padding node the padding edges point to
+    args[1] = args[1].at[-1].set(jnp.inf)
     clean = [jnp.where(args[6].reshape(-1, 1, 1), a, 0.0) if i in (2, 3) else a for i, a in enumerate(args)]
+    clean[0], clean[1] = clean[0].at[-1].set(0.0), clean[1].at[-1].set(0.0)
     fused = lambda *a: fused_gate_rows(*a, opts=KernelOptions(block_edges=block))  # noqa: E731
     m = fused(*args)
     assert m.shape == (n_edge, heads, 3 * c) and m.dtype == jnp.float32
@@ -432,6 +435,8 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     for g in grads[2:4]:  # masked edges get no gradient at all
         assert not np.asarray(g[n_real:]).any()
     assert not np.asarray(grads[0][-1]).any() and not np.asarray(grads[1][-1]).any()  # nor their nodes
+    with pytest.raises(ValueError, match="sender rows"):
+        fused(args[0], args[0], *args[2:])  # a [..., 5C] table where [..., 4C] belongs
 
 
 def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step():
@@ -520,16 +525,33 @@ def test_recomputing_gate_needs_the_node_formulation():
 
 
 def test_auto_edge_kernel_resolves_per_backend(monkeypatch):
-    """model.edge_kernel = "auto" (the configs' default): the row-gathering gate kernel on a
-    GPU with the node formulation, jax.numpy elsewhere (no Pallas interpreter on a CPU)."""
+    """model.edge_kernel = "auto" (the configs' default): the row-gathering gate kernel on an
+    NVIDIA GPU with the node formulation, a power-of-two width and a remat policy that names no
+    jax.numpy-path tensors; jax.numpy everywhere else (no Pallas interpreter on a CPU)."""
     from dpf_jax.model import layers
 
-    assert layers.resolve_edge_kernel("auto") == "xla"  # this CPU
+    monkeypatch.setattr(layers, "_on_nvidia_gpu", lambda: False)  # a CPU, or a ROCm build
+    assert layers.resolve_edge_kernel("auto") == "xla"
     assert layers.resolve_edge_kernel("pallas_gate-16x4") == "pallas_gate-16x4"
-    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(layers, "_on_nvidia_gpu", lambda: True)
     assert layers.resolve_edge_kernel("auto") == layers.EDGE_KERNEL_AUTO_GPU
+    assert layers.resolve_edge_kernel("auto", "node", 64, "dots") == layers.EDGE_KERNEL_AUTO_GPU
     assert layers.resolve_edge_kernel("auto", "edge") == "xla"
-    KernelOptions.parse(layers.EDGE_KERNEL_AUTO_GPU).check(128, "auto")  # a valid tile
+    assert layers.resolve_edge_kernel("auto", "node", 96) == "xla"  # the kernel's tiles want 2^k channels
+    for policy in layers.NAMED_EDGE_TENSOR_POLICIES:
+        assert layers.resolve_edge_kernel("auto", "node", 128, policy) == "xla"
+    from dpf_jax.model.matformer import REMAT_POLICIES
+
+    assert set(layers.NAMED_EDGE_TENSOR_POLICIES) < set(REMAT_POLICIES)
     from configs.base import get_config
 
     assert get_config().model.edge_kernel == "auto"
+
+
+def test_on_nvidia_gpu_reads_the_backend(monkeypatch):
+    from dpf_jax.model import layers
+
+    assert layers._on_nvidia_gpu() == (jax.default_backend() == "gpu" and "rocm" not in
+                                       str(jax.devices()[0].client.platform_version).lower())
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "cpu")
+    assert not layers._on_nvidia_gpu()

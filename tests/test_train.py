@@ -448,7 +448,9 @@ def test_compare_device_counts_script(tmp_path):
     assert report["merge_edges"] == "distance"  # the pre-training default, as resolved
     # another edge kernel on one device (on a CPU inside the step's shard_map the kernel's
     # jax.numpy twin runs: this checks the plumbing; the GPU run is in the README)
-    assert report["edge_kernel"] == "xla"  # "auto" on a CPU
+    from dpf_jax.model.layers import resolve_edge_kernel
+
+    assert report["edge_kernel"] == resolve_edge_kernel("auto", "node", 16)  # "xla" on a CPU
     assert len(report["edge_kernel_curves"]["pallas_gate_rows-16x4"]) == 4
     assert report["edge_kernel_max_rel_dev_all_steps"]["pallas_gate_rows-16x4"] < 1e-5
 

@@ -210,13 +210,19 @@ def _fused_bwd(opts, args, dm):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _check(recv_rows, send_rows, ew3, e, opts: KernelOptions, who: str) -> None:
+    """Raises unless the receiver / sender rows are [..., 5C] / [..., 4C], ew3 [..., 3C] and the
+    tile suits Triton (C = e's last axis)."""
+    c = e.shape[-1]
+    if recv_rows.shape[-1] != 5 * c or send_rows.shape[-1] != 4 * c or ew3.shape[-1] != 3 * c:
+        raise ValueError(f"{who}: [..., {5 * c}] receiver rows, [..., {4 * c}] sender rows and ew3 [..., {3 * c}] "
+                         f"expected, got {recv_rows.shape}, {send_rows.shape}, {ew3.shape}")
+    opts.check(c, who)
+
+
 def fused_gate(r, s, ew3, e, mask, ln1_scale, ln1_bias, opts: KernelOptions = KernelOptions()):
     """`gate_reference` as the kernel pair (same arguments and result)."""
-    c = e.shape[-1]
-    if r.shape[-1] != 5 * c or s.shape[-1] != 4 * c or ew3.shape[-1] != 3 * c:
-        raise ValueError(f"fused_gate: r [..., {5 * c}], s [..., {4 * c}], ew3 [..., {3 * c}] expected, got "
-                         f"{r.shape}, {s.shape}, {ew3.shape}")
-    opts.check(c, "fused_gate")
+    _check(r, s, ew3, e, opts, "fused_gate")
     if e.shape[0] == 0:
         return jnp.zeros(ew3.shape, ew3.dtype)
     edge_args = (r, s, ew3, e, mask.astype(jnp.float32))
@@ -368,11 +374,7 @@ def fused_gate_rows(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_sc
     first), per edge and layer (HC = heads x channels floats) the forward moves ew3 and e in
     (4 HC) and m out (3 HC), the backward additionally dm in (3 HC) and d_upd, d q, d qk, d k, d e
     out (7 HC); the node rows come through the cache."""
-    c = e.shape[-1]
-    if recv_tab.shape[-1] != 5 * c or send_tab.shape[-1] != 4 * c or ew3.shape[-1] != 3 * c:
-        raise ValueError(f"fused_gate_rows: recv_tab [..., {5 * c}], send_tab [..., {4 * c}], ew3 [..., {3 * c}] "
-                         f"expected, got {recv_tab.shape}, {send_tab.shape}, {ew3.shape}")
-    opts.check(c, "fused_gate_rows")
+    _check(recv_tab, send_tab, ew3, e, opts, "fused_gate_rows")
     if e.shape[0] == 0:
         return jnp.zeros(ew3.shape, ew3.dtype)
     receivers, senders = receivers.astype(jnp.int32), senders.astype(jnp.int32)

@@ -260,20 +260,46 @@ def mean_pool(x, graph_index, node_mask, num_graphs: int):
 
 
 # model.edge_kernel = "auto" (the configs' default): the fastest kernel measured on this backend.
-# On the GPU the gate kernel pair that gathers node rows itself (session 16, one H100, default
-# precision, B=256: synthetic fine-tuning 42.85 -> 30.64 ms, real pre-training 13.11 -> 10.40,
-# real JARVIS fine-tuning 8.09 -> 6.53; scripts/results/h100_session16/). Elsewhere "xla": on a
-# CPU Pallas would run in its (slow) interpreter.
+# On an NVIDIA GPU the gate kernel pair that gathers node rows itself (session 16, one H100,
+# default precision, B=256: synthetic fine-tuning 42.85 -> 31.62 ms with the 16x4 tile and
+# 30.64 with 16x8; real pre-training 13.11 -> 10.40, real JARVIS fine-tuning 8.09 -> 6.53, both
+# 16x4; scripts/results/h100_session16/). Elsewhere, with channels the kernel's tile rules
+# refuse, or with a `model.remat` policy that names per-edge tensors only the jax.numpy path
+# has: "xla" (on a CPU Pallas would run in its slow interpreter).
 EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8"
 
 
-def resolve_edge_kernel(name: str, formulation: str = "node") -> str:
-    """`model.edge_kernel` as it runs here: "auto" becomes `EDGE_KERNEL_AUTO_GPU` when JAX's
-    default backend is a GPU and the formulation is "node" (the kernel's), "xla" otherwise; any
-    other name is returned unchanged."""
-    if name == "auto":
-        return EDGE_KERNEL_AUTO_GPU if jax.default_backend() == "gpu" and formulation == "node" else "xla"
-    return name
+def _on_nvidia_gpu() -> bool:
+    """JAX's default backend is a CUDA GPU (the kernels were built and measured for NVIDIA's
+    Triton path; a ROCm build also reports "gpu")."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        version = str(jax.devices()[0].client.platform_version)
+    except Exception:  # noqa: BLE001 - an unusual client: trust the backend name
+        return True
+    return "rocm" not in version.lower()
+
+
+# model.remat policies that keep tensors named in the jax.numpy path (checkpoint_name in
+# MatformerConv): with a kernel those names do not exist and the policy would mean another thing
+NAMED_EDGE_TENSOR_POLICIES = ("gate", "gate_lean", "stats")
+
+
+def resolve_edge_kernel(name: str, formulation: str = "node", channels: int = 128, remat: str = "none") -> str:
+    """`model.edge_kernel` as it runs here: "auto" becomes `EDGE_KERNEL_AUTO_GPU` on an NVIDIA
+    GPU with the "node" formulation (the kernel's), a channel count the kernel's tile rules
+    accept (a power of two) and a `remat` policy that does not name the jax.numpy path's
+    per-edge tensors; "xla" otherwise. Any other name is returned unchanged."""
+    if name != "auto":
+        return name
+    if formulation != "node" or remat in NAMED_EDGE_TENSOR_POLICIES or not _on_nvidia_gpu():
+        return "xla"
+    try:
+        KernelOptions.parse(EDGE_KERNEL_AUTO_GPU).check(channels, "auto")
+    except ValueError:
+        return "xla"
+    return EDGE_KERNEL_AUTO_GPU
 
 
 class MatformerConv(nn.Module):
@@ -355,7 +381,7 @@ class MatformerConv(nn.Module):
         H, C = self.heads, self.channels
         n_node, n_edge = x.shape[0], edge_attr.shape[0]
         dt = self.dtype
-        kernel = resolve_edge_kernel(self.edge_kernel, self.formulation)
+        kernel = resolve_edge_kernel(self.edge_kernel, self.formulation, self.channels)
         dense = lambda f, name, bias=True: Linear(f, bias, dt, self.precision, name=name)  # noqa: E731
         ein = lambda spec, a, b: jnp.einsum(spec, a, b, precision=self.precision)  # noqa: E731
 

@@ -43,7 +43,8 @@ import numpy as np
 
 from dpf_jax.data.geometry import edge_geometry
 from dpf_jax.model.atom_features import cgcnn_feature_table
-from dpf_jax.model.layers import Dtype, Linear, MatformerConv, Precision, gather, mean_pool, rbf_expansion
+from dpf_jax.model.layers import (Dtype, Linear, MatformerConv, Precision, gather, mean_pool, rbf_expansion,
+                                  resolve_edge_kernel)
 
 # Rematerialisation of each MatformerConv layer in the backward pass (`model.remat`): what the
 # forward keeps for the backward. The step is bound by memory traffic over per-edge [E, H, 3C]
@@ -149,9 +150,11 @@ class MatformerEncoder(nn.Module):
         if self.remat != "none":  # same module names, so the same parameter tree and checkpoints
             # argument 7 (counting self) is `train`, a Python bool: static for the recomputation
             conv = nn.remat(MatformerConv, static_argnums=(7,), policy=REMAT_POLICIES[self.remat])
+        # "auto" resolved here, where the remat policy is known (layers.resolve_edge_kernel)
+        kernel = resolve_edge_kernel(self.edge_kernel, self.formulation, self.channels, self.remat)
         for layer in range(self.num_layers):
             x = conv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
-                     self.edge_kernel, self.batch_norm_stats, name=f"att_layers_{layer}")(
+                     kernel, self.batch_norm_stats, name=f"att_layers_{layer}")(
                 x, edge_attr, senders, receivers, node_mask, edge_mask, train, edge_count)
         return EncoderOutput(x.astype(jnp.float32), vec, length)
 
