@@ -7,6 +7,8 @@ Triton lowering of both kernels at the model's real shapes is checked too (it ru
 only the final compilation to GPU code needs a GPU).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,7 +103,8 @@ def test_no_edges():
     assert fused_edge_message(*args).shape == (0, 2, 16)
 
 
-@pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4", "pallas_gate-16x4", "pallas_gate_rows-16x4"])
+@pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4", "pallas_gate-16x4", "pallas_gate_rows-16x4",
+                                    "pallas_gate-16x4-keep", "pallas_gate_rows-16x4-keep"])
 def test_conv_pallas_equals_xla_with_gradients(kernel):
     """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
     same gradients (of parameters and of the node features)."""
@@ -253,8 +256,11 @@ def test_triton_lowering_inside_data_parallel_step():
 def test_kernel_options_from_config_string():
     assert KernelOptions.parse("pallas") == KernelOptions()
     o = KernelOptions.parse("pallas-16x8", allow_tf32=False)
-    assert (o.block_edges, o.num_warps, o.allow_tf32) == (16, 8, False)
-    for bad in ("pallas-16", "triton", "pallas-axb"):
+    assert (o.block_edges, o.num_warps, o.allow_tf32, o.keep_tiles) == (16, 8, False, False)
+    o = KernelOptions.parse("pallas_gate_rows-16x8-keep")
+    assert (o.block_edges, o.num_warps, o.keep_tiles) == (16, 8, True)
+    for bad in ("pallas-16", "triton", "pallas-axb", "pallas-16x8-keep", "pallas_gate_rows-16x8-fast",
+                "pallas_gate-16x8-keep-keep"):
         with pytest.raises(ValueError):
             KernelOptions.parse(bad)
     with pytest.raises(ValueError, match="powers of two"):
@@ -411,8 +417,10 @@ def random_rows_args(n_node, n_edge, heads, c, n_real, seed=1):
             jnp.asarray(recv), jnp.asarray(send), jnp.arange(n_edge) < n_real, 1 + 0.2 * f(3 * c), 0.2 * f(3 * c)]
 
 
-@pytest.mark.parametrize("n_node,n_edge,n_real,heads,c,block", [(12, 70, 65, 2, 16, 16), (9, 40, 33, 4, 128, 32)])
-def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block):
+@pytest.mark.parametrize("n_node,n_edge,n_real,heads,c,block,keep", [(12, 70, 65, 2, 16, 16, False),
+                                                                    (9, 40, 33, 4, 128, 32, False),
+                                                                    (12, 70, 65, 2, 16, 16, True)])
+def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block, keep):
     """The gate kernel that gathers node rows itself: values and every gradient (both node
     tables, summed over each node's edges; e @ W3, e, the LayerNorm parameters); an edge axis
     that is not a multiple of the block; padding edges holding inf/NaN give and get exactly 0."""
@@ -425,7 +433,7 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     args[1] = args[1].at[-1].set(jnp.inf)
     clean = [jnp.where(args[6].reshape(-1, 1, 1), a, 0.0) if i in (2, 3) else a for i, a in enumerate(args)]
     clean[0], clean[1] = clean[0].at[-1].set(0.0), clean[1].at[-1].set(0.0)
-    fused = lambda *a: fused_gate_rows(*a, opts=KernelOptions(block_edges=block))  # noqa: E731
+    fused = lambda *a: fused_gate_rows(*a, opts=KernelOptions(block_edges=block, keep_tiles=keep))  # noqa: E731
     m = fused(*args)
     assert m.shape == (n_edge, heads, 3 * c) and m.dtype == jnp.float32
     np.testing.assert_allclose(m, gate_message_reference(*clean), rtol=1e-5, atol=1e-5)
@@ -439,13 +447,15 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
         fused(args[0], args[0], *args[2:])  # a [..., 5C] table where [..., 4C] belongs
 
 
-def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step():
+@pytest.mark.parametrize("keep", [False, True])
+def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep):
     f32, i32 = jnp.float32, jnp.int32
     N, E, H, C = 256, 1024, 4, 128
     sds = jax.ShapeDtypeStruct
     shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
               sds((E,), i32), sds((E,), i32), sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
-    text = lower_grad_in_shard_map(fused_gate_rows, shapes, n_sharded=7, argnums=(0, 2, 7))
+    kernel = lambda *a, opts: fused_gate_rows(*a, opts=dataclasses.replace(opts, keep_tiles=keep))  # noqa: E731
+    text = lower_grad_in_shard_map(kernel, shapes, n_sharded=7, argnums=(0, 2, 7))
     assert text.count("xla.gpu.triton") == 2
     assert 'name = "edge_gate_rows_fwd"' in text and 'name = "edge_gate_rows_bwd"' in text
 

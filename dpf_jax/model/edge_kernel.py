@@ -44,29 +44,36 @@ class KernelOptions:
       backends the interpreter, except inside `shard_map` (the training step), where Pallas'
       interpreter cannot run (jax 0.10-0.11 check the varying mesh axes of every operation it
       evaluates): there the same maths runs as `edge_message_reference`.
+    keep_tiles: the gate kernels (`gate_kernel.py`) load q_i, (qk)_ii, k_j and e once per
+      program and keep them in registers, instead of reloading them (from L2) at each use:
+      about half the loads of the backward, four more live [BE, C] tiles. Spelled
+      "-keep" after the tile ("pallas_gate_rows-16x8-keep").
     """
 
     block_edges: int = 32
     num_warps: int = 4
     allow_tf32: bool = True
     interpret: bool | None = None
+    keep_tiles: bool = False
 
     @classmethod
     def parse(cls, spec: str, **kw) -> "KernelOptions":
-        """From a config string: "pallas" / "pallas_node" / "pallas_gate" /
-        "pallas_gate_rows" (defaults) or with a tile,
-        "pallas-<block_edges>x<num_warps>" (the kernel family is the caller's business)."""
-        name, _, tile = spec.partition("-")
-        if name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows"):
+        """From a config string: "pallas" / "pallas_node" / "pallas_gate" / "pallas_gate_rows"
+        (defaults), with a tile, "pallas-<block_edges>x<num_warps>", and for the gate kernels
+        optionally "-keep" after it (`keep_tiles`); the kernel family is the caller's business."""
+        name, *rest = spec.split("-")
+        gate = name in ("pallas_gate", "pallas_gate_rows")
+        if name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows") or len(rest) > 2 or (
+                len(rest) == 2 and (rest[1] != "keep" or not gate)):
             raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
-                             "'pallas_gate_rows', "
-                             "optionally with '-<block_edges>x<num_warps>'")
-        if tile:
+                             "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (the gate "
+                             "kernels also '-<block_edges>x<num_warps>-keep')")
+        if rest:
             try:
-                block, warps = (int(t) for t in tile.split("x"))
+                block, warps = (int(t) for t in rest[0].split("x"))
             except ValueError:
                 raise ValueError(f"edge kernel {spec!r}: tile must look like 32x4") from None
-            kw.update(block_edges=block, num_warps=warps)
+            kw.update(block_edges=block, num_warps=warps, keep_tiles=len(rest) == 2)
         return cls(**kw)
 
     def check(self, channels: int, who: str) -> None:

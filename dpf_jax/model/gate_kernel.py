@@ -41,9 +41,17 @@ class TableTiles(BlockTiles):
     """`edge_kernel.BlockTiles` read from one block of the gathered tables: q_i, qk_ii = r's
     first two C chunks, k_j = s's first, upd chunk kk = vm_i + vm_j + ew3 (chunk kk of each)."""
 
-    def __init__(self, r_ref, s_ref, ew3_ref, e_ref, c, inv):
+    def __init__(self, r_ref, s_ref, ew3_ref, e_ref, c, inv, keep=False):
         self.r_ref, self.s_ref, self.ew3_ref, self.e_ref = r_ref, s_ref, ew3_ref, e_ref
         self.c, self.inv = c, inv
+        self.keep, self._kept = keep, {}  # KernelOptions.keep_tiles: load q, qk, k, e once
+
+    def _once(self, name, load):
+        if not self.keep:
+            return load()
+        if name not in self._kept:
+            self._kept[name] = load()
+        return self._kept[name]
 
     def _load(self, ref, start):
         from jax.experimental import pallas as pl
@@ -51,13 +59,16 @@ class TableTiles(BlockTiles):
         return ref[:, pl.ds(start, self.c)].astype(jnp.float32)
 
     def q(self):
-        return self._load(self.r_ref, 0)
+        return self._once("q", lambda: self._load(self.r_ref, 0))
 
     def qk(self):
-        return self._load(self.r_ref, self.c)
+        return self._once("qk", lambda: self._load(self.r_ref, self.c))
 
     def k(self):
-        return self._load(self.s_ref, 0)
+        return self._once("k", lambda: self._load(self.s_ref, 0))
+
+    def e(self):
+        return self._once("e", lambda: self.e_ref[...].astype(jnp.float32))
 
     def upd(self, kk):
         c = self.c
@@ -76,8 +87,8 @@ def _gate_forward(t, mask_ref, g1_ref, b1_ref, m_ref, c):
         m_ref[:, pl.ds(kk * c, c)] = _masked(mask_ref, m).astype(m_ref.dtype)
 
 
-def _fwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, m_ref, *, c, inv):
-    _gate_forward(TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv), mask_ref, g1_ref, b1_ref, m_ref, c)
+def _fwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, m_ref, *, c, inv, keep):
+    _gate_forward(TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv, keep), mask_ref, g1_ref, b1_ref, m_ref, c)
 
 
 def _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd):
@@ -116,7 +127,7 @@ def _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_
 
 
 def _bwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, dm_ref,
-                dr_ref, ds_ref, dew3_ref, de_ref, part_ref, *, c, inv):
+                dr_ref, ds_ref, dew3_ref, de_ref, part_ref, *, c, inv, keep):
     """Gradients of m's inputs in the gathered tables' layout (see `_gate_backward`)."""
     from jax.experimental import pallas as pl
 
@@ -125,7 +136,7 @@ def _bwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, dm_ref,
         ds_ref[:, pl.ds((1 + kk) * c, c)] = dupd.astype(ds_ref.dtype)
         dew3_ref[:, pl.ds(kk * c, c)] = dupd.astype(dew3_ref.dtype)
 
-    t = TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv)
+    t = TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv, keep)
     d_q, d_qk, d_k, d_e = _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd)
     dr_ref[:, pl.ds(0, c)] = d_q.astype(dr_ref.dtype)
     dr_ref[:, pl.ds(c, c)] = d_qk.astype(dr_ref.dtype)
@@ -158,7 +169,7 @@ def _forward(args, opts: KernelOptions):
     edge_args, n_edge, ne = _padded([r, s, ew3, e, mask], be)
     in_specs, rows, _ = _block_specs(c, be)
     m = pl.pallas_call(
-        functools.partial(_fwd_kernel, c=c, inv=1.0 / math.sqrt(3 * c)),
+        functools.partial(_fwd_kernel, c=c, inv=1.0 / math.sqrt(3 * c), keep=opts.keep_tiles),
         grid=(ne // be, heads), in_specs=in_specs, out_specs=rows(3 * c),
         out_shape=_out_struct(e, (ne, heads, 3 * c), ew3.dtype),
         compiler_params=_compiler_params(opts), interpret=opts.resolved_interpret(), name="edge_gate_fwd",
@@ -181,7 +192,7 @@ def _backward(args, dm, opts: KernelOptions):
                  sds((n_blocks, heads, 8, c), jnp.float32)]
     *edge_args, dm_p = edge_args
     dr, ds, dew3, de, part = pl.pallas_call(
-        functools.partial(_bwd_kernel, c=c, inv=1.0 / math.sqrt(3 * c)),
+        functools.partial(_bwd_kernel, c=c, inv=1.0 / math.sqrt(3 * c), keep=opts.keep_tiles),
         grid=(n_blocks, heads), in_specs=in_specs + [rows(3 * c)],
         out_specs=[rows(5 * c), rows(4 * c), rows(3 * c), rows(c), partials], out_shape=out_shape,
         compiler_params=_compiler_params(opts), interpret=opts.resolved_interpret(), name="edge_gate_bwd",
@@ -242,10 +253,10 @@ class RowTiles(TableTiles):
     indices (`tab_ref[rows, h, chunk]`: a [BE, C] gather load; a node's rows are read by its
     ~25-36 edges, mostly from L2), so XLA never writes the gathered tables out."""
 
-    def __init__(self, recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv):
+    def __init__(self, recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep=False):
         from jax.experimental import pallas as pl
 
-        super().__init__(rt_ref, st_ref, ew3_ref, e_ref, c, inv)
+        super().__init__(rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
         self.h = pl.program_id(1)
         self.rows_r, self.rows_s = recv_ref[...], send_ref[...]  # [BE] node rows of this block's edges
 
@@ -255,9 +266,6 @@ class RowTiles(TableTiles):
         rows = self.rows_r if ref is self.r_ref else self.rows_s
         return ref[rows, self.h, pl.ds(start, self.c)].astype(jnp.float32)
 
-    def e(self):
-        return self.e_ref[...].astype(jnp.float32)
-
     def upd(self, kk):
         from jax.experimental import pallas as pl
 
@@ -266,13 +274,14 @@ class RowTiles(TableTiles):
             self.ew3_ref[:, pl.ds(kk * c, c)].astype(jnp.float32)
 
 
-def _rows_fwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, m_ref, *, c, inv):
-    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv)
+def _rows_fwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, m_ref, *, c, inv,
+                     keep):
+    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
     _gate_forward(t, mask_ref, g1_ref, b1_ref, m_ref, c)
 
 
 def _rows_bwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, dm_ref,
-                     dupd_ref, dq_ref, dqk_ref, dk_ref, de_ref, part_ref, *, c, inv):
+                     dupd_ref, dq_ref, dqk_ref, dk_ref, de_ref, part_ref, *, c, inv, keep):
     """Per-edge gradients, each written once: d_upd (= d vm_i = d vm_j = d ew3), d q_i, d qk_ii,
     d k_j, d e; XLA sums them into the node tables (the gathers' transposes)."""
     from jax.experimental import pallas as pl
@@ -280,7 +289,7 @@ def _rows_bwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_re
     def store_dupd(kk, dupd):
         dupd_ref[:, pl.ds(kk * c, c)] = dupd.astype(dupd_ref.dtype)
 
-    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv)
+    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
     grads = _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd)
     for ref, g in zip((dq_ref, dqk_ref, dk_ref, de_ref), grads):
         ref[...] = g.astype(ref.dtype)
@@ -303,7 +312,7 @@ def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts):
                 + [rows(3 * c)] * len(extra))
     recv_p, send_p, mask_p, ew3_p, e_p, *extra_p = edge_args
     outs = pl.pallas_call(
-        functools.partial(kernel, c=c, inv=1.0 / math.sqrt(3 * c)),
+        functools.partial(kernel, c=c, inv=1.0 / math.sqrt(3 * c), keep=opts.keep_tiles),
         grid=(ne // be, heads), in_specs=in_specs, out_specs=out_specs(rows, be),
         out_shape=out_shape(ne, ne // be, heads, c), compiler_params=_compiler_params(opts),
         interpret=opts.resolved_interpret(), name=name,
