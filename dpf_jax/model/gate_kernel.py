@@ -231,19 +231,26 @@ def _check(recv_rows, send_rows, ew3, e, opts: KernelOptions, who: str) -> None:
     opts.check(c, who)
 
 
+def _call_fused(fused, per_edge, params, opts: KernelOptions, reference):
+    """`fused(*per_edge, *params, opts)` with the parameters in float32 and everything marked
+    varying over the mesh axes any per-edge input varies over (inside `shard_map`: the custom
+    VJP then returns per-device parameter gradients that autodiff sums); `reference()` instead
+    where no GPU is present inside shard_map (the interpreter cannot run there, see KernelOptions)."""
+    axes = tuple(sorted(set().union(*(_varying_axes(a) for a in per_edge))))
+    if opts.interpret is None and jax.default_backend() != "gpu" and axes:
+        return reference()
+    per_edge = tuple(_make_varying(a, axes) for a in per_edge)
+    params = [_make_varying(p.astype(jnp.float32), axes) for p in params]
+    return fused(*per_edge, *params, opts)
+
+
 def fused_gate(r, s, ew3, e, mask, ln1_scale, ln1_bias, opts: KernelOptions = KernelOptions()):
     """`gate_reference` as the kernel pair (same arguments and result)."""
     _check(r, s, ew3, e, opts, "fused_gate")
     if e.shape[0] == 0:
         return jnp.zeros(ew3.shape, ew3.dtype)
-    edge_args = (r, s, ew3, e, mask.astype(jnp.float32))
-    axes = tuple(sorted(set().union(*(_varying_axes(a) for a in edge_args))))
-    if opts.interpret is None and jax.default_backend() != "gpu" and axes:
-        # no GPU and inside shard_map: the interpreter cannot run here (see KernelOptions)
-        return gate_reference(r, s, ew3, e, mask, ln1_scale, ln1_bias)
-    edge_args = tuple(_make_varying(a, axes) for a in edge_args)
-    params = [_make_varying(p.astype(jnp.float32), axes) for p in (ln1_scale, ln1_bias)]
-    return _fused(*edge_args, *params, opts)
+    return _call_fused(_fused, (r, s, ew3, e, mask.astype(jnp.float32)), (ln1_scale, ln1_bias), opts,
+                       lambda: gate_reference(r, s, ew3, e, mask, ln1_scale, ln1_bias))
 
 
 # ------------------------------------------- the same gate reading the node tables row by row
@@ -261,17 +268,16 @@ class RowTiles(TableTiles):
         self.rows_r, self.rows_s = recv_ref[...], send_ref[...]  # [BE] node rows of this block's edges
 
     def _load(self, ref, start):
+        """A C chunk of the receiver's or sender's table row; per-edge refs (ew3) as TableTiles."""
         from jax.experimental import pallas as pl
 
-        rows = self.rows_r if ref is self.r_ref else self.rows_s
+        if ref is self.r_ref:
+            rows = self.rows_r
+        elif ref is self.s_ref:
+            rows = self.rows_s
+        else:
+            return super()._load(ref, start)
         return ref[rows, self.h, pl.ds(start, self.c)].astype(jnp.float32)
-
-    def upd(self, kk):
-        from jax.experimental import pallas as pl
-
-        c = self.c
-        return self._load(self.r_ref, (2 + kk) * c) + self._load(self.s_ref, (1 + kk) * c) + \
-            self.ew3_ref[:, pl.ds(kk * c, c)].astype(jnp.float32)
 
 
 def _rows_fwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, m_ref, *, c, inv,
@@ -388,10 +394,5 @@ def fused_gate_rows(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_sc
         return jnp.zeros(ew3.shape, ew3.dtype)
     receivers, senders = receivers.astype(jnp.int32), senders.astype(jnp.int32)
     per_edge = (recv_tab, send_tab, ew3, e, receivers, senders, mask.astype(jnp.float32))
-    axes = tuple(sorted(set().union(*(_varying_axes(a) for a in per_edge))))
-    if opts.interpret is None and jax.default_backend() != "gpu" and axes:
-        # no GPU and inside shard_map: the interpreter cannot run here (see KernelOptions)
-        return gate_message_reference(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_scale, ln1_bias)
-    per_edge = tuple(_make_varying(a, axes) for a in per_edge)
-    params = [_make_varying(p.astype(jnp.float32), axes) for p in (ln1_scale, ln1_bias)]
-    return _fused_rows(*per_edge, *params, opts)
+    return _call_fused(_fused_rows, per_edge, (ln1_scale, ln1_bias), opts, lambda: gate_message_reference(
+        recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_scale, ln1_bias))
