@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib
 import itertools
 import json
@@ -742,6 +743,23 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     }
     res.update({f"epoch_{k}": v for k, v in batcher.padding_waste(config.seed).items()})
     res["flops_per_step_coefficients"] = coef
+    if args.trace:  # device time by kernel over one pass of the pool (after the timing: no effect on it)
+        if str(REPO / "scripts") not in sys.path:
+            sys.path.insert(0, str(REPO / "scripts"))
+        import profile_step  # scripts/, next to this file
+
+        def one_pass():
+            s = state
+            for dev in pool_dev:
+                s, _ = train_step(s, dev)
+            return s
+
+        try:
+            hlo = "\n".join(train_step.lower(state, d).compile().as_text() for d in pool_dev[:1])
+            res["trace"] = profile_step.trace_kernels(one_pass, hlo, P, args.trace)
+            print(profile_step.format_kernels(res["trace"]), flush=True)
+        except Exception as e:  # noqa: BLE001 - the timing stands without the trace
+            res["trace"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     if peaks:
         res["floor_ms_compute_xla"] = 1e3 * (xla_flops / P) / (peaks[unit] * 1e12)
         res["floor_ms_bytes_xla"] = 1e3 * (xla_bytes / P) / (peaks["hbm_tb_s"] * 1e12)
@@ -776,14 +794,21 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     log_every = max(1, config.train.log_every_steps)
     in_flight = config.train.get("steps_in_flight", 2)
     repeats = args.epoch_repeats or (2 if args.small else 3)
+    if args.epoch_gc_freeze:
+        gc.collect()
+        gc.freeze()
+    switch_interval = sys.getswitchinterval()
+    if args.epoch_switch_interval:
+        sys.setswitchinterval(args.epoch_switch_interval)
 
     def pipeline_epoch(state):
         """One epoch as train/loop.py runs it; also the main thread's seconds in each phase:
         next_batch (waiting for the host-batching thread, then the copy to the device),
         dispatch (queuing the step), wait (for the step `in_flight` back: the device is the
         limit) and drain (metrics to the host)."""
-        pending, sums = [], {}
+        pending, sums, step_ms = [], {}, []
         phases = dict.fromkeys(("next_batch", "dispatch", "wait", "drain"), 0.0)
+        gc_before = [g["collections"] for g in gc.get_stats()]
         t_start = time.perf_counter()
         t_first = None
         batches = prefetch(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop),
@@ -807,31 +832,45 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
                 loop._drain(pending, sums, keep=2)  # as train/loop.py: never wait on the newest steps
             phases["dispatch"] += t2 - t1
             phases["wait"] += t3 - t2
-            phases["drain"] += time.perf_counter() - t3
+            t4 = time.perf_counter()
+            phases["drain"] += t4 - t3
+            step_ms.append(1e3 * (t4 - t0))
         loop._drain(pending, sums)
         jax.block_until_ready(state)
         t_end = time.perf_counter()
-        return state, t_end - t_start, t_end - t_first, phases
+        # spikes (a garbage collection, a recompile) versus a uniform slowdown of every step
+        shape = {"step_ms_median": statistics.median(step_ms), "step_ms_max": max(step_ms),
+                 "gc_collections": [g["collections"] - b for g, b in zip(gc.get_stats(), gc_before)]}
+        return state, t_end - t_start, t_end - t_first, phases, shape
 
     def pure_epoch(state):
+        """The steps alone, on batches already on the device; also the median time the main
+        thread spends queuing one step (the host's share of the step, whoever feeds it)."""
+        dispatch = []
         t_start = time.perf_counter()
         for dev in devs:
+            t0 = time.perf_counter()
             state, _ = train_step(state, dev)
+            dispatch.append(time.perf_counter() - t0)
         jax.block_until_ready(state)
-        return state, time.perf_counter() - t_start
+        return state, time.perf_counter() - t_start, 1e3 * statistics.median(dispatch)
 
-    pipe, pipe_from_first, pure, phases = [], [], [], []
+    pipe, pipe_from_first, pure, phases, shapes, pure_dispatch = [], [], [], [], [], []
     for _ in range(repeats):  # interleaved, so drifts of the device clock hit both alike
-        state, t_all, t_first, ph = pipeline_epoch(state)
+        state, t_all, t_first, ph, shape = pipeline_epoch(state)
         pipe.append(t_all)
         pipe_from_first.append(t_first)
         phases.append(ph)
-        state, t = pure_epoch(state)
+        shapes.append(shape)
+        state, t, d = pure_epoch(state)
         pure.append(t)
+        pure_dispatch.append(d)
+    sys.setswitchinterval(switch_interval)
     mem = _memory_stats()
     res = {
         "data": "synthetic" if args.data == ["synthetic"] else "real", "model": model_label(name),
         "batch_size": batch_size, "precision": precision, "formulation": formulation, "num_devices": D,
+        "gc_frozen": bool(args.epoch_gc_freeze), "switch_interval_s": args.epoch_switch_interval or switch_interval,
         "steps": len(host), "crystals": n_crystals, "repeats": repeats,
         "crystals_per_s_pipeline": n_crystals / statistics.median(pipe),
         "crystals_per_s_pipeline_from_first_batch": n_crystals / statistics.median(pipe_from_first),
@@ -842,6 +881,8 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         "pipeline_host_ms_per_step": {k: 1e3 * statistics.median(p[k] for p in phases) / len(host)
                                       for k in phases[0]},
         "pipeline_host_ms_per_step_by_repeat": [{k: 1e3 * v / len(host) for k, v in p.items()} for p in phases],
+        "pipeline_step_shape_by_repeat": shapes,
+        "pure_dispatch_ms_median_by_repeat": pure_dispatch,
         "host_batches_per_s": len(host) / host_s, "host_crystals_per_s": n_crystals / host_s,
         "tflops_pure": flops_real / statistics.median(pure) / 1e12,
         "compile_s": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in compile_s.items()},
@@ -869,6 +910,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=None, help="timed steps (rounded up to whole pool passes)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after compilation")
     p.add_argument("--pool", type=int, default=None, help="distinct batches on the device")
+    p.add_argument("--trace", type=int, default=0, metavar="TOP",
+                   help="after timing, trace one pass over the pool with jax.profiler and report the TOP "
+                        "kernels by device time per step (the JSON's 'trace'; GPU)")
     p.add_argument("--max-seconds", type=float, default=5.0,
                    help="stop timing a configuration after this long (at least 3 pool passes; 0: no cap)")
     p.add_argument("--time-budget", type=float, default=540.0,
@@ -876,6 +920,12 @@ def parse_args(argv):
                         "after every configuration, so a run cut short keeps its results")
     p.add_argument("--epoch-repeats", type=int, default=0,
                    help="with --epoch: pipeline and pure epochs timed, interleaved (default 3; 2 with --small)")
+    p.add_argument("--epoch-switch-interval", type=float, default=None,
+                   help="with --epoch: sys.setswitchinterval (s) during the timed epochs (Python's default "
+                        "0.005: how long a thread that wants the GIL waits before the holder must drop it)")
+    p.add_argument("--epoch-gc-freeze", action="store_true",
+                   help="with --epoch: gc.freeze() the objects alive after compiling, so Python's cyclic "
+                        "collector does not walk them during the timed epochs")
     p.add_argument("--formulation", nargs="+", default=None,
                    help="MatformerConv formulation(s) to time: edge, node (default: the model's own), "
                         "each with the config's model.edge_kernel ('auto') unless '+<kernel>' names one: "

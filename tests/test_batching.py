@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA
-from dpf_jax.data.batching import (Budget, GraphBatcher, balanced_split, choose_budgets, fit_budget,
+from dpf_jax.data.batching import (Budget, GraphBatcher, PackedGraphs, balanced_split, choose_budgets, fit_budget,
                                    graph_to_jraph, pad_graphs, prefetch, split_evenly, spread_padding_loops)
 from dpf_jax.data.graphs import build_crystal_graph
 from dpf_jax.data.readers import load_dataset_records
@@ -114,6 +114,45 @@ def test_pad_graphs_equals_jraph_batch_and_pad(jarvis_graphs, merge):
             assert a.dtype == b.dtype or (a.dtype.kind == b.dtype.kind == "i"), (a.dtype, b.dtype)
     empty = pad_graphs([], Budget(4, 8, 2))
     assert empty.nodes["mask"].sum() == 0 and empty.edges["count"].sum() == 0 and list(empty.n_node) == [4, 0]
+
+
+@pytest.mark.parametrize("merge", ["none", "distance", "atoms"])
+def test_packed_graphs_pad_equals_pad_graphs(jarvis_graphs, merge):
+    """The batchers' gather path (PackedGraphs.pad) gives pad_graphs' batch exactly, field by
+    field and dtype by dtype, for every layout; indexing gives back each crystal's arrays."""
+    from dpf_jax.data.graphs import merge_equivalent_edges
+
+    gs = jarvis_graphs
+    if merge != "none":
+        records = load_dataset_records(DATA / "jarvis_dft3d.jsonl.gz").records[:60]
+        gs = [graph_to_jraph(merge_equivalent_edges(build_crystal_graph(r), merge)) for r in records]
+    packed = PackedGraphs(gs)
+    assert len(packed) == len(gs)
+    for i in (0, 5, len(gs) - 1, -1):  # views, equal to the graphs packed
+        for a, b in zip(jax_tree_flatten(packed[i])[0], jax_tree_flatten(gs[i])[0]):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype
+    with pytest.raises(IndexError):
+        packed[len(gs)]
+    rng = np.random.default_rng(1)
+    for size in (0, 1, 7, 60):
+        idx = rng.choice(len(gs), size, replace=False)
+        n = int(sum(int(gs[i].n_node[0]) for i in idx))
+        e = int(sum(int(gs[i].n_edge[0]) for i in idx))
+        budget = Budget(n + 9, e + 77, size + 3)
+        positions = rng.permutation(size).astype(np.int32)
+        ours = packed.pad(idx, budget, positions)
+        ref = pad_graphs([gs[i] for i in idx], budget, positions=positions, template=gs[0])
+        flat_ours, tree_ours = jax_tree_flatten(ours)
+        flat_ref, tree_ref = jax_tree_flatten(ref)
+        assert tree_ours == tree_ref
+        for a, b in zip(flat_ours, flat_ref):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    with pytest.raises(ValueError, match="exceeds"):
+        packed.pad([0, 1], Budget(3, 10, 6))
+    with pytest.raises(ValueError, match="one layout"):
+        PackedGraphs([gs[0], gs[0]._replace(edges={**gs[0].edges, "extra": gs[0].edges["mask"]})])
 
 
 def jax_tree_flatten(tree):

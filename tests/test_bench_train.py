@@ -47,8 +47,12 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
     out, npz = tmp_path / "bench.json", tmp_path / "batches.npz"
     res = bench.main(["--small", "--models", "finetune", "--precision", "default", "--batch-sizes", "8",
                       "--pool", "2", "--steps", "2", "--warmup", "1", "--out", str(out), "--dump-npz", str(npz),
+                      "--trace", "3",
                       "--set", "optim.flatten=False", "train.balance_shares=False", "model.remat=dots"])
     data = json.loads(out.read_text())
+    # the kernel trace ran (on a CPU no accelerator kernels: the fields, empty)
+    assert "error" not in data["results"][0]["trace"]
+    assert {"device_busy_ms_per_step", "top", "kernels_per_step"} <= set(data["results"][0]["trace"])
     assert data["results"][0]["optim_flatten"] is False and data["results"][0]["balance_shares"] is False
     assert data["results"][0]["remat"] == "dots"
     assert data["results"] and data["results"][0] == json.loads(json.dumps(res["results"][0], default=str))
@@ -110,6 +114,11 @@ def test_small_epoch_check(tmp_path):
     assert len(by_repeat) == e["repeats"] == len(e["pipeline_epoch_s"])
     for p, wall in zip(by_repeat, e["pipeline_epoch_s"]):  # each repeat's phases fit in its wall time
         assert set(p) == set(phases) and sum(p.values()) * e["steps"] <= 1e3 * wall
+    for sh, wall in zip(e["pipeline_step_shape_by_repeat"], e["pipeline_epoch_s"]):
+        assert 0 < sh["step_ms_median"] <= sh["step_ms_max"] <= 1e3 * wall
+        assert len(sh["gc_collections"]) == 3 and min(sh["gc_collections"]) >= 0
+    for d, wall in zip(e["pure_dispatch_ms_median_by_repeat"], e["pure_epoch_s"]):
+        assert 0 < d * e["steps"] <= 1e3 * wall
 
 
 if __name__ == "__main__":

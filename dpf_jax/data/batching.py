@@ -43,7 +43,8 @@ import logging
 import math
 import queue
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Sequence
+from typing import Iterator
 
 import jraph
 import numpy as np
@@ -181,6 +182,111 @@ def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index:
                              n_node=n_node_all, n_edge=n_edge_all)
 
 
+def _concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]), without the loop."""
+    total = int(lengths.sum())
+    first = np.cumsum(lengths) - lengths  # where each range starts in the output
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)
+
+
+def _take_padded(table: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
+    """table[rows], then zeros up to `size` rows."""
+    out = np.empty((size,) + table.shape[1:], table.dtype)
+    np.take(table, rows, axis=0, out=out[:rows.size])
+    out[rows.size:] = 0
+    return out
+
+
+class PackedGraphs(Sequence):
+    """Single-crystal GraphsTuples stored as one array per field (crystals one after another).
+
+    Padding a device share is then one gather per field (`pad`), instead of concatenating a
+    few hundred small arrays per field: ~4x less host time per batch, and (what matters on a
+    GPU) that much less time the batching thread holds the GIL the training loop's dispatch
+    waits for. Indexing gives each crystal's GraphsTuple as views into the packed arrays, so
+    the packed copy replaces the per-crystal arrays rather than doubling them.
+    """
+
+    def __init__(self, graphs: Sequence[jraph.GraphsTuple]):
+        if not graphs:
+            raise ValueError("no graphs to pack")
+        first = graphs[0]
+        self.n_node = np.array([int(np.sum(g.n_node)) for g in graphs], np.int64)
+        self.n_edge = np.array([int(np.sum(g.n_edge)) for g in graphs], np.int64)
+        if any(np.size(g.n_node) != 1 for g in graphs):
+            raise ValueError("PackedGraphs holds single-crystal GraphsTuples (n_node of length 1)")
+        for i, g in enumerate(graphs):
+            for part in ("nodes", "edges", "globals"):
+                if set(getattr(g, part)) != set(getattr(first, part)):
+                    raise ValueError(f"graph {i} has {part} fields {sorted(getattr(g, part))}, graph 0 "
+                                     f"{sorted(getattr(first, part))}: one dataset, one layout")
+        self.node_start = np.cumsum(self.n_node) - self.n_node
+        self.edge_start = np.cumsum(self.n_edge) - self.n_edge
+
+        def cat(get):
+            return np.concatenate([np.asarray(get(g)) for g in graphs])
+
+        self.nodes = {k: cat(lambda g: g.nodes[k]) for k in first.nodes}
+        self.edges = {k: cat(lambda g: g.edges[k]) for k in first.edges}
+        self.globals = {k: cat(lambda g: g.globals[k]) for k in first.globals}
+        self.senders, self.receivers = cat(lambda g: g.senders), cat(lambda g: g.receivers)
+
+    def __len__(self) -> int:
+        return self.n_node.size
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices; IndexError past the end
+        ns, ne = slice(self.node_start[i], self.node_start[i] + self.n_node[i]), \
+            slice(self.edge_start[i], self.edge_start[i] + self.n_edge[i])
+        return jraph.GraphsTuple(
+            nodes={k: v[ns] for k, v in self.nodes.items()}, edges={k: v[ne] for k, v in self.edges.items()},
+            globals={k: v[i:i + 1] for k, v in self.globals.items()},
+            senders=self.senders[ne], receivers=self.receivers[ne],
+            n_node=self.n_node[i:i + 1].astype(np.int32), n_edge=self.n_edge[i:i + 1].astype(np.int32))
+
+    def pad(self, indices: Sequence[int], budget: Budget, positions: Sequence[int] | None = None
+            ) -> jraph.GraphsTuple:
+        """`pad_graphs([self[i] for i in indices], budget, positions=positions)`, as gathers."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        n_node_g, n_edge_g = self.n_node[idx], self.n_edge[idx]
+        n_node, n_edge, n_real = int(n_node_g.sum()), int(n_edge_g.sum()), idx.size
+        if n_real >= budget.n_graph:
+            raise ValueError(f"{n_real} graphs do not fit a budget of {budget.n_graph} (one is padding)")
+        if n_node >= budget.n_node or n_edge > budget.n_edge:
+            raise ValueError(f"batch of {n_node} nodes / {n_edge} edges exceeds {budget}")
+        node_rows = _concat_ranges(self.node_start[idx], n_node_g)
+        edge_rows = _concat_ranges(self.edge_start[idx], n_edge_g)
+        # each crystal's first node index in the batch, repeated over its edges
+        edge_offsets = np.repeat(np.cumsum(n_node_g) - n_node_g, n_edge_g)
+        loops = spread_padding_loops(n_node, budget.n_node, n_edge, budget.n_edge)
+
+        def endpoints(local):  # crystal-local node indices -> batch indices, then the padding loops
+            out = np.empty(budget.n_edge, np.int32)
+            out[:n_edge] = local[edge_rows] + edge_offsets
+            out[n_edge:] = loops
+            return out
+
+        senders, receivers = endpoints(self.senders), endpoints(self.receivers)
+        nodes = {k: _take_padded(v, node_rows, budget.n_node) for k, v in self.nodes.items()}
+        edges = {k: endpoints(v) if k == "source" else _take_padded(v, edge_rows, budget.n_edge)
+                 for k, v in self.edges.items()}  # "source": node indices, like the senders
+        glob = {k: _take_padded(v, idx, budget.n_graph) for k, v in self.globals.items()}
+        pad_n = np.zeros(budget.n_graph - n_real, np.int32)
+        pad_e = pad_n.copy()
+        pad_n[0], pad_e[0] = budget.n_node - n_node, budget.n_edge - n_edge
+        n_node_all = np.concatenate([n_node_g.astype(np.int32), pad_n])
+        n_edge_all = np.concatenate([n_edge_g.astype(np.int32), pad_e])
+        nodes["graph"] = np.repeat(np.arange(budget.n_graph, dtype=np.int32), n_node_all)
+        glob["lattice"][n_real:] = np.eye(3, dtype=glob["lattice"].dtype)  # lattice inverses stay finite
+        index = np.full(budget.n_graph, -1, np.int32)
+        index[:n_real] = np.arange(n_real) if positions is None else np.asarray(positions, np.int32)
+        glob["index"] = index
+        return jraph.GraphsTuple(nodes=nodes, edges=edges, globals=glob, senders=senders, receivers=receivers,
+                                 n_node=n_node_all, n_edge=n_edge_all)
+
+
 def stack_device_batches(batches: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
     """Stacks equally padded per-device batches along a new leading device axis."""
     import jax  # tree utilities only; no device work
@@ -299,12 +405,11 @@ class GraphBatcher:
             raise ValueError(f"batch size {batch_size} is not divisible by {num_devices} devices")
         if not graphs:
             raise ValueError("no graphs to batch")
-        self.graphs = list(graphs)
+        self.graphs = graphs if isinstance(graphs, PackedGraphs) else PackedGraphs(graphs)
         self.batch_size = batch_size
         self.num_devices = num_devices
         self.per_device = batch_size // num_devices
-        self.n_node = np.array([int(g.n_node[0]) for g in self.graphs])
-        self.n_edge = np.array([int(g.n_edge[0]) for g in self.graphs])
+        self.n_node, self.n_edge = self.graphs.n_node, self.graphs.n_edge
         self.balance = bool(balance)
         self.budgets = list(budgets) if budgets else choose_budgets(
             self.n_node, self.n_edge, self.per_device, num_levels=num_levels, seed=seed,
@@ -343,7 +448,7 @@ class GraphBatcher:
     def pad_share(self, share: Sequence[int], budget: Budget, positions: Sequence[int]) -> jraph.GraphsTuple:
         """One device's padded share: crystals `share` at global-batch `positions` (subclasses
         add fields, e.g. denoising targets)."""
-        return pad_graphs([self.graphs[i] for i in share], budget, positions=positions, template=self.graphs[0])
+        return self.graphs.pad(share, budget, positions)
 
     def make_batch(self, indices: Sequence[int], budget: Budget | None = None) -> jraph.GraphsTuple:
         """The padded batch of these crystals (to `budget` if given, else the smallest fitting)."""
