@@ -803,7 +803,8 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
 
     def pipeline_epoch(state):
         """One epoch as train/loop.py runs it; also the main thread's seconds in each phase:
-        next_batch (waiting for the host-batching thread, then the copy to the device),
+        next_batch (waiting for a batch on the device: batching and the copy to the device run
+        in two background threads, `prefetch` and `prefetch_to_device`),
         dispatch (queuing the step), wait (for the step `in_flight` back: the device is the
         limit) and drain (metrics to the host)."""
         pending, sums, step_ms = [], {}, []
@@ -855,6 +856,15 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         jax.block_until_ready(state)
         return state, time.perf_counter() - t_start, 1e3 * statistics.median(dispatch)
 
+    # the host's own cost of queuing one step: called with the device idle (the previous step
+    # finished), so the call cannot wait for the device
+    idle_dispatch = []
+    for dev in devs[:12]:
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state, _ = train_step(state, dev)
+        idle_dispatch.append(1e3 * (time.perf_counter() - t0))
+    jax.block_until_ready(state)
     pipe, pipe_from_first, pure, phases, shapes, pure_dispatch = [], [], [], [], [], []
     for _ in range(repeats):  # interleaved, so drifts of the device clock hit both alike
         state, t_all, t_first, ph, shape = pipeline_epoch(state)
@@ -883,6 +893,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         "pipeline_host_ms_per_step_by_repeat": [{k: 1e3 * v / len(host) for k, v in p.items()} for p in phases],
         "pipeline_step_shape_by_repeat": shapes,
         "pure_dispatch_ms_median_by_repeat": pure_dispatch,
+        "idle_dispatch_ms_median": statistics.median(idle_dispatch),
         "host_batches_per_s": len(host) / host_s, "host_crystals_per_s": n_crystals / host_s,
         "tflops_pure": flops_real / statistics.median(pure) / 1e12,
         "compile_s": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in compile_s.items()},

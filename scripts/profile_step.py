@@ -101,7 +101,9 @@ def summarise_trace(events: list, hlo_text: str, steps: int, top: int) -> dict:
             continue
         args_ = e.get("args", {})
         hlo_op = args_.get("hlo_op", "")
-        key = hlo_op or e["name"]
+        # inside a CUDA graph (XLA command buffer) every kernel carries the buffer's hlo_op:
+        # the kernel's own name (XLA names it after its fusion) tells them apart
+        key = e["name"] if not hlo_op or hlo_op.startswith("command_buffer") else hlo_op
         k = per_kernel[key]
         k[0] += e["dur"] / 1e3 / steps
         k[1] += 1

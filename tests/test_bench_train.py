@@ -117,6 +117,7 @@ def test_small_epoch_check(tmp_path):
     for sh, wall in zip(e["pipeline_step_shape_by_repeat"], e["pipeline_epoch_s"]):
         assert 0 < sh["step_ms_median"] <= sh["step_ms_max"] <= 1e3 * wall
         assert len(sh["gc_collections"]) == 3 and min(sh["gc_collections"]) >= 0
+    assert 0 < e["idle_dispatch_ms_median"] < 1e3 * max(e["pure_epoch_s"])
     for d, wall in zip(e["pure_dispatch_ms_median_by_repeat"], e["pure_epoch_s"]):
         assert 0 < d * e["steps"] <= 1e3 * wall
 
@@ -243,3 +244,9 @@ def test_trace_summary_per_device():
     top = {r["hlo_op"]: r for r in s["top"]}
     assert top["fusion.1"]["ms_per_step"] == pytest.approx(0.4) and top["fusion.1"]["source"] == "jit(step)/dense"
     assert top["all-reduce.2"]["launches_per_step"] == 0.5  # one device of two
+    # kernels inside a CUDA graph all carry the command buffer's hlo_op: told apart by their names
+    graph = meta + [kernel(1, 10 * i, 10 * (i + 1), n, "command_buffer_1")
+                    for i, n in enumerate(["gemm_a", "edge_gate_rows_bwd", "gemm_a"])]
+    top = {r["hlo_op"]: r for r in profile.summarise_trace(graph, "", steps=1, top=5)["top"]}
+    assert set(top) == {"gemm_a", "edge_gate_rows_bwd"}
+    assert top["gemm_a"]["ms_per_step"] == pytest.approx(0.04) and top["gemm_a"]["launches_per_step"] == 2

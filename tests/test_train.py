@@ -529,3 +529,38 @@ def test_training_bounds_steps_in_flight_and_lists_skipped_records(tmp_path, mon
     skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
     assert skipped["count"] == 1 and skipped["source"].startswith(str(path))
     assert skipped["skipped"][0]["record"] == bad["id"] and skipped["skipped"][0]["reason"]
+
+
+def test_prefetch_to_device_copies_in_order_from_a_background_thread():
+    """Device batches in the host order, sharded over the 4 devices; (host, device) pairs with
+    with_host; a failing host iterator raises in the consumer; stopping early does not hang."""
+    import threading
+
+    from dpf_jax.train.parallel import prefetch_to_device
+
+    mesh = make_mesh()
+    host = [{"x": np.arange(8, dtype=np.float32).reshape(4, 2) + i} for i in range(5)]
+    callers = set()
+
+    def source():
+        for b in host:
+            callers.add(threading.current_thread().name)
+            yield b
+
+    out = list(prefetch_to_device(source(), mesh, size=2))
+    assert threading.current_thread().name not in callers  # copies issued off the main thread
+    assert len(out) == 5 and all(len(o["x"].sharding.device_set) == 4 for o in out)
+    for h, d in zip(host, out):
+        np.testing.assert_array_equal(np.asarray(d["x"]), h["x"])
+    for h, (h2, d) in zip(host, prefetch_to_device(iter(host), mesh, with_host=True)):
+        assert h2 is h and np.array_equal(np.asarray(d["x"]), h["x"])
+
+    def broken():
+        yield host[0]
+        raise ValueError("bad batch 1")
+
+    with pytest.raises(ValueError, match="bad batch 1"):
+        list(prefetch_to_device(broken(), mesh))
+    it = prefetch_to_device(iter(host * 100), mesh, size=2)
+    next(it)
+    it.close()  # the background thread stops instead of copying the other 499

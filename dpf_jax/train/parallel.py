@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dpf_jax.data.batching import prefetch
+
 log = logging.getLogger(__name__)
 
 AXIS = "data"
@@ -78,22 +80,15 @@ def put_replicated(tree, mesh: Mesh):
 
 
 def prefetch_to_device(iterator, mesh: Mesh, size: int = 2, with_host: bool = False, run_axis: bool = False):
-    """Keeps `size` batches in flight to the devices ahead of the step that needs them.
+    """Keeps `size` batches copied to the devices ahead of the step that needs them.
 
-    Yields device batches, or (host batch, device batch) pairs with `with_host`.
+    Yields device batches, or (host batch, device batch) pairs with `with_host`. The copies
+    are issued from a background thread (`prefetch`), so the main thread only dispatches
+    steps: issued from the main thread, a 4-GPU copy took ~3.5 ms of its time per step and
+    the dispatch ~5.7 ms, against a 4.0 ms step (4 x H200, pre-training B=256, session 17).
     """
-    import collections
-    import itertools
+    def put(item):
+        dev = put_batch(item, mesh, run_axis)
+        return (item, dev) if with_host else dev
 
-    queue = collections.deque()
-    it = iter(iterator)
-
-    def enqueue(n):
-        for item in itertools.islice(it, n):
-            dev = put_batch(item, mesh, run_axis)
-            queue.append((item, dev) if with_host else dev)
-
-    enqueue(size)
-    while queue:
-        yield queue.popleft()
-        enqueue(1)
+    yield from prefetch(map(put, iterator), size)
