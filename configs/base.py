@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     # dpf_jax/model/edge_kernel.py), "pallas_node" (node formulation: the gathers and e @ W3 in
     # the kernels too; dpf_jax/model/gather_kernel.py); "-16x8" appended sets the tile (edges
     # per program x warps), and "-16x8-keep" for the gate kernels keeps q, qk, k, e in registers
-    # instead of reloading them (written in session 16, not yet timed). "xla_recompute" (node formulation): the gate in jax.numpy with a
+    # instead of reloading them (slower, session 17); "pallas_gate_rows-16x8-atomic" sums the node
+    # tables' gradients inside the backward kernel instead of XLA's scatter-adds (written in
+    # session 17, not yet timed). "xla_recompute" (node formulation): the gate in jax.numpy with a
     # written backward that stores no per-edge intermediate (dpf_jax/model/gate_recompute.py).
     c.model.edge_kernel = "auto"
     # Backward-pass rematerialisation per layer (same parameters and maths; speed / memory):

@@ -563,7 +563,8 @@ def stack_runs(pool_host, runs: int) -> list[list]:
     return out
 
 
-def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, num_runs: int = 1):
+def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, num_runs: int = 1,
+              steps_per_call: int = 1):
     """State, jitted step and table of the run, exactly as train/loop.py builds them.
 
     The initial state (float32 parameters, whatever the precision) is built once per
@@ -591,7 +592,7 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
         train_step = make_train_step(objective, model, tx, mesh, num_runs=num_runs)
     else:
         state = put_replicated(host_state, mesh)
-        train_step = make_train_step(objective, model, tx, mesh)
+        train_step = make_train_step(objective, model, tx, mesh, steps_per_call=steps_per_call)
     heads = getattr(objective, "enabled", {})
     encoder = getattr(model, "encoder", None)
     formulation = getattr(encoder, "formulation", None)
@@ -638,6 +639,12 @@ def search_budgets(config, batcher, train_step, state, example, mesh, runs: int 
 
 def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, formulation=None,
               runs: int = 1) -> dict:
+    # --steps-per-dispatch K: K batches of one padded shape stacked like K runs' batches, but
+    # trained one after the other inside one call (lax.scan): times per training step below
+    per_call = args.steps_per_dispatch
+    if per_call > 1 and runs > 1:
+        raise SystemExit("--steps-per-dispatch > 1 times one run (--runs 1)")
+    stacked = max(runs, per_call)
     config = make_config(name, args, batch_size, precision)
     data = cache.get(data_kind, config)
     D = mesh.size
@@ -647,22 +654,23 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     pool_host = host_pool(batcher, config, pool_size, drop)
 
     print(f"{data_kind} {model_label(name)} B={batch_size} {precision} {formulation or ''}"
-          f"{f' x{runs} runs' if runs > 1 else ''}: compiling and timing...", flush=True)
+          f"{f' x{runs} runs' if runs > 1 else ''}{f' {per_call} steps per call' if per_call > 1 else ''}: "
+          "compiling and timing...", flush=True)
     state, train_step, table, n_params, formulation = build_run(
         config, data, mesh, pool_host, reuse_key=(data_kind, name, mesh.size), formulation=formulation,
-        num_runs=runs)
-    budget_rows = search_budgets(config, batcher, train_step, state, pool_host[0], mesh, runs)
+        num_runs=runs, steps_per_call=per_call)
+    budget_rows = search_budgets(config, batcher, train_step, state, pool_host[0], mesh, stacked)
     if budget_rows:
         pool_host = host_pool(batcher, config, pool_size, drop)
     group = f"{data_kind}_{model_label(name)}_bs{batch_size}"
     if dump is not None and not any(k.startswith(group + "/") for k in dump):
         dump_group(dump, group, pool_host)
     coef = flop_coefficients(table)["train"]
-    members = stack_runs(pool_host, runs) if runs > 1 else [[b] for b in pool_host]
-    pool_step = [jax.tree_util.tree_map(lambda *x: np.stack(x), *m) if runs > 1 else m[0] for m in members]
+    members = stack_runs(pool_host, stacked) if stacked > 1 else [[b] for b in pool_host]
+    pool_step = [jax.tree_util.tree_map(lambda *x: np.stack(x), *m) if stacked > 1 else m[0] for m in members]
     member_sizes = [[batch_sizes_of(b) for b in m] for m in members]
     sizes = [{k: sum(s[k] for s in ms) for k in ms[0]} for ms in member_sizes]  # all runs of a step
-    pool_dev = [put_batch(b, mesh, run_axis=runs > 1) for b in pool_step]
+    pool_dev = [put_batch(b, mesh, run_axis=stacked > 1) for b in pool_step]
     jax.block_until_ready(pool_dev)
 
     state, compile_s, costs = compile_shapes(train_step, state, pool_dev, pool_step)
@@ -688,19 +696,21 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
 
     # per-pass totals over the pool
     P = len(pool_dev)
+    S = P * per_call  # training steps per pass over the pool
     tot = {k: sum(s[k] for s in sizes) for k in sizes[0] if k != "devices"}
     flops_real = sum(step_flops(coef, s, padded=False) for ms in member_sizes for s in ms)
     flops_pad = sum(step_flops(coef, s, padded=True) for ms in member_sizes for s in ms)
     xla_flops = sum(costs.get(shape_key(b), {}).get("flops", math.nan) for b in pool_step)
     xla_bytes = sum(costs.get(shape_key(b), {}).get("bytes_accessed", math.nan) for b in pool_step)
     t_med = statistics.median(times)
-    per_step = [t / P for t in times]
+    per_step = [t / S for t in times]
     peaks = peaks_for(jax.devices()[0].device_kind)
     unit = PRECISION_UNIT[precision]
     res = {
         "data": data_kind, "model": model_label(name), "mode": config.mode, "batch_size": batch_size,
         "precision": precision, "formulation": formulation, "num_devices": D, "num_parameters": n_params,
         "runs": runs,  # runs trained together in one step (crystals/s counts all of them)
+        "steps_per_dispatch": per_call,  # steps per jitted call (lax.scan); step_ms is per step
         # settings that changed the step's cost after session 5's timings
         "optim_flatten": bool(config.optim.get("flatten", False)),
         "balance_shares": bool(config.train.get("balance_shares", True)),
@@ -717,18 +727,18 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
         "reference_edges_per_s": tot["reference_edges"] / t_med,
         "reference_edges_per_atom": tot["reference_edges"] / tot["real_nodes"],
         "merged_edge_fraction": tot["real_edges"] / tot["reference_edges"],
-        "step_ms": 1e3 * t_med / P, "step_ms_min": 1e3 * min(times) / P, "step_ms_max": 1e3 * max(times) / P,
+        "step_ms": 1e3 * t_med / S, "step_ms_min": 1e3 * min(times) / S, "step_ms_max": 1e3 * max(times) / S,
         "step_ms_p10": 1e3 * float(np.percentile(per_step, 10)),
         "step_ms_p90": 1e3 * float(np.percentile(per_step, 90)),
-        "timed_steps": blocks * P, "blocks": blocks, "pool": P,
+        "timed_steps": blocks * S, "blocks": blocks, "pool": P,
         "tflops": flops_real / t_med / 1e12, "tflops_executed": flops_pad / t_med / 1e12,
-        "gflop_per_step": flops_real / P / 1e9, "gflop_per_step_executed": flops_pad / P / 1e9,
-        "xla_gflop_per_step": xla_flops / P / 1e9, "xla_tflops": xla_flops / t_med / 1e12,
-        "xla_gb_accessed_per_step": xla_bytes / P / 1e9, "xla_tb_per_s": xla_bytes / t_med / 1e12,
+        "gflop_per_step": flops_real / S / 1e9, "gflop_per_step_executed": flops_pad / S / 1e9,
+        "xla_gflop_per_step": xla_flops / S / 1e9, "xla_tflops": xla_flops / t_med / 1e12,
+        "xla_gb_accessed_per_step": xla_bytes / S / 1e9, "xla_tb_per_s": xla_bytes / t_med / 1e12,
         "peak_unit": unit,
         "peak_fraction": (flops_real / t_med / 1e12 / peaks[unit]) if peaks else None,
         "peak_fraction_executed": (flops_pad / t_med / 1e12 / peaks[unit]) if peaks else None,
-        "mean_real_nodes": tot["real_nodes"] / P, "mean_real_edges": tot["real_edges"] / P,
+        "mean_real_nodes": tot["real_nodes"] / S, "mean_real_edges": tot["real_edges"] / S,
         "edges_per_atom": tot["real_edges"] / tot["real_nodes"],
         "node_padding": 1 - tot["real_nodes"] / tot["pad_nodes"],
         "edge_padding": 1 - tot["real_edges"] / tot["pad_edges"],
@@ -756,7 +766,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
 
         try:
             hlo = "\n".join(train_step.lower(state, d).compile().as_text() for d in pool_dev[:1])
-            res["trace"] = profile_step.trace_kernels(one_pass, hlo, P, args.trace)
+            res["trace"] = profile_step.trace_kernels(one_pass, hlo, S, args.trace)
             print(profile_step.format_kernels(res["trace"]), flush=True)
         except Exception as e:  # noqa: BLE001 - the timing stands without the trace
             res["trace"] = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -946,6 +956,9 @@ def parse_args(argv):
                    help="device counts to time, each over the first N visible devices (0: every visible "
                         "device); with several, the JSON also gets the scaling efficiency "
                         "throughput(N) / (N x throughput(1))")
+    p.add_argument("--steps-per-dispatch", type=int, default=1, metavar="K",
+                   help="K training steps per jitted call (lax.scan over K equally padded batches; "
+                        "make_train_step(steps_per_call=K)): the host's per-call cost paid once per K steps")
     p.add_argument("--runs", nargs="+", type=int, default=[1],
                    help="runs trained together in one vmapped step (dpf_jax.train.multirun); 1 = a plain run")
     p.add_argument("--max-records", type=int, default=0, help="cap on dataset records (0: all)")
@@ -970,6 +983,8 @@ def parse_args(argv):
     if args.synthetic:
         args.data = ["synthetic"]
     args.data = args.data or ["real"]
+    if args.steps_per_dispatch < 1 or (args.steps_per_dispatch > 1 and (args.epoch or args.runs != [1])):
+        p.error("--steps-per-dispatch K: K >= 1, and K > 1 times single-run steps (not --epoch, not --runs)")
     if args.epoch:
         args.models = args.models or ["pretrain_mask30"]
         args.batch_sizes = args.batch_sizes or ([16] if args.small else [256])

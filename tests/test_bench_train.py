@@ -250,3 +250,19 @@ def test_trace_summary_per_device():
     top = {r["hlo_op"]: r for r in profile.summarise_trace(graph, "", steps=1, top=5)["top"]}
     assert set(top) == {"gemm_a", "edge_gate_rows_bwd"}
     assert top["gemm_a"]["ms_per_step"] == pytest.approx(0.04) and top["gemm_a"]["launches_per_step"] == 2
+
+
+def test_steps_per_dispatch_times_per_training_step(tmp_path):
+    """--steps-per-dispatch 2: two stacked batches per call (lax.scan); the figures are per
+    training step (twice the pool's batches are timed per pass), the work per step unchanged."""
+    out = tmp_path / "bench.json"
+    common = ["--small", "--models", "pretrain_mask30", "--precision", "default", "--batch-sizes", "8",
+              "--pool", "2", "--steps", "4", "--warmup", "1"]
+    (two,) = bench.main(common + ["--steps-per-dispatch", "2", "--out", str(out)])["results"]
+    (one,) = bench.main(common + ["--out", str(tmp_path / "one.json")])["results"]
+    assert two["steps_per_dispatch"] == 2 and one["steps_per_dispatch"] == 1
+    assert two["timed_steps"] == 2 * two["blocks"] * two["pool"]
+    assert two["gflop_per_step"] == pytest.approx(one["gflop_per_step"], rel=0.3)
+    assert two["step_ms"] == pytest.approx(1e3 * two["crystals_per_s"] ** -1 * 8, rel=0.35)
+    with pytest.raises(SystemExit):
+        bench.main(["--small", "--epoch", "--steps-per-dispatch", "2", "--out", str(tmp_path / "x.json")])

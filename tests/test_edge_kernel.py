@@ -104,7 +104,8 @@ def test_no_edges():
 
 
 @pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4", "pallas_gate-16x4", "pallas_gate_rows-16x4",
-                                    "pallas_gate-16x4-keep", "pallas_gate_rows-16x4-keep"])
+                                    "pallas_gate-16x4-keep", "pallas_gate_rows-16x4-keep",
+                                    "pallas_gate_rows-16x4-atomic"])
 def test_conv_pallas_equals_xla_with_gradients(kernel):
     """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
     same gradients (of parameters and of the node features)."""
@@ -258,9 +259,12 @@ def test_kernel_options_from_config_string():
     o = KernelOptions.parse("pallas-16x8", allow_tf32=False)
     assert (o.block_edges, o.num_warps, o.allow_tf32, o.keep_tiles) == (16, 8, False, False)
     o = KernelOptions.parse("pallas_gate_rows-16x8-keep")
-    assert (o.block_edges, o.num_warps, o.keep_tiles) == (16, 8, True)
+    assert (o.block_edges, o.num_warps, o.keep_tiles, o.atomic_grads) == (16, 8, True, False)
+    o = KernelOptions.parse("pallas_gate_rows-16x8-atomic")
+    assert (o.keep_tiles, o.atomic_grads) == (False, True)
+    assert KernelOptions.parse("pallas_gate_rows-32x4-keep-atomic").atomic_grads
     for bad in ("pallas-16", "triton", "pallas-axb", "pallas-16x8-keep", "pallas_gate_rows-16x8-fast",
-                "pallas_gate-16x8-keep-keep"):
+                "pallas_gate-16x8-keep-keep", "pallas_gate-16x8-atomic", "pallas_gate_rows-16x8-atomic-atomic"):
         with pytest.raises(ValueError):
             KernelOptions.parse(bad)
     with pytest.raises(ValueError, match="powers of two"):
@@ -417,13 +421,18 @@ def random_rows_args(n_node, n_edge, heads, c, n_real, seed=1):
             jnp.asarray(recv), jnp.asarray(send), jnp.arange(n_edge) < n_real, 1 + 0.2 * f(3 * c), 0.2 * f(3 * c)]
 
 
-@pytest.mark.parametrize("n_node,n_edge,n_real,heads,c,block,keep", [(12, 70, 65, 2, 16, 16, False),
-                                                                    (9, 40, 33, 4, 128, 32, False),
-                                                                    (12, 70, 65, 2, 16, 16, True)])
-def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block, keep):
+@pytest.mark.parametrize("n_node,n_edge,n_real,heads,c,block,keep,atomic", [(12, 70, 65, 2, 16, 16, False, False),
+                                                                           (9, 40, 33, 4, 128, 32, False, False),
+                                                                           (12, 70, 65, 2, 16, 16, True, False),
+                                                                           (12, 70, 65, 2, 16, 16, False, True),
+                                                                           (9, 40, 33, 4, 128, 32, True, True)])
+def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block, keep,
+                                                                 atomic):
     """The gate kernel that gathers node rows itself: values and every gradient (both node
     tables, summed over each node's edges; e @ W3, e, the LayerNorm parameters); an edge axis
-    that is not a multiple of the block; padding edges holding inf/NaN give and get exactly 0."""
+    that is not a multiple of the block; padding edges holding inf/NaN give and get exactly 0.
+    `atomic`: the node-table gradients summed inside the backward kernel (12 nodes, 16-70 edges
+    per block: every block holds edges sharing a receiver and edges sharing a sender)."""
     from dpf_jax.model.gate_recompute import gate_message_reference
 
     args = random_rows_args(n_node, n_edge, heads, c, n_real)
@@ -433,7 +442,11 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     args[1] = args[1].at[-1].set(jnp.inf)
     clean = [jnp.where(args[6].reshape(-1, 1, 1), a, 0.0) if i in (2, 3) else a for i, a in enumerate(args)]
     clean[0], clean[1] = clean[0].at[-1].set(0.0), clean[1].at[-1].set(0.0)
-    fused = lambda *a: fused_gate_rows(*a, opts=KernelOptions(block_edges=block, keep_tiles=keep))  # noqa: E731
+    opts = KernelOptions(block_edges=block, keep_tiles=keep, atomic_grads=atomic)
+    fused = lambda *a: fused_gate_rows(*a, opts=opts)  # noqa: E731
+    if atomic:  # repeated nodes inside one block, the case the in-kernel sums exist for
+        recv, send = np.asarray(args[4][:block]), np.asarray(args[5][:block])
+        assert len(set(recv)) < block and len(set(send)) < block
     m = fused(*args)
     assert m.shape == (n_edge, heads, 3 * c) and m.dtype == jnp.float32
     np.testing.assert_allclose(m, gate_message_reference(*clean), rtol=1e-5, atol=1e-5)
@@ -447,17 +460,21 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
         fused(args[0], args[0], *args[2:])  # a [..., 5C] table where [..., 4C] belongs
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep):
+@pytest.mark.parametrize("keep,atomic", [(False, False), (True, False), (False, True)])
+def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, atomic):
     f32, i32 = jnp.float32, jnp.int32
     N, E, H, C = 256, 1024, 4, 128
     sds = jax.ShapeDtypeStruct
     shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
               sds((E,), i32), sds((E,), i32), sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
-    kernel = lambda *a, opts: fused_gate_rows(*a, opts=dataclasses.replace(opts, keep_tiles=keep))  # noqa: E731
+    kernel = lambda *a, opts: fused_gate_rows(*a, opts=dataclasses.replace(opts, keep_tiles=keep,  # noqa: E731
+                                                                         atomic_grads=atomic))
     text = lower_grad_in_shard_map(kernel, shapes, n_sharded=7, argnums=(0, 2, 7))
     assert text.count("xla.gpu.triton") == 2
-    assert 'name = "edge_gate_rows_fwd"' in text and 'name = "edge_gate_rows_bwd"' in text
+    bwd = "edge_gate_rows_bwd_atomic" if atomic else "edge_gate_rows_bwd"
+    assert 'name = "edge_gate_rows_fwd"' in text and f'name = "{bwd}"' in text
+    # with the sums in the kernel, no scatter-add is left for XLA (the gathers' transposes)
+    assert ("stablehlo.scatter" in text) != atomic
 
 
 def test_recomputing_gate_matches_autodiff_with_gradients():

@@ -564,3 +564,36 @@ def test_prefetch_to_device_copies_in_order_from_a_background_thread():
     it = prefetch_to_device(iter(host * 100), mesh, size=2)
     next(it)
     it.close()  # the background thread stops instead of copying the other 499
+
+
+def test_several_steps_per_call_equal_one_step_per_call():
+    """make_train_step(steps_per_call=3): one call over three stacked batches gives the state
+    and per-step metrics of three single-step calls (4 devices, real pre-training batches,
+    perturbation keys from the step counter as in the loop)."""
+    from dpf_jax.train.step import make_train_step
+
+    config = tiny(pretrain_mask30.get_config(), records=96, batch=16)
+    config.data.path = str(DATA / "pretrain.jsonl.gz")
+    config.train.num_budget_levels = 1  # one padded shape: the batches stack
+    data = loop.load_data(config)
+    t = train_setup(config, data, 4)
+    hosts = list(t.batcher.iterate(seed=0, epoch=0, shuffle=True))[:3]
+    assert len(hosts) == 3 and len({b.edges["mask"].shape for b in hosts}) == 1
+    host_state = jax.device_get(t.state)  # both runs start here (the steps donate their input)
+    one = make_train_step(t.objective, t.model, t.tx, t.mesh)
+    state, singles = put_replicated(host_state, t.mesh), []
+    for b in hosts:
+        state, m = one(state, put_batch(b, t.mesh))
+        singles.append(jax.device_get(m))
+    three = make_train_step(t.objective, t.model, t.tx, t.mesh, steps_per_call=3)
+    stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *hosts)
+    state3, m3 = three(put_replicated(host_state, t.mesh), put_batch(stacked, t.mesh, run_axis=True))
+    m3 = jax.device_get(m3)
+    assert int(state3.step) == int(state.step) == 3
+    np.testing.assert_allclose(m3["loss"], [m["loss"] for m in singles], rtol=1e-5)
+    assert m3["finite"].all() and not np.allclose(m3["loss"][0], m3["loss"][1:])  # three different steps
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state3.params)),
+                    jax.tree_util.tree_leaves(jax.device_get(state.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="steps_per_call"):
+        make_train_step(t.objective, t.model, t.tx, t.mesh, num_runs=2, steps_per_call=2)

@@ -48,6 +48,11 @@ class KernelOptions:
       program and keep them in registers, instead of reloading them (from L2) at each use:
       about half the loads of the backward, four more live [BE, C] tiles. Spelled
       "-keep" after the tile ("pallas_gate_rows-16x8-keep").
+    atomic_grads: `pallas_gate_rows` only: the backward kernel adds the node-table gradients
+      into the tables itself (atomic adds, after summing a block's edges that share a node)
+      instead of writing per-edge gradients for XLA's scatter-adds. Spelled "-atomic" after
+      the tile ("pallas_gate_rows-16x8-atomic"). The order of the float additions then varies
+      from run to run, as it does in XLA's scatter-adds on a GPU.
     """
 
     block_edges: int = 32
@@ -55,25 +60,29 @@ class KernelOptions:
     allow_tf32: bool = True
     interpret: bool | None = None
     keep_tiles: bool = False
+    atomic_grads: bool = False
 
     @classmethod
     def parse(cls, spec: str, **kw) -> "KernelOptions":
         """From a config string: "pallas" / "pallas_node" / "pallas_gate" / "pallas_gate_rows"
-        (defaults), with a tile, "pallas-<block_edges>x<num_warps>", and for the gate kernels
-        optionally "-keep" after it (`keep_tiles`); the kernel family is the caller's business."""
+        (defaults), with a tile, "pallas-<block_edges>x<num_warps>", then for the gate kernels
+        optionally "-keep" (`keep_tiles`) and for "pallas_gate_rows" "-atomic" (`atomic_grads`);
+        the kernel family is the caller's business."""
         name, *rest = spec.split("-")
-        gate = name in ("pallas_gate", "pallas_gate_rows")
-        if name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows") or len(rest) > 2 or (
-                len(rest) == 2 and (rest[1] != "keep" or not gate)):
+        flags = rest[1:]
+        allowed = {"pallas_gate": {"keep"}, "pallas_gate_rows": {"keep", "atomic"}}.get(name, set())
+        if (name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows")
+                or not set(flags) <= allowed or len(set(flags)) != len(flags)):
             raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
-                             "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (the gate "
-                             "kernels also '-<block_edges>x<num_warps>-keep')")
+                             "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (then for the "
+                             "gate kernels '-keep', for 'pallas_gate_rows' '-atomic')")
         if rest:
             try:
                 block, warps = (int(t) for t in rest[0].split("x"))
             except ValueError:
                 raise ValueError(f"edge kernel {spec!r}: tile must look like 32x4") from None
-            kw.update(block_edges=block, num_warps=warps, keep_tiles=len(rest) == 2)
+            kw.update(block_edges=block, num_warps=warps, keep_tiles="keep" in flags,
+                      atomic_grads="atomic" in flags)
         return cls(**kw)
 
     def check(self, channels: int, who: str) -> None:

@@ -32,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _compiler_params, _gate,
+from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _compiler_params, _dot, _gate,
                                        _make_varying, _masked, _out_struct, _pad_edges, _varying_axes)
 from dpf_jax.model.gate_recompute import gate_message_reference, gate_reference  # the kernels' jax.numpy twins
 
@@ -301,28 +301,91 @@ def _rows_bwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_re
         ref[...] = g.astype(ref.dtype)
 
 
-def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts):
+def _block_sums(rows, be):
+    """For a block's node rows [BE]: same [BE, BE] (1.0 where two edges share the node) and
+    first [BE] (the edge is its node's first in the block). same @ x sums x over each edge's
+    node; only a node's first edge then adds the sum, so the block adds each node once."""
+    import jax.lax as lax
+
+    same = rows[:, None] == rows[None, :]
+    earlier = lax.broadcasted_iota(jnp.int32, (be, be), 1) < lax.broadcasted_iota(jnp.int32, (be, be), 0)
+    first = jnp.sum(jnp.where(same & earlier, 1, 0), axis=1) == 0
+    return same.astype(jnp.float32), first
+
+
+def _add_rows(table_ref, rows, same, first, trash, h, start, x, c):
+    """table[row of each edge, h, start:start + C] += the block's sum of x over that row's edges,
+    once per row (the other edges add theirs to the scratch row `trash`): an atomic add, so
+    the blocks of other programs can add to the same rows."""
+    import jax.lax as lax
+    import jax.experimental.pallas.triton as plgpu
+
+    sums = _dot(same, x, allow_tf32=False)  # exact float32: 0/1 weights
+    target = jnp.where(first, rows, trash)
+    cols = start + lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    # every index an array (not a slice): the form Pallas' interpreter can run too; the targets
+    # of one call are distinct but for the scratch row, so its add-by-assignment stays exact
+    plgpu.atomic_add(table_ref, (target[:, None], h, cols), sums)
+
+
+def _rows_bwd_atomic_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, dm_ref,
+                            drt_in_ref, dst_in_ref, dupd_ref, de_ref, part_ref, drt_ref, dst_ref, *, c, inv, keep):
+    """`_rows_bwd_kernel` with the node tables' gradients added here (`KernelOptions.atomic_grads`):
+    d_rt [N + 1, H, 5C] += [d q | d qk | d_upd] at the receiver rows, d_st [N + 1, H, 4C] +=
+    [d k | d_upd] at the sender rows (row N: scratch). Per-edge outputs: d_upd (the gradient of
+    e @ W3) and d e only. drt_in / dst_in: the zero tables aliased to drt / dst."""
+    del drt_in_ref, dst_in_ref  # the same buffers as drt_ref / dst_ref
+    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
+    be = t.rows_r.shape[0]
+    same_r, first_r = _block_sums(t.rows_r, be)
+    same_s, first_s = _block_sums(t.rows_s, be)
+    trash_r, trash_s = drt_ref.shape[0] - 1, dst_ref.shape[0] - 1
+    add_r = lambda start, x: _add_rows(drt_ref, t.rows_r, same_r, first_r, trash_r, t.h, start, x, c)  # noqa: E731
+    add_s = lambda start, x: _add_rows(dst_ref, t.rows_s, same_s, first_s, trash_s, t.h, start, x, c)  # noqa: E731
+
+    def store_dupd(kk, dupd):  # the gradient of vm_i, vm_j and e @ W3 alike
+        from jax.experimental import pallas as pl
+
+        dupd_ref[:, pl.ds(kk * c, c)] = dupd.astype(dupd_ref.dtype)
+        add_r((2 + kk) * c, dupd)
+        add_s((1 + kk) * c, dupd)
+
+    d_q, d_qk, d_k, d_e = _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd)
+    add_r(0, d_q)
+    add_r(c, d_qk)
+    add_s(0, d_k)
+    de_ref[...] = d_e.astype(de_ref.dtype)
+
+
+def _full(shape):
+    from jax.experimental import pallas as pl
+
+    return pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))
+
+
+def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts, tables=(), aliases=None):
     """pallas_call over (edge blocks, heads), the edge axis padded to the block size (padding
-    edges: index 0, mask 0). Returns the outputs and the padded edge count."""
+    edges: index 0, mask 0). `extra`: more per-edge [E, H, 3C] inputs; `tables`: whole arrays
+    passed after them (`aliases`: input -> output index, see `pallas_call`). Returns the
+    outputs and the padded edge count."""
     from jax.experimental import pallas as pl
 
     rt, st, ew3, e, recv, send, mask, g1, b1 = args
     heads, c = e.shape[1], e.shape[2]
     be = opts.block_edges
     edge_args, n_edge, ne = _padded([recv, send, mask, ew3, e, *extra], be)
-    full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
     rows = lambda width: pl.BlockSpec((be, None, width), lambda i, h: (i, h, 0))  # noqa: E731
     edges = pl.BlockSpec((be,), lambda i, h: (i,))
     vec3 = pl.BlockSpec((3 * c,), lambda i, h: (0,))
-    in_specs = ([edges] * 3 + [full(rt.shape), full(st.shape), rows(3 * c), rows(c), vec3, vec3]
-                + [rows(3 * c)] * len(extra))
+    in_specs = ([edges] * 3 + [_full(rt.shape), _full(st.shape), rows(3 * c), rows(c), vec3, vec3]
+                + [rows(3 * c)] * len(extra) + [_full(t.shape) for t in tables])
     recv_p, send_p, mask_p, ew3_p, e_p, *extra_p = edge_args
     outs = pl.pallas_call(
         functools.partial(kernel, c=c, inv=1.0 / math.sqrt(3 * c), keep=opts.keep_tiles),
         grid=(ne // be, heads), in_specs=in_specs, out_specs=out_specs(rows, be),
         out_shape=out_shape(ne, ne // be, heads, c), compiler_params=_compiler_params(opts),
-        interpret=opts.resolved_interpret(), name=name,
-    )(recv_p, send_p, mask_p, rt, st, ew3_p, e_p, g1, b1, *extra_p)
+        interpret=opts.resolved_interpret(), name=name, input_output_aliases=aliases or {},
+    )(recv_p, send_p, mask_p, rt, st, ew3_p, e_p, g1, b1, *extra_p, *tables)
     return outs, n_edge, ne
 
 
@@ -334,9 +397,45 @@ def _rows_forward(args, opts):
     return m[:n_edge] if ne != n_edge else m
 
 
+def _rows_backward_atomic(args, dm, opts):
+    """`_rows_backward` with the node-table gradients summed inside the kernel."""
+    from jax.experimental import pallas as pl
+
+    rt, st, ew3, e, recv, send, mask, g1, b1 = args
+    f32 = jnp.float32
+    axes = _varying_axes(dm)
+    # one scratch row past the end of each table takes the adds of edges that are not their
+    # node's first in a block
+    zeros = [_make_varying(jnp.zeros((t.shape[0] + 1,) + t.shape[1:], f32), axes) for t in (rt, st)]
+
+    def out_shape(ne, nb, h, c):
+        sds = functools.partial(_out_struct, dm)
+        return ([sds((ne, h, 3 * c), f32), sds((ne, h, c), f32), sds((nb, h, 8, c), f32)]
+                + [sds(z.shape, f32) for z in zeros])
+
+    def out_specs(rows, be):
+        c = e.shape[2]
+        return ([rows(3 * c), rows(c), pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))]
+                + [_full(z.shape) for z in zeros])
+
+    # inputs: recv, send, mask, rt, st, ew3, e, g1, b1, dm, then the two zero tables
+    outs, n_edge, ne = _rows_call(_rows_bwd_atomic_kernel, "edge_gate_rows_bwd_atomic", args, [dm], out_shape,
+                                  out_specs, opts, tables=zeros, aliases={10: 3, 11: 4})
+    dupd, de, part, d_rt, d_st = outs
+    if ne != n_edge:
+        dupd, de = dupd[:n_edge], de[:n_edge]
+    c = e.shape[2]
+    part = part.sum(axis=(0, 1))  # [8, C]
+    return (d_rt[:-1].astype(rt.dtype), d_st[:-1].astype(st.dtype), dupd.astype(ew3.dtype), de.astype(e.dtype),
+            None, None, jnp.zeros_like(mask), part[0:3].reshape(3 * c).astype(g1.dtype),
+            part[3:6].reshape(3 * c).astype(b1.dtype))
+
+
 def _rows_backward(args, dm, opts):
     from jax.experimental import pallas as pl
 
+    if opts.atomic_grads:
+        return _rows_backward_atomic(args, dm, opts)
     rt, st, ew3, e, recv, send, mask, g1, b1 = args
     f32 = jnp.float32
 

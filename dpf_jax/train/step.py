@@ -86,14 +86,28 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(flat)))
 
 
-def make_train_step(objective, model, tx, mesh, num_runs: int = 0):
+def make_train_step(objective, model, tx, mesh, num_runs: int = 0, steps_per_call: int = 1):
     """jit(state, batch) → (state, metrics). A non-finite loss or gradient leaves the state
     unchanged and reports `finite=False`, so no NaN ever reaches parameters or checkpoints.
 
     With `num_runs` > 0, `state` and `batch` carry a leading axis of independent runs (stacked
     states, one batch per run; see `dpf_jax.train.multirun`) and the step is vmapped over it.
+
+    With `steps_per_call` = K > 1, `batch` carries a leading axis of K equally padded batches
+    and one call runs K consecutive steps (`lax.scan`), returning metrics with that leading
+    axis: the same state as K calls, while the host pays its per-call cost (~2.7 ms on one
+    GPU, ~4.6 ms on four for the pre-training step, session 17) once per K steps.
     """
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+    if steps_per_call > 1 and num_runs:
+        raise ValueError("steps_per_call > 1 with several runs trained together is not supported")
     step = train_step_fn(objective, model, tx, mesh)
+    if steps_per_call > 1:
+        def steps(state, batches):
+            return jax.lax.scan(step, state, batches)
+
+        return jax.jit(steps, donate_argnums=(0,))
     return jax.jit(jax.vmap(step) if num_runs else step, donate_argnums=(0,))
 
 
