@@ -700,8 +700,9 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     tot = {k: sum(s[k] for s in sizes) for k in sizes[0] if k != "devices"}
     flops_real = sum(step_flops(coef, s, padded=False) for ms in member_sizes for s in ms)
     flops_pad = sum(step_flops(coef, s, padded=True) for ms in member_sizes for s in ms)
-    xla_flops = sum(costs.get(shape_key(b), {}).get("flops", math.nan) for b in pool_step)
-    xla_bytes = sum(costs.get(shape_key(b), {}).get("bytes_accessed", math.nan) for b in pool_step)
+    # XLA's cost analysis counts a loop body once: a K-step call (lax.scan) is counted as one step
+    xla_flops = per_call * sum(costs.get(shape_key(b), {}).get("flops", math.nan) for b in pool_step)
+    xla_bytes = per_call * sum(costs.get(shape_key(b), {}).get("bytes_accessed", math.nan) for b in pool_step)
     t_med = statistics.median(times)
     per_step = [t / S for t in times]
     peaks = peaks_for(jax.devices()[0].device_kind)
@@ -771,8 +772,8 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
         except Exception as e:  # noqa: BLE001 - the timing stands without the trace
             res["trace"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     if peaks:
-        res["floor_ms_compute_xla"] = 1e3 * (xla_flops / P) / (peaks[unit] * 1e12)
-        res["floor_ms_bytes_xla"] = 1e3 * (xla_bytes / P) / (peaks["hbm_tb_s"] * 1e12)
+        res["floor_ms_compute_xla"] = 1e3 * (xla_flops / S) / (peaks[unit] * 1e12)
+        res["floor_ms_bytes_xla"] = 1e3 * (xla_bytes / S) / (peaks["hbm_tb_s"] * 1e12)
     return res
 
 
@@ -876,16 +877,20 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         idle_dispatch.append(1e3 * (time.perf_counter() - t0))
     jax.block_until_ready(state)
     pipe, pipe_from_first, pure, phases, shapes, pure_dispatch = [], [], [], [], [], []
-    for _ in range(repeats):  # interleaved, so drifts of the device clock hit both alike
-        state, t_all, t_first, ph, shape = pipeline_epoch(state)
-        pipe.append(t_all)
-        pipe_from_first.append(t_first)
-        phases.append(ph)
-        shapes.append(shape)
-        state, t, d = pure_epoch(state)
-        pure.append(t)
-        pure_dispatch.append(d)
-    sys.setswitchinterval(switch_interval)
+    try:
+        for _ in range(repeats):  # interleaved, so drifts of the device clock hit both alike
+            state, t_all, t_first, ph, shape = pipeline_epoch(state)
+            pipe.append(t_all)
+            pipe_from_first.append(t_first)
+            phases.append(ph)
+            shapes.append(shape)
+            state, t, d = pure_epoch(state)
+            pure.append(t)
+            pure_dispatch.append(d)
+    finally:  # the next configuration of this process runs with Python's settings again
+        sys.setswitchinterval(switch_interval)
+        if args.epoch_gc_freeze:
+            gc.unfreeze()
     mem = _memory_stats()
     res = {
         "data": "synthetic" if args.data == ["synthetic"] else "real", "model": model_label(name),

@@ -262,3 +262,31 @@ def test_prefetch_passes_items_and_errors():
 
     with pytest.raises(RuntimeError, match="bad record"):
         list(prefetch(broken(), 2))
+
+
+@pytest.mark.parametrize("n_items", [3, 1000])
+def test_prefetch_thread_ends_when_the_consumer_stops_early(n_items):
+    """Stopping after one item ends the producer thread, whether the source is exhausted while
+    the queue is full (the sentinel cannot be queued) or still has items."""
+    import threading
+
+    import time
+
+    before = threading.active_count()
+    it = prefetch(iter(range(n_items)), 2)
+    assert next(it) == 0
+    time.sleep(0.2)  # the producer fills the queue (3 items: then waits to queue the end marker)
+    it.close()
+    assert threading.active_count() == before
+
+    def failing():
+        yield 0
+        yield 1
+        yield 2
+        raise RuntimeError("never seen: the consumer stopped first")
+
+    it = prefetch(failing(), 2)
+    next(it)
+    time.sleep(0.2)
+    it.close()
+    assert threading.active_count() == before

@@ -263,6 +263,24 @@ def test_steps_per_dispatch_times_per_training_step(tmp_path):
     assert two["steps_per_dispatch"] == 2 and one["steps_per_dispatch"] == 1
     assert two["timed_steps"] == 2 * two["blocks"] * two["pool"]
     assert two["gflop_per_step"] == pytest.approx(one["gflop_per_step"], rel=0.3)
+    # XLA's count of the scan (its body once) scaled to per step like the single-step program's
+    assert two["xla_gflop_per_step"] == pytest.approx(one["xla_gflop_per_step"], rel=0.3)
     assert two["step_ms"] == pytest.approx(1e3 * two["crystals_per_s"] ** -1 * 8, rel=0.35)
     with pytest.raises(SystemExit):
         bench.main(["--small", "--epoch", "--steps-per-dispatch", "2", "--out", str(tmp_path / "x.json")])
+
+
+def test_bench_batching_script(tmp_path):
+    """scripts/bench_batching.py on a slice of the shipped corpus: both batching paths timed,
+    and the epoch's padded shapes counted (every step in one budget; full groups of K whole)."""
+    bb = load_script("bench_batching")
+    out = tmp_path / "batching.json"
+    report = bb.main(["--records", "400", "--batch-sizes", "32", "--devices", "1", "2", "--repeats", "1",
+                      "--group", "3", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [r["devices"] for r in report["rows"]] == [1, 2]
+    for r in report["rows"]:
+        assert r["packed_ms_per_batch"] > 0 and r["concatenating_ms_per_batch"] > 0
+        assert sum(r["budgets"].values()) == r["steps"] > 1
+        full = r["steps_in_full_groups_of_3"]
+        assert full % 3 == 0 and 0 <= full <= r["steps"] and r["mean_run_of_equal_shapes"] >= 1

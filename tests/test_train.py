@@ -535,6 +535,7 @@ def test_prefetch_to_device_copies_in_order_from_a_background_thread():
     """Device batches in the host order, sharded over the 4 devices; (host, device) pairs with
     with_host; a failing host iterator raises in the consumer; stopping early does not hang."""
     import threading
+    import time
 
     from dpf_jax.train.parallel import prefetch_to_device
 
@@ -561,9 +562,13 @@ def test_prefetch_to_device_copies_in_order_from_a_background_thread():
 
     with pytest.raises(ValueError, match="bad batch 1"):
         list(prefetch_to_device(broken(), mesh))
-    it = prefetch_to_device(iter(host * 100), mesh, size=2)
-    next(it)
-    it.close()  # the background thread stops instead of copying the other 499
+    before = threading.active_count()
+    for source in (host * 100, host[:3]):  # stopped early with the source left, or exhausted
+        it = prefetch_to_device(iter(source), mesh, size=2)
+        next(it)
+        time.sleep(0.3)  # both threads fill their queues
+        it.close()
+        assert threading.active_count() == before  # the copying thread has ended
 
 
 def test_several_steps_per_call_equal_one_step_per_call():

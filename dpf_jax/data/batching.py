@@ -201,9 +201,9 @@ class PackedGraphs(Sequence):
     """Single-crystal GraphsTuples stored as one array per field (crystals one after another).
 
     Padding a device share is then one gather per field (`pad`), instead of concatenating a
-    few hundred small arrays per field: ~4x less host time per batch, and (what matters on a
-    GPU) that much less time the batching thread holds the GIL the training loop's dispatch
-    waits for. Indexing gives each crystal's GraphsTuple as views into the packed arrays, so
+    few hundred small arrays per field: 2.4-3.8x less host time per batch
+    (scripts/results/bench_batching.json), and (what mattered on a GPU) that much less time the
+    batching thread holds the GIL that the training loop's copies and dispatch wait for. Indexing gives each crystal's GraphsTuple as views into the packed arrays, so
     the packed copy replaces the per-crystal arrays rather than doubling them.
     """
 
@@ -488,20 +488,24 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
     sentinel = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        """Queue `item` unless the consumer has stopped (then False): never blocks for good."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def producer():
         try:
             for item in iterator:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(sentinel)
+            put(sentinel)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
+            put(e)
 
     thread = threading.Thread(target=producer, daemon=True)
     thread.start()
@@ -515,3 +519,9 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()
+        # drop what is queued (device batches, with prefetch_to_device) and let the thread end
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass

@@ -313,23 +313,29 @@ def _block_sums(rows, be):
     return same.astype(jnp.float32), first
 
 
-def _add_rows(table_ref, rows, same, first, trash, h, start, x, c):
+def _add_rows(table_ref, rows, same, first, trash, h, start, x, c, masked):
     """table[row of each edge, h, start:start + C] += the block's sum of x over that row's edges,
-    once per row (the other edges add theirs to the scratch row `trash`): an atomic add, so
-    the blocks of other programs can add to the same rows."""
+    once per row: an atomic add, so the blocks of other programs can add to the same rows.
+    Only each row's first edge adds: `masked` (Triton) by the atomic's mask; otherwise (Pallas'
+    interpreter, which has no masked atomics) the other edges add to the scratch row `trash`,
+    which keeps the targets of one call distinct, so the interpreter's add-by-assignment is exact.
+    (On the GPU, adds to one scratch row from every block would serialise.)"""
     import jax.lax as lax
     import jax.experimental.pallas.triton as plgpu
 
     sums = _dot(same, x, allow_tf32=False)  # exact float32: 0/1 weights
-    target = jnp.where(first, rows, trash)
     cols = start + lax.broadcasted_iota(jnp.int32, (1, c), 1)
-    # every index an array (not a slice): the form Pallas' interpreter can run too; the targets
-    # of one call are distinct but for the scratch row, so its add-by-assignment stays exact
-    plgpu.atomic_add(table_ref, (target[:, None], h, cols), sums)
+    # every index an array (not a slice): the form the interpreter can run too
+    if masked:
+        plgpu.atomic_add(table_ref, (rows[:, None], h, cols), sums,
+                         mask=jnp.broadcast_to(first[:, None], sums.shape))
+    else:
+        plgpu.atomic_add(table_ref, (jnp.where(first, rows, trash)[:, None], h, cols), sums)
 
 
 def _rows_bwd_atomic_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, dm_ref,
-                            drt_in_ref, dst_in_ref, dupd_ref, de_ref, part_ref, drt_ref, dst_ref, *, c, inv, keep):
+                            drt_in_ref, dst_in_ref, dupd_ref, de_ref, part_ref, drt_ref, dst_ref, *, c, inv, keep,
+                            masked):
     """`_rows_bwd_kernel` with the node tables' gradients added here (`KernelOptions.atomic_grads`):
     d_rt [N + 1, H, 5C] += [d q | d qk | d_upd] at the receiver rows, d_st [N + 1, H, 4C] +=
     [d k | d_upd] at the sender rows (row N: scratch). Per-edge outputs: d_upd (the gradient of
@@ -340,8 +346,10 @@ def _rows_bwd_atomic_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_re
     same_r, first_r = _block_sums(t.rows_r, be)
     same_s, first_s = _block_sums(t.rows_s, be)
     trash_r, trash_s = drt_ref.shape[0] - 1, dst_ref.shape[0] - 1
-    add_r = lambda start, x: _add_rows(drt_ref, t.rows_r, same_r, first_r, trash_r, t.h, start, x, c)  # noqa: E731
-    add_s = lambda start, x: _add_rows(dst_ref, t.rows_s, same_s, first_s, trash_s, t.h, start, x, c)  # noqa: E731
+    add_r = lambda start, x: _add_rows(drt_ref, t.rows_r, same_r, first_r, trash_r, t.h, start, x, c,  # noqa: E731
+                                       masked)
+    add_s = lambda start, x: _add_rows(dst_ref, t.rows_s, same_s, first_s, trash_s, t.h, start, x, c,  # noqa: E731
+                                       masked)
 
     def store_dupd(kk, dupd):  # the gradient of vm_i, vm_j and e @ W3 alike
         from jax.experimental import pallas as pl
@@ -404,8 +412,7 @@ def _rows_backward_atomic(args, dm, opts):
     rt, st, ew3, e, recv, send, mask, g1, b1 = args
     f32 = jnp.float32
     axes = _varying_axes(dm)
-    # one scratch row past the end of each table takes the adds of edges that are not their
-    # node's first in a block
+    # one scratch row past the end of each table (used by the interpreter, see `_add_rows`)
     zeros = [_make_varying(jnp.zeros((t.shape[0] + 1,) + t.shape[1:], f32), axes) for t in (rt, st)]
 
     def out_shape(ne, nb, h, c):
@@ -419,7 +426,8 @@ def _rows_backward_atomic(args, dm, opts):
                 + [_full(z.shape) for z in zeros])
 
     # inputs: recv, send, mask, rt, st, ew3, e, g1, b1, dm, then the two zero tables
-    outs, n_edge, ne = _rows_call(_rows_bwd_atomic_kernel, "edge_gate_rows_bwd_atomic", args, [dm], out_shape,
+    kernel = functools.partial(_rows_bwd_atomic_kernel, masked=not opts.resolved_interpret())
+    outs, n_edge, ne = _rows_call(kernel, "edge_gate_rows_bwd_atomic", args, [dm], out_shape,
                                   out_specs, opts, tables=zeros, aliases={10: 3, 11: 4})
     dupd, de, part, d_rt, d_st = outs
     if ne != n_edge:

@@ -84,8 +84,9 @@ def prefetch_to_device(iterator, mesh: Mesh, size: int = 2, with_host: bool = Fa
 
     Yields device batches, or (host batch, device batch) pairs with `with_host`. The copies
     are issued from a background thread (`prefetch`), so the main thread only dispatches
-    steps: issued from the main thread, a 4-GPU copy took ~3.5 ms of its time per step and
-    the dispatch ~5.7 ms, against a 4.0 ms step (4 x H200, pre-training B=256, session 17).
+    steps; up to `size` + 2 batches are then alive on the devices. Measured (4 x H200
+    host, pre-training, session 17): one GPU B=256 96.3% -> 98.2% of the pure step, four GPUs
+    B=1024 70.9% -> 85.4%; four GPUs B=256 stayed host-bound (41.1% -> 38.8%).
     """
     def put(item):
         dev = put_batch(item, mesh, run_axis)

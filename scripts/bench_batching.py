@@ -1,0 +1,124 @@
+"""Host batching: time per padded batch, and how often consecutive batches share a padded shape.
+
+    python scripts/bench_batching.py [--config pretrain_mask30] [--batch-sizes 256 1024]
+        [--devices 1 4] [--group 4] [--out scripts/results/bench_batching.json]
+
+For each (global batch, device count): the median time to build one padded, device-stacked
+batch over an epoch of the training split, with the packed arrays `GraphBatcher` uses
+(`PackedGraphs.pad`, one gather per field) and with the per-crystal concatenation it replaced
+(`pad_graphs` over the share's GraphsTuples), on one core of this machine; and the padded
+shapes of the epoch's batches: how many steps would fall in full groups of `--group` consecutive
+equally padded batches (what K steps per jitted call, `make_train_step(steps_per_call=K)`,
+needs without reordering the epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # configs/ is a plain folder next to the package
+    sys.path.insert(0, str(REPO))
+
+from dpf_jax.data.batching import pad_graphs  # noqa: E402
+from dpf_jax.train import loop  # noqa: E402
+
+
+def epoch_ms_per_batch(batcher, repeats: int) -> float:
+    """Median over `repeats` epochs of the mean time per batch (seed 0, epoch 0, shuffled)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = sum(1 for _ in batcher.iterate(0, 0, shuffle=True, drop_remainder=True))
+        times.append(1e3 * (time.perf_counter() - t0) / max(n, 1))
+    return statistics.median(times)
+
+
+class ConcatenatingBatcher:
+    """The same batcher, padding each share by concatenating its crystals' arrays (`pad_graphs`,
+    the path before `PackedGraphs`)."""
+
+    def __init__(self, batcher):
+        self.b = batcher
+        self.graphs = [batcher.graphs[i] for i in range(len(batcher.graphs))]
+
+    def iterate(self, *a, **kw):
+        original = type(self.b).pad_share
+        try:
+            type(self.b).pad_share = lambda s, share, budget, positions: pad_graphs(
+                [self.graphs[i] for i in share], budget, positions=positions, template=self.graphs[0])
+            yield from self.b.iterate(*a, **kw)
+        finally:
+            type(self.b).pad_share = original
+
+
+def shape_runs(batcher, batch_size: int, group: int) -> dict:
+    order = batcher.epoch_order(0, 0, True)
+    levels = [batcher.share_budget(batcher.shares(order[i * batch_size:(i + 1) * batch_size]))
+              for i in range(batcher.num_batches(True))]
+    runs, cur = [], 1
+    for a, b in zip(levels, levels[1:]):
+        if a == b:
+            cur += 1
+        else:
+            runs.append(cur)
+            cur = 1
+    runs.append(cur)
+    counts = collections.Counter(levels)
+    return {"steps": len(levels),
+            "budgets": {f"{k.n_node}x{k.n_edge}x{k.n_graph}": v for k, v in sorted(counts.items())},
+            "mean_run_of_equal_shapes": statistics.mean(runs),
+            f"steps_in_full_groups_of_{group}": sum(r // group * group for r in runs)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="pretrain_mask30")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 1024])
+    p.add_argument("--devices", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--records", type=int, default=0, help="use only the first N records (0: all)")
+    p.add_argument("--out", default=str(REPO / "scripts" / "results" / "bench_batching.json"))
+    args = p.parse_args(argv)
+    config = importlib.import_module(f"configs.{args.config}").get_config()
+    config.train.progress_bar = False
+    if args.records:
+        config.data.max_records = args.records
+    data = loop.load_data(config)
+    rows = []
+    for bs in args.batch_sizes:
+        for d in args.devices:
+            config.train.batch_size = bs
+            batcher = loop.make_batcher(data.splits["train"], config, d)
+            if batcher.num_batches(True) == 0:
+                continue
+            row = {"batch_size": bs, "devices": d,
+                   "packed_ms_per_batch": epoch_ms_per_batch(batcher, args.repeats),
+                   "concatenating_ms_per_batch": epoch_ms_per_batch(ConcatenatingBatcher(batcher), args.repeats),
+                   **shape_runs(batcher, bs, args.group)}
+            row["speedup"] = row["concatenating_ms_per_batch"] / row["packed_ms_per_batch"]
+            rows.append(row)
+            print(f"B={bs} on {d} device(s): packed {row['packed_ms_per_batch']:.2f} ms/batch, concatenating "
+                  f"{row['concatenating_ms_per_batch']:.2f} ({row['speedup']:.1f}x); {row['steps']} steps, "
+                  f"{row[f'steps_in_full_groups_of_{args.group}']} in full groups of {args.group} "
+                  f"equally padded batches", flush=True)
+    report = {"config": args.config, "host": {"machine": platform.machine(), "processor": platform.processor(),
+                                              "cpu_count": os.cpu_count(), "python": platform.python_version()},
+              "records": args.records or None, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
