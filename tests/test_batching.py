@@ -134,6 +134,8 @@ def test_packed_graphs_pad_equals_pad_graphs(jarvis_graphs, merge):
             assert a.dtype == b.dtype
     with pytest.raises(IndexError):
         packed[len(gs)]
+    with pytest.raises(ValueError, match="read-only"):  # a view written to would change the dataset
+        packed[0].nodes["positions"][0, 0] = 1.0
     rng = np.random.default_rng(1)
     for size in (0, 1, 7, 60):
         idx = rng.choice(len(gs), size, replace=False)

@@ -203,8 +203,9 @@ class PackedGraphs(Sequence):
     Padding a device share is then one gather per field (`pad`), instead of concatenating a
     few hundred small arrays per field: 2.4-3.8x less host time per batch
     (scripts/results/bench_batching.json), and (what mattered on a GPU) that much less time the
-    batching thread holds the GIL that the training loop's copies and dispatch wait for. Indexing gives each crystal's GraphsTuple as views into the packed arrays, so
-    the packed copy replaces the per-crystal arrays rather than doubling them.
+    batching thread holds the GIL that the training loop's copies and dispatch wait for.
+    Indexing gives each crystal's GraphsTuple as read-only views into the packed arrays, so the
+    packed copy replaces the per-crystal arrays rather than doubling them.
     """
 
     def __init__(self, graphs: Sequence[jraph.GraphsTuple]):
@@ -230,6 +231,9 @@ class PackedGraphs(Sequence):
         self.edges = {k: cat(lambda g: g.edges[k]) for k in first.edges}
         self.globals = {k: cat(lambda g: g.globals[k]) for k in first.globals}
         self.senders, self.receivers = cat(lambda g: g.senders), cat(lambda g: g.receivers)
+        for a in (*self.nodes.values(), *self.edges.values(), *self.globals.values(), self.senders,
+                  self.receivers, self.n_node, self.n_edge):
+            a.flags.writeable = False  # shared by every view `__getitem__` hands out
 
     def __len__(self) -> int:
         return self.n_node.size
