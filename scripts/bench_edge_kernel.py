@@ -79,8 +79,8 @@ def make_gate_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
 def make_rows_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
     """Node tables [N, H, 5C] / [N, H, 4C] (N = E / 25), e @ W3, e, sorted receivers, senders,
     mask, LayerNorm params: the arguments of `gate_message_reference` / `fused_gate_rows`."""
-    rt, st, e, recv, send, mask, *_ = make_node_inputs(n_edge, heads, c, seed)
-    r, s, ew3, e, mask, g1, b1 = make_gate_inputs(n_edge, heads, c, seed)
+    rt, st, e, recv, send, mask, _w3, g1, b1, *_ = make_node_inputs(n_edge, heads, c, seed)
+    ew3 = make_inputs(n_edge, heads, c, seed)[4]  # its upd [E, H, 3C], as the gate family's e @ W3
     return (rt, st, ew3, e, recv, send, mask, g1, b1)
 
 

@@ -641,9 +641,8 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
               runs: int = 1) -> dict:
     # --steps-per-dispatch K: K batches of one padded shape stacked like K runs' batches, but
     # trained one after the other inside one call (lax.scan): times per training step below
+    # (parse_args allows K > 1 only with --runs 1)
     per_call = args.steps_per_dispatch
-    if per_call > 1 and runs > 1:
-        raise SystemExit("--steps-per-dispatch > 1 times one run (--runs 1)")
     stacked = max(runs, per_call)
     config = make_config(name, args, batch_size, precision)
     data = cache.get(data_kind, config)

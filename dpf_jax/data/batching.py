@@ -114,6 +114,33 @@ def _concat_padded(parts: Sequence[np.ndarray], n: int, size: int) -> np.ndarray
     return out
 
 
+def _check_fits(n_graph: int, n_node: int, n_edge: int, budget: Budget) -> None:
+    """Raises unless a share of these sizes fits `budget` with at least one padding graph."""
+    if n_graph >= budget.n_graph:
+        raise ValueError(f"{n_graph} graphs do not fit a budget of {budget.n_graph} (one is padding)")
+    if n_node >= budget.n_node or n_edge > budget.n_edge:
+        raise ValueError(f"batch of {n_node} nodes / {n_edge} edges exceeds {budget}")
+
+
+def _padded_graphs_tuple(nodes, edges, glob, senders, receivers, n_node_g, n_edge_g, budget: Budget,
+                         index) -> jraph.GraphsTuple:
+    """The padded batch from its fields, padded already: adds jraph's padding graphs (one holds
+    every padding node and edge, the others are empty), the node -> graph index, identity
+    lattices on the padding graphs and globals["index"] (`index`, then -1 on padding)."""
+    n_real = n_node_g.size
+    pad_n = np.zeros(budget.n_graph - n_real, np.int32)
+    pad_e = pad_n.copy()
+    pad_n[0], pad_e[0] = budget.n_node - int(n_node_g.sum()), budget.n_edge - int(n_edge_g.sum())
+    n_node_all = np.concatenate([n_node_g.astype(np.int32), pad_n])
+    n_edge_all = np.concatenate([n_edge_g.astype(np.int32), pad_e])
+    nodes["graph"] = np.repeat(np.arange(budget.n_graph, dtype=np.int32), n_node_all)
+    glob["lattice"][n_real:] = np.eye(3, dtype=glob["lattice"].dtype)  # lattice inverses stay finite
+    glob["index"] = np.full(budget.n_graph, -1, np.int32)
+    glob["index"][:len(index)] = index
+    return jraph.GraphsTuple(nodes=nodes, edges=edges, globals=glob, senders=senders, receivers=receivers,
+                             n_node=n_node_all, n_edge=n_edge_all)
+
+
 def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index: int = 0,
                positions: Sequence[int] | None = None, template: jraph.GraphsTuple | None = None
                ) -> jraph.GraphsTuple:
@@ -146,10 +173,7 @@ def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index:
     n_edge_g = np.concatenate([g.n_edge for g in graphs]).astype(np.int32)
     n_node, n_edge = int(n_node_g.sum()), int(n_edge_g.sum())
     n_real_graphs = n_node_g.size
-    if n_real_graphs >= budget.n_graph:
-        raise ValueError(f"{n_real_graphs} graphs do not fit a budget of {budget.n_graph} (one is padding)")
-    if n_node >= budget.n_node or n_edge > budget.n_edge:
-        raise ValueError(f"batch of {n_node} nodes / {n_edge} edges exceeds {budget}")
+    _check_fits(n_real_graphs, n_node, n_edge, budget)
     # each GraphsTuple's first node index in the batch, repeated over its edges
     if len(graphs) == n_real_graphs:  # single-crystal GraphsTuples (the batchers' case)
         node_sizes, edge_sizes = n_node_g, n_edge_g
@@ -167,19 +191,8 @@ def pad_graphs(graphs: Sequence[jraph.GraphsTuple], budget: Budget, first_index:
         edges["source"][:n_edge] += edge_offsets
         edges["source"][n_edge:] = loops
     glob = {k: _concat_padded([g.globals[k] for g in graphs], n_real_graphs, budget.n_graph) for k in graphs[0].globals}
-    # jraph's padding: one graph holds every padding node and edge, the other padding graphs are empty
-    pad_n = np.zeros(budget.n_graph - n_real_graphs, np.int32)
-    pad_e = pad_n.copy()
-    pad_n[0], pad_e[0] = budget.n_node - n_node, budget.n_edge - n_edge
-    n_node_all, n_edge_all = np.concatenate([n_node_g, pad_n]), np.concatenate([n_edge_g, pad_e])
-    nodes["graph"] = np.repeat(np.arange(budget.n_graph, dtype=np.int32), n_node_all)
-    glob["lattice"][n_real_graphs:] = np.eye(3, dtype=glob["lattice"].dtype)  # lattice inverses stay finite
-    index = np.full(budget.n_graph, -1, np.int32)
-    index[:n_graph] = (np.arange(first_index, first_index + n_graph) if positions is None
-                       else np.asarray(positions, np.int32))
-    glob["index"] = index
-    return jraph.GraphsTuple(nodes=nodes, edges=edges, globals=glob, senders=senders, receivers=receivers,
-                             n_node=n_node_all, n_edge=n_edge_all)
+    index = np.arange(first_index, first_index + n_graph) if positions is None else np.asarray(positions, np.int32)
+    return _padded_graphs_tuple(nodes, edges, glob, senders, receivers, n_node_g, n_edge_g, budget, index)
 
 
 def _concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -256,10 +269,7 @@ class PackedGraphs(Sequence):
         idx = np.asarray(indices, np.int64).reshape(-1)
         n_node_g, n_edge_g = self.n_node[idx], self.n_edge[idx]
         n_node, n_edge, n_real = int(n_node_g.sum()), int(n_edge_g.sum()), idx.size
-        if n_real >= budget.n_graph:
-            raise ValueError(f"{n_real} graphs do not fit a budget of {budget.n_graph} (one is padding)")
-        if n_node >= budget.n_node or n_edge > budget.n_edge:
-            raise ValueError(f"batch of {n_node} nodes / {n_edge} edges exceeds {budget}")
+        _check_fits(n_real, n_node, n_edge, budget)
         node_rows = _concat_ranges(self.node_start[idx], n_node_g)
         edge_rows = _concat_ranges(self.edge_start[idx], n_edge_g)
         # each crystal's first node index in the batch, repeated over its edges
@@ -277,18 +287,8 @@ class PackedGraphs(Sequence):
         edges = {k: endpoints(v) if k == "source" else _take_padded(v, edge_rows, budget.n_edge)
                  for k, v in self.edges.items()}  # "source": node indices, like the senders
         glob = {k: _take_padded(v, idx, budget.n_graph) for k, v in self.globals.items()}
-        pad_n = np.zeros(budget.n_graph - n_real, np.int32)
-        pad_e = pad_n.copy()
-        pad_n[0], pad_e[0] = budget.n_node - n_node, budget.n_edge - n_edge
-        n_node_all = np.concatenate([n_node_g.astype(np.int32), pad_n])
-        n_edge_all = np.concatenate([n_edge_g.astype(np.int32), pad_e])
-        nodes["graph"] = np.repeat(np.arange(budget.n_graph, dtype=np.int32), n_node_all)
-        glob["lattice"][n_real:] = np.eye(3, dtype=glob["lattice"].dtype)  # lattice inverses stay finite
-        index = np.full(budget.n_graph, -1, np.int32)
-        index[:n_real] = np.arange(n_real) if positions is None else np.asarray(positions, np.int32)
-        glob["index"] = index
-        return jraph.GraphsTuple(nodes=nodes, edges=edges, globals=glob, senders=senders, receivers=receivers,
-                                 n_node=n_node_all, n_edge=n_edge_all)
+        index = np.arange(n_real) if positions is None else np.asarray(positions, np.int32)
+        return _padded_graphs_tuple(nodes, edges, glob, senders, receivers, n_node_g, n_edge_g, budget, index)
 
 
 def stack_device_batches(batches: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:

@@ -151,7 +151,22 @@ def _block_specs(c, be):
     edges = pl.BlockSpec((be,), lambda i, h: (i,))
     vec3 = pl.BlockSpec((3 * c,), lambda i, h: (0,))
     inputs = [rows(5 * c), rows(4 * c), rows(3 * c), rows(c), edges, vec3, vec3]
-    return inputs, rows, pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))
+    return inputs, rows, _partials_spec(c)
+
+
+def _partials_spec(c):
+    """The backward kernels' per-program partial sums [edge blocks, heads, 8, C] (see
+    `_gate_backward`): one [8, C] block per program."""
+    from jax.experimental import pallas as pl
+
+    return pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))
+
+
+def _ln1_grads(part, g1, b1):
+    """d ln1 scale, d ln1 bias [3C] from the partial sums of every program (rows 0-2, 3-5)."""
+    part = part.sum(axis=(0, 1))  # [8, C]
+    c3 = g1.shape[0]
+    return part[0:3].reshape(c3).astype(g1.dtype), part[3:6].reshape(c3).astype(b1.dtype)
 
 
 def _padded(args, be):
@@ -199,9 +214,7 @@ def _backward(args, dm, opts: KernelOptions):
     )(*edge_args, g1, b1, dm_p)
     if ne != n_edge:
         dr, ds, dew3, de = (x[:n_edge] for x in (dr, ds, dew3, de))
-    part = part.sum(axis=(0, 1))  # [8, C]
-    return (dr, ds, dew3, de, jnp.zeros_like(mask), part[0:3].reshape(3 * c).astype(g1.dtype),
-            part[3:6].reshape(3 * c).astype(b1.dtype))
+    return (dr, ds, dew3, de, jnp.zeros_like(mask), *_ln1_grads(part, g1, b1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -405,11 +418,18 @@ def _rows_forward(args, opts):
     return m[:n_edge] if ne != n_edge else m
 
 
+def _rows_cotangents(args, d_rt, d_st, dupd, de, part):
+    """The custom VJP's cotangents of (rt, st, ew3, e, recv, send, mask, g1, b1): the node
+    tables' gradients, d_upd (the gradient of e @ W3), d e, none for the indices, zero for the
+    mask, and the LayerNorm parameters' from the programs' partial sums."""
+    rt, st, ew3, e, recv, send, mask, g1, b1 = args
+    return (d_rt.astype(rt.dtype), d_st.astype(st.dtype), dupd.astype(ew3.dtype), de.astype(e.dtype), None, None,
+            jnp.zeros_like(mask), *_ln1_grads(part, g1, b1))
+
+
 def _rows_backward_atomic(args, dm, opts):
     """`_rows_backward` with the node-table gradients summed inside the kernel."""
-    from jax.experimental import pallas as pl
-
-    rt, st, ew3, e, recv, send, mask, g1, b1 = args
+    rt, st, e = args[0], args[1], args[3]
     f32 = jnp.float32
     axes = _varying_axes(dm)
     # one scratch row past the end of each table (used by the interpreter, see `_add_rows`)
@@ -422,8 +442,7 @@ def _rows_backward_atomic(args, dm, opts):
 
     def out_specs(rows, be):
         c = e.shape[2]
-        return ([rows(3 * c), rows(c), pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))]
-                + [_full(z.shape) for z in zeros])
+        return [rows(3 * c), rows(c), _partials_spec(c)] + [_full(z.shape) for z in zeros]
 
     # inputs: recv, send, mask, rt, st, ew3, e, g1, b1, dm, then the two zero tables
     kernel = functools.partial(_rows_bwd_atomic_kernel, masked=not opts.resolved_interpret())
@@ -432,19 +451,13 @@ def _rows_backward_atomic(args, dm, opts):
     dupd, de, part, d_rt, d_st = outs
     if ne != n_edge:
         dupd, de = dupd[:n_edge], de[:n_edge]
-    c = e.shape[2]
-    part = part.sum(axis=(0, 1))  # [8, C]
-    return (d_rt[:-1].astype(rt.dtype), d_st[:-1].astype(st.dtype), dupd.astype(ew3.dtype), de.astype(e.dtype),
-            None, None, jnp.zeros_like(mask), part[0:3].reshape(3 * c).astype(g1.dtype),
-            part[3:6].reshape(3 * c).astype(b1.dtype))
+    return _rows_cotangents(args, d_rt[:-1], d_st[:-1], dupd, de, part)  # the scratch rows dropped
 
 
 def _rows_backward(args, dm, opts):
-    from jax.experimental import pallas as pl
-
     if opts.atomic_grads:
         return _rows_backward_atomic(args, dm, opts)
-    rt, st, ew3, e, recv, send, mask, g1, b1 = args
+    rt, st, e, recv, send = args[0], args[1], args[3], args[4], args[5]
     f32 = jnp.float32
 
     def out_shape(ne, nb, h, c):
@@ -453,21 +466,17 @@ def _rows_backward(args, dm, opts):
 
     def out_specs(rows, be):
         c = e.shape[2]
-        return [rows(3 * c)] + [rows(c)] * 4 + [pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))]
+        return [rows(3 * c)] + [rows(c)] * 4 + [_partials_spec(c)]
 
     outs, n_edge, ne = _rows_call(_rows_bwd_kernel, "edge_gate_rows_bwd", args, [dm], out_shape, out_specs, opts)
     dupd, dq, dqk, dk, de, part = outs
     if ne != n_edge:
         dupd, dq, dqk, dk, de = (x[:n_edge] for x in (dupd, dq, dqk, dk, de))
-    c = e.shape[2]
     # the gathers' transposes: float32 scatter-adds, no sortedness hint (see layers.gather); XLA
     # fuses each concatenation into its scatter
     d_rt = jnp.zeros(rt.shape, f32).at[recv].add(jnp.concatenate([dq, dqk, dupd], axis=-1), mode="promise_in_bounds")
     d_st = jnp.zeros(st.shape, f32).at[send].add(jnp.concatenate([dk, dupd], axis=-1), mode="promise_in_bounds")
-    part = part.sum(axis=(0, 1))  # [8, C]
-    return (d_rt.astype(rt.dtype), d_st.astype(st.dtype), dupd.astype(ew3.dtype), de.astype(e.dtype), None, None,
-            jnp.zeros_like(mask), part[0:3].reshape(3 * c).astype(g1.dtype),
-            part[3:6].reshape(3 * c).astype(b1.dtype))
+    return _rows_cotangents(args, d_rt, d_st, dupd, de, part)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
