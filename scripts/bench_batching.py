@@ -6,7 +6,9 @@
 For each (global batch, device count): the median time to build one padded, device-stacked
 batch over an epoch of the training split, with the packed arrays `GraphBatcher` uses
 (`PackedGraphs.pad`, one gather per field) and with the per-crystal concatenation it replaced
-(`pad_graphs` over the share's GraphsTuples), on one core of this machine; and the padded
+(`pad_graphs` over the share's GraphsTuples), on one core of this machine; the time to bundle
+a batch into three arrays for the copy to the devices (`TransferPacking.pack`, `train.pack_batches`,
+on the same batching thread in training); and the padded
 shapes of the epoch's batches: how many steps would fall in full groups of `--group` consecutive
 equally padded batches (what K steps per jitted call, `make_train_step(steps_per_call=K)`,
 needs without reordering the epoch).
@@ -30,6 +32,7 @@ if str(REPO) not in sys.path:  # configs/ is a plain folder next to the package
     sys.path.insert(0, str(REPO))
 
 from dpf_jax.data.batching import pad_graphs  # noqa: E402
+from dpf_jax.data.transfer import TransferPacking  # noqa: E402
 from dpf_jax.train import loop  # noqa: E402
 
 
@@ -40,6 +43,19 @@ def epoch_ms_per_batch(batcher, repeats: int) -> float:
         t0 = time.perf_counter()
         n = sum(1 for _ in batcher.iterate(0, 0, shuffle=True, drop_remainder=True))
         times.append(1e3 * (time.perf_counter() - t0) / max(n, 1))
+    return statistics.median(times)
+
+
+def bundle_ms_per_batch(batcher, repeats: int) -> float:
+    """Median over `repeats` passes of the mean time to bundle one of the epoch's batches."""
+    batches = list(batcher.iterate(0, 0, shuffle=True, drop_remainder=True))
+    packing = TransferPacking(batches[0])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in batches:
+            packing.pack(b)
+        times.append(1e3 * (time.perf_counter() - t0) / len(batches))
     return statistics.median(times)
 
 
@@ -105,11 +121,13 @@ def main(argv=None) -> dict:
             row = {"batch_size": bs, "devices": d,
                    "packed_ms_per_batch": epoch_ms_per_batch(batcher, args.repeats),
                    "concatenating_ms_per_batch": epoch_ms_per_batch(ConcatenatingBatcher(batcher), args.repeats),
+                   "bundle_ms_per_batch": bundle_ms_per_batch(batcher, args.repeats),
                    **shape_runs(batcher, bs, args.group)}
             row["speedup"] = row["concatenating_ms_per_batch"] / row["packed_ms_per_batch"]
             rows.append(row)
             print(f"B={bs} on {d} device(s): packed {row['packed_ms_per_batch']:.2f} ms/batch, concatenating "
-                  f"{row['concatenating_ms_per_batch']:.2f} ({row['speedup']:.1f}x); {row['steps']} steps, "
+                  f"{row['concatenating_ms_per_batch']:.2f} ({row['speedup']:.1f}x), bundling "
+                  f"{row['bundle_ms_per_batch']:.2f}; {row['steps']} steps, "
                   f"{row[f'steps_in_full_groups_of_{args.group}']} in full groups of {args.group} "
                   f"equally padded batches", flush=True)
     report = {"config": args.config, "host": {"machine": platform.machine(), "processor": platform.processor(),

@@ -124,7 +124,7 @@ from dpf_jax.model.layers import resolve_edge_kernel  # noqa: E402
 from dpf_jax.train import loop  # noqa: E402
 from dpf_jax.train.optim import make_optimizer  # noqa: E402
 from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_batch, put_replicated  # noqa: E402
-from dpf_jax.train.step import create_state, make_train_step  # noqa: E402
+from dpf_jax.train.step import MetricsPacking, StatePacking, create_state, make_train_step  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
@@ -589,10 +589,21 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(host_state.params))
     if num_runs > 1:  # the same initial state for every run: timing only
         state = put_replicated(jax.tree_util.tree_map(lambda x: np.stack([x] * num_runs), host_state), mesh)
-        train_step = make_train_step(objective, model, tx, mesh, num_runs=num_runs)
     else:
         state = put_replicated(host_state, mesh)
-        train_step = make_train_step(objective, model, tx, mesh, steps_per_call=steps_per_call)
+    # as train/loop.py and multirun.py: the step takes the packed state (train.pack_state)
+    packing = StatePacking(state, run_axis=num_runs > 1) if config.train.get("pack_state", False) else None
+    if packing is not None:
+        state = packing.pack(state)
+    # and the batches bundled into three arrays (train.pack_batches): `bundle` packs a host batch
+    transfer = loop.make_transfer_packing(config, pool_host[0])
+    # and the metrics as one vector per step (train.pack_metrics): `unpack_metrics` on the host
+    metrics_packing = MetricsPacking() if config.train.get("pack_metrics", False) else None
+    train_step = make_train_step(objective, model, tx, mesh, num_runs=num_runs if num_runs > 1 else 0,
+                                 steps_per_call=steps_per_call, packing=packing, transfer=transfer,
+                                 metrics_packing=metrics_packing)
+    train_step.bundle = transfer.pack if transfer else (lambda b: b)
+    train_step.unpack_metrics = metrics_packing.unpack if metrics_packing else None
     heads = getattr(objective, "enabled", {})
     encoder = getattr(model, "encoder", None)
     formulation = getattr(encoder, "formulation", None)
@@ -631,7 +642,8 @@ def search_budgets(config, batcher, train_step, state, example, mesh, runs: int 
     if runs > 1:
         example = jax.tree_util.tree_map(lambda x: np.stack([x] * runs), example)
     t0 = time.perf_counter()
-    rows = loop.maybe_tune_budgets(config, batcher, train_step, state, lambda: example, mesh, run_axis=runs > 1)
+    rows = loop.maybe_tune_budgets(config, batcher, train_step, state, lambda: train_step.bundle(example), mesh,
+                                   run_axis=runs > 1)
     print(f"  budget search: {[r['budget'][1] for r in rows]} -> {[r['chosen_n_edge'] for r in rows]}"
           f" padded edges ({time.perf_counter() - t0:.1f} s)", flush=True)
     return rows
@@ -669,7 +681,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     pool_step = [jax.tree_util.tree_map(lambda *x: np.stack(x), *m) if stacked > 1 else m[0] for m in members]
     member_sizes = [[batch_sizes_of(b) for b in m] for m in members]
     sizes = [{k: sum(s[k] for s in ms) for k in ms[0]} for ms in member_sizes]  # all runs of a step
-    pool_dev = [put_batch(b, mesh, run_axis=stacked > 1) for b in pool_step]
+    pool_dev = [put_batch(train_step.bundle(b), mesh, run_axis=stacked > 1) for b in pool_step]
     jax.block_until_ready(pool_dev)
 
     state, compile_s, costs = compile_shapes(train_step, state, pool_dev, pool_step)
@@ -713,6 +725,9 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
         "steps_per_dispatch": per_call,  # steps per jitted call (lax.scan); step_ms is per step
         # settings that changed the step's cost after session 5's timings
         "optim_flatten": bool(config.optim.get("flatten", False)),
+        "pack_state": bool(config.train.get("pack_state", False)),
+        "pack_batches": bool(config.train.get("pack_batches", False)),
+        "pack_metrics": bool(config.train.get("pack_metrics", False)),
         "balance_shares": bool(config.train.get("balance_shares", True)),
         "remat": config.model.get("remat", "none"),
         "budget_search": budget_rows,
@@ -798,7 +813,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     n_crystals = sum(int(b.globals["mask"].sum()) for b in host)
     flops_real = sum(step_flops(coef, batch_sizes_of(b), padded=False) for b in host)
 
-    devs = [put_batch(b, mesh) for b in host]
+    devs = [put_batch(train_step.bundle(b), mesh) for b in host]
     jax.block_until_ready(devs)
     state, compile_s, _ = compile_shapes(train_step, state, devs, host)
     log_every = max(1, config.train.log_every_steps)
@@ -822,7 +837,8 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         gc_before = [g["collections"] for g in gc.get_stats()]
         t_start = time.perf_counter()
         t_first = None
-        batches = prefetch(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop),
+        batches = prefetch(map(train_step.bundle, train_b.iterate(config.seed, epoch, shuffle=True,
+                                                                  drop_remainder=drop)),
                            config.train.prefetch)
         device_batches = iter(prefetch_to_device(batches, mesh, config.train.prefetch))
         for i in itertools.count():
@@ -840,13 +856,14 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
             loop.wait_for_older_steps(pending, in_flight)  # as train/loop.py
             t3 = time.perf_counter()
             if len(pending) >= log_every:
-                loop._drain(pending, sums, keep=2)  # as train/loop.py: never wait on the newest steps
+                # as train/loop.py: never wait on the newest steps
+                loop._drain(pending, sums, keep=2, unpack=train_step.unpack_metrics)
             phases["dispatch"] += t2 - t1
             phases["wait"] += t3 - t2
             t4 = time.perf_counter()
             phases["drain"] += t4 - t3
             step_ms.append(1e3 * (t4 - t0))
-        loop._drain(pending, sums)
+        loop._drain(pending, sums, unpack=train_step.unpack_metrics)
         jax.block_until_ready(state)
         t_end = time.perf_counter()
         # spikes (a garbage collection, a recompile) versus a uniform slowdown of every step
@@ -895,6 +912,9 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         "data": "synthetic" if args.data == ["synthetic"] else "real", "model": model_label(name),
         "batch_size": batch_size, "precision": precision, "formulation": formulation, "num_devices": D,
         "gc_frozen": bool(args.epoch_gc_freeze), "switch_interval_s": args.epoch_switch_interval or switch_interval,
+        "pack_state": bool(config.train.get("pack_state", False)),
+        "pack_batches": bool(config.train.get("pack_batches", False)),
+        "pack_metrics": bool(config.train.get("pack_metrics", False)),
         "steps": len(host), "crystals": n_crystals, "repeats": repeats,
         "crystals_per_s_pipeline": n_crystals / statistics.median(pipe),
         "crystals_per_s_pipeline_from_first_batch": n_crystals / statistics.median(pipe_from_first),

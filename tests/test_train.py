@@ -602,3 +602,74 @@ def test_several_steps_per_call_equal_one_step_per_call():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="steps_per_call"):
         make_train_step(t.objective, t.model, t.tx, t.mesh, num_runs=2, steps_per_call=2)
+
+
+def test_packed_state_step_equals_tree_step():
+    """train.pack_state: packing is exact (every leaf back with its shape and dtype), and the
+    step on the packed state gives the tree step's losses and state (4 devices, real
+    pre-training batches), also with bundled batches and packed metrics (train.pack_batches,
+    train.pack_metrics); with a run axis each run's leaves stay in their own row."""
+    from dpf_jax.data.transfer import TransferPacking
+    from dpf_jax.train.step import MetricsPacking, StatePacking, make_train_step
+
+    config = tiny(pretrain_mask30.get_config(), records=96, batch=16)
+    config.data.path = str(DATA / "pretrain.jsonl.gz")
+    data = loop.load_data(config)
+    t = train_setup(config, data, 4)
+    hosts = list(t.batcher.iterate(seed=0, epoch=0, shuffle=True))[:3]
+    host_state = jax.device_get(t.state)
+    packing = StatePacking(t.state)
+    packed = packing.pack(put_replicated(host_state, t.mesh))
+    n_leaves = len(jax.tree_util.tree_leaves(host_state))
+    assert len(jax.tree_util.tree_leaves(packed)) == 3 < n_leaves  # float32, int32, uint32 (key)
+    floats = [v for v in packed.vectors if v.dtype == np.float32]
+    n_float = sum(x.size for x in jax.tree_util.tree_leaves(host_state) if x.dtype == np.float32)
+    assert len(floats) == 1 and floats[0].shape == (packing.size,) == (n_float,)
+    back = jax.device_get(packing.unpack(packed))
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(host_state)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(host_state)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+    tree_step = make_train_step(t.objective, t.model, t.tx, t.mesh)
+    packed_step = make_train_step(t.objective, t.model, t.tx, t.mesh, packing=packing)
+    transfer = TransferPacking(hosts[0])  # and the batches bundled (train.pack_batches)
+    metrics_packing = MetricsPacking()  # and the metrics as one vector (train.pack_metrics)
+    with pytest.raises(RuntimeError, match="before the step was traced"):
+        metrics_packing.unpack(np.zeros(9, np.float32))
+    bundled_step = make_train_step(t.objective, t.model, t.tx, t.mesh, packing=packing, transfer=transfer,
+                                   metrics_packing=metrics_packing)
+    state, bundled = put_replicated(host_state, t.mesh), packing.pack(put_replicated(host_state, t.mesh))
+    for b in hosts:
+        dev = put_batch(b, t.mesh)
+        state, m_tree = tree_step(state, dev)
+        packed, m_packed = packed_step(packed, dev)
+        bundled, m_bundled = bundled_step(bundled, put_batch(transfer.pack(b), t.mesh))
+        np.testing.assert_allclose(float(m_packed["loss"]), float(m_tree["loss"]), rtol=1e-6)
+        assert m_bundled.ndim == 1 and m_bundled.dtype == np.float32  # one vector per step
+        m_bundled = metrics_packing.unpack(jax.device_get(m_bundled))
+        m_tree = jax.device_get(m_tree)
+        assert jax.tree_util.tree_structure(m_bundled) == jax.tree_util.tree_structure(m_tree)
+        assert m_bundled["finite"].dtype == np.bool_ and bool(m_bundled["finite"])
+        for a, b in zip(jax.tree_util.tree_leaves(m_bundled), jax.tree_util.tree_leaves(m_tree)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(bundled)),
+                    jax.tree_util.tree_leaves(jax.device_get(packed))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    after = jax.device_get(packing.unpack(packed))
+    assert int(after.step) == 3 and not np.array_equal(after.params["encoder"]["atom_embedding"]["kernel"],
+                                                       host_state.params["encoder"]["atom_embedding"]["kernel"])
+    for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(jax.device_get(state))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    runs = jax.tree_util.tree_map(lambda x: np.stack([x, x + 1]), host_state)
+    run_packing = StatePacking(runs, run_axis=True)
+    rows = run_packing.pack(runs)
+    for v in rows.vectors:  # run 1's row is run 0's + 1
+        assert v.shape[0] == 2
+        np.testing.assert_array_equal(np.asarray(v[1]), np.asarray(v[0]) + 1)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(run_packing.unpack(rows))),
+                    jax.tree_util.tree_leaves(runs)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)

@@ -57,16 +57,21 @@ def edge_candidates(n_edge: int, count: int, granule: int) -> list[int]:
 def shaped_like(batch, n_node: int, n_edge: int):
     """Abstract arrays (`jax.ShapeDtypeStruct`, same dtypes and shardings) of `batch`, a padded
     device batch (`dpf_jax.data.batching` layout; leading run and/or device axes allowed),
-    with its node axis resized to `n_node` and its edge axis to `n_edge`."""
-    lead = np.ndim(batch.n_node) - 1  # the axes before the per-share ones: [runs,] devices
+    with its node axis resized to `n_node` and its edge axis to `n_edge`. Also a batch bundled
+    for transfer (`dpf_jax.data.transfer`: only nodes, edges and globals, one array each)."""
+    # the axes before the per-share ones: [runs,] devices
+    lead = np.ndim(batch.n_node) - 1 if batch.n_node is not None else np.ndim(batch.globals["packed"]) - 2
 
     def resize(size):
         def one(x):
+            if x is None:
+                return None
             shape = tuple(x.shape[:lead]) + (size,) + tuple(x.shape[lead + 1:])
             return jax.ShapeDtypeStruct(shape, x.dtype, sharding=getattr(x, "sharding", None))
         return one
 
-    same = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    same = lambda x: None if x is None else jax.ShapeDtypeStruct(  # noqa: E731
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None))
     tm = jax.tree_util.tree_map
     return batch._replace(nodes=tm(resize(n_node), batch.nodes), edges=tm(resize(n_edge), batch.edges),
                           senders=resize(n_edge)(batch.senders), receivers=resize(n_edge)(batch.receivers),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from dpf_jax.data.batching import GraphBatcher, graph_to_jraph, prefetch
 from dpf_jax.data.dataset import GraphParams, default_workers
 from dpf_jax.data.pipeline import (PreparedData, SplitData, prepare_labeled, prepare_unlabeled,
                                    task_units_and_transform)
+from dpf_jax.data.transfer import TransferPacking
 from dpf_jax.tasks.losses import lattice_param_stats
 from dpf_jax.tasks.official import OfficialBatcher, drop_single_atom_structures
 from dpf_jax.tasks.rebuild import RebuildingBatcher, shutdown_workers
@@ -41,7 +43,8 @@ from dpf_jax.train.objectives import DenoisingObjective, OfficialDenoisingObject
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import (make_mesh, maybe_initialize_distributed, prefetch_to_device,
                                     put_batch, put_replicated)
-from dpf_jax.train.step import TrainState, create_state, make_eval_step, make_train_step, split_seed
+from dpf_jax.train.step import (MetricsPacking, StatePacking, TrainState, create_state, make_eval_step,
+                                make_train_step, split_seed)
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +195,19 @@ def maybe_tune_budgets(config, batcher, train_step, state, host_batch_fn, mesh, 
     log.info("budget search: %d candidate shapes in %.1f s", sum(len(r["bytes_accessed"]) for r in rows),
              time.time() - t0)
     return rows
+
+
+def make_transfer_packing(config, example_batch) -> TransferPacking | None:
+    """With `train.pack_batches`: the layout that bundles this run's batches into three arrays
+    for the copy and the call (`dpf_jax.data.transfer`); None otherwise, or, with a warning,
+    when a field cannot travel packed (the batches then go as they are)."""
+    if not config.train.get("pack_batches", False):
+        return None
+    try:
+        return TransferPacking(example_batch)
+    except TypeError as e:
+        log.warning("train.pack_batches: batches go unpacked (%s)", e)
+        return None
 
 
 def restore_encoder(state: TrainState, path: str) -> TrainState:
@@ -419,13 +435,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = restore_encoder(state, init_path)
     state = put_replicated(state, mesh)
 
-    train_step = make_train_step(objective, model, tx, mesh)
-    budget_rows = maybe_tune_budgets(config, train_b, train_step, state, lambda: first_batch, mesh)
+    # the step takes and returns `carried`: the state packed into a few arrays (train.pack_state),
+    # which costs the host less per call; `train_state()` is the TrainState for everything else
+    packing = StatePacking(state) if config.train.get("pack_state", False) else None
+    # and the batches bundled into three arrays for the copy and the call (train.pack_batches)
+    transfer = make_transfer_packing(config, first_batch)
+    bundle = transfer.pack if transfer else (lambda b: b)
+    # and each step's metrics as one vector, fetched in one copy (train.pack_metrics)
+    metrics_packing = MetricsPacking() if config.train.get("pack_metrics", False) else None
+    drain = functools.partial(_drain, unpack=metrics_packing.unpack if metrics_packing else None)
+    train_step = make_train_step(objective, model, tx, mesh, packing=packing, transfer=transfer,
+                                 metrics_packing=metrics_packing)
+    carried = packing.pack(state) if packing else state
+    del state  # packed: its arrays are copies, not needed any more
+
+    def train_state() -> TrainState:
+        return packing.unpack(carried) if packing else carried
+
+    budget_rows = maybe_tune_budgets(config, train_b, train_step, carried, lambda: bundle(first_batch), mesh)
     eval_step = make_eval_step(objective, model, mesh)
     eval_key = put_replicated(eval_key, mesh)
     metric_name = "mae" if config.mode == "finetune" else "loss"
 
-    step = int(jax.device_get(state.step))
+    step = int(jax.device_get(train_state().step))
     start_epoch, start_batch = divmod(step, steps_per_epoch)
     writer = MetricsWriter(workdir, start_epoch)
     log_every = max(1, config.train.log_every_steps)
@@ -434,13 +466,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     max_steps = config.train.get("max_steps", 0)
     clock = ckpt_lib.SaveClock(config.train.get("checkpoint_every_secs", 0), config.train.epochs)
 
-    def meta(epoch):
+    def meta(epoch, state):
         return ckpt_lib.run_meta(jax.device_get(state.step), epoch, best_metric, best_epoch, steps_per_epoch,
                                  config)
 
     def save(epoch):
         with stop.deferred():  # a signal during a save does not cut it short
-            checkpointer.save_latest(state, meta(epoch))
+            state = train_state()
+            checkpointer.save_latest(state, meta(epoch, state))
         clock.saved()
 
     stop = StopOnSignal()
@@ -449,8 +482,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for epoch in range(start_epoch, config.train.epochs):
             t0 = time.time()
             first = start_batch if epoch == start_epoch else 0
-            batches = prefetch(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop,
-                                               start_batch=first), config.train.prefetch)
+            batches = prefetch(map(bundle, train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop,
+                                                           start_batch=first)), config.train.prefetch)
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.train.epochs}",
                        unit="step", leave=False, disable=not config.train.progress_bar)
             pending, sums, n_crystals = [], {}, 0
@@ -459,7 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if max_steps and step >= max_steps:
                     stopped = True
                     break
-                state, m = train_step(state, host_batch_dev)
+                carried, m = train_step(carried, host_batch_dev)
                 pending.append((int(step), m))
                 wait_for_older_steps(pending, in_flight)
                 step += 1
@@ -469,24 +502,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     stop.check()
                 if len(pending) >= log_every + 2:
                     # fetch all but the two newest steps: no wait on work still in flight
-                    _drain(pending, sums, keep=2)
+                    drain(pending, sums, keep=2)
                     bar.set_postfix(loss=f"{train_means(sums)['train_loss']:.4g}",
                                     cryst_s=f"{n_crystals / (time.time() - t0):.0f}")
                 if ckpt_every and step % ckpt_every == 0:
-                    _drain(pending, sums)  # never checkpoint past an unchecked step
+                    drain(pending, sums)  # never checkpoint past an unchecked step
                     save(epoch)
             if stopped:
                 # stopped mid-epoch on purpose: save and leave, as an interruption would
-                _drain(pending, sums)
+                drain(pending, sums)
                 bar.close()
                 save(epoch)
                 checkpointer.close()
                 log.warning("stopped at train.max_steps=%d (step %d); run again with a larger (or no) "
                             "train.max_steps to continue", max_steps, step)
                 return {"stopped_at_step": step}
-            _drain(pending, sums)
+            drain(pending, sums)
             bar.close()
             elapsed = time.time() - t0
+            state = train_state()
             row = {"epoch": epoch, "step": step, "time_s": elapsed,
                    "crystals_per_s": n_crystals / max(elapsed, 1e-9),
                    "lr": float(_current_lr(state))}
@@ -502,7 +536,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 row["val_" + metric_name] = current
                 if current < best_metric:
                     best_metric, best_epoch = current, epoch
-                    checkpointer.stage_best(state, meta(epoch))
+                    checkpointer.stage_best(state, meta(epoch, state))
             writer.write(row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                                                           f"{k}={v}" for k, v in row.items()))
@@ -511,12 +545,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             stop.check()  # after the epoch's validation, best model and metrics row
     except (KeyboardInterrupt, Interrupted) as e:
         try:
-            at = int(jax.device_get(state.step))
+            at = int(jax.device_get(train_state().step))
         except RuntimeError:  # stopped inside a step: its donated input state is gone
             log.warning("interrupted (%s) inside a step: resume from the previous checkpoint", e)
             checkpointer.close()
             raise
-        _drain(pending, sums)
+        drain(pending, sums)
         log.warning("interrupted (%s): saving the latest checkpoint at step %d", e, at)
         save(at // steps_per_epoch)
         checkpointer.close()
@@ -525,6 +559,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stop.restore()
     checkpointer.wait()
 
+    state = train_state()
     results = final_results(config, objective, state, checkpointer, eval_step, mesh, eval_key,
                             {"train": train_b, "val": val_b, "test": test_b}, data, metric_name)
     shutdown_workers()  # graph-rebuild processes, if this run started any
@@ -639,17 +674,21 @@ def wait_for_older_steps(pending: list, in_flight: int) -> None:
     wait for all of them (minutes on a CPU) before the checkpoint. Two in flight keep a GPU
     fed. No data is copied to the host."""
     if in_flight > 0 and len(pending) > in_flight:
-        jax.block_until_ready(pending[-in_flight - 1][1]["loss"])
+        jax.block_until_ready(pending[-in_flight - 1][1])  # the metrics of that step
 
 
-def _drain(pending: list, sums: dict, keep: int = 0, run_names: list[str] | None = None) -> None:
+def _drain(pending: list, sums: dict, keep: int = 0, run_names: list[str] | None = None,
+           unpack=None) -> None:
     """Fetches buffered step metrics but the `keep` newest (one host sync) into `sums`
     (name -> [runs, (sum, count)]; one run, or several trained together, named by
-    `run_names`) and stops at the first non-finite step."""
+    `run_names`) and stops at the first non-finite step. `unpack`: the metrics came packed
+    (`MetricsPacking.unpack` makes each fetched vector the dict again)."""
     ready = pending[:len(pending) - keep]
     if not ready:
         return
     fetched = jax.device_get([m for _, m in ready])
+    if unpack is not None:
+        fetched = [unpack(m) for m in fetched]
     for (s, _), m in zip(ready, fetched):
         loss = np.atleast_1d(np.asarray(m["loss"], np.float64))
         finite = np.atleast_1d(m["finite"])

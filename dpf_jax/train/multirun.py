@@ -42,7 +42,7 @@ from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train import loop
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_replicated
-from dpf_jax.train.step import create_state, make_eval_step, make_train_step
+from dpf_jax.train.step import MetricsPacking, StatePacking, create_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,22 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     del states
     log.info("%d runs of %s trained together: %s", n_runs, type(model).__name__, run_names)
 
-    train_step = make_train_step(objective, model, tx, mesh, num_runs=n_runs)
-    budget_rows = loop.maybe_tune_budgets(config, train_b, train_step, state, lambda: next(batches.iterate(0)),
-                                          mesh, run_axis=True)
+    # as train/loop.py: the step carries the runs' states packed (train.pack_state)
+    packing = StatePacking(state, run_axis=True) if config.train.get("pack_state", False) else None
+    transfer = loop.make_transfer_packing(config, next(batches.iterate(0)))
+    bundle = transfer.pack if transfer else (lambda b: b)
+    metrics_packing = MetricsPacking() if config.train.get("pack_metrics", False) else None
+    unpack = metrics_packing.unpack if metrics_packing else None
+    train_step = make_train_step(objective, model, tx, mesh, num_runs=n_runs, packing=packing, transfer=transfer,
+                                 metrics_packing=metrics_packing)
+    carried = packing.pack(state) if packing else state
+    del state
+
+    def train_state():
+        return packing.unpack(carried) if packing else carried
+
+    budget_rows = loop.maybe_tune_budgets(config, train_b, train_step, carried,
+                                          lambda: bundle(next(batches.iterate(0))), mesh, run_axis=True)
     eval_step = make_eval_step(objective, model, mesh, num_runs=n_runs)
     eval_key = put_replicated(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**30), mesh)
 
@@ -175,7 +188,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
         return ckpt_lib.run_meta(step, epoch, best[r][0], best[r][1], steps_per_epoch, configs[r])
 
     def save(epoch):  # one host copy of all runs
-        host = jax.device_get(state)
+        host = jax.device_get(train_state())
         with stop.deferred():  # a signal during the saves does not leave the runs at different steps
             for r, ck in enumerate(checkpointers):
                 ck.save_latest(_run_slice(host, r), meta(r, epoch))
@@ -192,9 +205,9 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                        desc=f"{n_runs} runs, epoch {epoch + 1}/{config.train.epochs}",
                        disable=not config.train.progress_bar)
             pending = []
-            for dev_batch in prefetch_to_device(prefetch(batches.iterate(epoch, first), config.train.prefetch),
-                                                mesh, config.train.prefetch, run_axis=True):
-                state, m = train_step(state, dev_batch)
+            host_batches = prefetch(map(bundle, batches.iterate(epoch, first)), config.train.prefetch)
+            for dev_batch in prefetch_to_device(host_batches, mesh, config.train.prefetch, run_axis=True):
+                carried, m = train_step(carried, dev_batch)
                 pending.append((step, m))
                 loop.wait_for_older_steps(pending, in_flight)
                 step += 1
@@ -203,8 +216,9 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                     stop.check()
             bar.close()
             sums = {}
-            loop._drain(pending, sums, run_names=run_names)
+            loop._drain(pending, sums, run_names=run_names, unpack=unpack)
             elapsed = time.time() - t0
+            state = train_state()
             lr = loop._current_lr(state)
             val_metrics = None
             if val_b is not None and ((epoch + 1) % config.train.eval_every_epochs == 0
@@ -231,13 +245,13 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
             stop.check()  # after the epoch's validation, best models and metrics rows
     except (KeyboardInterrupt, loop.Interrupted):
         try:
-            jax.device_get(state.step)
+            jax.device_get(train_state().step)
         except RuntimeError:  # stopped inside a step: its donated input state is gone
             log.warning("interrupted inside a step: resume from the previous checkpoints")
             for ck in checkpointers:
                 ck.close()
             raise
-        loop._drain(pending, {}, run_names=run_names)
+        loop._drain(pending, {}, run_names=run_names, unpack=unpack)
         log.warning("interrupted: saving the latest checkpoints at step %d", step)
         save(step // steps_per_epoch)
         for ck in checkpointers:
@@ -246,7 +260,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     finally:
         stop.restore()
 
-    host = jax.device_get(state)
+    host = jax.device_get(train_state())
     single_eval = make_eval_step(objective, model, mesh)
     results = []
     for r, (c, ck) in enumerate(zip(configs, checkpointers)):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -86,7 +88,89 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(flat)))
 
 
-def make_train_step(objective, model, tx, mesh, num_runs: int = 0, steps_per_call: int = 1):
+@flax.struct.dataclass
+class PackedState:
+    """A `TrainState` as the jitted train step takes it: its leaves concatenated into one
+    vector per dtype (`vectors`: float32 parameters, BatchNorm statistics, optimiser moments
+    and hyper-parameters, data statistics; int32 step and counters; the uint32 key)."""
+
+    vectors: tuple
+
+
+class StatePacking:
+    """Packs a `TrainState` into a `PackedState` and back; exact (slices and reshapes).
+
+    Why: the host's cost of one jitted call grows with the number of arrays going in and out,
+    times the devices they live on. The pre-training state has 141 leaves; on four H200s
+    queuing its step cost the host 4.34 ms as a tree and 2.20 ms packed, against a 4.1 ms B=256
+    step, and a whole pipeline epoch went from 39% to 71% of the pure step (session 18,
+    `scripts/results/h200x4_session18/ep4_tree.json`, `ep4_pack.json`). The layout (which leaves, their shapes and dtypes) is taken
+    from `example` (arrays or `jax.ShapeDtypeStruct`s); `run_axis`: every leaf has a leading
+    axis of runs (`dpf_jax.train.multirun`), kept as each vector's leading axis."""
+
+    def __init__(self, example: TrainState, run_axis: bool = False):
+        leaves, self.treedef = jax.tree_util.tree_flatten(example)
+        self.lead = 1 if run_axis else 0
+        self.shapes = [tuple(x.shape) for x in leaves]
+        dtypes = [jnp.dtype(x.dtype) for x in leaves]
+        self.dtypes = list(dict.fromkeys(dtypes))  # one vector per dtype, in order of appearance
+        self.slot = [self.dtypes.index(d) for d in dtypes]
+        sizes = [math.prod(s[self.lead:]) for s in self.shapes]
+        self.size = sum(n for n, d in zip(sizes, dtypes) if d == jnp.float32)
+        self.pack = jax.jit(self._pack)
+        self.unpack = jax.jit(self._unpack)
+
+    def _pack(self, state: TrainState) -> PackedState:
+        parts = [[] for _ in self.dtypes]
+        for x, slot in zip(self.treedef.flatten_up_to(state), self.slot):
+            parts[slot].append(x.reshape(x.shape[:self.lead] + (-1,)))
+        return PackedState(vectors=tuple(jnp.concatenate(p, axis=-1) for p in parts))
+
+    def _unpack(self, packed: PackedState) -> TrainState:
+        out, offsets = [], [0] * len(self.dtypes)
+        for shape, slot in zip(self.shapes, self.slot):
+            n, o = math.prod(shape[self.lead:]), offsets[slot]
+            out.append(packed.vectors[slot][..., o:o + n].reshape(shape))
+            offsets[slot] = o + n
+        return self.treedef.unflatten(out)
+
+
+class MetricsPacking:
+    """A step's metrics (scalars per step, or per run) as one float32 vector, so the host
+    fetches a step's metrics in one copy instead of one per metric (~9): on four H200s the
+    fetches took the training loop's thread 0.7 ms per step (session 18, `ep4_both.json`'s
+    `drain`; the packed metrics are not timed on a GPU yet). Exact: float32 values as they
+    are, bools as 0/1 (int metrics would have to fit float32; the step has none).
+
+    The layout is recorded when the step is traced (`pack`, inside jit): the metrics'
+    structure is fixed by the objective, so every trace records the same one."""
+
+    def __init__(self):
+        self.treedef, self.shapes, self.dtypes = None, None, None
+
+    def pack(self, metrics, lead: int = 0) -> jax.Array:
+        leaves, self.treedef = jax.tree_util.tree_flatten(metrics)
+        self.shapes = [tuple(x.shape[lead:]) for x in leaves]
+        self.dtypes = [jnp.dtype(x.dtype) for x in leaves]
+        return jnp.concatenate([x.reshape(x.shape[:lead] + (-1,)).astype(jnp.float32) for x in leaves], axis=-1)
+
+    def unpack(self, vector) -> dict:
+        """Host side: the metrics dict of a fetched vector (any leading axes: runs, steps)."""
+        if self.treedef is None:
+            raise RuntimeError("MetricsPacking.unpack before the step was traced")
+        vector = np.asarray(vector)
+        out, offset = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes):
+            n = math.prod(shape)
+            x = vector[..., offset:offset + n].reshape(vector.shape[:-1] + shape)
+            out.append(x != 0 if dtype == jnp.bool_ else x.astype(dtype))
+            offset += n
+        return self.treedef.unflatten(out)
+
+
+def make_train_step(objective, model, tx, mesh, num_runs: int = 0, steps_per_call: int = 1,
+                    packing: StatePacking | None = None, transfer=None,
+                    metrics_packing: MetricsPacking | None = None):
     """jit(state, batch) → (state, metrics). A non-finite loss or gradient leaves the state
     unchanged and reports `finite=False`, so no NaN ever reaches parameters or checkpoints.
 
@@ -95,20 +179,50 @@ def make_train_step(objective, model, tx, mesh, num_runs: int = 0, steps_per_cal
 
     With `steps_per_call` = K > 1, `batch` carries a leading axis of K equally padded batches
     and one call runs K consecutive steps (`lax.scan`), returning metrics with that leading
-    axis: the same state as K calls, while the host pays its per-call cost (~2.7 ms on one
-    GPU, ~4.6 ms on four for the pre-training step, session 17) once per K steps.
+    axis: the same state as K calls, while the host pays its per-call cost once per K steps.
+    Measured (session 18, 4 x H200, pre-training B=256): no gain (4.05 against 4.08 ms per step
+    on four GPUs, 8.73 against 8.62 on one), so the training loop makes one step per call;
+    `scripts/bench_train.py --steps-per-dispatch K` times it.
+
+    With `packing` (a `StatePacking` of this state), the jitted step takes and returns the
+    `PackedState` instead of the `TrainState`: the same numbers, far fewer arrays per call.
+    With `transfer` (a `dpf_jax.data.transfer.TransferPacking`), it takes batches bundled by
+    its `pack` and unpacks them first. With `metrics_packing`, the metrics come back as one
+    float32 vector per step (`MetricsPacking.unpack` on the host gives the dict).
     """
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
     if steps_per_call > 1 and num_runs:
         raise ValueError("steps_per_call > 1 with several runs trained together is not supported")
     step = train_step_fn(objective, model, tx, mesh)
+    if num_runs:
+        step = jax.vmap(step)
+    if packing is not None:
+        tree_step = step
+
+        def step(packed, batch):
+            state, metrics = tree_step(packing._unpack(packed), batch)
+            return packing._pack(state), metrics
+
+    if metrics_packing is not None:
+        dict_step = step
+
+        def step(state, batch):
+            state, metrics = dict_step(state, batch)
+            return state, metrics_packing.pack(metrics, lead=1 if num_runs else 0)
+
+    if transfer is not None:
+        bundled_step = step
+
+        def step(state, batch):
+            return bundled_step(state, transfer.unpack(batch))
+
     if steps_per_call > 1:
         def steps(state, batches):
             return jax.lax.scan(step, state, batches)
 
         return jax.jit(steps, donate_argnums=(0,))
-    return jax.jit(jax.vmap(step) if num_runs else step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,))
 
 
 def train_step_fn(objective, model, tx, mesh):
