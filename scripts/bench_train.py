@@ -596,7 +596,7 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
     if packing is not None:
         state = packing.pack(state)
     # and the batches bundled into three arrays (train.pack_batches): `bundle` packs a host batch
-    transfer = loop.make_transfer_packing(config, pool_host[0])
+    transfer = loop.make_transfer_packing(config, lambda: pool_host[0])
     # and the metrics as one vector per step (train.pack_metrics): `unpack_metrics` on the host
     metrics_packing = MetricsPacking() if config.train.get("pack_metrics", False) else None
     train_step = make_train_step(objective, model, tx, mesh, num_runs=num_runs if num_runs > 1 else 0,

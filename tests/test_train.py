@@ -80,8 +80,12 @@ def _final_params(workdir):
     return state["params"], meta
 
 
-def test_resume_after_interruption_is_exact(tmp_path):
+@pytest.mark.parametrize("packed", [True, False])
+def test_resume_after_interruption_is_exact(tmp_path, packed):
+    """Stopped mid-epoch and resumed = trained straight, with the step's state, batches and
+    metrics packed (the defaults) or not."""
     config = tiny(finetune_jarvis.get_config(), records=80, epochs=2, batch=16)
+    config.train.pack_state = config.train.pack_batches = config.train.pack_metrics = packed
     straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
     assert straight["steps"] == 8  # 64 training crystals / 16, 2 epochs (drop_last)
     config.train.max_steps = 5  # "killed" mid-epoch 2
@@ -482,6 +486,23 @@ def test_finetune_config_without_a_pretrain_section():
     config = finetune_jarvis.get_config()
     del config["pretrain"]
     assert loop._graph_params(config).merge_edges == "atoms"
+
+
+def test_a_donated_state_is_recognised():
+    """What the interrupt handler asks before touching the state: whether a step cut short
+    took its donated input with it."""
+    import jax.numpy as jnp
+
+    from dpf_jax.train.step import StatePacking
+
+    x = {"a": jnp.ones(3), "b": jnp.zeros((), jnp.int32)}
+    assert not loop.donated(x)
+    jax.jit(lambda t: {"a": t["a"] + 1, "b": t["b"]}, donate_argnums=0)(x)
+    assert loop.donated(x)
+    packed = StatePacking(x).pack({"a": jnp.ones(3), "b": jnp.zeros((), jnp.int32)})
+    assert not loop.donated(packed)
+    packed.vectors[0].delete()
+    assert loop.donated(packed)
 
 
 def test_host_waits_for_the_step_two_back():

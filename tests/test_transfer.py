@@ -56,9 +56,9 @@ def test_bundle_keeps_leading_axes_and_follows_budget_resizing():
     """Stacked batches (runs or steps: a leading axis before the devices) pack and unpack
     with the same layout; `shaped_like` resizes a bundle's node and edge axes."""
     batches = _batches(pretrain_mask30, "pretrain.jsonl.gz", n=2)
-    same_shape = [b for b in batches if b.nodes["mask"].shape == batches[0].nodes["mask"].shape
-                  and b.senders.shape == batches[0].senders.shape]
-    stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *([same_shape[0]] * 2))
+    # two different batches of one shape: the first, and the first with every field changed
+    other = jax.tree_util.tree_map(lambda x: ~x if x.dtype == np.bool_ else x[..., ::-1] + 1, batches[0])
+    stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), batches[0], other)
     packing = TransferPacking(batches[0])
     bundle = packing.pack(stacked)
     assert bundle.globals["packed"].shape[:3] == stacked.n_node.shape
@@ -73,7 +73,7 @@ def test_bundle_keeps_leading_axes_and_follows_budget_resizing():
     assert out.senders.shape == (4, 4000) and out.nodes["positions"].shape == (4, 300, 3)
 
 
-def test_bundle_refuses_what_it_cannot_carry():
+def test_bundle_refuses_what_it_cannot_carry(caplog):
     batch = _batches(finetune_jarvis, "jarvis_dft3d.jsonl.gz", n=1)[0]
     with pytest.raises(TypeError, match="globals.target.*float64"):
         TransferPacking(batch._replace(globals={**batch.globals, "target": batch.globals["target"].astype(np.float64)}))
@@ -82,3 +82,12 @@ def test_bundle_refuses_what_it_cannot_carry():
         packing.pack(batch._replace(edges={k: v for k, v in batch.edges.items() if k != "count"}))
     with pytest.raises(ValueError, match="nodes.positions"):
         packing.pack(batch._replace(nodes={**batch.nodes, "positions": batch.nodes["positions"][..., :2]}))
+    # the training loop then sends the batches as they are, and says so
+    config = finetune_jarvis.get_config()
+    bad = batch._replace(globals={**batch.globals, "target": batch.globals["target"].astype(np.float64)})
+    with caplog.at_level("WARNING"):
+        assert loop.make_transfer_packing(config, lambda: bad) is None
+    assert "batches go unpacked" in caplog.text
+    assert isinstance(loop.make_transfer_packing(config, lambda: batch), TransferPacking)
+    config.train.pack_batches = False
+    assert loop.make_transfer_packing(config, lambda: batch) is None

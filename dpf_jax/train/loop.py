@@ -197,14 +197,15 @@ def maybe_tune_budgets(config, batcher, train_step, state, host_batch_fn, mesh, 
     return rows
 
 
-def make_transfer_packing(config, example_batch) -> TransferPacking | None:
+def make_transfer_packing(config, example_batch_fn) -> TransferPacking | None:
     """With `train.pack_batches`: the layout that bundles this run's batches into three arrays
-    for the copy and the call (`dpf_jax.data.transfer`); None otherwise, or, with a warning,
-    when a field cannot travel packed (the batches then go as they are)."""
+    for the copy and the call (`dpf_jax.data.transfer`), taken from `example_batch_fn()`; None
+    otherwise, or, with a warning, when a field cannot travel packed (the batches then go as
+    they are)."""
     if not config.train.get("pack_batches", False):
         return None
     try:
-        return TransferPacking(example_batch)
+        return TransferPacking(example_batch_fn())
     except TypeError as e:
         log.warning("train.pack_batches: batches go unpacked (%s)", e)
         return None
@@ -439,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # which costs the host less per call; `train_state()` is the TrainState for everything else
     packing = StatePacking(state) if config.train.get("pack_state", False) else None
     # and the batches bundled into three arrays for the copy and the call (train.pack_batches)
-    transfer = make_transfer_packing(config, first_batch)
+    transfer = make_transfer_packing(config, lambda: first_batch)
     bundle = transfer.pack if transfer else (lambda b: b)
     # and each step's metrics as one vector, fetched in one copy (train.pack_metrics)
     metrics_packing = MetricsPacking() if config.train.get("pack_metrics", False) else None
@@ -540,16 +541,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write(row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                                                           f"{k}={v}" for k, v in row.items()))
+            del state  # the unpacked copy: not kept on the devices through the next epoch
             if clock.due(epoch):
                 save(epoch + 1)
             stop.check()  # after the epoch's validation, best model and metrics row
     except (KeyboardInterrupt, Interrupted) as e:
-        try:
-            at = int(jax.device_get(train_state().step))
-        except RuntimeError:  # stopped inside a step: its donated input state is gone
+        if donated(carried):  # stopped inside a step: its donated input state is gone
             log.warning("interrupted (%s) inside a step: resume from the previous checkpoint", e)
             checkpointer.close()
             raise
+        at = int(jax.device_get(train_state().step))
         drain(pending, sums)
         log.warning("interrupted (%s): saving the latest checkpoint at step %d", e, at)
         save(at // steps_per_epoch)
@@ -665,6 +666,13 @@ def adopt_saved_optimizer_layout(meta: dict, config) -> bool:
           flush=True)
     config.optim.flatten = saved
     return True
+
+
+def donated(tree) -> bool:
+    """Whether some array of `tree` is gone: the input of a step that was cut short (the
+    step donates its input state). Asked before touching the state, because what touching a
+    deleted array raises differs between calls and JAX versions (RuntimeError, ValueError)."""
+    return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(tree))
 
 
 def wait_for_older_steps(pending: list, in_flight: int) -> None:

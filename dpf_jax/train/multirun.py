@@ -162,7 +162,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
 
     # as train/loop.py: the step carries the runs' states packed (train.pack_state)
     packing = StatePacking(state, run_axis=True) if config.train.get("pack_state", False) else None
-    transfer = loop.make_transfer_packing(config, next(batches.iterate(0)))
+    transfer = loop.make_transfer_packing(config, lambda: next(batches.iterate(0)))
     bundle = transfer.pack if transfer else (lambda b: b)
     metrics_packing = MetricsPacking() if config.train.get("pack_metrics", False) else None
     unpack = metrics_packing.unpack if metrics_packing else None
@@ -237,6 +237,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                         host = jax.device_get(state) if host is None else host
                         checkpointers[r].stage_best(_run_slice(host, r), meta(r, epoch))
                 writers[r].write(row)
+            del state, host  # the unpacked copies: not kept through the next epoch
             log.info("epoch %d: train loss %s, val MAE %s", epoch + 1,
                      [round(loop.train_means(sums, r)["train_loss"], 4) for r in range(n_runs)],
                      None if val_metrics is None else [round(v["mae"], 4) for v in val_metrics])
@@ -244,9 +245,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                 save(epoch + 1)
             stop.check()  # after the epoch's validation, best models and metrics rows
     except (KeyboardInterrupt, loop.Interrupted):
-        try:
-            jax.device_get(train_state().step)
-        except RuntimeError:  # stopped inside a step: its donated input state is gone
+        if loop.donated(carried):  # stopped inside a step: its donated input state is gone
             log.warning("interrupted inside a step: resume from the previous checkpoints")
             for ck in checkpointers:
                 ck.close()
