@@ -124,7 +124,7 @@ from dpf_jax.model.layers import resolve_edge_kernel  # noqa: E402
 from dpf_jax.train import loop  # noqa: E402
 from dpf_jax.train.optim import make_optimizer  # noqa: E402
 from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_batch, put_replicated  # noqa: E402
-from dpf_jax.train.step import MetricsPacking, StatePacking, create_state, make_train_step  # noqa: E402
+from dpf_jax.train.step import create_state  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
@@ -591,19 +591,12 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
         state = put_replicated(jax.tree_util.tree_map(lambda x: np.stack([x] * num_runs), host_state), mesh)
     else:
         state = put_replicated(host_state, mesh)
-    # as train/loop.py and multirun.py: the step takes the packed state (train.pack_state)
-    packing = StatePacking(state, run_axis=num_runs > 1) if config.train.get("pack_state", False) else None
-    if packing is not None:
-        state = packing.pack(state)
-    # and the batches bundled into three arrays (train.pack_batches): `bundle` packs a host batch
-    transfer = loop.make_transfer_packing(config, lambda: pool_host[0])
-    # and the metrics as one vector per step (train.pack_metrics): `unpack_metrics` on the host
-    metrics_packing = MetricsPacking() if config.train.get("pack_metrics", False) else None
-    train_step = make_train_step(objective, model, tx, mesh, num_runs=num_runs if num_runs > 1 else 0,
-                                 steps_per_call=steps_per_call, packing=packing, transfer=transfer,
-                                 metrics_packing=metrics_packing)
-    train_step.bundle = transfer.pack if transfer else (lambda b: b)
-    train_step.unpack_metrics = metrics_packing.unpack if metrics_packing else None
+    # as train/loop.py and multirun.py: the step takes the packed state, bundled batches
+    # (`train_step.bundle` packs a host batch) and returns packed metrics (`unpack_metrics`)
+    run = loop.build_run_step(config, objective, model, tx, mesh, state, lambda: pool_host[0],
+                              num_runs=num_runs if num_runs > 1 else 0, steps_per_call=steps_per_call)
+    state, train_step = run.pack(state), run.step
+    train_step.bundle, train_step.unpack_metrics = run.bundle, run.unpack_metrics
     heads = getattr(objective, "enabled", {})
     encoder = getattr(model, "encoder", None)
     formulation = getattr(encoder, "formulation", None)

@@ -7,9 +7,10 @@
     python scripts/compare_device_counts.py --devices 1 --edge-kernels xla   # the config's edge
                                                                      # kernel ("auto") vs "xla"
 
-For each device count, in one process: the config's own training step (`make_train_step`), its
-optimiser schedule, the same seed and initial parameters, and the same global batches (the
-global batch is split over the devices; BatchNorm statistics and the loss are global), for the
+For each device count, in one process: the config's own training step (as train/loop.py builds
+it, `loop.build_run_step`), its optimiser schedule, the same seed and initial parameters, and
+the same global batches (the global batch is split over the devices; BatchNorm statistics and
+the loss are global), for the
 first `--steps` steps of epoch 0 (default: the whole epoch). Records the loss of every step and
 reports, per device count, the largest relative deviation from the one-device curve. The
 curves drift apart slowly (float summation order differs between device counts, and training
@@ -40,7 +41,7 @@ def loss_curve(config, data, stats, num_devices: int, steps: int) -> list[float]
     from dpf_jax.train import loop
     from dpf_jax.train.optim import make_optimizer
     from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_replicated
-    from dpf_jax.train.step import create_state, make_train_step, split_seed
+    from dpf_jax.train.step import create_state, split_seed
 
     mesh = make_mesh(num_devices)
     _, run_key = split_seed(config.seed)
@@ -53,15 +54,18 @@ def loss_curve(config, data, stats, num_devices: int, steps: int) -> list[float]
     tx = make_optimizer(config.optim, steps_per_epoch * config.train.epochs)
     example = jax.tree_util.tree_map(lambda x: x[0], next(batcher.iterate(shuffle=False)))
     state = put_replicated(create_state(model, tx, example, config.seed, stats), mesh)
-    train_step = make_train_step(objective, model, tx, mesh)
-    losses = []
-    batches = batcher.iterate(config.seed, 0, shuffle=True, drop_remainder=drop)
+    # the step exactly as train/loop.py runs it: packed state, bundled batches, packed metrics
+    run = loop.build_run_step(config, objective, model, tx, mesh, state,
+                              lambda: next(batcher.iterate(shuffle=False)))
+    carried, metrics = run.pack(state), []
+    batches = map(run.bundle, batcher.iterate(config.seed, 0, shuffle=True, drop_remainder=drop))
     for host_batch in prefetch_to_device(batches, mesh, 2):
-        if len(losses) >= steps:
+        if len(metrics) >= steps:
             break
-        state, m = train_step(state, host_batch)
-        losses.append(m["loss"])  # fetched at the end: no host sync inside the loop
-    return [float(x) for x in jax.device_get(losses)]
+        carried, m = run.step(carried, host_batch)
+        metrics.append(m)  # fetched at the end: no host sync inside the loop
+    unpack = run.unpack_metrics or (lambda m: m)
+    return [float(unpack(m)["loss"]) for m in jax.device_get(metrics)]
 
 
 def max_rel_dev(curve, ref) -> float:

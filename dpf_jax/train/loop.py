@@ -211,6 +211,42 @@ def make_transfer_packing(config, example_batch_fn) -> TransferPacking | None:
         return None
 
 
+@dataclasses.dataclass
+class RunStep:
+    """The jitted train step as the training loops run it, with what goes in and out packed
+    as the config says (`train.pack_state`, `train.pack_batches`, `train.pack_metrics`):
+    `carried, m = step(carried, device batch of bundle(host batch))`, where `carried =
+    pack(state)` and the `TrainState` is `unpack(carried)`; `unpack_metrics` (None: not packed)
+    turns a fetched `m` into the metrics dict (`_drain(..., unpack=...)`)."""
+
+    step: Any
+    packing: StatePacking | None
+    transfer: TransferPacking | None
+    unpack_metrics: Any
+
+    def pack(self, state):
+        return self.packing.pack(state) if self.packing else state
+
+    def unpack(self, carried) -> TrainState:
+        return self.packing.unpack(carried) if self.packing else carried
+
+    def bundle(self, host_batch):
+        return self.transfer.pack(host_batch) if self.transfer else host_batch
+
+
+def build_run_step(config, objective, model, tx, mesh, state, example_batch_fn, num_runs: int = 0,
+                   steps_per_call: int = 1) -> RunStep:
+    """`make_train_step` with the packings `config.train` asks for; `state`: the (replicated)
+    initial state, for the state's layout; `example_batch_fn()`: a host batch, for the batches'
+    layout (built only when `train.pack_batches` is on)."""
+    packing = StatePacking(state, run_axis=num_runs > 0) if config.train.get("pack_state", False) else None
+    transfer = make_transfer_packing(config, example_batch_fn)
+    metrics = MetricsPacking() if config.train.get("pack_metrics", False) else None
+    step = make_train_step(objective, model, tx, mesh, num_runs=num_runs, steps_per_call=steps_per_call,
+                           packing=packing, transfer=transfer, metrics_packing=metrics)
+    return RunStep(step, packing, transfer, metrics.unpack if metrics else None)
+
+
 def restore_encoder(state: TrainState, path: str) -> TrainState:
     """Copies a pre-trained encoder (params and BatchNorm statistics) into `state`.
 
@@ -437,21 +473,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = put_replicated(state, mesh)
 
     # the step takes and returns `carried`: the state packed into a few arrays (train.pack_state),
-    # which costs the host less per call; `train_state()` is the TrainState for everything else
-    packing = StatePacking(state) if config.train.get("pack_state", False) else None
-    # and the batches bundled into three arrays for the copy and the call (train.pack_batches)
-    transfer = make_transfer_packing(config, lambda: first_batch)
-    bundle = transfer.pack if transfer else (lambda b: b)
-    # and each step's metrics as one vector, fetched in one copy (train.pack_metrics)
-    metrics_packing = MetricsPacking() if config.train.get("pack_metrics", False) else None
-    drain = functools.partial(_drain, unpack=metrics_packing.unpack if metrics_packing else None)
-    train_step = make_train_step(objective, model, tx, mesh, packing=packing, transfer=transfer,
-                                 metrics_packing=metrics_packing)
-    carried = packing.pack(state) if packing else state
+    # batches bundled (train.pack_batches) and metrics packed (train.pack_metrics), which costs
+    # the host less per call; `train_state()` is the TrainState for everything else
+    run = build_run_step(config, objective, model, tx, mesh, state, lambda: first_batch)
+    train_step, bundle = run.step, run.bundle
+    drain = functools.partial(_drain, unpack=run.unpack_metrics)
+    carried = run.pack(state)
     del state  # packed: its arrays are copies, not needed any more
 
     def train_state() -> TrainState:
-        return packing.unpack(carried) if packing else carried
+        return run.unpack(carried)
 
     budget_rows = maybe_tune_budgets(config, train_b, train_step, carried, lambda: bundle(first_batch), mesh)
     eval_step = make_eval_step(objective, model, mesh)

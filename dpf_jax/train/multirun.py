@@ -42,7 +42,7 @@ from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train import loop
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_replicated
-from dpf_jax.train.step import MetricsPacking, StatePacking, create_state, make_eval_step, make_train_step
+from dpf_jax.train.step import create_state, make_eval_step
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +160,15 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     del states
     log.info("%d runs of %s trained together: %s", n_runs, type(model).__name__, run_names)
 
-    # as train/loop.py: the step carries the runs' states packed (train.pack_state)
-    packing = StatePacking(state, run_axis=True) if config.train.get("pack_state", False) else None
-    transfer = loop.make_transfer_packing(config, lambda: next(batches.iterate(0)))
-    bundle = transfer.pack if transfer else (lambda b: b)
-    metrics_packing = MetricsPacking() if config.train.get("pack_metrics", False) else None
-    unpack = metrics_packing.unpack if metrics_packing else None
-    train_step = make_train_step(objective, model, tx, mesh, num_runs=n_runs, packing=packing, transfer=transfer,
-                                 metrics_packing=metrics_packing)
-    carried = packing.pack(state) if packing else state
+    # as train/loop.py: the step carries the runs' states packed, batches bundled, metrics packed
+    run = loop.build_run_step(config, objective, model, tx, mesh, state, lambda: next(batches.iterate(0)),
+                              num_runs=n_runs)
+    train_step, bundle, unpack = run.step, run.bundle, run.unpack_metrics
+    carried = run.pack(state)
     del state
 
     def train_state():
-        return packing.unpack(carried) if packing else carried
+        return run.unpack(carried)
 
     budget_rows = loop.maybe_tune_budgets(config, train_b, train_step, carried,
                                           lambda: bundle(next(batches.iterate(0))), mesh, run_axis=True)
