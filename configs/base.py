@@ -59,8 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     # the kernels too; dpf_jax/model/gather_kernel.py); "-16x8" appended sets the tile (edges
     # per program x warps), and "-16x8-keep" for the gate kernels keeps q, qk, k, e in registers
     # instead of reloading them (slower, session 17); "pallas_gate_rows-16x8-atomic" sums the node
-    # tables' gradients inside the backward kernel instead of XLA's scatter-adds (written in
-    # session 17, not yet timed). "xla_recompute" (node formulation): the gate in jax.numpy with a
+    # tables' gradients inside the backward kernel instead of XLA's scatter-adds (slower, session
+    # 18). "xla_recompute" (node formulation): the gate in jax.numpy with a
     # written backward that stores no per-edge intermediate (dpf_jax/model/gate_recompute.py).
     c.model.edge_kernel = "auto"
     # Backward-pass rematerialisation per layer (same parameters and maths; speed / memory):
@@ -122,7 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Ctrl-C then stops within this many steps (0: no limit; the host may run up to
     # log_every_steps steps ahead)
     c.train.steps_in_flight = 2
-    # the jitted step takes the state as one float32 vector plus a few other arrays instead of
+    # the jitted step takes the state as one vector per dtype (3 arrays) instead of
     # 141 leaves (train/step.py StatePacking): the host's cost per step falls with the leaf count
     c.train.pack_state = True
     # and the batches as three int32 arrays (nodes, edges, graphs) instead of 16-17 (data/transfer.py)

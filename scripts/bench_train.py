@@ -565,7 +565,8 @@ def stack_runs(pool_host, runs: int) -> list[list]:
 
 def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, num_runs: int = 1,
               steps_per_call: int = 1):
-    """State, jitted step and table of the run, exactly as train/loop.py builds them.
+    """State (packed as the step takes it), step (`loop.RunStep`) and table of the run, exactly
+    as train/loop.py builds them.
 
     The initial state (float32 parameters, whatever the precision) is built once per
     `reuse_key` and copied for the other batch sizes and precisions: one `model.init`
@@ -591,12 +592,11 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
         state = put_replicated(jax.tree_util.tree_map(lambda x: np.stack([x] * num_runs), host_state), mesh)
     else:
         state = put_replicated(host_state, mesh)
-    # as train/loop.py and multirun.py: the step takes the packed state, bundled batches
-    # (`train_step.bundle` packs a host batch) and returns packed metrics (`unpack_metrics`)
+    # as train/loop.py and multirun.py: the step (`run.step`) takes the packed state, bundled
+    # batches (`run.bundle` packs a host batch) and returns packed metrics (`run.unpack_metrics`)
     run = loop.build_run_step(config, objective, model, tx, mesh, state, lambda: pool_host[0],
                               num_runs=num_runs if num_runs > 1 else 0, steps_per_call=steps_per_call)
-    state, train_step = run.pack(state), run.step
-    train_step.bundle, train_step.unpack_metrics = run.bundle, run.unpack_metrics
+    state = run.pack(state)
     heads = getattr(objective, "enabled", {})
     encoder = getattr(model, "encoder", None)
     formulation = getattr(encoder, "formulation", None)
@@ -605,7 +605,7 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
                                  getattr(encoder, "channels", 128), getattr(encoder, "remat", "none"))
     if kernel != "xla":
         formulation = f"{formulation}+{kernel}"
-    return state, train_step, table, n_params, formulation
+    return state, run, table, n_params, formulation
 
 
 def compile_shapes(train_step, state, dev_batches, host_batches):
@@ -627,7 +627,7 @@ def compile_shapes(train_step, state, dev_batches, host_batches):
     return state, compile_s, costs
 
 
-def search_budgets(config, batcher, train_step, state, example, mesh, runs: int = 1) -> list[dict]:
+def search_budgets(config, batcher, run, state, example, mesh, runs: int = 1) -> list[dict]:
     """`train.budget_search`, as train/loop.py runs it before the first step (no-op when 0):
     the batcher's padded edge counts replaced; report rows."""
     if not config.train.get("budget_search", 0):
@@ -635,7 +635,7 @@ def search_budgets(config, batcher, train_step, state, example, mesh, runs: int 
     if runs > 1:
         example = jax.tree_util.tree_map(lambda x: np.stack([x] * runs), example)
     t0 = time.perf_counter()
-    rows = loop.maybe_tune_budgets(config, batcher, train_step, state, lambda: train_step.bundle(example), mesh,
+    rows = loop.maybe_tune_budgets(config, batcher, run.step, state, lambda: run.bundle(example), mesh,
                                    run_axis=runs > 1)
     print(f"  budget search: {[r['budget'][1] for r in rows]} -> {[r['chosen_n_edge'] for r in rows]}"
           f" padded edges ({time.perf_counter() - t0:.1f} s)", flush=True)
@@ -660,10 +660,11 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     print(f"{data_kind} {model_label(name)} B={batch_size} {precision} {formulation or ''}"
           f"{f' x{runs} runs' if runs > 1 else ''}{f' {per_call} steps per call' if per_call > 1 else ''}: "
           "compiling and timing...", flush=True)
-    state, train_step, table, n_params, formulation = build_run(
+    state, run, table, n_params, formulation = build_run(
         config, data, mesh, pool_host, reuse_key=(data_kind, name, mesh.size), formulation=formulation,
         num_runs=runs, steps_per_call=per_call)
-    budget_rows = search_budgets(config, batcher, train_step, state, pool_host[0], mesh, stacked)
+    train_step = run.step
+    budget_rows = search_budgets(config, batcher, run, state, pool_host[0], mesh, stacked)
     if budget_rows:
         pool_host = host_pool(batcher, config, pool_size, drop)
     group = f"{data_kind}_{model_label(name)}_bs{batch_size}"
@@ -674,7 +675,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     pool_step = [jax.tree_util.tree_map(lambda *x: np.stack(x), *m) if stacked > 1 else m[0] for m in members]
     member_sizes = [[batch_sizes_of(b) for b in m] for m in members]
     sizes = [{k: sum(s[k] for s in ms) for k in ms[0]} for ms in member_sizes]  # all runs of a step
-    pool_dev = [put_batch(train_step.bundle(b), mesh, run_axis=stacked > 1) for b in pool_step]
+    pool_dev = [put_batch(run.bundle(b), mesh, run_axis=stacked > 1) for b in pool_step]
     jax.block_until_ready(pool_dev)
 
     state, compile_s, costs = compile_shapes(train_step, state, pool_dev, pool_step)
@@ -796,8 +797,9 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     t0 = time.perf_counter()
     host = list(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop))
     host_s = time.perf_counter() - t0
-    state, train_step, table, n_params, formulation = build_run(config, data, mesh, host, formulation=formulation)
-    budget_rows = search_budgets(config, train_b, train_step, state, host[0], mesh)
+    state, run, table, n_params, formulation = build_run(config, data, mesh, host, formulation=formulation)
+    train_step = run.step
+    budget_rows = search_budgets(config, train_b, run, state, host[0], mesh)
     if budget_rows:  # the epoch as the searched budgets pad it
         t0 = time.perf_counter()
         host = list(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop))
@@ -806,7 +808,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     n_crystals = sum(int(b.globals["mask"].sum()) for b in host)
     flops_real = sum(step_flops(coef, batch_sizes_of(b), padded=False) for b in host)
 
-    devs = [put_batch(train_step.bundle(b), mesh) for b in host]
+    devs = [put_batch(run.bundle(b), mesh) for b in host]
     jax.block_until_ready(devs)
     state, compile_s, _ = compile_shapes(train_step, state, devs, host)
     log_every = max(1, config.train.log_every_steps)
@@ -830,8 +832,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         gc_before = [g["collections"] for g in gc.get_stats()]
         t_start = time.perf_counter()
         t_first = None
-        batches = prefetch(map(train_step.bundle, train_b.iterate(config.seed, epoch, shuffle=True,
-                                                                  drop_remainder=drop)),
+        batches = prefetch(map(run.bundle, train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop)),
                            config.train.prefetch)
         device_batches = iter(prefetch_to_device(batches, mesh, config.train.prefetch))
         for i in itertools.count():
@@ -850,13 +851,13 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
             t3 = time.perf_counter()
             if len(pending) >= log_every:
                 # as train/loop.py: never wait on the newest steps
-                loop._drain(pending, sums, keep=2, unpack=train_step.unpack_metrics)
+                loop._drain(pending, sums, keep=2, unpack=run.unpack_metrics)
             phases["dispatch"] += t2 - t1
             phases["wait"] += t3 - t2
             t4 = time.perf_counter()
             phases["drain"] += t4 - t3
             step_ms.append(1e3 * (t4 - t0))
-        loop._drain(pending, sums, unpack=train_step.unpack_metrics)
+        loop._drain(pending, sums, unpack=run.unpack_metrics)
         jax.block_until_ready(state)
         t_end = time.perf_counter()
         # spikes (a garbage collection, a recompile) versus a uniform slowdown of every step

@@ -52,7 +52,9 @@ class KernelOptions:
       into the tables itself (atomic adds, after summing a block's edges that share a node)
       instead of writing per-edge gradients for XLA's scatter-adds. Spelled "-atomic" after
       the tile ("pallas_gate_rows-16x8-atomic"). The order of the float additions then varies
-      from run to run, as it does in XLA's scatter-adds on a GPU.
+      from run to run, as it does in XLA's scatter-adds on a GPU. Measured slower (one H100,
+      session 18: forward + backward 5.05 against 3.35 ms at 81,920 edges, synthetic
+      fine-tuning step 37.91 against 30.63 ms), so not the default.
     """
 
     block_edges: int = 32

@@ -502,9 +502,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return ckpt_lib.run_meta(jax.device_get(state.step), epoch, best_metric, best_epoch, steps_per_epoch,
                                  config)
 
-    def save(epoch):
+    def save(epoch, state=None):  # `state`: the unpacked state if the caller has it
         with stop.deferred():  # a signal during a save does not cut it short
-            state = train_state()
+            state = train_state() if state is None else state
             checkpointer.save_latest(state, meta(epoch, state))
         clock.saved()
 
@@ -572,9 +572,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write(row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                                                           f"{k}={v}" for k, v in row.items()))
-            del state  # the unpacked copy: not kept on the devices through the next epoch
             if clock.due(epoch):
-                save(epoch + 1)
+                save(epoch + 1, state)
+            del state  # the unpacked copy: not kept on the devices through the next epoch
             stop.check()  # after the epoch's validation, best model and metrics row
     except (KeyboardInterrupt, Interrupted) as e:
         if donated(carried):  # stopped inside a step: its donated input state is gone

@@ -183,8 +183,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     def meta(r, epoch):
         return ckpt_lib.run_meta(step, epoch, best[r][0], best[r][1], steps_per_epoch, configs[r])
 
-    def save(epoch):  # one host copy of all runs
-        host = jax.device_get(train_state())
+    def save(epoch, host=None):  # one host copy of all runs (`host`: if the caller has it)
+        host = jax.device_get(train_state()) if host is None else host
         with stop.deferred():  # a signal during the saves does not leave the runs at different steps
             for r, ck in enumerate(checkpointers):
                 ck.save_latest(_run_slice(host, r), meta(r, epoch))
@@ -233,12 +233,12 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
                         host = jax.device_get(state) if host is None else host
                         checkpointers[r].stage_best(_run_slice(host, r), meta(r, epoch))
                 writers[r].write(row)
-            del state, host  # the unpacked copies: not kept through the next epoch
             log.info("epoch %d: train loss %s, val MAE %s", epoch + 1,
                      [round(loop.train_means(sums, r)["train_loss"], 4) for r in range(n_runs)],
                      None if val_metrics is None else [round(v["mae"], 4) for v in val_metrics])
             if clock.due(epoch):
-                save(epoch + 1)
+                save(epoch + 1, jax.device_get(state) if host is None else host)
+            del state, host  # the unpacked copies: not kept through the next epoch
             stop.check()  # after the epoch's validation, best models and metrics rows
     except (KeyboardInterrupt, loop.Interrupted):
         if loop.donated(carried):  # stopped inside a step: its donated input state is gone

@@ -116,8 +116,6 @@ class StatePacking:
         dtypes = [jnp.dtype(x.dtype) for x in leaves]
         self.dtypes = list(dict.fromkeys(dtypes))  # one vector per dtype, in order of appearance
         self.slot = [self.dtypes.index(d) for d in dtypes]
-        sizes = [math.prod(s[self.lead:]) for s in self.shapes]
-        self.size = sum(n for n, d in zip(sizes, dtypes) if d == jnp.float32)
         self.pack = jax.jit(self._pack)
         self.unpack = jax.jit(self._unpack)
 
