@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (more FLOPs, much smaller gathers); see dpf_jax/model/layers.py and scripts/results/PERF_NOTES.md.
     c.model.formulation = "node"
     # How the per-edge message chain runs, same parameters and maths: "auto" (default: on a GPU
-    # "pallas_gate_rows-16x8", the fastest measured; elsewhere "xla"; dpf_jax/model/layers.py
+    # "pallas_gate_rows-16x8-sorted", the fastest measured; elsewhere "xla"; dpf_jax/model/layers.py
     # resolve_edge_kernel), "xla" (jax.numpy), "pallas_gate_rows" (node formulation: the gate
     # alpha -> LayerNorm -> sigmoid -> x upd as one Triton kernel pair that gathers the node-table
     # rows itself, matmuls in XLA; dpf_jax/model/gate_kernel.py), "pallas_gate" (the same gate on
@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     # per program x warps), and "-16x8-keep" for the gate kernels keeps q, qk, k, e in registers
     # instead of reloading them (slower, session 17); "pallas_gate_rows-16x8-atomic" sums the node
     # tables' gradients inside the backward kernel instead of XLA's scatter-adds (slower, session
-    # 18). "xla_recompute" (node formulation): the gate in jax.numpy with a
+    # 18), "-sorted" sums them per node with a segment kernel, each node's run of edges (faster,
+    # session 19: the default's). "xla_recompute" (node formulation): the gate in jax.numpy with a
     # written backward that stores no per-edge intermediate (dpf_jax/model/gate_recompute.py).
     c.model.edge_kernel = "auto"
     # Backward-pass rematerialisation per layer (same parameters and maths; speed / memory):

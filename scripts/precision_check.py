@@ -4,6 +4,11 @@
     python scripts/precision_check.py --small --epochs 3   # CPU smoke version (tiny model)
     python scripts/precision_check.py --modes default+pallas bf16+pallas   # the fused edge kernel
     python scripts/precision_check.py --config pretrain_mask30 --epochs 20  # pre-training
+    # several GPUs: one seed per GPU at once, then one verdict over all of them
+    for s in 0 1 2; do CUDA_VISIBLE_DEVICES=$s python scripts/precision_check.py --seeds $s --out p$s.json & done; wait
+    python scripts/precision_check.py --merge p0.json p1.json p2.json --out precision_check.json
+    # one more mode later, with no rerun of "highest": --part runs exactly the modes given
+    python scripts/precision_check.py --part --modes bf16 --seeds 0 --out b0.json
 
 Trains the same config once per `model.precision` value and per seed (`--seeds`, default
 0 1 2; config.seed = seed, so one seed gives the same initial parameters and data order in every
@@ -240,8 +245,15 @@ def main(argv=None) -> dict:
     p.add_argument("--small", action="store_true", help="tiny model and data (CPU)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default="scripts/results/precision_check.json")
+    p.add_argument("--merge", nargs="+", default=None, metavar="REPORT",
+                   help="train nothing: combine the runs of these reports (e.g. one per seed, run on "
+                        "different GPUs at once) into one report and verdict")
+    p.add_argument("--part", action="store_true",
+                   help="run exactly --modes (no implied 'highest') and write the runs only, for --merge")
     args = p.parse_args(argv)
-    if "highest" not in args.modes:
+    if args.merge:
+        return merge_reports([Path(f) for f in args.merge], args.rtol, args.skip, Path(args.out))
+    if "highest" not in args.modes and not args.part:
         args.modes = ["highest"] + args.modes
 
     import jax
@@ -271,18 +283,66 @@ def main(argv=None) -> dict:
                 curve_name, curves[mode][seed] = read_val_curve(workdir)
                 final_name, finals[mode][seed] = final_value(result, curves[mode][seed])
                 metric_names.add((curve_name, final_name))
+                report["metric"], report["final_metric"] = curve_name, final_name
             report["task"] = task
             out.write_text(json.dumps(report, indent=1))  # partial report: finished runs survive a kill
+    if args.part:
+        return report
+    return finish_report(report, metric_names, args.rtol, args.skip, out)
+
+
+def finish_report(report: dict, metric_names: set, rtol: float, skip: float, out: Path) -> dict:
+    """The verdict over the report's runs (val_curves / final / failed_runs), written to `out`."""
     if len(metric_names) > 1:  # e.g. a run without a test split among ones with
         raise RuntimeError(f"runs disagree on the metric: {sorted(metric_names)}")
     (curve_name, final_name), = metric_names or {(None, None)}
+    curves, finals, failed = report["val_curves"], report["final"], report["failed_runs"]
     ok = not failed["highest"]
     report.update({"metric": curve_name, "final_metric": final_name,
-                   "comparison": compare(curves, finals, args.rtol, args.skip, failed),
-                   "highest_seed_noise": seed_noise(curves["highest"], finals["highest"], args.skip) if ok else None})
+                   "comparison": compare(curves, finals, rtol, skip, failed),
+                   "highest_seed_noise": seed_noise(curves["highest"], finals["highest"], skip) if ok else None})
     out.write_text(json.dumps(report, indent=1))
     print_summary(report)
     return report
+
+
+def merge_reports(paths: list[Path], rtol: float, skip: float, out: Path) -> dict:
+    """One report from several (partial or finished) ones that trained the same config for the
+    same number of epochs, e.g. `--seeds 0`, `--seeds 1`, `--seeds 2` run on three GPUs at once.
+    A (mode, seed) run may appear in one report only; every mode must have run every seed."""
+    keep = ("config", "epochs", "small", "task")
+    merged, metric_names, seen = None, set(), {}
+    for path in paths:
+        part = json.loads(path.read_text())
+        if merged is None:
+            merged = {"device": part["device"], **{k: part.get(k) for k in keep}, "rtol": rtol, "skip": skip,
+                      "seeds": [], "window_start": window_start(part["epochs"], skip),
+                      "val_curves": {}, "final": {}, "failed_runs": {}, "merged_from": []}
+        bad = [k for k in keep if part.get(k) != merged[k]]
+        if bad:
+            raise ValueError(f"{path}: {', '.join(f'{k}={part.get(k)!r}' for k in bad)} differ from "
+                             f"{paths[0]}'s ({', '.join(f'{k}={merged[k]!r}' for k in bad)})")
+        merged["merged_from"].append(str(path))
+        if part.get("metric") is not None:
+            metric_names.add((part["metric"], part["final_metric"]))
+        for field in ("val_curves", "final", "failed_runs"):
+            for mode, by_seed in part[field].items():
+                for seed, value in by_seed.items():
+                    seed = int(seed)  # JSON keys are strings
+                    if field != "final":  # a run is either a curve or a failure
+                        if (mode, seed) in seen:
+                            raise ValueError(f"{path}: {mode} seed {seed} also in {seen[mode, seed]}")
+                        seen[mode, seed] = path
+                    merged[field].setdefault(mode, {})[seed] = value
+    for field in ("val_curves", "final", "failed_runs"):
+        for mode in {m for m, _ in seen}:
+            merged[field].setdefault(mode, {})
+    merged["seeds"] = sorted({s for _, s in seen})
+    missing = sorted((m, s) for m in {m for m, _ in seen} for s in merged["seeds"] if (m, s) not in seen)
+    if missing or "highest" not in merged["val_curves"]:
+        raise ValueError(f"runs missing from {[str(p) for p in paths]}: "
+                         f"{missing or [('highest', s) for s in merged['seeds']]}")
+    return finish_report(merged, metric_names, rtol, skip, out)
 
 
 if __name__ == "__main__":

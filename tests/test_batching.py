@@ -292,3 +292,17 @@ def test_prefetch_thread_ends_when_the_consumer_stops_early(n_items):
     time.sleep(0.2)
     it.close()
     assert threading.active_count() == before
+
+
+def test_edges_not_sorted_by_receiver_are_refused():
+    """The model sums each receiver's edges as one run (segment sums, the segment kernel), so a
+    graph whose edges are not sorted by receiver is an error naming the crystal, not wrong sums."""
+    import dataclasses
+
+    record = load_dataset_records(DATA / "jarvis_dft3d.jsonl.gz").records[0]
+    graph = build_crystal_graph(record)
+    assert (np.diff(graph.receivers) >= 0).all()  # as built
+    flipped = dataclasses.replace(graph, senders=graph.senders[::-1], receivers=graph.receivers[::-1],
+                                  images=graph.images[::-1])
+    with pytest.raises(ValueError, match=f"{record.id}: edges are not sorted by receiver"):
+        graph_to_jraph(flipped)

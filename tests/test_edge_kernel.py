@@ -8,6 +8,7 @@ only the final compilation to GPU code needs a GPU).
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +106,7 @@ def test_no_edges():
 
 @pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4", "pallas_gate-16x4", "pallas_gate_rows-16x4",
                                     "pallas_gate-16x4-keep", "pallas_gate_rows-16x4-keep",
-                                    "pallas_gate_rows-16x4-atomic"])
+                                    "pallas_gate_rows-16x4-atomic", "pallas_gate_rows-16x4-sorted"])
 def test_conv_pallas_equals_xla_with_gradients(kernel):
     """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
     same gradients (of parameters and of the node features)."""
@@ -141,7 +142,8 @@ def test_conv_pallas_equals_xla_with_gradients(kernel):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("kernel", ["pallas_gate-16x4", "pallas_gate_rows-16x4", "xla_recompute"])
+@pytest.mark.parametrize("kernel", ["pallas_gate-16x4", "pallas_gate_rows-16x4", "pallas_gate_rows-16x4-sorted",
+                                    "xla_recompute"])
 def test_conv_gate_in_bf16_is_close_to_xla(kernel):
     """precision bf16: the gate kernel and the recomputing gate compute the alpha products and upd
     in float32 where the "xla" path rounds them to bfloat16, so they agree to bfloat16 rounding,
@@ -261,10 +263,13 @@ def test_kernel_options_from_config_string():
     o = KernelOptions.parse("pallas_gate_rows-16x8-keep")
     assert (o.block_edges, o.num_warps, o.keep_tiles, o.atomic_grads) == (16, 8, True, False)
     o = KernelOptions.parse("pallas_gate_rows-16x8-atomic")
-    assert (o.keep_tiles, o.atomic_grads) == (False, True)
+    assert (o.keep_tiles, o.atomic_grads, o.sorted_sums) == (False, True, False)
     assert KernelOptions.parse("pallas_gate_rows-32x4-keep-atomic").atomic_grads
+    o = KernelOptions.parse("pallas_gate_rows-16x8-sorted")
+    assert (o.keep_tiles, o.atomic_grads, o.sorted_sums) == (False, False, True)
     for bad in ("pallas-16", "triton", "pallas-axb", "pallas-16x8-keep", "pallas_gate_rows-16x8-fast",
-                "pallas_gate-16x8-keep-keep", "pallas_gate-16x8-atomic", "pallas_gate_rows-16x8-atomic-atomic"):
+                "pallas_gate-16x8-keep-keep", "pallas_gate-16x8-atomic", "pallas_gate_rows-16x8-atomic-atomic",
+                "pallas_gate-16x8-sorted", "pallas_gate_rows-16x8-atomic-sorted"):
         with pytest.raises(ValueError):
             KernelOptions.parse(bad)
     with pytest.raises(ValueError, match="powers of two"):
@@ -421,18 +426,22 @@ def random_rows_args(n_node, n_edge, heads, c, n_real, seed=1):
             jnp.asarray(recv), jnp.asarray(send), jnp.arange(n_edge) < n_real, 1 + 0.2 * f(3 * c), 0.2 * f(3 * c)]
 
 
-@pytest.mark.parametrize("n_node,n_edge,n_real,heads,c,block,keep,atomic", [(12, 70, 65, 2, 16, 16, False, False),
-                                                                           (9, 40, 33, 4, 128, 32, False, False),
-                                                                           (12, 70, 65, 2, 16, 16, True, False),
-                                                                           (12, 70, 65, 2, 16, 16, False, True),
-                                                                           (9, 40, 33, 4, 128, 32, True, True)])
+@pytest.mark.parametrize("n_node,n_edge,n_real,heads,c,block,keep,sums", [(12, 70, 65, 2, 16, 16, False, "xla"),
+                                                                         (9, 40, 33, 4, 128, 32, False, "xla"),
+                                                                         (12, 70, 65, 2, 16, 16, True, "xla"),
+                                                                         (12, 70, 65, 2, 16, 16, False, "atomic"),
+                                                                         (9, 40, 33, 4, 128, 32, True, "atomic"),
+                                                                         (12, 70, 65, 2, 16, 16, False, "sorted"),
+                                                                         (9, 40, 33, 4, 128, 32, True, "sorted")])
 def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block, keep,
-                                                                 atomic):
+                                                                 sums):
     """The gate kernel that gathers node rows itself: values and every gradient (both node
     tables, summed over each node's edges; e @ W3, e, the LayerNorm parameters); an edge axis
     that is not a multiple of the block; padding edges holding inf/NaN give and get exactly 0.
-    `atomic`: the node-table gradients summed inside the backward kernel (12 nodes, 16-70 edges
-    per block: every block holds edges sharing a receiver and edges sharing a sender)."""
+    `sums`: how the node-table gradients are summed: XLA's scatter-adds, inside the backward
+    kernel ("atomic"; 12 nodes, 16-70 edges per block: every block holds edges sharing a
+    receiver and edges sharing a sender), or by the segment kernel ("sorted")."""
+    atomic = sums == "atomic"
     from dpf_jax.model.gate_recompute import gate_message_reference
 
     args = random_rows_args(n_node, n_edge, heads, c, n_real)
@@ -442,7 +451,7 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     args[1] = args[1].at[-1].set(jnp.inf)
     clean = [jnp.where(args[6].reshape(-1, 1, 1), a, 0.0) if i in (2, 3) else a for i, a in enumerate(args)]
     clean[0], clean[1] = clean[0].at[-1].set(0.0), clean[1].at[-1].set(0.0)
-    opts = KernelOptions(block_edges=block, keep_tiles=keep, atomic_grads=atomic)
+    opts = KernelOptions(block_edges=block, keep_tiles=keep, atomic_grads=atomic, sorted_sums=sums == "sorted")
     fused = lambda *a: fused_gate_rows(*a, opts=opts)  # noqa: E731
     if atomic:  # repeated nodes inside one block, the case the in-kernel sums exist for
         recv, send = np.asarray(args[4][:block]), np.asarray(args[5][:block])
@@ -460,21 +469,33 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
         fused(args[0], args[0], *args[2:])  # a [..., 5C] table where [..., 4C] belongs
 
 
-@pytest.mark.parametrize("keep,atomic", [(False, False), (True, False), (False, True)])
-def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, atomic):
+def scatter_result_types(text: str) -> list[str]:
+    """Element type of each stablehlo.scatter's result in lowered MLIR text."""
+    out = []
+    for m in re.finditer(r"stablehlo\.scatter\"", text):
+        signature = re.search(r"\}\) : \([^)]*\) -> tensor<[^>]*x(\w+)>", text[m.end():])
+        out.append(signature.group(1))
+    return out
+
+
+@pytest.mark.parametrize("keep,sums", [(False, "xla"), (True, "xla"), (False, "atomic"), (False, "sorted")])
+def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, sums):
     f32, i32 = jnp.float32, jnp.int32
     N, E, H, C = 256, 1024, 4, 128
     sds = jax.ShapeDtypeStruct
     shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
               sds((E,), i32), sds((E,), i32), sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
-    kernel = lambda *a, opts: fused_gate_rows(*a, opts=dataclasses.replace(opts, keep_tiles=keep,  # noqa: E731
-                                                                         atomic_grads=atomic))
+    kernel = lambda *a, opts: fused_gate_rows(*a, opts=dataclasses.replace(  # noqa: E731
+        opts, keep_tiles=keep, atomic_grads=sums == "atomic", sorted_sums=sums == "sorted"))
     text = lower_grad_in_shard_map(kernel, shapes, n_sharded=7, argnums=(0, 2, 7))
-    assert text.count("xla.gpu.triton") == 2
-    bwd = "edge_gate_rows_bwd_atomic" if atomic else "edge_gate_rows_bwd"
-    assert 'name = "edge_gate_rows_fwd"' in text and f'name = "{bwd}"' in text
-    # with the sums in the kernel, no scatter-add is left for XLA (the gathers' transposes)
-    assert ("stablehlo.scatter" in text) != atomic
+    names = re.findall(r'name = "(\w+)"', text)
+    bwd = "edge_gate_rows_bwd_atomic" if sums == "atomic" else "edge_gate_rows_bwd"
+    assert "edge_gate_rows_fwd" in names and bwd in names
+    # the gathers' transposes: XLA's float scatter-adds, or none left for XLA (in the backward
+    # kernel, or two segment-sum kernels whose bounds come from integer scatter-adds of counts)
+    assert names.count("segment_rows") == 2 * (sums == "sorted")
+    assert text.count("xla.gpu.triton") == 2 + names.count("segment_rows")
+    assert ("f32" in scatter_result_types(text)) == (sums == "xla")
 
 
 def test_recomputing_gate_matches_autodiff_with_gradients():

@@ -169,3 +169,53 @@ def test_a_stopped_run_fails_its_mode_and_the_report_keeps_the_rest(tmp_path, mo
     report = precision_check.main(argv[:-4] + ["--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "r2.json")])
     assert all(not row["passes"] and "highest" in row["failed_runs"] for row in report["comparison"].values())
     assert report["highest_seed_noise"] is None
+
+
+def test_reports_run_seed_by_seed_merge_into_the_report_of_one_run(tmp_path, monkeypatch):
+    """--merge (one seed per GPU at once, then one verdict) gives the verdict a single run over
+    all seeds gives; overlapping or mismatched reports are refused. (Fake training as above.)"""
+    from dpf_jax.train import loop
+
+    def fake_train(config, workdir):
+        mode, seed = config.model.precision, config.seed
+        Path(workdir).mkdir(parents=True)
+        off = {"highest": 0.0, "default": 0.01, "bf16": 0.08}[mode]  # bf16 8% off: fails
+        curve = [(1.0 + off) / (1 + seed), (0.5 + off / 2) / (1 + seed)]
+        (Path(workdir) / "metrics.csv").write_text(f"epoch,val_mae\n0,{curve[0]}\n1,{curve[1]}\n")
+        return {"test_mae_final": curve[1]}
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+
+    def run(seeds, name, epochs="2"):
+        return precision_check.main(["--seeds", *seeds, "--epochs", epochs, "--modes", "default", "bf16",
+                                     "--workdir", str(tmp_path / name), "--out", str(tmp_path / f"{name}.json")])
+
+    whole = run(["0", "1", "2"], "whole")
+    for s in "012":
+        run([s], f"p{s}")
+    parts = [str(tmp_path / f"p{s}.json") for s in "201"]  # any order
+    merged = precision_check.main(["--merge", *parts, "--out", str(tmp_path / "merged.json")])
+    assert merged["comparison"] == whole["comparison"]
+    assert merged["comparison"]["default"]["passes"] and not merged["comparison"]["bf16"]["passes"]
+    assert merged["highest_seed_noise"] == whole["highest_seed_noise"] is not None
+    assert merged["seeds"] == [0, 1, 2] and merged["metric"] == "val_mae"
+    assert json.loads((tmp_path / "merged.json").read_text())["comparison"] == json.loads(
+        (tmp_path / "whole.json").read_text())["comparison"]
+    with pytest.raises(ValueError, match="whole.json: highest seed 2 also in .*p2.json"):
+        precision_check.main(["--merge", parts[0], str(tmp_path / "whole.json"), "--out", str(tmp_path / "x.json")])
+    run(["3"], "p3")  # a killed run's partial report: bf16 seed 3 never finished
+    bad = json.loads((tmp_path / "p3.json").read_text())
+    del bad["val_curves"]["bf16"]["3"], bad["final"]["bf16"]["3"]
+    (tmp_path / "p3.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"runs missing .*\('bf16', 3\)"):
+        precision_check.main(["--merge", *parts, str(tmp_path / "p3.json"), "--out", str(tmp_path / "x.json")])
+    # a mode added later (--part: no "highest" rerun) joins the others' runs
+    precision_check.main(["--part", "--seeds", "0", "1", "2", "--epochs", "2", "--modes", "highest+xla",
+                          "--workdir", str(tmp_path / "xla"), "--out", str(tmp_path / "xla.json")])
+    assert list(json.loads((tmp_path / "xla.json").read_text())["val_curves"]) == ["highest+xla"]
+    more = precision_check.main(["--merge", *parts, str(tmp_path / "xla.json"), "--out", str(tmp_path / "y.json")])
+    assert more["comparison"]["highest+xla"]["passes"]  # the fake ignores the kernel: same curves
+    assert more["comparison"]["bf16"] == whole["comparison"]["bf16"]
+    run(["4"], "p4", epochs="3")
+    with pytest.raises(ValueError, match="epochs=3 differ"):
+        precision_check.main(["--merge", *parts, str(tmp_path / "p4.json"), "--out", str(tmp_path / "x.json")])

@@ -71,6 +71,10 @@ def graph_to_jraph(graph: CrystalGraph, target: float | None = None) -> jraph.Gr
     """One unpadded single-crystal GraphsTuple in the batch layout of this module."""
     c = graph.crystal
     n, e = graph.num_nodes, graph.num_edges
+    if e > 1 and (np.diff(graph.receivers) < 0).any():
+        # the model's segment sums and segment kernel take each receiver's edges as one run
+        raise ValueError(f"{c.id}: edges are not sorted by receiver (build graphs with "
+                         "dpf_jax.data.graphs.build_crystal_graph, which sorts them)")
     return jraph.GraphsTuple(
         nodes={
             "species": c.numbers.astype(np.int32),

@@ -55,6 +55,12 @@ class KernelOptions:
       from run to run, as it does in XLA's scatter-adds on a GPU. Measured slower (one H100,
       session 18: forward + backward 5.05 against 3.35 ms at 81,920 edges, synthetic
       fine-tuning step 37.91 against 30.63 ms), so not the default.
+    sorted_sums: `pallas_gate_rows` only: the backward's node-table gradients are summed by
+      `segment_kernel.segment_rows` (one program per node and head adds up that node's run of
+      edges: receivers as the edges come, sorted by receiver; senders through a stable argsort)
+      instead of XLA's float scatter-adds (one atomic per element). Fixed summation order.
+      Spelled "-sorted" after the tile ("pallas_gate_rows-16x8-sorted"); the segment kernel
+      uses the same tile.
     """
 
     block_edges: int = 32
@@ -63,28 +69,29 @@ class KernelOptions:
     interpret: bool | None = None
     keep_tiles: bool = False
     atomic_grads: bool = False
+    sorted_sums: bool = False
 
     @classmethod
     def parse(cls, spec: str, **kw) -> "KernelOptions":
         """From a config string: "pallas" / "pallas_node" / "pallas_gate" / "pallas_gate_rows"
         (defaults), with a tile, "pallas-<block_edges>x<num_warps>", then for the gate kernels
-        optionally "-keep" (`keep_tiles`) and for "pallas_gate_rows" "-atomic" (`atomic_grads`);
-        the kernel family is the caller's business."""
+        optionally "-keep" (`keep_tiles`) and for "pallas_gate_rows" "-atomic" (`atomic_grads`)
+        or "-sorted" (`sorted_sums`); the kernel family is the caller's business."""
         name, *rest = spec.split("-")
         flags = rest[1:]
-        allowed = {"pallas_gate": {"keep"}, "pallas_gate_rows": {"keep", "atomic"}}.get(name, set())
+        allowed = {"pallas_gate": {"keep"}, "pallas_gate_rows": {"keep", "atomic", "sorted"}}.get(name, set())
         if (name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows")
-                or not set(flags) <= allowed or len(set(flags)) != len(flags)):
+                or not set(flags) <= allowed or len(set(flags)) != len(flags) or {"atomic", "sorted"} <= set(flags)):
             raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
                              "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (then for the "
-                             "gate kernels '-keep', for 'pallas_gate_rows' '-atomic')")
+                             "gate kernels '-keep', for 'pallas_gate_rows' '-atomic' or '-sorted')")
         if rest:
             try:
                 block, warps = (int(t) for t in rest[0].split("x"))
             except ValueError:
                 raise ValueError(f"edge kernel {spec!r}: tile must look like 32x4") from None
             kw.update(block_edges=block, num_warps=warps, keep_tiles="keep" in flags,
-                      atomic_grads="atomic" in flags)
+                      atomic_grads="atomic" in flags, sorted_sums="sorted" in flags)
         return cls(**kw)
 
     def check(self, channels: int, who: str) -> None:

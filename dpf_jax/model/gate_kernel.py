@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _compiler_params, _dot, _gate,
                                        _make_varying, _masked, _out_struct, _pad_edges, _varying_axes)
 from dpf_jax.model.gate_recompute import gate_message_reference, gate_reference  # the kernels' jax.numpy twins
+from dpf_jax.model.segment_kernel import segment_bounds, segment_rows, sort_order
 
 
 class TableTiles(BlockTiles):
@@ -472,6 +473,13 @@ def _rows_backward(args, dm, opts):
     dupd, dq, dqk, dk, de, part = outs
     if ne != n_edge:
         dupd, dq, dqk, dk, de = (x[:n_edge] for x in (dupd, dq, dqk, dk, de))
+    if opts.sorted_sums:  # the gathers' transposes as runs of edges per node (segment_kernel.py)
+        c, n_node = e.shape[2], rt.shape[0]
+        # receivers: the edges' own order (sorted by receiver, as segment sums elsewhere assume)
+        d_rt = segment_rows([dq, dqk, dupd], None, segment_bounds(recv, n_node), c, opts)
+        d_st = segment_rows([dk, dupd], sort_order(send), segment_bounds(send, n_node), c, opts)
+        return _rows_cotangents(args, jnp.concatenate(d_rt, axis=-1), jnp.concatenate(d_st, axis=-1), dupd, de,
+                                part)
     # the gathers' transposes: float32 scatter-adds, no sortedness hint (see layers.gather); XLA
     # fuses each concatenation into its scatter
     d_rt = jnp.zeros(rt.shape, f32).at[recv].add(jnp.concatenate([dq, dqk, dupd], axis=-1), mode="promise_in_bounds")
@@ -504,7 +512,10 @@ def fused_gate_rows(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_sc
     Against `fused_gate` (which reads gathered tables [E, H, 5C] / [E, H, 4C] that XLA must write
     first), per edge and layer (HC = heads x channels floats) the forward moves ew3 and e in
     (4 HC) and m out (3 HC), the backward additionally dm in (3 HC) and d_upd, d q, d qk, d k, d e
-    out (7 HC); the node rows come through the cache."""
+    out (7 HC); the node rows come through the cache. The gathers' transposes (those per-edge
+    gradients summed into the node tables) are XLA's scatter-adds, or with `opts.sorted_sums`
+    `segment_kernel.segment_rows` over each node's run of edges: receivers must then be sorted
+    (as the batches built here are; `batching.graph_to_jraph` checks)."""
     _check(recv_tab, send_tab, ew3, e, opts, "fused_gate_rows")
     if e.shape[0] == 0:
         return jnp.zeros(ew3.shape, ew3.dtype)

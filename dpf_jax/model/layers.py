@@ -263,10 +263,13 @@ def mean_pool(x, graph_index, node_mask, num_graphs: int):
 # On an NVIDIA GPU the gate kernel pair that gathers node rows itself (session 16, one H100,
 # default precision, B=256: synthetic fine-tuning 42.85 -> 31.62 ms with the 16x4 tile and
 # 30.64 with 16x8; real pre-training 13.11 -> 10.40, real JARVIS fine-tuning 8.09 -> 6.53, both
-# 16x4; scripts/results/h100_session16/). Elsewhere, with channels the kernel's tile rules
+# 16x4; scripts/results/h100_session16/), since session 19 with its node-table gradients
+# summed by the segment kernel instead of XLA's scatter-adds ("-sorted", segment_kernel.py; one
+# H100, synthetic fine-tuning B=256 30.68 -> 29.44 ms, real pre-training B=64 3.92 -> 3.92;
+# scripts/results/h100_session19/). Elsewhere, with channels the kernel's tile rules
 # refuse, or with a `model.remat` policy that names per-edge tensors only the jax.numpy path
 # has: "xla" (on a CPU Pallas would run in its slow interpreter).
-EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8"
+EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8-sorted"
 
 
 def _on_nvidia_gpu() -> bool:

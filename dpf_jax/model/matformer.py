@@ -98,7 +98,7 @@ class MatformerEncoder(nn.Module):
       formulation: "edge" or "node", two exact ways to evaluate MatformerConv (same params);
         see `dpf_jax.model.layers.MatformerConv` for their FLOPs and measured speed.
       edge_kernel: how the per-edge message chain runs (same parameters): "xla" (this class's
-        default), "auto" (the configs' default: "pallas_gate_rows-16x8" on a GPU, else "xla";
+        default), "auto" (the configs' default: "pallas_gate_rows-16x8-sorted" on a GPU, else "xla";
         `dpf_jax.model.layers.resolve_edge_kernel`), "pallas_gate_rows" (the gate as one Triton
         kernel pair gathering node rows itself), "pallas" (the chain as one fused Triton kernel
         pair, `dpf_jax.model.edge_kernel`), "pallas_node" (gathers inside too), "pallas_gate"
