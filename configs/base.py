@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (more FLOPs, much smaller gathers); see dpf_jax/model/layers.py and scripts/results/PERF_NOTES.md.
     c.model.formulation = "node"
     # How the per-edge message chain runs, same parameters and maths: "auto" (default: on a GPU
-    # "pallas_gate_rows-16x8-sorted", the fastest measured; elsewhere "xla"; dpf_jax/model/layers.py
+    # "pallas_gate_rows-16x8-sorted", the fastest on the synthetic step; elsewhere "xla"; dpf_jax/model/layers.py
     # resolve_edge_kernel), "xla" (jax.numpy), "pallas_gate_rows" (node formulation: the gate
     # alpha -> LayerNorm -> sigmoid -> x upd as one Triton kernel pair that gathers the node-table
     # rows itself, matmuls in XLA; dpf_jax/model/gate_kernel.py), "pallas_gate" (the same gate on

@@ -238,7 +238,9 @@ def main(argv=None) -> dict:
     p.add_argument("--modes", nargs="+", default=["highest", "default", "bf16"],
                    help="model.precision values, each optionally +<model.edge_kernel> (e.g. default+xla); "
                         "without one the config's edge_kernel ('auto')")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="default 0 1 2; with --merge: judge only these seeds (default: every seed the "
+                        "reports declare, each of which must have finished in every mode)")
     p.add_argument("--rtol", type=float, default=0.05)
     p.add_argument("--skip", type=float, default=0.5,
                    help="share of the epochs at the start left out of the best-so-far curve test")
@@ -252,20 +254,22 @@ def main(argv=None) -> dict:
                    help="run exactly --modes (no implied 'highest') and write the runs only, for --merge")
     args = p.parse_args(argv)
     if args.merge:
-        return merge_reports([Path(f) for f in args.merge], args.rtol, args.skip, Path(args.out))
+        return merge_reports([Path(f) for f in args.merge], args.rtol, args.skip, Path(args.out), args.seeds)
+    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
     if "highest" not in args.modes and not args.part:
         args.modes = ["highest"] + args.modes
 
     import jax
 
+    from dpf_jax.model.layers import resolve_edge_kernel
     from dpf_jax.train.loop import TrainingError, train_and_evaluate
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="precision_"))
     curves, finals, failed, metric_names, task = {}, {}, {}, set(), None
     report = {"device": jax.devices()[0].device_kind, "config": args.config, "epochs": args.epochs,
               "rtol": args.rtol, "small": args.small, "seeds": args.seeds, "skip": args.skip,
-              "window_start": window_start(args.epochs, args.skip), "val_curves": curves, "final": finals,
-              "failed_runs": failed}
+              "window_start": window_start(args.epochs, args.skip), "modes": args.modes, "edge_kernels": {},
+              "val_curves": curves, "final": finals, "failed_runs": failed}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for mode in args.modes:
@@ -273,6 +277,8 @@ def main(argv=None) -> dict:
         for seed in args.seeds:
             config = make_config(args.config, mode, seed, args.epochs, args.task, args.small)
             task = config.data.task if config.mode == "finetune" else None
+            m = config.model  # the kernel as it runs here ("auto" resolved), so reports can be told apart
+            report["edge_kernels"][mode] = resolve_edge_kernel(m.edge_kernel, m.formulation, m.channels, m.remat)
             workdir = root / f"{mode}_seed{seed}"
             try:
                 result = train_and_evaluate(config, str(workdir))
@@ -306,42 +312,57 @@ def finish_report(report: dict, metric_names: set, rtol: float, skip: float, out
     return report
 
 
-def merge_reports(paths: list[Path], rtol: float, skip: float, out: Path) -> dict:
+def merge_reports(paths: list[Path], rtol: float, skip: float, out: Path, seeds: list[int] | None = None) -> dict:
     """One report from several (partial or finished) ones that trained the same config for the
-    same number of epochs, e.g. `--seeds 0`, `--seeds 1`, `--seeds 2` run on three GPUs at once.
-    A (mode, seed) run may appear in one report only; every mode must have run every seed."""
-    keep = ("config", "epochs", "small", "task")
-    merged, metric_names, seen = None, set(), {}
+    same number of epochs on the same kind of device, e.g. `--seeds 0`, `--seeds 1`, `--seeds 2`
+    run on three GPUs at once. A (mode, seed) run may appear in one report only. Every mode a
+    report declares (`modes`; older reports: the modes that started) must have a finished or
+    failed run for every judged seed: `seeds`, default every seed the reports declare. The
+    verdict uses this call's `rtol` and `skip`, whatever the parts were run with."""
+    keep = ("device", "config", "epochs", "small", "task")
+    merged, metric_names, seen, kernels, modes, declared = None, set(), {}, {}, [], set()
     for path in paths:
         part = json.loads(path.read_text())
         if merged is None:
-            merged = {"device": part["device"], **{k: part.get(k) for k in keep}, "rtol": rtol, "skip": skip,
-                      "seeds": [], "window_start": window_start(part["epochs"], skip),
+            merged = {**{k: part.get(k) for k in keep}, "rtol": rtol, "skip": skip, "seeds": [],
+                      "window_start": window_start(part["epochs"], skip), "modes": modes, "edge_kernels": kernels,
                       "val_curves": {}, "final": {}, "failed_runs": {}, "merged_from": []}
         bad = [k for k in keep if part.get(k) != merged[k]]
         if bad:
             raise ValueError(f"{path}: {', '.join(f'{k}={part.get(k)!r}' for k in bad)} differ from "
                              f"{paths[0]}'s ({', '.join(f'{k}={merged[k]!r}' for k in bad)})")
         merged["merged_from"].append(str(path))
+        declared.update(part.get("seeds") or [])
+        for mode in part.get("modes") or list(part["val_curves"]):
+            if mode not in modes:
+                modes.append(mode)
+        for mode, kernel in (part.get("edge_kernels") or {}).items():
+            if kernels.setdefault(mode, kernel) != kernel:
+                raise ValueError(f"{path}: {mode} ran edge kernel {kernel!r}, another report's ran {kernels[mode]!r}")
         if part.get("metric") is not None:
             metric_names.add((part["metric"], part["final_metric"]))
-        for field in ("val_curves", "final", "failed_runs"):
+        for field in ("val_curves", "failed_runs"):  # a run is either a curve or a failure
             for mode, by_seed in part[field].items():
                 for seed, value in by_seed.items():
                     seed = int(seed)  # JSON keys are strings
-                    if field != "final":  # a run is either a curve or a failure
-                        if (mode, seed) in seen:
-                            raise ValueError(f"{path}: {mode} seed {seed} also in {seen[mode, seed]}")
-                        seen[mode, seed] = path
+                    if (mode, seed) in seen:
+                        raise ValueError(f"{path}: {mode} seed {seed} also in {seen[mode, seed]}")
+                    seen[mode, seed] = path
                     merged[field].setdefault(mode, {})[seed] = value
-    for field in ("val_curves", "final", "failed_runs"):
-        for mode in {m for m, _ in seen}:
-            merged[field].setdefault(mode, {})
-    merged["seeds"] = sorted({s for _, s in seen})
-    missing = sorted((m, s) for m in {m for m, _ in seen} for s in merged["seeds"] if (m, s) not in seen)
-    if missing or "highest" not in merged["val_curves"]:
+                    if field == "val_curves":
+                        final = part["final"].get(mode, {}).get(str(seed))
+                        if final is None:
+                            raise ValueError(f"{path}: {mode} seed {seed} has a curve but no final value")
+                        merged["final"].setdefault(mode, {})[seed] = final
+    judged = sorted(seeds if seeds is not None else declared or {s for _, s in seen})
+    missing = [(m, s) for m in modes for s in judged if (m, s) not in seen]
+    if missing or "highest" not in modes:
         raise ValueError(f"runs missing from {[str(p) for p in paths]}: "
-                         f"{missing or [('highest', s) for s in merged['seeds']]}")
+                         f"{missing or [('highest', s) for s in judged]} (a killed part? judge fewer seeds "
+                         "with --seeds)")
+    for field in ("val_curves", "final", "failed_runs"):  # only the judged seeds, every mode present
+        merged[field] = {m: {s: v for s, v in merged[field].get(m, {}).items() if s in judged} for m in modes}
+    merged["seeds"] = judged
     return finish_report(merged, metric_names, rtol, skip, out)
 
 

@@ -87,3 +87,21 @@ def terminate_after_epochs(command, metrics_csv, epochs=3, env=None, timeout=300
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     return proc.returncode, out
+
+
+def lower_for_gpu(fn, *shapes) -> str:
+    """StableHLO text of `fn` lowered for an NVIDIA GPU, on this CPU-only machine (the Pallas
+    kernels' Triton lowering runs here; only the final compilation to GPU code needs a GPU)."""
+    import jax
+
+    lowered = lambda: jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
+    try:
+        return lowered()
+    except RuntimeError as e:  # jax >= 0.11 asks which GPU to build for when none is attached
+        if "No supported GPU devices" not in str(e):
+            raise
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    target = AbstractMesh((1,), ("gpu",), abstract_device=AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu"))
+    with use_abstract_mesh(target):
+        return lowered()

@@ -306,3 +306,9 @@ def test_edges_not_sorted_by_receiver_are_refused():
                                   images=graph.images[::-1])
     with pytest.raises(ValueError, match=f"{record.id}: edges are not sorted by receiver"):
         graph_to_jraph(flipped)
+    # a GraphsTuple made elsewhere, packed for batching: the crystal is named by its position
+    graphs = [graph_to_jraph(graph), graph_to_jraph(graph)]
+    PackedGraphs(graphs)  # sorted within each crystal (receivers drop where the second starts)
+    graphs[1] = graphs[1]._replace(receivers=graphs[1].receivers[::-1], senders=graphs[1].senders[::-1])
+    with pytest.raises(ValueError, match="graph 1: edges are not sorted by receiver"):
+        PackedGraphs(graphs)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lower_for_gpu
 
 from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message
 from dpf_jax.model.gate_kernel import fused_gate, fused_gate_rows, gate_reference
@@ -173,21 +174,6 @@ def test_conv_gate_in_bf16_is_close_to_xla(kernel):
                                    atol=0.08 * scale + floor, err_msg=jax.tree_util.keystr(path))
 
 
-def lower_for_gpu(fn, *shapes) -> str:
-    """StableHLO text of `fn` lowered for an NVIDIA GPU, on this CPU-only machine."""
-    lowered = lambda: jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
-    try:
-        return lowered()
-    except RuntimeError as e:  # jax >= 0.11 asks which GPU to build for when none is attached
-        if "No supported GPU devices" not in str(e):
-            raise
-    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
-
-    target = AbstractMesh((1,), ("gpu",), abstract_device=AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu"))
-    with use_abstract_mesh(target):
-        return lowered()
-
-
 def test_triton_lowering_at_model_shapes():
     """Both kernels lower to Triton IR at the default model's shapes (C = 128, H = 4), the way
     the GPU build sees them; catches unsupported operations and non-power-of-two tiles."""
@@ -272,6 +258,8 @@ def test_kernel_options_from_config_string():
                 "pallas_gate-16x8-sorted", "pallas_gate_rows-16x8-atomic-sorted"):
         with pytest.raises(ValueError):
             KernelOptions.parse(bad)
+    with pytest.raises(ValueError, match="choose one"):
+        KernelOptions(atomic_grads=True, sorted_sums=True)
     with pytest.raises(ValueError, match="powers of two"):
         fused_edge_message(*random_args(32, 1, 16), opts=KernelOptions(block_edges=24))
 

@@ -219,3 +219,47 @@ def test_reports_run_seed_by_seed_merge_into_the_report_of_one_run(tmp_path, mon
     run(["4"], "p4", epochs="3")
     with pytest.raises(ValueError, match="epochs=3 differ"):
         precision_check.main(["--merge", *parts, str(tmp_path / "p4.json"), "--out", str(tmp_path / "x.json")])
+    # each report says which modes it meant to run and which kernel each ran ("auto" resolved)
+    assert whole["modes"] == ["highest", "default", "bf16"] and merged["modes"] == whole["modes"]
+    assert merged["edge_kernels"] == whole["edge_kernels"] == {m: "xla" for m in whole["modes"]}  # CPU
+
+
+def test_merging_refuses_what_would_silently_shrink_the_check(tmp_path, monkeypatch):
+    """A mode that never finished anywhere, a seed a report declared but did not finish, a
+    curve without its final value, another device: errors, not a smaller verdict."""
+    from dpf_jax.train import loop
+
+    def fake_train(config, workdir):
+        Path(workdir).mkdir(parents=True)
+        (Path(workdir) / "metrics.csv").write_text("epoch,val_mae\n0,0.5\n1,0.4\n")
+        return {"test_mae_final": 0.4}
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    parts = []
+    for s in "01":
+        out = tmp_path / f"p{s}.json"
+        precision_check.main(["--seeds", s, "--epochs", "2", "--modes", "bf16", "--workdir", str(tmp_path / s),
+                              "--out", str(out)])
+        parts.append(out)
+    merge = lambda *paths, seeds=(): precision_check.main(  # noqa: E731
+        ["--merge", *map(str, paths), *(["--seeds", *seeds] if seeds else []), "--out", str(tmp_path / "m.json")])
+    assert merge(*parts)["comparison"]["bf16"]["passes"]
+
+    def edited(path, name, change):
+        report = json.loads(path.read_text())
+        change(report)
+        (tmp_path / name).write_text(json.dumps(report))
+        return tmp_path / name
+
+    # seed 1 killed before bf16 finished (its report was last written after "highest")
+    killed = edited(parts[1], "killed.json", lambda r: (r["val_curves"].pop("bf16"), r["final"].pop("bf16")))
+    with pytest.raises(ValueError, match=r"runs missing .*\('bf16', 1\)"):
+        merge(parts[0], killed)
+    assert merge(parts[0], killed, seeds=["0"])["seeds"] == [0]  # judging fewer seeds is explicit
+    with pytest.raises(ValueError, match="has a curve but no final value"):
+        merge(parts[0], edited(parts[1], "nofinal.json", lambda r: r["final"]["bf16"].pop("1")))
+    with pytest.raises(ValueError, match="device='other GPU' differ"):
+        merge(parts[0], edited(parts[1], "device.json", lambda r: r.update(device="other GPU")))
+    with pytest.raises(ValueError, match="bf16 ran edge kernel 'pallas_gate_rows-16x8'"):
+        merge(parts[0], edited(parts[1], "kernel.json",
+                               lambda r: r["edge_kernels"].update(bf16="pallas_gate_rows-16x8")))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_edge_kernel import lower_for_gpu
+from conftest import lower_for_gpu
 
 from dpf_jax.model.edge_kernel import KernelOptions
 from dpf_jax.model.segment_kernel import (segment_bounds, segment_rows, segment_rows_reference,
@@ -73,3 +73,24 @@ def test_triton_lowering_at_model_shapes():
 
     text = lower_for_gpu(sums, sds((n_edge, heads, c), f32), sds((n_edge, heads, 3 * c), f32), sds((n_edge,), i32))
     assert text.count("xla.gpu.triton") == 1 and 'name = "segment_rows"' in text
+
+
+def test_runs_stacked_by_vmap_give_each_runs_sums():
+    """Multirun (dpf_jax.train.multirun) vmaps the step over independent runs: the kernel under
+    vmap (Pallas adds a grid axis) gives each run its own sums, in the interpreter and lowered
+    for the GPU."""
+    n_node, n_edge, heads, c = 9, 60, 2, 16
+    cases = [random_case(n_node, n_edge, heads, (c,), seed=s) for s in (1, 2)]
+    send = jnp.asarray(np.stack([case[1] for case in cases]))
+    part = jnp.asarray(np.stack([case[2][0] for case in cases]))
+
+    def sums(p, s, interpret):
+        out, = segment_rows([p], sort_order(s), segment_bounds(s, n_node), c, KernelOptions(interpret=interpret))
+        return out
+
+    stacked = jax.vmap(lambda p, s: sums(p, s, True))(part, send)
+    for r, (_, s, (p,)) in enumerate(cases):
+        np.testing.assert_allclose(stacked[r], brute_force(p, s, n_node), rtol=1e-5, atol=1e-5)
+    text = lower_for_gpu(jax.vmap(lambda p, s: sums(p, s, False)), jax.ShapeDtypeStruct(part.shape, jnp.float32),
+                         jax.ShapeDtypeStruct(send.shape, jnp.int32))
+    assert text.count("xla.gpu.triton") == 1

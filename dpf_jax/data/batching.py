@@ -248,6 +248,13 @@ class PackedGraphs(Sequence):
         self.edges = {k: cat(lambda g: g.edges[k]) for k in first.edges}
         self.globals = {k: cat(lambda g: g.globals[k]) for k in first.globals}
         self.senders, self.receivers = cat(lambda g: g.senders), cat(lambda g: g.receivers)
+        # within each crystal, edges sorted by receiver (see graph_to_jraph): a drop only where a crystal starts
+        drops = np.flatnonzero(np.diff(self.receivers) < 0) + 1
+        bad = drops[~np.isin(drops, self.edge_start)]
+        if bad.size:
+            i = int(np.searchsorted(self.edge_start, bad[0], side="right") - 1)
+            raise ValueError(f"graph {i}: edges are not sorted by receiver (build graphs with "
+                             "dpf_jax.data.graphs.build_crystal_graph and graph_to_jraph)")
         for a in (*self.nodes.values(), *self.edges.values(), *self.globals.values(), self.senders,
                   self.receivers, self.n_node, self.n_edge):
             a.flags.writeable = False  # shared by every view `__getitem__` hands out

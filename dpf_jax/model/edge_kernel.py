@@ -71,6 +71,11 @@ class KernelOptions:
     atomic_grads: bool = False
     sorted_sums: bool = False
 
+    def __post_init__(self):
+        if self.atomic_grads and self.sorted_sums:
+            raise ValueError("KernelOptions: atomic_grads and sorted_sums are two ways to sum the same gradients; "
+                             "choose one")
+
     @classmethod
     def parse(cls, spec: str, **kw) -> "KernelOptions":
         """From a config string: "pallas" / "pallas_node" / "pallas_gate" / "pallas_gate_rows"

@@ -303,7 +303,8 @@ def _rows_fwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_re
 def _rows_bwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, dm_ref,
                      dupd_ref, dq_ref, dqk_ref, dk_ref, de_ref, part_ref, *, c, inv, keep):
     """Per-edge gradients, each written once: d_upd (= d vm_i = d vm_j = d ew3), d q_i, d qk_ii,
-    d k_j, d e; XLA sums them into the node tables (the gathers' transposes)."""
+    d k_j, d e; `_rows_backward` sums them into the node tables (the gathers' transposes: XLA's
+    scatter-adds, or the segment kernel with `sorted_sums`)."""
     from jax.experimental import pallas as pl
 
     def store_dupd(kk, dupd):
@@ -474,10 +475,10 @@ def _rows_backward(args, dm, opts):
     if ne != n_edge:
         dupd, dq, dqk, dk, de = (x[:n_edge] for x in (dupd, dq, dqk, dk, de))
     if opts.sorted_sums:  # the gathers' transposes as runs of edges per node (segment_kernel.py)
-        c, n_node = e.shape[2], rt.shape[0]
+        c = e.shape[2]
         # receivers: the edges' own order (sorted by receiver, as segment sums elsewhere assume)
-        d_rt = segment_rows([dq, dqk, dupd], None, segment_bounds(recv, n_node), c, opts)
-        d_st = segment_rows([dk, dupd], sort_order(send), segment_bounds(send, n_node), c, opts)
+        d_rt = segment_rows([dq, dqk, dupd], None, segment_bounds(recv, rt.shape[0]), c, opts)
+        d_st = segment_rows([dk, dupd], sort_order(send), segment_bounds(send, st.shape[0]), c, opts)
         return _rows_cotangents(args, jnp.concatenate(d_rt, axis=-1), jnp.concatenate(d_st, axis=-1), dupd, de,
                                 part)
     # the gathers' transposes: float32 scatter-adds, no sortedness hint (see layers.gather); XLA

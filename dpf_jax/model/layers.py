@@ -380,7 +380,8 @@ class MatformerConv(nn.Module):
     def __call__(self, x, edge_attr, senders, receivers, node_mask, edge_mask, train: bool, edge_count=None):
         """`edge_count` (float32 [E], optional): how many reference edges each edge stands for
         (merged graphs, `dpf_jax.data.graphs.merge_equivalent_edges`): its message is counted
-        that many times in the receiver's sum. None: once (the edge mask alone)."""
+        that many times in the receiver's sum. None: once (the edge mask alone). `receivers`
+        must be sorted (see `MatformerEncoder`)."""
         H, C = self.heads, self.channels
         n_node, n_edge = x.shape[0], edge_attr.shape[0]
         dt = self.dtype

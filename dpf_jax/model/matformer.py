@@ -86,6 +86,10 @@ class EncoderOutput(NamedTuple):
 class MatformerEncoder(nn.Module):
     """Atom embedding + RBF edge embedding + `num_layers` MatformerConv layers.
 
+    The graph's edges must be sorted by receiver, as `dpf_jax.data` builds them (and checks in
+    `graph_to_jraph` / `PackedGraphs`): the receiver sums take that order as given
+    (`indices_are_sorted`), and so does the default GPU kernel's backward (`-sorted`).
+
     Attributes:
       num_layers, channels, heads: 5, 128, 4 as in the reference.
       rbf_bins, cutoff: RBF expansion of |r| with `rbf_bins` centres on [0, cutoff] Å.

@@ -3,7 +3,8 @@
 The gate kernels' backward (`gate_kernel._rows_backward`) ends in the transposes of its row
 gathers: per-edge gradients [E, H, w] summed into the node tables [N, H, w]. XLA does that with
 scatter-adds, which on a GPU are one float atomic per element: in the synthetic fine-tuning
-step they took 4.9 of 30.6 ms (H100, session 17 trace), ~10x the time their bytes need.
+step the two of them took 4.5 of 30.6 ms (H100, session 17 trace), ~10x the time their bytes
+need; these kernels took 3.4 ms there (session 19, scripts/results/h100_session19/).
 
 Here every node's edges are one contiguous run of `order` (receivers: the edges themselves,
 which are sorted by receiver; senders: the edges sorted by sender), so one program per
