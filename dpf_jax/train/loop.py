@@ -581,10 +581,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             log.warning("interrupted (%s) inside a step: resume from the previous checkpoint", e)
             checkpointer.close()
             raise
-        at = int(jax.device_get(train_state().step))
+        state = train_state()  # unpacked once, for the step count and the save
+        at = int(jax.device_get(state.step))
         drain(pending, sums)
         log.warning("interrupted (%s): saving the latest checkpoint at step %d", e, at)
-        save(at // steps_per_epoch)
+        save(at // steps_per_epoch, state)
         checkpointer.close()
         raise
     finally:

@@ -137,9 +137,10 @@ class StatePacking:
 class MetricsPacking:
     """A step's metrics (scalars per step, or per run) as one float32 vector, so the host
     fetches a step's metrics in one copy instead of one per metric (~9): on four H200s the
-    fetches took the training loop's thread 0.7 ms per step (session 18, `ep4_both.json`'s
-    `drain`; the packed metrics are not timed on a GPU yet). Exact: float32 values as they
-    are, bools as 0/1 (int metrics would have to fit float32; the step has none).
+    fetches took the training loop's thread 0.71 ms per step (session 18, `ep4_both.json`'s
+    `drain`), packed 0.17 ms (session 19, `scripts/results/h200x4_session19/ep4_all.json`).
+    Exact: float32 values as they are, bools as 0/1 (int metrics would have to fit float32; the
+    step has none).
 
     The layout is recorded when the step is traced (`pack`, inside jit): the metrics'
     structure is fixed by the objective, so every trace records the same one."""
