@@ -109,6 +109,20 @@ def test_training_beats_the_mean_predictor_on_real_data(tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(rows) == 7 and rows[0].startswith("epoch")
     assert (tmp_path / "predictions_test.csv").exists()
+    # the log names the kernel that ran: "auto" is the jax.numpy path on a CPU
+    assert "precision default, edge kernel xla (model.edge_kernel=auto)" in (tmp_path / "train.log").read_text()
+
+
+def test_describe_compute_names_the_kernel_as_it_runs():
+    from dpf_jax.model.layers import EDGE_KERNEL_AUTO_GPU
+    from dpf_jax.train.objectives import describe_compute
+
+    model = finetune_jarvis.get_config().model
+    model.edge_kernel, model.precision = "pallas_gate_rows-16x4", "bf16"  # a named kernel runs as named
+    assert describe_compute(model) == "precision bf16, edge kernel pallas_gate_rows-16x4"
+    model.edge_kernel = "auto"
+    expected = EDGE_KERNEL_AUTO_GPU if jax.default_backend() == "gpu" else "xla"
+    assert describe_compute(model) == f"precision bf16, edge kernel {expected} (model.edge_kernel=auto)"
 
 
 def test_nan_loss_stops_with_the_step_and_no_nan_checkpoint(tmp_path):

@@ -39,7 +39,8 @@ from dpf_jax.tasks.official import OfficialBatcher, drop_single_atom_structures
 from dpf_jax.tasks.rebuild import RebuildingBatcher, shutdown_workers
 from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train.budget_search import tune_batcher
-from dpf_jax.train.objectives import DenoisingObjective, OfficialDenoisingObjective, RegressionObjective
+from dpf_jax.train.objectives import (DenoisingObjective, OfficialDenoisingObjective, RegressionObjective,
+                                      describe_compute)
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import (make_mesh, maybe_initialize_distributed, prefetch_to_device,
                                     put_batch, put_replicated)
@@ -459,8 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     example = jax.tree_util.tree_map(lambda x: x[0], first_batch)
     state = create_state(model, tx, example, config.seed, stats)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    log.info("model: %s with %d parameters on %d device(s) (%s)", type(model).__name__, n_params,
-             num_devices, jax.devices()[0].platform)
+    log.info("model: %s with %d parameters on %d device(s) (%s); %s", type(model).__name__, n_params,
+             num_devices, jax.devices()[0].platform, describe_compute(config.model))
 
     restored = checkpointer.restore("latest", state)
     best_metric, best_epoch = math.inf, -1

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from dpf_jax.data.batching import prefetch
 from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train import loop
+from dpf_jax.train.objectives import describe_compute
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_replicated
 from dpf_jax.train.step import create_state, make_eval_step
@@ -158,7 +159,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(states[0].params))
     state = put_replicated(_stack(states), mesh)
     del states
-    log.info("%d runs of %s trained together: %s", n_runs, type(model).__name__, run_names)
+    log.info("%d runs of %s trained together (%s): %s", n_runs, type(model).__name__,
+             describe_compute(config.model), run_names)
 
     # as train/loop.py: the step carries the runs' states packed, batches bundled, metrics packed
     run = loop.build_run_step(config, objective, model, tx, mesh, state, lambda: next(batches.iterate(0)),

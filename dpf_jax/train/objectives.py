@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dpf_jax.model.heads import DenoisingModel
-from dpf_jax.model.layers import BATCH_NORM_STATS
+from dpf_jax.model.layers import BATCH_NORM_STATS, resolve_edge_kernel
 from dpf_jax.model.matformer import MatformerEncoder, MatformerRegressor
 from dpf_jax.tasks import losses, perturb
 from dpf_jax.tasks.rebuild import targets_from_batch
@@ -42,6 +42,17 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
                 formulation=model_cfg.get("formulation", "node"), edge_kernel=model_cfg.get("edge_kernel", "auto"),
                 remat=model_cfg.get("remat", "none"),
                 batch_norm_stats=bn_stats)
+
+
+def describe_compute(model_cfg: ml_collections.ConfigDict) -> str:
+    """The compute settings a run's log states: matmul precision and the edge kernel as it runs
+    on this backend ("auto" resolved, `layers.resolve_edge_kernel`), e.g. "precision default,
+    edge kernel pallas_gate_rows-16x8-sorted (model.edge_kernel=auto)"."""
+    name = model_cfg.get("edge_kernel", "auto")
+    kernel = resolve_edge_kernel(name, model_cfg.get("formulation", "node"), model_cfg.channels,
+                                 model_cfg.get("remat", "none"))
+    how = f" (model.edge_kernel={name})" if kernel != name else ""
+    return f"precision {model_cfg.get('precision', 'default')}, edge kernel {kernel}{how}"
 
 
 @dataclasses.dataclass
