@@ -174,7 +174,7 @@ def test_step_op_counter_reads_the_optimised_program():
 def test_gathered_batchnorm_halves_the_collectives_of_the_step():
     """The data-parallel training step on four fake devices, 2 layers: "two_pass" BatchNorm
     statistics take two collectives per layer in each direction (4L + 1 with the gradients'),
-    "gathered" one (the README's multi-GPU section measures what this saves on GPUs)."""
+    "gathered" one (scripts/results/PERFORMANCE_LOG.md, session 12, measures what this saves on GPUs)."""
     module = load_script("count_step_ops")
     collectives = {}
     for stats in ("two_pass", "gathered"):

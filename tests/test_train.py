@@ -15,6 +15,7 @@ from conftest import DATA, REPO, terminate_after_epochs, tiny, train_setup
 from configs import finetune_jarvis, pretrain_mask30
 from dpf_jax.train import loop
 from dpf_jax.train.checkpoint import load_raw_checkpoint
+from dpf_jax.train.objectives import describe_compute
 from dpf_jax.train.optim import make_optimizer
 from dpf_jax.train.parallel import make_mesh, put_batch, put_replicated
 from dpf_jax.train.step import create_state, make_forward
@@ -109,20 +110,31 @@ def test_training_beats_the_mean_predictor_on_real_data(tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(rows) == 7 and rows[0].startswith("epoch")
     assert (tmp_path / "predictions_test.csv").exists()
-    # the log names the kernel that ran: "auto" is the jax.numpy path on a CPU
-    assert "precision default, edge kernel xla (model.edge_kernel=auto)" in (tmp_path / "train.log").read_text()
+    # the log names the devices and the kernel that ran ("auto" resolved: the jax.numpy path on a CPU)
+    log = (tmp_path / "train.log").read_text()
+    assert f"on {jax.device_count()} device(s) ({loop.describe_devices()}); {describe_compute(config.model)}" in log, \
+        log[:2000]
+    assert jax.default_backend() != "cpu" or "precision default, edge kernel xla (model.edge_kernel=auto)" in log
 
 
-def test_describe_compute_names_the_kernel_as_it_runs():
-    from dpf_jax.model.layers import EDGE_KERNEL_AUTO_GPU
-    from dpf_jax.train.objectives import describe_compute
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_describe_compute_names_the_kernel_as_it_runs(monkeypatch, on_gpu):
+    """What the run log states is what the encoder runs: a named kernel as named, "auto" as
+    `resolve_edge_kernel` resolves it (here with the GPU check forced either way)."""
+    from dpf_jax.model import layers
 
+    monkeypatch.setattr(layers, "_on_nvidia_gpu", lambda: on_gpu)
     model = finetune_jarvis.get_config().model
-    model.edge_kernel, model.precision = "pallas_gate_rows-16x4", "bf16"  # a named kernel runs as named
+    model.edge_kernel, model.precision = "pallas_gate_rows-16x4", "bf16"
     assert describe_compute(model) == "precision bf16, edge kernel pallas_gate_rows-16x4"
     model.edge_kernel = "auto"
-    expected = EDGE_KERNEL_AUTO_GPU if jax.default_backend() == "gpu" else "xla"
-    assert describe_compute(model) == f"precision bf16, edge kernel {expected} (model.edge_kernel=auto)"
+    auto = layers.EDGE_KERNEL_AUTO_GPU if on_gpu else "xla"
+    assert describe_compute(model) == f"precision bf16, edge kernel {auto} (model.edge_kernel=auto)"
+    # where the kernel cannot run, "auto" falls back to the jax.numpy path, and the log says so
+    for key, value in (("remat", "stats"), ("formulation", "edge"), ("channels", 96)):
+        changed = finetune_jarvis.get_config().model
+        changed[key] = value
+        assert describe_compute(changed) == "precision default, edge kernel xla (model.edge_kernel=auto)", key
 
 
 def test_nan_loss_stops_with_the_step_and_no_nan_checkpoint(tmp_path):

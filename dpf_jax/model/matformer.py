@@ -51,7 +51,7 @@ from dpf_jax.model.layers import (Dtype, Linear, MatformerConv, Precision, gathe
 # tensors, so recomputing the cheap elementwise chain (and the gathers from node tables that
 # may sit in L2) inside the backward's fusions can cost less than writing and re-reading it.
 # Same parameters and maths; the choice is a speed / memory trade, measured with
-# `bench_train.py --set model.remat=...`: no policy is faster than "none" (README, performance);
+# `bench_train.py --set model.remat=...`: no policy is faster than "none" (scripts/results/PERFORMANCE_LOG.md);
 # "stats" is the memory saver (H100: -38% peak memory at the same speed on real pre-training
 # batches, -23% for +2.5-2.8% step time on the synthetic fine-tuning batch).
 REMAT_POLICIES = {

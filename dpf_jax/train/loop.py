@@ -461,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = create_state(model, tx, example, config.seed, stats)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     log.info("model: %s with %d parameters on %d device(s) (%s); %s", type(model).__name__, n_params,
-             num_devices, jax.devices()[0].platform, describe_compute(config.model))
+             num_devices, describe_devices(), describe_compute(config.model))
 
     restored = checkpointer.restore("latest", state)
     best_metric, best_epoch = math.inf, -1
@@ -765,6 +765,12 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def describe_devices() -> str:
+    """The platform and the kind of the first device, e.g. "gpu: NVIDIA H200", for the logs."""
+    device = jax.devices()[0]
+    return f"{device.platform}: {getattr(device, 'device_kind', '?')}"
 
 
 def _add_file_logging(workdir: Path) -> None:

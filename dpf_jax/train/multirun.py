@@ -159,8 +159,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(states[0].params))
     state = put_replicated(_stack(states), mesh)
     del states
-    log.info("%d runs of %s trained together (%s): %s", n_runs, type(model).__name__,
-             describe_compute(config.model), run_names)
+    log.info("%d runs of %s trained together on %d device(s) (%s; %s): %s", n_runs, type(model).__name__,
+             mesh.size, loop.describe_devices(), describe_compute(config.model), run_names)
 
     # as train/loop.py: the step carries the runs' states packed, batches bundled, metrics packed
     run = loop.build_run_step(config, objective, model, tx, mesh, state, lambda: next(batches.iterate(0)),

@@ -48,9 +48,9 @@ def describe_compute(model_cfg: ml_collections.ConfigDict) -> str:
     """The compute settings a run's log states: matmul precision and the edge kernel as it runs
     on this backend ("auto" resolved, `layers.resolve_edge_kernel`), e.g. "precision default,
     edge kernel pallas_gate_rows-16x8-sorted (model.edge_kernel=auto)"."""
-    name = model_cfg.get("edge_kernel", "auto")
-    kernel = resolve_edge_kernel(name, model_cfg.get("formulation", "node"), model_cfg.channels,
-                                 model_cfg.get("remat", "none"))
+    kw = model_kwargs(model_cfg, None)  # the encoder's own settings and defaults
+    name = kw["edge_kernel"]
+    kernel = resolve_edge_kernel(name, kw["formulation"], kw["channels"], kw["remat"])
     how = f" (model.edge_kernel={name})" if kernel != name else ""
     return f"precision {model_cfg.get('precision', 'default')}, edge kernel {kernel}{how}"
 
