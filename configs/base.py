@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.units = "auto"  # "auto": from the task table in dpf_jax/data/pipeline.py
     c.data.target_transform = "auto"  # "", "log10", or "auto" (log10 for MP K_VRH/G_VRH)
     c.data.val_fraction = 0.05  # pre-training corpus: held-out share for validation
+    # labelled data whose records store no split for the task: (val, test) shares of a split by
+    # a hash of the record id (the same for every seed); stored splits are used as they are
+    c.data.split_fractions = (0.1, 0.1)
     c.data.cache_dir = ".cache/graphs"
     c.data.num_workers = 0  # graph building processes; 0 = all cores
     c.data.max_records = 0  # 0 = all; smoke runs use a few hundred (pre-training: a random subset)

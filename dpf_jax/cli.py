@@ -39,6 +39,25 @@ def put_config_root_on_path(argv: list[str]) -> None:
         sys.path.insert(0, str(root))
 
 
+def run_app(main, argv: list[str] | None = None) -> None:
+    """`absl.app.run(main, argv)`, with a bad `--config.x=y` override (a misspelt field, a value
+    of the wrong type: errors raised while the flags are parsed, before `main` runs) reported
+    in one line instead of a traceback. Errors from `main` itself pass through unchanged."""
+    from absl import app, flags
+
+    try:
+        app.run(main, argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if flags.FLAGS.is_parsed():
+            raise
+        # ml_collections' KeyError text arrives re-quoted ('\'epoch\'\nDid you mean ...'): unquote it
+        text = str(e).replace("\\n", "\n").replace("\\'", "'")
+        lines = [line.strip(" '\"") for line in text.splitlines() if line.strip(" '\"")] or [type(e).__name__]
+        if isinstance(e, (AttributeError, KeyError)):  # a misspelt or missing field
+            lines[0] = f"no config field {lines[0]!r}"
+        raise SystemExit(f"error: bad command line: {'; '.join(lines)}") from None
+
+
 def explain(error: Exception, argv: list[str]) -> str:
     """The error's message; for a missing file, with a hint when the run was started outside the
     repository its config comes from."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpf_jax.cli import explain, put_config_root_on_path
+from dpf_jax.cli import explain, put_config_root_on_path, run_app
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -47,4 +47,4 @@ def main(argv):
 
 if __name__ == "__main__":
     put_config_root_on_path(sys.argv)
-    app.run(main)
+    run_app(main)

@@ -8,6 +8,8 @@ Command line (prints a CSV on stdout, or writes it with --output; messages go to
 
   * inputs: CIF, POSCAR/CONTCAR/*.vasp and extxyz files, or folders of them (--recursive to
     descend); a multi-frame extxyz / multi-block CIF gives one row per structure ("stem:k").
+    The format comes from the file name; --format cif|poscar|extxyz reads every input file as
+    that format. Files of a folder not named like structure files are left out, with a count.
   * columns: id, formula (reduced), prediction, units. When the run regressed log10 of the
     target (the MP moduli K_VRH / G_VRH), `prediction` is in log10(GPa), as the run's MAE is,
     and an extra column `prediction_GPa` holds 10**prediction.
@@ -468,7 +470,8 @@ class Predictor:
         path = _resolve_data_path(data_path or d.path, self.workdir)
         data = prepare_labeled(str(path), d.task, params=self._graph_params(), transform=self.transform,
                                cache_dir=d.get("cache_dir", "") or None, workers=self.workers,
-                               max_records=d.get("max_records", 0), progress=progress)
+                               max_records=d.get("max_records", 0), progress=progress,
+                               split_fractions=tuple(d.get("split_fractions", (0.1, 0.1))))
         sd = data.splits[split]
         if not sd.graphs:
             raise PredictionError(f"the {split} split of {path} (task {d.task}) is empty")
@@ -554,6 +557,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"crystals per batch over all devices (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--num-devices", type=int, default=0, help="devices to use (default 0: every local device)")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
+    p.add_argument("--format", choices=("cif", "poscar", "extxyz"), default=None,
+                   help="read every input file as this format, whatever its name (default: from the file name)")
     p.add_argument("--workers", type=int, default=0, help="graph-building processes (default 0: all cores)")
     return p
 
@@ -603,12 +608,19 @@ def _main(args) -> int:
         else:
             from dpf_jax.data.readers import expand_structure_paths, read_structure_files
 
-            files = expand_structure_paths(args.inputs, recursive=args.recursive)
+            ignored: list[Path] = []
+            files = expand_structure_paths(args.inputs, recursive=args.recursive, ignored=ignored)
+            if ignored:
+                print(f"ignored {len(ignored)} file(s) in the folder(s) given whose names are not structure-file "
+                      f"names (first: {ignored[0]}); name a file directly with --format to read it anyway",
+                      file=err)
             if not files:
+                deeper = not args.recursive and expand_structure_paths(args.inputs, recursive=True)
                 print(f"error: no structure files (*.cif, POSCAR*, CONTCAR*, *.vasp, *.xyz, *.extxyz) in "
-                      f"{' '.join(args.inputs)}", file=err)
+                      f"{' '.join(args.inputs)}" + ("; there are some in sub-folders: add -r" if deeper else ""),
+                      file=err)
                 return 2
-            records, failures = read_structure_files(files)
+            records, failures = read_structure_files(files, fmt=args.format)
             res = model.predict_crystals(records, progress=progress)
             failures = list(failures) + list(res.failures)
             rows = model.rows(res)

@@ -13,15 +13,20 @@ from dpf_jax.data.pipeline import prepare_labeled, prepare_unlabeled
 from dpf_jax.data.readers import load_dataset_records
 
 
-def _subset(tmp_path, n, corrupt=()):
-    """The first n JARVIS records as a new file; `corrupt` line numbers get an overlapping atom."""
+def _subset(tmp_path, n, corrupt=(), unsplit=(), name="subset"):
+    """The first n JARVIS records as a new file; `corrupt` line numbers get an overlapping atom,
+    `unsplit` line numbers lose their stored splits ("all": every record)."""
     lines = gzip.open(DATA / "jarvis_dft3d.jsonl.gz", "rt").read().splitlines()[:n]
     for k in corrupt:
         rec = json.loads(lines[k])
         rec["species"].append(rec["species"][0])
         rec["frac_coords"].append([x + 0.001 for x in rec["frac_coords"][0]])
         lines[k] = json.dumps(rec)
-    path = tmp_path / "subset.jsonl.gz"
+    for k in (range(n) if unsplit == "all" else unsplit):
+        rec = json.loads(lines[k])
+        rec.pop("split")
+        lines[k] = json.dumps(rec)
+    path = tmp_path / f"{name}.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.write("\n".join(lines) + "\n")
     return path
@@ -118,8 +123,38 @@ def test_official_splits_and_log10_transform():
     assert np.all(data.splits["train"].targets < 3.5) and np.all(data.splits["train"].targets > -1)
 
 
+def test_records_without_stored_splits_are_split_by_a_hash_of_their_id(tmp_path):
+    """No record stores a split for the task: every record with a value lands in train/val/test
+    by its id alone, so a record keeps its split when the file is reordered or grows."""
+    kw = dict(cache_dir=None, workers=1, progress=False)
+    data = prepare_labeled(str(_subset(tmp_path, 200, unsplit="all")), "formation_energy_peratom", **kw)
+    sizes = {k: len(v) for k, v in data.splits.items()}
+    assert sum(sizes.values()) == 200 and not data.skipped
+    assert 140 <= sizes["train"] <= 180 and 8 <= sizes["val"] <= 32 and 8 <= sizes["test"] <= 32, sizes
+    bigger = prepare_labeled(str(_subset(tmp_path, 300, unsplit="all", name="bigger")), "formation_energy_peratom",
+                             **kw)
+    for split in ("train", "val", "test"):  # the first 200 records' targets keep their splits
+        np.testing.assert_array_equal(bigger.splits[split].targets[:sizes[split]], data.splits[split].targets)
+    other = prepare_labeled(str(_subset(tmp_path, 200, unsplit="all", name="other")), "formation_energy_peratom",
+                            split_fractions=(0.3, 0.0), **kw)
+    assert len(other.splits["test"]) == 0 and 40 <= len(other.splits["val"]) <= 80
+    with pytest.raises(ValueError, match="split fractions"):
+        prepare_labeled(str(_subset(tmp_path, 20, unsplit="all", name="bad")), "formation_energy_peratom",
+                        split_fractions=(0.6, 0.5), **kw)
+
+
+def test_records_missing_a_split_among_split_ones_are_skipped_and_counted(tmp_path):
+    path = _subset(tmp_path, 60, unsplit=(4, 9, 33))
+    data = prepare_labeled(str(path), "formation_energy_peratom", cache_dir=None, workers=1, progress=False)
+    lines = gzip.open(path, "rt").read().splitlines()
+    assert sorted(rid for rid, _ in data.skipped) == sorted(json.loads(lines[k])["id"] for k in (4, 9, 33))
+    assert all("no split for task 'formation_energy_peratom'" in reason for _, reason in data.skipped)
+    assert sum(len(s) for s in data.splits.values()) == 57
+
+
 def test_unknown_task_is_a_clear_error():
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ValueError, match=r"not found .*no record has a value or a split for it; targets there: "
+                                         r"\[.*'formation_energy_peratom'"):
         prepare_labeled(str(DATA / "jarvis_dft3d.jsonl.gz"), "no_such_task", cache_dir=None,
                         max_records=20, progress=False)
 

@@ -99,7 +99,10 @@ def test_cli_predicts_a_folder_and_reports_bad_files(run, model, cif_folder, jar
     assert all(r["formula"] == formulas[r["id"]] for r in rows)
     assert "broken.cif" in res.stderr and "could not parse CIF" in res.stderr
     assert f"{cif_folder / 'overlap.cif'}: atoms 0 and" in res.stderr and "overlap" in res.stderr
-    assert "2 skipped" in res.stderr and "notes.txt" not in res.stderr
+    assert "2 skipped" in res.stderr
+    # the folder's other file is left out with a count, not read as a failure
+    assert f"ignored 1 file(s) in the folder(s) given whose names are not structure-file names (first: " \
+           f"{cif_folder / 'notes.txt'})" in res.stderr
     # the same files named one by one, on ONE device (the run saved its checkpoint from 4),
     # CSV on stdout: the same table
     res2 = _cli("-c", str(workdir), *sorted(str(p) for p in cif_folder.glob("JVASP-*.cif")),
@@ -240,6 +243,20 @@ def test_clear_errors(run, tmp_path, capsys):
     assert "broken.cif" in err and "nothing could be predicted" in err
     assert predict_lib.main(["-c", str(tmp_path / "nowhere"), str(FIXTURES / "JVASP-10.cif")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+    # structure files only in a sub-folder: the error says -r finds them
+    (empty / "sub").mkdir()
+    shutil.copy(FIXTURES / "JVASP-10.cif", empty / "sub" / "JVASP-10.cif")
+    assert predict_lib.main(["-c", str(workdir), str(empty)]) == 2
+    assert "there are some in sub-folders: add -r" in capsys.readouterr().err
+    # a CIF under another name: refused by name, read with --format
+    odd = tmp_path / "structure.txt"
+    shutil.copy(FIXTURES / "JVASP-10.cif", odd)
+    assert predict_lib.main(["-c", str(workdir), str(odd)]) == 2
+    assert "--format" in capsys.readouterr().err
+    assert predict_lib.main(["-c", str(workdir), str(odd), "--format", "cif"]) == 0
+    out = capsys.readouterr()
+    assert _read_csv(out.out)[0]["id"] == "structure" and "1 structure(s); 0 skipped" in out.err
 
 
 def test_import_dpf_jax_stays_light():

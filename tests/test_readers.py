@@ -80,6 +80,29 @@ def test_poscar_files(jarvis, mp):
     assert_same_structure(c, mp["mp-2"])
 
 
+@pytest.mark.parametrize("keep, reason", [(-1, "file ends early: 4 atoms declared, 3 coordinate lines"),
+                                          (8, "file ends early: 4 atoms declared, 0 coordinate lines"),
+                                          (6, "file ends early: 6 lines, before the atom counts"),
+                                          (3, "file ends early: 3 lines, before the atom counts")])
+def test_a_poscar_cut_short_says_so(tmp_path, keep, reason):
+    """A POSCAR truncated anywhere gets a reason naming what is missing, not pymatgen's
+    "list index out of range"."""
+    lines = (STRUCT / "POSCAR").read_text().splitlines()
+    assert lines[5].split() and not lines[5].split()[0].isdigit() and sum(map(int, lines[6].split())) == 4
+    cut = tmp_path / "cut.vasp"
+    cut.write_text("\n".join(lines[:keep]) + "\n")
+    with pytest.raises(CrystalError, match=f"could not parse POSCAR: {reason}"):
+        readers.read_structure_file(cut)
+
+
+def test_a_cif_cut_before_its_atom_sites_says_so(tmp_path):
+    text = (STRUCT / "JVASP-10.cif").read_text()
+    cut = tmp_path / "cut.cif"
+    cut.write_text(text[:text.index("_atom_site")])
+    with pytest.raises(CrystalError, match=r"no atom-site coordinates .*a truncated file\?"):
+        readers.read_structure_file(cut)
+
+
 def test_extxyz_frames(jarvis, mp):
     frames = readers.read_structure_frames(STRUCT / "two_frames.extxyz")
     assert [c.id for c in frames] == ["two_frames:0", "two_frames:1"]

@@ -137,6 +137,22 @@ def test_describe_compute_names_the_kernel_as_it_runs(monkeypatch, on_gpu):
         assert describe_compute(changed) == "precision default, edge kernel xla (model.edge_kernel=auto)", key
 
 
+def test_empty_validation_and_test_splits_are_warned_before_training(tmp_path):
+    from dpf_jax.data.pipeline import PreparedData, SplitData
+
+    empty = SplitData([], np.zeros(0))
+    data = PreparedData({"train": SplitData([None], np.zeros(1)), "val": empty, "test": empty}, [], 1, "my.jsonl.gz")
+    fine = finetune_jarvis.get_config()
+    assert [w.split(": ")[1] for w in loop.empty_split_warnings(fine, data)] == ["no validation records",
+                                                                                 "no test records"]
+    pre = pretrain_mask30.get_config()
+    (warning,) = loop.empty_split_warnings(pre, data)
+    assert "checkpoints/latest" in warning and "raise data.val_fraction (now 0.05)" in warning
+    full = PreparedData({"train": data.splits["train"], "val": data.splits["train"], "test": data.splits["train"]},
+                        [], 1, "my.jsonl.gz")
+    assert loop.empty_split_warnings(fine, full) == []
+
+
 def test_nan_loss_stops_with_the_step_and_no_nan_checkpoint(tmp_path):
     config = tiny(finetune_jarvis.get_config(), records=64, epochs=3, batch=16)
     config.optim.learning_rate = 1e30
@@ -264,6 +280,11 @@ def test_cli_runs_and_reports_bad_config(tmp_path):
     missing = _cli("--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path / "m"),
                    "--config.data.path=does/not/exist.jsonl.gz", *common)
     assert missing.returncode != 0 and "does/not/exist.jsonl.gz" in missing.stderr
+    # a misspelt override: one line naming the field and the suggestion, no traceback
+    typo = _cli("--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path / "t"), "--config.train.epoch=1")
+    assert typo.returncode != 0 and "Traceback" not in typo.stderr, typo.stderr[-3000:]
+    assert typo.stderr.strip() == ("error: bad command line: no config field 'epoch'; "
+                                   'Did you mean "epochs" instead of "epoch"?')
     ok = _cli("--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path / "ok"),
               "--config.init_checkpoint=", *common)
     assert ok.returncode == 0, ok.stderr[-3000:]
@@ -399,7 +420,10 @@ def test_sigterm_saves_and_the_rerun_finishes(tmp_path):
     res = _cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Resuming from" in res.stdout + res.stderr
+    assert f"at step {meta['step']} of {400 * 3}" in (tmp_path / "train.log").read_text()  # in the log too
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 400 * 3
+    again = _cli(*args)  # a finished run started again says so
+    assert again.returncode == 0 and f"at step {400 * 3} of {400 * 3} (the run had finished" in again.stdout
 
 
 def test_shipped_pretrained_encoder_recovers_masked_atom_types():

@@ -111,22 +111,47 @@ def load_graphs(path: str, params: GraphParams, cache_dir: str | None, workers: 
     return pairs, skipped, len(records) + len(data.skipped)
 
 
+def hashed_split(rid: str, val_fraction: float, test_fraction: float) -> str:
+    """"train", "val" or "test" for a record id, by a hash of the id alone: stable as a dataset
+    grows and the same for every run seed, so seeds and methods are compared on one split."""
+    f = _hash_fraction("labelled-split", rid)
+    return "val" if f < val_fraction else "test" if f < val_fraction + test_fraction else "train"
+
+
 def prepare_labeled(path: str, task: str, params: GraphParams = GraphParams(), transform: str = "",
                     cache_dir: str | None = ".cache/graphs", workers: int | None = None,
-                    max_records: int = 0, progress: bool = True) -> PreparedData:
-    """Train/val/test graphs of `task` using the official split stored in each record."""
+                    max_records: int = 0, progress: bool = True,
+                    split_fractions: tuple[float, float] = (0.1, 0.1)) -> PreparedData:
+    """Train/val/test graphs of `task`: each record's stored split (`split[task]`, the official
+    one in the shipped data). If no record stores a split for the task, every record with a value
+    is split by a hash of its id (`hashed_split`; `split_fractions` = the val and test shares),
+    which is logged. If some records store one and others do not, the others are skipped and
+    counted. Records without a value for the task (null where absent) are not the task's."""
     pairs, skipped, total = load_graphs(path, params, cache_dir, workers, max_records, progress)
-    known = {t for r, _ in pairs for t in r.split}
-    if task not in known:
-        raise ValueError(f"task {task!r} not found in {path}; tasks with a split there: {sorted(known)}")
+    with_split = {t for r, _ in pairs for t in r.split}
+    with_value = {t for r, _ in pairs for t in r.targets}
+    if task not in with_split and task not in with_value:
+        raise ValueError(f"task {task!r} not found in {path}: no record has a value or a split for it; "
+                         f"targets there: {sorted(with_value)}")
     if transform and transform not in TRANSFORMS:
         raise ValueError(f"unknown target transform {transform!r}; expected '' or one of {sorted(TRANSFORMS)}")
+    val_fraction, test_fraction = (float(x) for x in split_fractions)
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise ValueError(f"split fractions (val, test) must be >= 0 with a sum below 1, got {tuple(split_fractions)}")
+    hashed = task not in with_split
+    if hashed:
+        log.info("%s: no record stores a split for task %r: split by a hash of the record id into "
+                 "train/val/test %.0f/%.0f/%.0f%% (data.split_fractions)", path, task,
+                 100 * (1 - val_fraction - test_fraction), 100 * val_fraction, 100 * test_fraction)
     apply = TRANSFORMS[transform] if transform else (lambda v: v)
     splits = {s: ([], []) for s in SPLITS}
     dropped = 0
     for r, g in pairs:
-        s = r.split.get(task)
-        if s is None or task not in r.targets:
+        if task not in r.targets:
+            continue
+        s = hashed_split(r.id, val_fraction, test_fraction) if hashed else r.split.get(task)
+        if s is None:
+            skipped.append((r.id, f"no split for task {task!r} (other records store one)"))
             continue
         value = apply(r.targets[task])  # None: invalid for the transform (log10 of a value <= 0)
         if value is None:

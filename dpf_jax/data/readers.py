@@ -346,6 +346,8 @@ def structures_from_cif_text(text: str, record: str) -> list[Any]:
             structures = parser.parse_structures(primitive=False, on_error="raise")
         except Exception as e:  # noqa: BLE001 - pymatgen raises many types; report them all
             hint = _CIF_LOOP_ROW_HINT if any(key in str(e) for key in _CIF_LOOP_ROW_ERRORS) else ""
+            if not any(tag in text for tag in ("_atom_site_fract_x", "_atom_site_Cartn_x")):
+                hint = "the CIF has no atom-site coordinates (_atom_site_fract_x): a truncated file?"
             extra = "; ".join(part for part in (hint, _warning_text(caught)) if part)
             raise CrystalError(
                 record, _one_line(f"could not parse CIF: {type(e).__name__}: {e}" + (f" ({extra})" if extra else ""))
@@ -375,6 +377,28 @@ def _read_cif(path: pathlib.Path, stem: str, source: str) -> list[Crystal]:
     return out
 
 
+def _poscar_too_short(text: str) -> str | None:
+    """"file ends early: N atoms declared, M coordinate lines" for a POSCAR cut short (pymatgen
+    says only "list index out of range"), else None. Layout: comment, scale, 3 lattice lines,
+    [species], counts, [Selective dynamics], Direct|Cartesian, one line per atom."""
+    lines = [line.split() for line in text.splitlines()]
+    k = 5 if len(lines) > 5 and lines[5] and not lines[5][0].lstrip("+-").isdigit() else 4
+    k += 1  # the counts line
+    if len(lines) <= k:
+        return f"file ends early: {len(lines)} lines, before the atom counts"
+    try:
+        n_atoms = sum(int(x) for x in lines[k])
+    except ValueError:
+        return None
+    k += 1
+    if k < len(lines) and lines[k] and lines[k][0][:1].lower() == "s":  # Selective dynamics
+        k += 1
+    coords = [line for line in lines[k + 1:k + 1 + n_atoms] if len(line) >= 3]
+    if len(coords) < n_atoms:
+        return f"file ends early: {n_atoms} atoms declared, {len(coords)} coordinate lines"
+    return None
+
+
 def _read_poscar(path: pathlib.Path, stem: str, source: str) -> list[Crystal]:
     from pymatgen.io.vasp import Poscar
 
@@ -383,7 +407,8 @@ def _read_poscar(path: pathlib.Path, stem: str, source: str) -> list[Crystal]:
         try:
             poscar = Poscar.from_str(_read_text(path), read_velocities=False)
         except Exception as e:  # noqa: BLE001
-            raise CrystalError(str(path), _one_line(f"could not parse POSCAR: {type(e).__name__}: {e}")) from None
+            reason = _poscar_too_short(_read_text(path)) or f"{type(e).__name__}: {e}"
+            raise CrystalError(str(path), _one_line(f"could not parse POSCAR: {reason}")) from None
     for w in caught:
         if "cannot be determined" in str(w.message):
             raise CrystalError(
@@ -437,7 +462,7 @@ def read_structure_frames(path: PathLike, *, fmt: str | None = None, id: str | N
         raise CrystalError(
             str(p),
             "unrecognised structure file name (expected *.cif, POSCAR*, CONTCAR*, *.vasp, *.xyz or *.extxyz; "
-            "pass fmt= to force a format)",
+            "force a format with fmt= in Python or --format with `python -m dpf_jax.predict`)",
         )
     if fmt not in _FORMAT_READERS:
         raise CrystalError(str(p), f"unknown format {fmt!r}; expected one of {sorted(_FORMAT_READERS)}")
@@ -464,11 +489,13 @@ def read_structure_file(
     return crystals[frame]
 
 
-def expand_structure_paths(paths_or_folders: PathLike | Iterable[PathLike], recursive: bool = False) -> list[pathlib.Path]:
+def expand_structure_paths(paths_or_folders: PathLike | Iterable[PathLike], recursive: bool = False,
+                           ignored: list[pathlib.Path] | None = None) -> list[pathlib.Path]:
     """Files named directly are kept (in the given order); folders are replaced by their recognised
     structure files (see `structure_file_format`), sorted by path. Missing paths are kept so the
     reader reports them. A file reached twice (named and inside a named folder, or two
-    overlapping folders) is kept once, where it first appears."""
+    overlapping folders) is kept once, where it first appears. The files of a folder whose names
+    are not structure-file names are left out and appended to `ignored` when it is given."""
     if isinstance(paths_or_folders, (str, os.PathLike)):
         paths_or_folders = [paths_or_folders]
     out: list[pathlib.Path] = []
@@ -477,8 +504,10 @@ def expand_structure_paths(paths_or_folders: PathLike | Iterable[PathLike], recu
     for item in paths_or_folders:
         p = pathlib.Path(item)
         if p.is_dir():
-            found = p.rglob("*") if recursive else p.iterdir()
-            files = sorted((f for f in found if f.is_file() and structure_file_format(f)), key=str)
+            found = [f for f in (p.rglob("*") if recursive else p.iterdir()) if f.is_file()]
+            files = sorted((f for f in found if structure_file_format(f)), key=str)
+            if ignored is not None:
+                ignored.extend(sorted((f for f in found if not structure_file_format(f)), key=str))
         else:
             files = [p]
         for f in files:
@@ -499,6 +528,7 @@ def read_structure_files(
     on_error: str = "skip",
     *,
     recursive: bool = False,
+    fmt: str | None = None,
 ) -> tuple[list[Crystal], list[tuple[str, str]]]:
     """Reads many structure files; returns `(records, failures)` with `failures = [(path, reason)]`.
 
@@ -507,6 +537,8 @@ def read_structure_files(
     record per frame (id "stem:frame"). `on_error="skip"` records unreadable files and goes on;
     `on_error="raise"` raises the first `CrystalError`. When two files give the same id (e.g.
     several `POSCAR`s in different folders) those records get their file path as id instead.
+    `fmt` ("cif", "poscar", "extxyz") reads every file as that format (folders still list only
+    files named like structure files).
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -515,7 +547,7 @@ def read_structure_files(
     failures: list[tuple[str, str]] = []
     for f in files:
         try:
-            per_file.append((f, read_structure_frames(f)))
+            per_file.append((f, read_structure_frames(f, fmt=fmt)))
         except CrystalError as e:
             if on_error == "raise":
                 raise

@@ -110,8 +110,22 @@ def load_data(config) -> PreparedData:
         return data
     if config.mode == "finetune":
         _, transform = task_units_and_transform(d.task, d.units, d.target_transform)
-        return prepare_labeled(d.path, d.task, transform=transform, **common)
+        return prepare_labeled(d.path, d.task, transform=transform,
+                               split_fractions=tuple(d.get("split_fractions", (0.1, 0.1))), **common)
     raise ValueError(f"config.mode must be 'pretrain' or 'finetune', got {config.mode!r}")
+
+
+def empty_split_warnings(config, data: PreparedData) -> list[str]:
+    """What an empty validation or test split costs a run, to say before it trains."""
+    out = []
+    if not data.splits["val"].graphs:
+        out.append(f"{data.source}: no validation records: no validation metric, no checkpoints/best "
+                   "(a fine-tuning run started from this workdir takes checkpoints/latest)"
+                   + (f"; raise data.val_fraction (now {config.data.val_fraction})" if config.mode == "pretrain"
+                      else ""))
+    if config.mode == "finetune" and not data.splits["test"].graphs:
+        out.append(f"{data.source}: no test records: results.json will have no test MAE")
+    return out
 
 
 def _corruption(config) -> str:
@@ -429,6 +443,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = make_mesh(config.get("num_devices", 0) or None)
     num_devices = mesh.size
     log.info("%s", data.summary())
+    for warning in empty_split_warnings(config, data):
+        log.warning("%s", warning)
     if data.skipped:
         (workdir / "skipped.json").write_text(json.dumps(
             {"source": data.source, "count": len(data.skipped),
@@ -468,7 +484,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if restored is not None:
         state, meta = restored
         best_metric, best_epoch = meta.get("best_metric", math.inf), meta.get("best_epoch", -1)
-        print(f"Resuming from {workdir}/checkpoints/latest at step {int(state.step)}", flush=True)
+        step = int(state.step)
+        done = " (the run had finished: its models are evaluated again)" if step >= total_steps else ""
+        print(f"Resuming from {workdir}/checkpoints/latest at step {step} of {total_steps}{done}", flush=True)
+        log.info("resuming from %s/checkpoints/latest at step %d of %d%s", workdir, step, total_steps, done)
     elif init_path:
         state = restore_encoder(state, init_path)
     state = put_replicated(state, mesh)
@@ -571,8 +590,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     best_metric, best_epoch = current, epoch
                     checkpointer.stage_best(state, meta(epoch, state))
             writer.write(row)
+            # "epoch N" counts from 1 like the progress bar; the row's own "epoch" (metrics.csv,
+            # results.json's best_epoch) is the 0-based index, so it is not repeated here
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
-                                                          f"{k}={v}" for k, v in row.items()))
+                                                          f"{k}={v}" for k, v in row.items() if k != "epoch"))
             if clock.due(epoch):
                 save(epoch + 1, state)
             del state  # the unpacked copy: not kept on the devices through the next epoch
@@ -654,7 +675,7 @@ def final_results(config, objective, state, checkpointer, eval_step, mesh, key, 
 # logging, checkpoint intervals, workers, max_steps) may change between a run and its resumption.
 RUN_DEFINING_SETTINGS = (
     "mode", "seed", "init_checkpoint", "data.path", "data.task", "data.units", "data.target_transform",
-    "data.val_fraction", "data.max_records", "graph.cutoff", "graph.max_neighbors", "graph.use_lattice",
+    "data.val_fraction", "data.split_fractions", "data.max_records", "graph.cutoff", "graph.max_neighbors", "graph.use_lattice",
     "model.num_layers", "model.channels", "model.heads",
     "model.rbf_bins", "model.cutoff", "optim.learning_rate", "optim.weight_decay", "optim.pct_start",
     "optim.div_factor", "optim.final_div_factor", "optim.cycle_momentum", "optim.base_momentum",
@@ -783,3 +804,5 @@ def _add_file_logging(workdir: Path) -> None:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it touches
+    # JAX logs at INFO each backend it could not start (e.g. "Unable to initialize backend 'tpu'")
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -282,7 +282,7 @@ def main(argv=None):
     from absl import app, flags
     from ml_collections import config_flags
 
-    from dpf_jax.cli import explain, put_config_root_on_path
+    from dpf_jax.cli import explain, put_config_root_on_path, run_app
 
     cli_argv = sys.argv if argv is None else argv
     put_config_root_on_path(cli_argv)
@@ -316,7 +316,7 @@ def main(argv=None):
         except (loop.Interrupted, KeyboardInterrupt) as e:
             raise SystemExit(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume")
 
-    app.run(run, argv)
+    run_app(run, argv)
 
 
 if __name__ == "__main__":
