@@ -40,22 +40,25 @@ def put_config_root_on_path(argv: list[str]) -> None:
 
 
 def run_app(main, argv: list[str] | None = None) -> None:
-    """`absl.app.run(main, argv)`, with a bad `--config.x=y` override (a misspelt field, a value
-    of the wrong type: errors raised while the flags are parsed, before `main` runs) reported
-    in one line instead of a traceback. Errors from `main` itself pass through unchanged."""
+    """`absl.app.run(main, argv)`, with a `--config.x=y` override naming no config field
+    reported in one line instead of a traceback. Everything else passes through unchanged: errors
+    from `main`, and errors inside a config file (its traceback shows the file and line)."""
     from absl import app, flags
 
     try:
         app.run(main, argv)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError) as e:
         if flags.FLAGS.is_parsed():
             raise
         # ml_collections' KeyError text arrives re-quoted ('\'epoch\'\nDid you mean ...'): unquote it
         text = str(e).replace("\\n", "\n").replace("\\'", "'")
-        lines = [line.strip(" '\"") for line in text.splitlines() if line.strip(" '\"")] or [type(e).__name__]
-        if isinstance(e, (AttributeError, KeyError)):  # a misspelt or missing field
-            lines[0] = f"no config field {lines[0]!r}"
-        raise SystemExit(f"error: bad command line: {'; '.join(lines)}") from None
+        lines = [line.strip(" '\"") for line in text.splitlines() if line.strip(" '\"")]
+        overrides = [a.split("=")[0] for a in (sys.argv if argv is None else argv) if a.startswith("--config.")]
+        culprit = [o for o in overrides if lines and lines[0] in o.split(".")[1:]]
+        if not culprit:
+            raise
+        raise SystemExit(f"error: bad command line: {culprit[0]}: no config field {lines[0]!r}"
+                         + "".join(f"; {line}" for line in lines[1:])) from None
 
 
 def explain(error: Exception, argv: list[str]) -> str:

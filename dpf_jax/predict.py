@@ -606,7 +606,7 @@ def _main(args) -> int:
             failures = []
             rows = model.rows(res, with_targets=True)
         else:
-            from dpf_jax.data.readers import expand_structure_paths, read_structure_files
+            from dpf_jax.data.readers import expand_structure_paths, has_structure_files, read_structure_files
 
             ignored: list[Path] = []
             files = expand_structure_paths(args.inputs, recursive=args.recursive, ignored=ignored)
@@ -615,7 +615,7 @@ def _main(args) -> int:
                       f"names (first: {ignored[0]}); name a file directly with --format to read it anyway",
                       file=err)
             if not files:
-                deeper = not args.recursive and expand_structure_paths(args.inputs, recursive=True)
+                deeper = not args.recursive and any(has_structure_files(x) for x in args.inputs)
                 print(f"error: no structure files (*.cif, POSCAR*, CONTCAR*, *.vasp, *.xyz, *.extxyz) in "
                       f"{' '.join(args.inputs)}" + ("; there are some in sub-folders: add -r" if deeper else ""),
                       file=err)

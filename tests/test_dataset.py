@@ -138,9 +138,10 @@ def test_records_without_stored_splits_are_split_by_a_hash_of_their_id(tmp_path)
     other = prepare_labeled(str(_subset(tmp_path, 200, unsplit="all", name="other")), "formation_energy_peratom",
                             split_fractions=(0.3, 0.0), **kw)
     assert len(other.splits["test"]) == 0 and 40 <= len(other.splits["val"]) <= 80
-    with pytest.raises(ValueError, match="split fractions"):
-        prepare_labeled(str(_subset(tmp_path, 20, unsplit="all", name="bad")), "formation_energy_peratom",
-                        split_fractions=(0.6, 0.5), **kw)
+    for bad in ((0.6, 0.5), (0.2,), (-0.1, 0.1)):  # refused before any graph is built
+        with pytest.raises(ValueError, match=r"split fractions must be two numbers \(val, test\)"):
+            prepare_labeled(str(tmp_path / "never_read.jsonl.gz"), "formation_energy_peratom",
+                            split_fractions=bad, **kw)
 
 
 def test_records_missing_a_split_among_split_ones_are_skipped_and_counted(tmp_path):

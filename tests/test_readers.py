@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import sys
 import zipfile
 
@@ -93,6 +94,35 @@ def test_a_poscar_cut_short_says_so(tmp_path, keep, reason):
     cut.write_text("\n".join(lines[:keep]) + "\n")
     with pytest.raises(CrystalError, match=f"could not parse POSCAR: {reason}"):
         readers.read_structure_file(cut)
+
+
+def test_poscar_read_failures_stay_crystal_errors(tmp_path):
+    """A bad line inside the atoms keeps pymatgen's reason (the file is long enough); a
+    compressed POSCAR that cannot be read is a failure naming the file, not a crash."""
+    lines = (STRUCT / "POSCAR").read_text().splitlines()
+    bad = tmp_path / "bad.vasp"
+    bad.write_text("\n".join(lines[:9] + ["0.5 0.5"] + lines[10:]) + "\n")
+    with pytest.raises(CrystalError, match="could not parse POSCAR") as info:
+        readers.read_structure_file(bad)
+    assert "ends early" not in str(info.value)
+    broken_gz = tmp_path / "POSCAR.gz"
+    broken_gz.write_bytes(gzip.compress((STRUCT / "POSCAR").read_bytes())[:40])
+    records, failures = readers.read_structure_files([broken_gz])
+    assert not records and failures[0][0] == str(broken_gz) and "could not parse POSCAR" in failures[0][1]
+
+
+def test_folder_files_with_other_names_are_listed_once_and_hidden_ones_never(tmp_path):
+    shutil.copy(STRUCT / "JVASP-10.cif", tmp_path / "a.cif")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".DS_Store").write_text("x")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("x")
+    (tmp_path / "sub").mkdir()
+    shutil.copy(STRUCT / "POSCAR", tmp_path / "sub" / "POSCAR")
+    ignored = []
+    files = readers.expand_structure_paths([tmp_path, tmp_path], recursive=True, ignored=ignored)
+    assert files == [tmp_path / "a.cif", tmp_path / "sub" / "POSCAR"] and ignored == [tmp_path / "notes.txt"]
+    assert readers.has_structure_files(tmp_path / "sub") and not readers.has_structure_files(tmp_path / ".git")
 
 
 def test_a_cif_cut_before_its_atom_sites_says_so(tmp_path):

@@ -283,8 +283,9 @@ def test_cli_runs_and_reports_bad_config(tmp_path):
     # a misspelt override: one line naming the field and the suggestion, no traceback
     typo = _cli("--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path / "t"), "--config.train.epoch=1")
     assert typo.returncode != 0 and "Traceback" not in typo.stderr, typo.stderr[-3000:]
-    assert typo.stderr.strip() == ("error: bad command line: no config field 'epoch'; "
-                                   'Did you mean "epochs" instead of "epoch"?')
+    (line,) = [x for x in typo.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: bad command line: --config.train.epoch: no config field 'epoch'")
+    assert "epochs" in line  # ml_collections' suggestion, kept
     ok = _cli("--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path / "ok"),
               "--config.init_checkpoint=", *common)
     assert ok.returncode == 0, ok.stderr[-3000:]

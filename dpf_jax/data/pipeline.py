@@ -127,6 +127,12 @@ def prepare_labeled(path: str, task: str, params: GraphParams = GraphParams(), t
     is split by a hash of its id (`hashed_split`; `split_fractions` = the val and test shares),
     which is logged. If some records store one and others do not, the others are skipped and
     counted. Records without a value for the task (null where absent) are not the task's."""
+    fractions = tuple(split_fractions)
+    if (len(fractions) != 2 or not all(isinstance(x, (int, float)) for x in fractions)
+            or not (0 <= fractions[0] and 0 <= fractions[1] and sum(fractions) < 1)):
+        raise ValueError(f"split fractions must be two numbers (val, test), each >= 0, with a sum below 1; "
+                         f"got {split_fractions!r} (data.split_fractions)")
+    val_fraction, test_fraction = (float(x) for x in fractions)
     pairs, skipped, total = load_graphs(path, params, cache_dir, workers, max_records, progress)
     with_split = {t for r, _ in pairs for t in r.split}
     with_value = {t for r, _ in pairs for t in r.targets}
@@ -135,9 +141,6 @@ def prepare_labeled(path: str, task: str, params: GraphParams = GraphParams(), t
                          f"targets there: {sorted(with_value)}")
     if transform and transform not in TRANSFORMS:
         raise ValueError(f"unknown target transform {transform!r}; expected '' or one of {sorted(TRANSFORMS)}")
-    val_fraction, test_fraction = (float(x) for x in split_fractions)
-    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise ValueError(f"split fractions (val, test) must be >= 0 with a sum below 1, got {tuple(split_fractions)}")
     hashed = task not in with_split
     if hashed:
         log.info("%s: no record stores a split for task %r: split by a hash of the record id into "

@@ -346,8 +346,9 @@ def structures_from_cif_text(text: str, record: str) -> list[Any]:
             structures = parser.parse_structures(primitive=False, on_error="raise")
         except Exception as e:  # noqa: BLE001 - pymatgen raises many types; report them all
             hint = _CIF_LOOP_ROW_HINT if any(key in str(e) for key in _CIF_LOOP_ROW_ERRORS) else ""
-            if not any(tag in text for tag in ("_atom_site_fract_x", "_atom_site_Cartn_x")):
-                hint = "the CIF has no atom-site coordinates (_atom_site_fract_x): a truncated file?"
+            if not any(tag in text.lower() for tag in ("_atom_site_fract_x", "_atom_site_cartn_x")):
+                truncated = "the CIF has no atom-site coordinates (_atom_site_fract_x): a truncated file?"
+                hint = "; ".join(part for part in (hint, truncated) if part)
             extra = "; ".join(part for part in (hint, _warning_text(caught)) if part)
             raise CrystalError(
                 record, _one_line(f"could not parse CIF: {type(e).__name__}: {e}" + (f" ({extra})" if extra else ""))
@@ -393,9 +394,11 @@ def _poscar_too_short(text: str) -> str | None:
     k += 1
     if k < len(lines) and lines[k] and lines[k][0][:1].lower() == "s":  # Selective dynamics
         k += 1
-    coords = [line for line in lines[k + 1:k + 1 + n_atoms] if len(line) >= 3]
-    if len(coords) < n_atoms:
-        return f"file ends early: {n_atoms} atoms declared, {len(coords)} coordinate lines"
+    rest = lines[k + 1:]
+    while rest and not rest[-1]:  # trailing blank lines
+        rest.pop()
+    if len(rest) < n_atoms:  # fewer lines left than atoms: cut short (a bad line inside is pymatgen's to name)
+        return f"file ends early: {n_atoms} atoms declared, {len(rest)} coordinate lines"
     return None
 
 
@@ -404,10 +407,12 @@ def _read_poscar(path: pathlib.Path, stem: str, source: str) -> list[Crystal]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        text = None
         try:
-            poscar = Poscar.from_str(_read_text(path), read_velocities=False)
+            text = _read_text(path)
+            poscar = Poscar.from_str(text, read_velocities=False)
         except Exception as e:  # noqa: BLE001
-            reason = _poscar_too_short(_read_text(path)) or f"{type(e).__name__}: {e}"
+            reason = (text is not None and _poscar_too_short(text)) or f"{type(e).__name__}: {e}"
             raise CrystalError(str(path), _one_line(f"could not parse POSCAR: {reason}")) from None
     for w in caught:
         if "cannot be determined" in str(w.message):
@@ -489,6 +494,19 @@ def read_structure_file(
     return crystals[frame]
 
 
+def _folder_files(folder: pathlib.Path, recursive: bool) -> list[pathlib.Path]:
+    """The files of a folder (and, recursive, of its sub-folders), leaving out hidden entries
+    (`.DS_Store`, `.git/`, ...), which are never structure files."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return [f for f in found if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
+
+
+def has_structure_files(folder: PathLike, recursive: bool = True) -> bool:
+    """Whether a folder (by default with its sub-folders) holds any file named like a structure file."""
+    p = pathlib.Path(folder)
+    return p.is_dir() and any(structure_file_format(f) for f in _folder_files(p, recursive))
+
+
 def expand_structure_paths(paths_or_folders: PathLike | Iterable[PathLike], recursive: bool = False,
                            ignored: list[pathlib.Path] | None = None) -> list[pathlib.Path]:
     """Files named directly are kept (in the given order); folders are replaced by their recognised
@@ -504,10 +522,11 @@ def expand_structure_paths(paths_or_folders: PathLike | Iterable[PathLike], recu
     for item in paths_or_folders:
         p = pathlib.Path(item)
         if p.is_dir():
-            found = [f for f in (p.rglob("*") if recursive else p.iterdir()) if f.is_file()]
+            found = _folder_files(p, recursive)
             files = sorted((f for f in found if structure_file_format(f)), key=str)
             if ignored is not None:
-                ignored.extend(sorted((f for f in found if not structure_file_format(f)), key=str))
+                listed = set(ignored)  # a folder given twice (or inside another) lists its files once
+                ignored.extend(f for f in sorted(found, key=str) if not structure_file_format(f) and f not in listed)
         else:
             files = [p]
         for f in files:

@@ -111,6 +111,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
 
     objective = loop.make_objective(config)
     data = loop.load_data(config)  # shared: fine-tuning data do not depend on the seed
+    for warning in loop.empty_split_warnings(config, data):
+        log.warning("%s", warning)
     mesh = make_mesh(config.get("num_devices", 0) or None)
     num_devices = mesh.size
     stats = loop.data_stats(config, data)
