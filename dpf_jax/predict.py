@@ -462,7 +462,7 @@ class Predictor:
 
     def score_split(self, split: str, data_path: str | None = None, progress: bool = False) -> Prediction:
         """Re-scores one split of the run's own dataset (targets in the run's transformed units)."""
-        from dpf_jax.data.pipeline import prepare_labeled
+        from dpf_jax.data.pipeline import DEFAULT_SPLIT_FRACTIONS, prepare_labeled
 
         if split not in SPLIT_CHOICES:
             raise ValueError(f"split must be one of {SPLIT_CHOICES}, got {split!r}")
@@ -471,7 +471,7 @@ class Predictor:
         data = prepare_labeled(str(path), d.task, params=self._graph_params(), transform=self.transform,
                                cache_dir=d.get("cache_dir", "") or None, workers=self.workers,
                                max_records=d.get("max_records", 0), progress=progress,
-                               split_fractions=tuple(d.get("split_fractions", (0.1, 0.1))))
+                               split_fractions=tuple(d.get("split_fractions", DEFAULT_SPLIT_FRACTIONS)))
         sd = data.splits[split]
         if not sd.graphs:
             raise PredictionError(f"the {split} split of {path} (task {d.task}) is empty")

@@ -76,16 +76,14 @@ def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: 
                 kernel_curves: dict | None = None) -> dict:
     """The JSON report of the device counts (1 first: the reference curve) and edge kernels
     run so far."""
-    from dpf_jax.model.layers import resolve_edge_kernel
     from dpf_jax.train import loop
+    from dpf_jax.train.objectives import resolved_edge_kernel
 
     ref = curves[1]
     report = {"device": device_kind, "config": args.config, "small": args.small,
               "batch_norm_stats": config.model.get("batch_norm_stats", ""),
               "merge_edges": loop._graph_params(config).merge_edges,  # graph.merge_edges as resolved
-              "edge_kernel": resolve_edge_kernel(config.model.get("edge_kernel", "auto"),  # as it ran
-                                                 config.model.get("formulation", "node"), config.model.channels,
-                                                 config.model.get("remat", "none")),
+              "edge_kernel": resolved_edge_kernel(config.model),  # as it ran
               "global_batch": config.train.batch_size, "steps": steps,
               "loss_curves": {str(n): c for n, c in curves.items()},
               "wall_s": {str(n): w for n, w in wall.items()}, "max_rel_dev_first_10_steps": {},

@@ -261,8 +261,8 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from dpf_jax.model.layers import resolve_edge_kernel
     from dpf_jax.train.loop import TrainingError, train_and_evaluate
+    from dpf_jax.train.objectives import resolved_edge_kernel
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="precision_"))
     curves, finals, failed, metric_names, task = {}, {}, {}, set(), None
@@ -277,8 +277,8 @@ def main(argv=None) -> dict:
         for seed in args.seeds:
             config = make_config(args.config, mode, seed, args.epochs, args.task, args.small)
             task = config.data.task if config.mode == "finetune" else None
-            m = config.model  # the kernel as it runs here ("auto" resolved), so reports can be told apart
-            report["edge_kernels"][mode] = resolve_edge_kernel(m.edge_kernel, m.formulation, m.channels, m.remat)
+            # the kernel as it runs here ("auto" resolved), so reports can be told apart
+            report["edge_kernels"][mode] = resolved_edge_kernel(config.model)
             workdir = root / f"{mode}_seed{seed}"
             try:
                 result = train_and_evaluate(config, str(workdir))

@@ -111,6 +111,11 @@ def load_graphs(path: str, params: GraphParams, cache_dir: str | None, workers: 
     return pairs, skipped, len(records) + len(data.skipped)
 
 
+# labelled data without stored splits: the (val, test) shares of `hashed_split` (configs/base.py's
+# data.split_fractions; also the fallback for run configs saved before that key)
+DEFAULT_SPLIT_FRACTIONS = (0.1, 0.1)
+
+
 def hashed_split(rid: str, val_fraction: float, test_fraction: float) -> str:
     """"train", "val" or "test" for a record id, by a hash of the id alone: stable as a dataset
     grows and the same for every run seed, so seeds and methods are compared on one split."""
@@ -121,7 +126,7 @@ def hashed_split(rid: str, val_fraction: float, test_fraction: float) -> str:
 def prepare_labeled(path: str, task: str, params: GraphParams = GraphParams(), transform: str = "",
                     cache_dir: str | None = ".cache/graphs", workers: int | None = None,
                     max_records: int = 0, progress: bool = True,
-                    split_fractions: tuple[float, float] = (0.1, 0.1)) -> PreparedData:
+                    split_fractions: tuple[float, float] = DEFAULT_SPLIT_FRACTIONS) -> PreparedData:
     """Train/val/test graphs of `task`: each record's stored split (`split[task]`, the official
     one in the shipped data). If no record stores a split for the task, every record with a value
     is split by a hash of its id (`hashed_split`; `split_fractions` = the val and test shares),

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from dpf_jax.data.batching import GraphBatcher, graph_to_jraph, prefetch
 from dpf_jax.data.dataset import GraphParams, default_workers
-from dpf_jax.data.pipeline import (PreparedData, SplitData, prepare_labeled, prepare_unlabeled,
+from dpf_jax.data.pipeline import (DEFAULT_SPLIT_FRACTIONS, PreparedData, SplitData, prepare_labeled, prepare_unlabeled,
                                    task_units_and_transform)
 from dpf_jax.data.transfer import TransferPacking
 from dpf_jax.tasks.losses import lattice_param_stats
@@ -111,7 +111,7 @@ def load_data(config) -> PreparedData:
     if config.mode == "finetune":
         _, transform = task_units_and_transform(d.task, d.units, d.target_transform)
         return prepare_labeled(d.path, d.task, transform=transform,
-                               split_fractions=tuple(d.get("split_fractions", (0.1, 0.1))), **common)
+                               split_fractions=tuple(d.get("split_fractions", DEFAULT_SPLIT_FRACTIONS)), **common)
     raise ValueError(f"config.mode must be 'pretrain' or 'finetune', got {config.mode!r}")
 
 
@@ -486,8 +486,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         best_metric, best_epoch = meta.get("best_metric", math.inf), meta.get("best_epoch", -1)
         step = int(state.step)
         done = " (the run had finished: its models are evaluated again)" if step >= total_steps else ""
-        print(f"Resuming from {workdir}/checkpoints/latest at step {step} of {total_steps}{done}", flush=True)
-        log.info("resuming from %s/checkpoints/latest at step %d of %d%s", workdir, step, total_steps, done)
+        message = f"Resuming from {workdir}/checkpoints/latest at step {step} of {total_steps}{done}"
+        print(message, flush=True)  # on the console whatever the logging setup; and in train.log
+        log.info("%s", message)
     elif init_path:
         state = restore_encoder(state, init_path)
     state = put_replicated(state, mesh)
@@ -675,7 +676,8 @@ def final_results(config, objective, state, checkpointer, eval_step, mesh, key, 
 # logging, checkpoint intervals, workers, max_steps) may change between a run and its resumption.
 RUN_DEFINING_SETTINGS = (
     "mode", "seed", "init_checkpoint", "data.path", "data.task", "data.units", "data.target_transform",
-    "data.val_fraction", "data.split_fractions", "data.max_records", "graph.cutoff", "graph.max_neighbors", "graph.use_lattice",
+    "data.val_fraction", "data.split_fractions", "data.max_records", "graph.cutoff", "graph.max_neighbors",
+    "graph.use_lattice",
     "model.num_layers", "model.channels", "model.heads",
     "model.rbf_bins", "model.cutoff", "optim.learning_rate", "optim.weight_decay", "optim.pct_start",
     "optim.div_factor", "optim.final_div_factor", "optim.cycle_momentum", "optim.base_momentum",

@@ -162,7 +162,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     state = put_replicated(_stack(states), mesh)
     del states
     log.info("%d runs of %s trained together on %d device(s) (%s; %s): %s", n_runs, type(model).__name__,
-             mesh.size, loop.describe_devices(), describe_compute(config.model), run_names)
+             num_devices, loop.describe_devices(), describe_compute(config.model), run_names)
 
     # as train/loop.py: the step carries the runs' states packed, batches bundled, metrics packed
     run = loop.build_run_step(config, objective, model, tx, mesh, state, lambda: next(batches.iterate(0)),

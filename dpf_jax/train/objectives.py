@@ -44,13 +44,17 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
                 batch_norm_stats=bn_stats)
 
 
+def resolved_edge_kernel(model_cfg: ml_collections.ConfigDict) -> str:
+    """`model.edge_kernel` as the encoder runs it on this backend ("auto" resolved by
+    `layers.resolve_edge_kernel` from the encoder's own settings and defaults)."""
+    kw = model_kwargs(model_cfg, None)
+    return resolve_edge_kernel(kw["edge_kernel"], kw["formulation"], kw["channels"], kw["remat"])
+
+
 def describe_compute(model_cfg: ml_collections.ConfigDict) -> str:
-    """The compute settings a run's log states: matmul precision and the edge kernel as it runs
-    on this backend ("auto" resolved, `layers.resolve_edge_kernel`), e.g. "precision default,
-    edge kernel pallas_gate_rows-16x8-sorted (model.edge_kernel=auto)"."""
-    kw = model_kwargs(model_cfg, None)  # the encoder's own settings and defaults
-    name = kw["edge_kernel"]
-    kernel = resolve_edge_kernel(name, kw["formulation"], kw["channels"], kw["remat"])
+    """The compute settings a run's log states: matmul precision and the edge kernel as it runs,
+    e.g. "precision default, edge kernel pallas_gate_rows-16x8-sorted (model.edge_kernel=auto)"."""
+    name, kernel = model_cfg.get("edge_kernel", "auto"), resolved_edge_kernel(model_cfg)
     how = f" (model.edge_kernel={name})" if kernel != name else ""
     return f"precision {model_cfg.get('precision', 'default')}, edge kernel {kernel}{how}"
 
