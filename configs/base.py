@@ -133,6 +133,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.pack_batches = True
     # and each step's metrics as one vector, fetched in one copy instead of ~9 (train/step.py)
     c.train.pack_metrics = True
+    # how XLA's CUDA graphs run the training step's kernels (train/parallel.py; meant to change no
+    # number): "xla" keeps XLA's defaults; "concurrent" lets independent kernels overlap;
+    # "concurrent_collectives" also puts the collectives in the graphs; "auto" picks
+    # concurrent_collectives on several GPUs, concurrent on one GPU for batches of <= 128
+    # crystals, else xla. Timed (session 21, H200s): pre-training B=256 on 4 GPUs 4.12 -> 3.56 ms
+    # per step (concurrent), 3.23 (concurrent_collectives, another machine); JARVIS fine-tuning
+    # B=32 on one 1.82 -> 1.37 ms. Not the default until its loss
+    # curves on a GPU are checked against "xla" (scripts/compare_device_counts.py --cuda-graphs).
+    c.train.cuda_graphs = "xla"
     c.train.progress_bar = True
 
     c.pretrain = ml_collections.ConfigDict()

@@ -69,3 +69,24 @@ def explain(error: Exception, argv: list[str]) -> str:
         return (f"{error} (relative paths in a config are relative to the working directory, {Path.cwd()}; "
                 f"run from the repository root, {root}, or give absolute paths)")
     return str(error)
+
+
+def apply_config_override(config, item: str) -> None:
+    """`--set train.balance_shares=False` (the benchmark scripts' option): one config field, value
+    parsed as a Python literal (else kept as a string); an unknown field is an error, not a silent no-op."""
+    import ast
+
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. optim.flatten=False")
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    if leaf not in node:
+        raise SystemExit(f"--set {item!r}: the config has no field {key!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    node[leaf] = value

@@ -113,6 +113,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dpf_jax.cli import apply_config_override  # noqa: E402
 from dpf_jax.data.batching import prefetch  # noqa: E402
 from dpf_jax.data.dataset import GraphParams, build_graphs  # noqa: E402
 from dpf_jax.data.graphs import build_crystal_graph, merge_equivalent_edges  # noqa: E402
@@ -123,7 +124,8 @@ from dpf_jax.model.heads import NUM_TYPES  # noqa: E402
 from dpf_jax.model.layers import resolve_edge_kernel  # noqa: E402
 from dpf_jax.train import loop  # noqa: E402
 from dpf_jax.train.optim import make_optimizer  # noqa: E402
-from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_batch, put_replicated  # noqa: E402
+from dpf_jax.train.parallel import (make_mesh, prefetch_to_device, put_batch, put_replicated,  # noqa: E402
+                                    resolve_cuda_graphs, step_compiler_options)
 from dpf_jax.train.step import create_state  # noqa: E402
 
 log = logging.getLogger("bench_train")
@@ -272,29 +274,8 @@ def make_config(name: str, args, batch_size: int, precision: str):
     elif args.max_records:
         config.data.max_records = args.max_records
     for item in args.set or []:
-        apply_override(config, item)
+        apply_config_override(config, item)
     return config
-
-
-def apply_override(config, item: str) -> None:
-    """`--set train.balance_shares=False`: one config field, value parsed as a Python literal
-    (else kept as a string); an unknown field is an error, not a silent no-op."""
-    import ast
-
-    key, sep, raw = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. optim.flatten=False")
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-        node = node[part]
-    if leaf not in node:
-        raise SystemExit(f"--set {item!r}: the config has no field {key!r}")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    node[leaf] = value
 
 
 def model_label(name: str) -> str:
@@ -724,6 +705,9 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
         "pack_metrics": bool(config.train.get("pack_metrics", False)),
         "balance_shares": bool(config.train.get("balance_shares", True)),
         "remat": config.model.get("remat", "none"),
+        # train.cuda_graphs as it ran, and the jitted step's XLA options ({}: XLA's defaults)
+        "cuda_graphs": resolve_cuda_graphs(config.train.get("cuda_graphs", "xla"), mesh, batch_size),
+        "xla_step_options": step_compiler_options(config.train.get("cuda_graphs", "xla"), mesh, batch_size),
         "budget_search": budget_rows,
         "crystals_per_s": tot["real_graphs"] / t_med,
         "crystals_per_s_per_run": tot["real_graphs"] / t_med / runs,

@@ -6,6 +6,9 @@
     python scripts/compare_device_counts.py --small --steps 3        # CPU smoke run (tiny model)
     python scripts/compare_device_counts.py --devices 1 --edge-kernels xla   # the config's edge
                                                                      # kernel ("auto") vs "xla"
+    python scripts/compare_device_counts.py --devices 1 4 --set train.cuda_graphs=auto \
+        --cuda-graphs concurrent                                     # any config field; one device
+                                                                     # with other train.cuda_graphs
 
 For each device count, in one process: the config's own training step (as train/loop.py builds
 it, `loop.build_run_step`), its optimiser schedule, the same seed and initial parameters, and
@@ -18,6 +21,8 @@ amplifies it), so the report gives the deviation over the first 10 steps and ove
 `--edge-kernels K ...` also runs one device with each `model.edge_kernel` K and reports its
 deviation from the one-device curve of the config's own kernel the same way: the check that a
 fused kernel trains like jax.numpy on real batches (same maths, other float summation order).
+`--cuda-graphs M ...` does the same with `train.cuda_graphs` (which should change no number:
+only how the kernels overlap). `--set KEY=VALUE` changes a config field for every run.
 Writes a JSON report (`--out`).
 """
 
@@ -72,18 +77,26 @@ def max_rel_dev(curve, ref) -> float:
     return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(curve, ref))
 
 
+# one-device variants of the config: option -> (report key prefix, config field)
+VARIANTS = {"edge_kernels": ("edge_kernel", "model.edge_kernel"), "cuda_graphs": ("cuda_graphs", "train.cuda_graphs")}
+
+
 def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: dict,
-                kernel_curves: dict | None = None) -> dict:
-    """The JSON report of the device counts (1 first: the reference curve) and edge kernels
-    run so far."""
+                variant_curves: dict | None = None) -> dict:
+    """The JSON report of the device counts (1 first: the reference curve) and the one-device
+    variants (`VARIANTS`: {option: {value: curve}}) run so far."""
     from dpf_jax.train import loop
     from dpf_jax.train.objectives import resolved_edge_kernel
+    from dpf_jax.train.parallel import make_mesh, resolve_cuda_graphs
 
     ref = curves[1]
     report = {"device": device_kind, "config": args.config, "small": args.small,
               "batch_norm_stats": config.model.get("batch_norm_stats", ""),
               "merge_edges": loop._graph_params(config).merge_edges,  # graph.merge_edges as resolved
               "edge_kernel": resolved_edge_kernel(config.model),  # as it ran
+              "cuda_graphs": {str(n): resolve_cuda_graphs(config.train.cuda_graphs, make_mesh(n),
+                                                          config.train.batch_size) for n in curves},
+              "overrides": list(args.set or []),
               "global_batch": config.train.batch_size, "steps": steps,
               "loss_curves": {str(n): c for n, c in curves.items()},
               "wall_s": {str(n): w for n, w in wall.items()}, "max_rel_dev_first_10_steps": {},
@@ -92,11 +105,11 @@ def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: 
         if n != 1:
             report["max_rel_dev_first_10_steps"][str(n)] = max_rel_dev(curve[:10], ref[:10])
             report["max_rel_dev_all_steps"][str(n)] = max_rel_dev(curve, ref)
-    if kernel_curves:  # one device, another model.edge_kernel, against the config's own kernel
-        report["edge_kernel_curves"] = kernel_curves
-        report["edge_kernel_max_rel_dev_first_10_steps"] = {k: max_rel_dev(c[:10], ref[:10])
-                                                            for k, c in kernel_curves.items()}
-        report["edge_kernel_max_rel_dev_all_steps"] = {k: max_rel_dev(c, ref) for k, c in kernel_curves.items()}
+    for option, by_value in (variant_curves or {}).items():  # one device, another value, against the config's
+        prefix = VARIANTS[option][0]
+        report[f"{prefix}_curves"] = by_value
+        report[f"{prefix}_max_rel_dev_first_10_steps"] = {k: max_rel_dev(c[:10], ref[:10]) for k, c in by_value.items()}
+        report[f"{prefix}_max_rel_dev_all_steps"] = {k: max_rel_dev(c, ref) for k, c in by_value.items()}
     return report
 
 
@@ -110,9 +123,14 @@ def main(argv=None) -> dict:
     p.add_argument("--edge-kernels", nargs="*", default=[],
                    help="also one device with each of these model.edge_kernel values, compared with the "
                         "config's own kernel on one device")
+    p.add_argument("--cuda-graphs", nargs="*", default=[],
+                   choices=("auto", "xla", "concurrent", "concurrent_collectives"),  # parallel.CUDA_GRAPH_MODES
+                   help="also one device with each of these train.cuda_graphs values, compared the same way")
+    p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="config field overrides (all runs)")
     p.add_argument("--out", default="scripts/results/compare_device_counts.json")
     args = p.parse_args(argv)
 
+    from dpf_jax.cli import apply_config_override
     from dpf_jax.train import loop
 
     config = importlib.import_module(f"configs.{args.config}").get_config()
@@ -125,6 +143,8 @@ def main(argv=None) -> dict:
         config.data.cache_dir = ""
     elif args.records:
         config.data.max_records = args.records
+    for item in args.set or []:  # after --small: an explicit field wins
+        apply_config_override(config, item)
     data = loop.load_data(config)  # before JAX starts its backends (graph workers are forked)
     stats = loop.data_stats(config, data)
 
@@ -145,22 +165,25 @@ def main(argv=None) -> dict:
         report = make_report(jax.devices()[0].device_kind, args, config, steps, curves, wall)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
-    kernel_curves = {}
-    for kernel in args.edge_kernels:
-        t0 = time.time()
-        other = copy.deepcopy(config)
-        other.model.edge_kernel = kernel
-        kernel_curves[kernel] = loss_curve(other, data, stats, 1, steps)
-        wall[f"1:{kernel}"] = time.time() - t0
-        report = make_report(jax.devices()[0].device_kind, args, config, steps, curves, wall, kernel_curves)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    variant_curves = {}
+    for option, (prefix, field) in VARIANTS.items():
+        for value in getattr(args, option):
+            t0 = time.time()
+            other = copy.deepcopy(config)
+            apply_config_override(other, f"{field}={value}")
+            variant_curves.setdefault(option, {})[value] = loss_curve(other, data, stats, 1, steps)
+            wall[f"1:{prefix}={value}"] = time.time() - t0
+            report = make_report(jax.devices()[0].device_kind, args, config, steps, curves, wall, variant_curves)
+            Path(args.out).write_text(json.dumps(report, indent=1))
     for n in counts[1:]:
         print(f"{n} vs 1 device(s): max relative loss deviation {report['max_rel_dev_first_10_steps'][str(n)]:.2e} "
               f"(first 10 steps), {report['max_rel_dev_all_steps'][str(n)]:.2e} (all {len(curves[1])} steps)")
-    for kernel in kernel_curves:
-        print(f"edge kernel {kernel} vs {report['edge_kernel']} (1 device): max relative loss deviation "
-              f"{report['edge_kernel_max_rel_dev_first_10_steps'][kernel]:.2e} (first 10 steps), "
-              f"{report['edge_kernel_max_rel_dev_all_steps'][kernel]:.2e} (all {len(curves[1])} steps)")
+    for option, by_value in variant_curves.items():
+        prefix = VARIANTS[option][0]
+        for value in by_value:
+            print(f"{VARIANTS[option][1]}={value} vs the config's (1 device): max relative loss deviation "
+                  f"{report[f'{prefix}_max_rel_dev_first_10_steps'][value]:.2e} (first 10 steps), "
+                  f"{report[f'{prefix}_max_rel_dev_all_steps'][value]:.2e} (all {len(curves[1])} steps)")
     return report
 
 

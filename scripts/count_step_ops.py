@@ -61,7 +61,7 @@ def compile_step(config_name: str, batch_size: int, records: int, flatten: bool 
 
     from dpf_jax.train import loop
     from dpf_jax.train.optim import make_optimizer
-    from dpf_jax.train.parallel import make_mesh, put_batch, put_replicated
+    from dpf_jax.train.parallel import make_mesh, put_batch, put_replicated, step_compiler_options
     from dpf_jax.train.step import create_state, make_train_step
 
     config = importlib.import_module(f"configs.{config_name}").get_config()
@@ -70,10 +70,10 @@ def compile_step(config_name: str, batch_size: int, records: int, flatten: bool 
     config.train.progress_bar = False
     config.optim.flatten = flatten
     if overrides:
-        from bench_train import apply_override  # scripts/ is on sys.path when a script runs
+        from dpf_jax.cli import apply_config_override
 
         for item in overrides:
-            apply_override(config, item)
+            apply_config_override(config, item)
     key = (config_name, records, tuple(overrides))
     if key not in _DATA:
         _DATA[key] = loop.load_data(config)
@@ -91,7 +91,9 @@ def compile_step(config_name: str, batch_size: int, records: int, flatten: bool 
     tx = make_optimizer(config.optim, 1000)
     mesh = make_mesh(num_devices)
     state = put_replicated(create_state(model, tx, jax.tree_util.tree_map(lambda x: x[0], batch), 0, stats), mesh)
-    compiled = make_train_step(objective, model, tx, mesh).lower(state, put_batch(batch, mesh)).compile()
+    options = step_compiler_options(config.train.get("cuda_graphs", "xla"), mesh, config.train.batch_size)
+    step = make_train_step(objective, model, tx, mesh, compiler_options=options)
+    compiled = step.lower(state, put_batch(batch, mesh)).compile()
     return compiled, batch, state
 
 

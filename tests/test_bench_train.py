@@ -194,14 +194,16 @@ def test_gathered_batchnorm_halves_the_collectives_of_the_step():
 
 
 def test_config_overrides_are_checked():
+    from dpf_jax.cli import apply_config_override
+
     config = base.get_config()
-    bench.apply_override(config, "model.precision=bf16")  # not a literal: kept as the string
-    bench.apply_override(config, "train.balance_shares=False")
+    apply_config_override(config, "model.precision=bf16")  # not a literal: kept as the string
+    apply_config_override(config, "train.balance_shares=False")
     assert config.model.precision == "bf16" and config.train.balance_shares is False
     with pytest.raises(SystemExit, match="no field 'train.balance_share'"):
-        bench.apply_override(config, "train.balance_share=False")
+        apply_config_override(config, "train.balance_share=False")
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        bench.apply_override(config, "optim.flatten")
+        apply_config_override(config, "optim.flatten")
 
 
 def test_formulation_names_an_edge_kernel(tmp_path):

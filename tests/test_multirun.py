@@ -95,10 +95,10 @@ def test_cli_trains_the_grid_and_skips_finished_runs(tmp_path):
     for seed in (3, 4):
         res = json.loads((tmp_path / "scratch" / f"seed{seed}" / "results.json").read_text())
         assert np.isfinite(res["test_mae_final"]) and res["steps"] == 2
-    # the group's log names the devices and the kernel that ran ("auto" is the jax.numpy path on a CPU)
+    # the group's log names the devices, the kernel ("auto" is the jax.numpy path on a CPU) and cuda_graphs
     log = (tmp_path / "scratch" / "train.log").read_text()
     assert re.search(r"2 runs of MatformerRegressor trained together on \d+ device\(s\) \(cpu: \w+; precision "
-                     r"default, edge kernel xla \(model.edge_kernel=auto\)\)", log), log[:2000]
+                     r"default, edge kernel xla \(model.edge_kernel=auto\); cuda graphs xla\)", log), log[:2000]
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("finished already") == 2, again.stdout
 

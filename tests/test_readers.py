@@ -14,6 +14,7 @@ import math
 import pathlib
 import shutil
 import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -131,6 +132,125 @@ def test_a_cif_cut_before_its_atom_sites_says_so(tmp_path):
     cut.write_text(text[:text.index("_atom_site")])
     with pytest.raises(CrystalError, match=r"no atom-site coordinates .*a truncated file\?"):
         readers.read_structure_file(cut)
+
+
+def _formula_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "_chemical_formula_sum" in r.getMessage()]
+
+
+def _rbtao3_cif(mp, **kwargs) -> str:
+    """mp-3033 (RbTaO3, 4 formula units in the MP cell) as pymatgen writes it: with symprec, the
+    conventional cell (Z = 8) as 8 symmetry-distinct sites and `_chemical_formula_sum 'Rb8 Ta8 O24'`."""
+    from pymatgen.core import Structure
+    from pymatgen.io.cif import CifWriter
+
+    rec = mp["mp-3033"]
+    s = Structure(rec["lattice"], rec["species"], rec["frac_coords"])
+    for old, new in kwargs.pop("replace_species", {}).items():
+        s.replace_species({old: new})
+    return str(CifWriter(s, **kwargs))
+
+
+def test_a_cif_cut_inside_its_atom_sites_warns_naming_the_file(tmp_path, caplog):
+    """A CIF cut at a line boundary inside the atom-site loop still parses (fewer atoms), so the
+    composition is checked against `_chemical_formula_sum`: a warning, not a failure."""
+    with caplog.at_level(logging.WARNING, logger="dpf_jax.data.readers"):
+        assert len(readers.read_structure_file(STRUCT / "JVASP-10.cif").numbers) == 3
+    assert not _formula_warnings(caplog)
+    lines = (STRUCT / "JVASP-10.cif").read_text().splitlines()
+    assert lines[-1].split()[0] == "Se" and "_chemical_formula_sum   'V1 Se2'" in lines
+    cut = tmp_path / "cut.cif"
+    cut.write_text("\n".join(lines[:-1]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="dpf_jax.data.readers"):
+        records, failures = readers.read_structure_files([cut])
+    assert not failures and records[0].numbers.tolist() == [23, 34]
+    assert _formula_warnings(caplog) == [
+        f"{cut}: parsed composition V1 Se1 is not a whole multiple of _chemical_formula_sum 'V1 Se2' "
+        "(atom sites missing: a file cut short inside the atom list?)"
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Set OLD_ERROR_HANDLING:DeprecationWarning")  # spglib, through CifWriter(symprec=)
+def test_cif_formula_sum_per_formula_unit_or_cell_with_symmetry(tmp_path, caplog, mp):
+    """Z > 1: a formula sum per cell (as pymatgen writes it) or per formula unit (as ICSD/COD do)
+    matches the cell built from the symmetry-distinct sites; dropping the last site (4 O atoms
+    once expanded) does not, and a second data block is named by its index."""
+    text = _rbtao3_cif(mp, symprec=0.1)
+    assert "_chemical_formula_sum   'Rb8 Ta8 O24'" in text and "_cell_formula_units_Z   8" in text
+    per_cell, per_unit, cut = tmp_path / "per_cell.cif", tmp_path / "per_unit.cif", tmp_path / "cut.cif"
+    per_cell.write_text(text)
+    per_unit.write_text(text.replace("'Rb8 Ta8 O24'", "'Rb Ta O3'"))
+    lines = text.rstrip().splitlines()
+    assert lines[-1].split()[:3] == ["O", "O7", "4"]
+    cut.write_text("\n".join(lines[:-1]) + "\n")
+    two_blocks = tmp_path / "two_blocks.cif"
+    two_blocks.write_text(text + "\n".join(lines[1:-1]).replace("data_RbTaO3", "data_cut") + "\n")
+    with caplog.at_level(logging.WARNING, logger="dpf_jax.data.readers"):
+        for f in (per_cell, per_unit):
+            assert len(readers.read_structure_file(f).numbers) == 40
+        assert not _formula_warnings(caplog)
+        assert len(readers.read_structure_file(cut).numbers) == 36
+        assert [len(c.numbers) for c in readers.read_structure_frames(two_blocks)] == [40, 36]
+    assert _formula_warnings(caplog) == [
+        f"{cut}: parsed composition Rb8 Ta8 O20 is not a whole multiple of _chemical_formula_sum 'Rb8 Ta8 O24' "
+        "(atom sites missing: a file cut short inside the atom list?)",
+        f"{two_blocks} (block 1): parsed composition Rb8 Ta8 O20 is not a whole multiple of _chemical_formula_sum "
+        "'Rb8 Ta8 O24' (atom sites missing: a file cut short inside the atom list?)",
+    ]
+
+
+def test_cif_formula_sum_of_a_partially_occupied_structure(tmp_path, caplog, mp):
+    """Occupancies count (Rb 0.5 + K 0.25 on the Rb sites: 'K1 Rb2', not one of each per site).
+    A disordered file is refused for its disorder and not also warned about its formula (such
+    formula sums are often nominal); the comparison itself still sees a cut file."""
+    from pymatgen.io.cif import CifParser
+
+    text = _rbtao3_cif(mp, replace_species={"Rb": {"Rb": 0.5, "K": 0.25}})
+    assert "_chemical_formula_sum   'K1 Rb2 Ta4 O12'" in text
+    full, cut = tmp_path / "partial.cif", tmp_path / "partial_cut.cif"
+    full.write_text(text)
+    lines = text.rstrip().splitlines()
+    assert lines[-1].split()[0] == "Ta"
+    cut.write_text("\n".join(lines[:-1]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="dpf_jax.data.readers"):
+        for path in (full, cut):
+            with pytest.raises(CrystalError, match="disordered structure"):
+                readers.read_structure_file(path)
+    assert not _formula_warnings(caplog)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compositions = [CifParser(str(p)).parse_structures(primitive=False)[0].composition for p in (full, cut)]
+    assert readers.cif_formula_mismatch("K1 Rb2 Ta4 O12", compositions[0]) is None
+    assert readers.cif_formula_mismatch("K1 Rb2 Ta4 O12", compositions[1]) == (
+        "parsed composition K1 Rb2 Ta3 O12 is not a whole multiple of _chemical_formula_sum 'K1 Rb2 Ta4 O12' "
+        "(atom sites missing: a file cut short inside the atom list?)")
+
+
+@pytest.mark.parametrize(
+    "formula_sum, parsed, mismatch",
+    [
+        ("V1 Se2", {"V": 1, "Se": 2}, False),
+        ("V Se2", {"V": 2, "Se": 4}, False),  # per formula unit, Z = 2
+        ("Ca Fe O2.5", {"Ca": 4, "Fe": 4, "O": 9.96}, False),  # within 1e-2
+        ("C2 H6 O", {"C": 8, "O": 4}, False),  # H sites left out of the CIF
+        ("Fe2 O3", {"Fe": 2, "O": 2}, True),
+        ("Fe2 O3", {"Fe": 2}, True),  # an element missing
+        ("Rb8 Ta8 O24", {"Rb": 4, "Ta": 4, "O": 12}, True),  # half the cell: k < 1
+        ("C2 H6 O", {"C": 2, "H": 5, "O": 1}, True),  # H present, so it counts
+        ("?", {"Fe": 1}, False),  # unparseable formula sums are ignored
+        ("Xx2 O", {"O": 1}, False),
+        (None, {"Fe": 1}, False),
+    ],
+)
+def test_cif_formula_mismatch(formula_sum, parsed, mismatch):
+    reason = readers.cif_formula_mismatch(formula_sum, parsed)
+    assert (reason is not None) == mismatch
+    if mismatch:
+        assert reason.startswith("parsed composition ") and f"_chemical_formula_sum {formula_sum!r}" in reason
+    assert readers.cif_formula_mismatch("Fe2 O3", {"Fe": 2, "O": 2}) == (
+        "parsed composition Fe2 O2 is not a whole multiple of _chemical_formula_sum 'Fe2 O3' "
+        "(atom sites missing: a file cut short inside the atom list?)"
+    )
 
 
 def test_extxyz_frames(jarvis, mp):

@@ -6,14 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import DATA, REPO, terminate_after_epochs, tiny, train_setup
 from configs import finetune_jarvis, pretrain_mask30
-from dpf_jax.train import loop
+from dpf_jax.train import loop, parallel
 from dpf_jax.train.checkpoint import load_raw_checkpoint
 from dpf_jax.train.objectives import describe_compute
 from dpf_jax.train.optim import make_optimizer
@@ -115,6 +117,7 @@ def test_training_beats_the_mean_predictor_on_real_data(tmp_path):
     assert f"on {jax.device_count()} device(s) ({loop.describe_devices()}); {describe_compute(config.model)}" in log, \
         log[:2000]
     assert jax.default_backend() != "cpu" or "precision default, edge kernel xla (model.edge_kernel=auto)" in log
+    assert jax.default_backend() != "cpu" or "; cuda graphs xla" in log
 
 
 @pytest.mark.parametrize("on_gpu", [False, True])
@@ -135,6 +138,71 @@ def test_describe_compute_names_the_kernel_as_it_runs(monkeypatch, on_gpu):
         changed = finetune_jarvis.get_config().model
         changed[key] = value
         assert describe_compute(changed) == "precision default, edge kernel xla (model.edge_kernel=auto)", key
+
+
+def _fake_mesh(platform: str, num_devices: int):
+    """Just what `parallel.resolve_cuda_graphs` reads of a mesh: its devices' platform and count."""
+    device = types.SimpleNamespace(platform=platform)
+    return types.SimpleNamespace(devices=np.array([device] * num_devices, dtype=object))
+
+
+def test_cuda_graphs_auto_and_the_xla_options_it_gives():
+    """train.cuda_graphs="auto": concurrent kernels (and collectives in the graphs) on several GPUs,
+    concurrent on one GPU for small batches, XLA's defaults for large ones and off a GPU; every
+    option it can give is one this XLA accepts (a misspelt name or value fails the jit below)."""
+    resolve, options = parallel.resolve_cuda_graphs, parallel.step_compiler_options
+    small, large = parallel.CONCURRENT_MAX_BATCH_ONE_GPU, parallel.CONCURRENT_MAX_BATCH_ONE_GPU + 1
+    assert resolve("auto", _fake_mesh("gpu", 4), 1024) == "concurrent_collectives"
+    assert resolve("auto", _fake_mesh("gpu", 2), 32) == "concurrent_collectives"
+    assert resolve("auto", _fake_mesh("gpu", 1), small) == "concurrent"
+    assert resolve("auto", _fake_mesh("gpu", 1), large) == "xla"
+    assert resolve("auto", _fake_mesh("cpu", 4), 32) == "xla"
+    assert resolve("concurrent", _fake_mesh("cpu", 1), 1024) == "concurrent"  # a named mode as named
+    assert options("auto", _fake_mesh("cpu", 1), 32) == {} and options("xla", _fake_mesh("gpu", 4), 32) == {}
+    assert options("concurrent", _fake_mesh("gpu", 1), 32) == {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+    with_collectives = options("auto", _fake_mesh("gpu", 4), 256)
+    assert with_collectives["xla_gpu_command_buffer_scheduling_mode"] == "CONCURRENT"
+    assert "COLLECTIVES" in with_collectives["xla_gpu_enable_command_buffer"].split(",")
+    assert parallel.describe_cuda_graphs("auto", _fake_mesh("gpu", 1), small) == \
+        "cuda graphs concurrent (train.cuda_graphs=auto)"
+    assert parallel.describe_cuda_graphs("xla", _fake_mesh("gpu", 1), small) == "cuda graphs xla"
+    for mode in parallel.CUDA_GRAPH_MODES:
+        opts = options(mode, _fake_mesh("gpu", 4), 64)
+        assert float(jax.jit(lambda x: 2 * x, compiler_options=opts or None)(jnp.float32(1.5))) == 3.0, mode
+    with pytest.raises(ValueError, match="train.cuda_graphs must be one of"):
+        resolve("CONCURRENT", _fake_mesh("gpu", 1), 32)
+
+
+def test_cuda_graph_modes_reach_the_step_and_train_alike_on_real_data(tmp_path, monkeypatch):
+    """The mode's XLA options reach the jitted step (`build_run_step`), and change no number: two
+    steps with each mode forced give the same parameters (a CPU ignores the options; on a GPU only
+    the kernels' overlap changes)."""
+    passed, real_make_train_step = [], loop.make_train_step
+
+    def spy(*args, **kwargs):
+        passed.append(kwargs.get("compiler_options"))
+        return real_make_train_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "make_train_step", spy)
+    params = {}
+    for mode in ("xla", "concurrent_collectives"):
+        config = tiny(finetune_jarvis.get_config(), records=64, epochs=1, batch=16)
+        config.train.max_steps, config.train.cuda_graphs = 2, mode
+        loop.train_and_evaluate(config, str(tmp_path / mode))
+        params[mode] = _final_params(tmp_path / mode)[0]
+    assert passed == [{}, parallel.step_compiler_options("concurrent_collectives", make_mesh(), 16)]
+    assert passed[1]["xla_gpu_command_buffer_scheduling_mode"] == "CONCURRENT"
+    tol = 0.0 if jax.default_backend() == "cpu" else 1e-5  # a GPU's atomics add in any order
+    for a, b in zip(*(jax.tree_util.tree_leaves(p) for p in params.values())):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_a_wrong_cuda_graphs_mode_fails_before_the_data_loads(tmp_path):
+    config = tiny(finetune_jarvis.get_config())
+    config.data.path = str(tmp_path / "missing.jsonl.gz")  # would be the error if the data loaded first
+    config.train.cuda_graphs = "CONCURRENT"
+    with pytest.raises(ValueError, match="train.cuda_graphs must be one of"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_empty_validation_and_test_splits_are_warned_before_training(tmp_path):
@@ -493,7 +561,8 @@ def test_compare_device_counts_script(tmp_path):
     import compare_device_counts
 
     report = compare_device_counts.main(["--small", "--steps", "4", "--devices", "1", "4",
-                                         "--edge-kernels", "pallas_gate_rows-16x4",
+                                         "--edge-kernels", "pallas_gate_rows-16x4", "--cuda-graphs", "concurrent",
+                                         "--set", "train.cuda_graphs=auto",
                                          "--out", str(tmp_path / "report.json")])
     one, four = report["loss_curves"]["1"], report["loss_curves"]["4"]
     assert len(one) == len(four) == 4
@@ -508,6 +577,12 @@ def test_compare_device_counts_script(tmp_path):
     assert report["edge_kernel"] == resolve_edge_kernel("auto", "node", 16)  # "xla" on a CPU
     assert len(report["edge_kernel_curves"]["pallas_gate_rows-16x4"]) == 4
     assert report["edge_kernel_max_rel_dev_all_steps"]["pallas_gate_rows-16x4"] < 1e-5
+    # --set reaches every run; --cuda-graphs runs one device with another train.cuda_graphs
+    assert report["overrides"] == ["train.cuda_graphs=auto"]
+    expected = {str(n): parallel.resolve_cuda_graphs("auto", make_mesh(n), 32) for n in (1, 4)}
+    assert report["cuda_graphs"] == expected and (jax.default_backend() != "cpu" or set(expected.values()) == {"xla"})
+    assert len(report["cuda_graphs_curves"]["concurrent"]) == 4
+    assert report["cuda_graphs_max_rel_dev_all_steps"]["concurrent"] < 1e-5
 
 
 @pytest.mark.parametrize("name, level", [("finetune_jarvis", "atoms"), ("finetune_mp", "atoms"),

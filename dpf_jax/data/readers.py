@@ -331,11 +331,48 @@ _CIF_LOOP_ROW_ERRORS = ("is not a multiple of", "zip() argument")
 _CIF_LOOP_ROW_HINT = "a loop_ has a row with more or fewer values than the loop has column names"
 
 
+def cif_formula_mismatch(formula_sum: Any, composition: Any, rtol: float = 1e-2) -> str | None:
+    """Why a parsed structure's composition disagrees with its CIF's `_chemical_formula_sum`, else None.
+
+    The formula may be per formula unit or per cell, so the parsed amounts (with occupancies) must
+    be one common multiple k >= 1 of it, within `rtol`; hydrogen is left out when the structure
+    has none (CIFs often omit H sites). A formula sum that does not parse ("?", odd syntax)
+    gives None. A mismatch typically means a file cut short inside the atom-site loop.
+    """
+    from pymatgen.core import Composition, Element
+
+    if not isinstance(formula_sum, str) or not formula_sum.strip():
+        return None
+    try:
+        formula = Composition(formula_sum).element_composition
+        parsed = Composition(composition).element_composition
+    except Exception:  # noqa: BLE001 - unparseable formula (or dummy species): nothing to compare
+        return None
+    if not all(isinstance(el, Element) for el in (*formula, *parsed)):  # "Xx" parses as a dummy species
+        return None
+    want = {str(el): amt for el, amt in formula.items() if amt > 0}
+    got = {str(el): amt for el, amt in parsed.items() if amt > 0}
+    if "H" not in got:
+        want.pop("H", None)
+    if not want or not got:
+        return None
+    if set(want) == set(got):
+        ratios = [got[el] / want[el] for el in want]
+        if min(ratios) >= 1 - rtol and max(ratios) <= min(ratios) * (1 + rtol):
+            return None
+    return (
+        f"parsed composition {parsed.formula} is not a whole multiple of _chemical_formula_sum "
+        f"{formula_sum.strip()!r} (atom sites missing: a file cut short inside the atom list?)"
+    )
+
+
 def structures_from_cif_text(text: str, record: str) -> list[Any]:
     """All structures (data blocks) of a CIF string as pymatgen Structures, cell kept as given.
 
     Raises `CrystalError(record, reason)` when pymatgen cannot parse any structure; the reason
-    includes pymatgen's own warnings (e.g. occupancy or symmetry problems).
+    includes pymatgen's own warnings (e.g. occupancy or symmetry problems). A structure whose
+    composition disagrees with its block's `_chemical_formula_sum` (see `cif_formula_mismatch`)
+    is still returned, with a logged warning naming `record`.
     """
     from pymatgen.io.cif import CifParser
 
@@ -355,6 +392,16 @@ def structures_from_cif_text(text: str, record: str) -> list[Any]:
             ) from None
     if not structures:
         raise CrystalError(record, "CIF holds no structure")
+    blocks = list(parser.as_dict().values())
+    if len(blocks) != len(structures):  # pymatgen skips blocks without atom sites
+        blocks = [b for b in blocks if any(k.lower() in ("_atom_site_fract_x", "_atom_site_cartn_x") for k in b)]
+    if len(blocks) == len(structures):
+        for k, (block, structure) in enumerate(zip(blocks, structures)):
+            formula_sum = next((v for key, v in block.items() if key.lower() == "_chemical_formula_sum"), None)
+            # a disordered block is refused later anyway, and its formula sum is often nominal
+            mismatch = structure.is_ordered and cif_formula_mismatch(formula_sum, structure.composition)
+            if mismatch:
+                logger.warning("%s%s: %s", record, f" (block {k})" if len(blocks) > 1 else "", mismatch)
     return structures
 
 

@@ -42,8 +42,8 @@ from dpf_jax.train.budget_search import tune_batcher
 from dpf_jax.train.objectives import (DenoisingObjective, OfficialDenoisingObjective, RegressionObjective,
                                       describe_compute)
 from dpf_jax.train.optim import make_optimizer
-from dpf_jax.train.parallel import (make_mesh, maybe_initialize_distributed, prefetch_to_device,
-                                    put_batch, put_replicated)
+from dpf_jax.train.parallel import (check_cuda_graphs, describe_cuda_graphs, make_mesh, maybe_initialize_distributed,
+                                    prefetch_to_device, put_batch, put_replicated, step_compiler_options)
 from dpf_jax.train.step import (MetricsPacking, StatePacking, TrainState, create_state, make_eval_step,
                                 make_train_step, split_seed)
 
@@ -249,6 +249,11 @@ class RunStep:
         return self.transfer.pack(host_batch) if self.transfer else host_batch
 
 
+def step_crystals(config, num_runs: int = 0) -> int:
+    """Crystals one training step processes: the global batch, times the runs trained together."""
+    return config.train.batch_size * max(num_runs, 1)
+
+
 def build_run_step(config, objective, model, tx, mesh, state, example_batch_fn, num_runs: int = 0,
                    steps_per_call: int = 1) -> RunStep:
     """`make_train_step` with the packings `config.train` asks for; `state`: the (replicated)
@@ -257,8 +262,9 @@ def build_run_step(config, objective, model, tx, mesh, state, example_batch_fn, 
     packing = StatePacking(state, run_axis=num_runs > 0) if config.train.get("pack_state", False) else None
     transfer = make_transfer_packing(config, example_batch_fn)
     metrics = MetricsPacking() if config.train.get("pack_metrics", False) else None
+    options = step_compiler_options(config.train.get("cuda_graphs", "xla"), mesh, step_crystals(config, num_runs))
     step = make_train_step(objective, model, tx, mesh, num_runs=num_runs, steps_per_call=steps_per_call,
-                           packing=packing, transfer=transfer, metrics_packing=metrics)
+                           packing=packing, transfer=transfer, metrics_packing=metrics, compiler_options=options)
     return RunStep(step, packing, transfer, metrics.unpack if metrics else None)
 
 
@@ -439,6 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     objective = make_objective(config)
     init_path = resolve_init_checkpoint(config)  # fail fast, before data preparation
+    check_cuda_graphs(config.train.get("cuda_graphs", "xla"))
     data = load_data(config)  # before JAX starts its backends (graph workers are forked)
     mesh = make_mesh(config.get("num_devices", 0) or None)
     num_devices = mesh.size
@@ -476,8 +483,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     example = jax.tree_util.tree_map(lambda x: x[0], first_batch)
     state = create_state(model, tx, example, config.seed, stats)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    log.info("model: %s with %d parameters on %d device(s) (%s); %s", type(model).__name__, n_params,
-             num_devices, describe_devices(), describe_compute(config.model))
+    log.info("model: %s with %d parameters on %d device(s) (%s); %s; %s", type(model).__name__, n_params,
+             num_devices, describe_devices(), describe_compute(config.model),
+             describe_cuda_graphs(config.train.get("cuda_graphs", "xla"), mesh, step_crystals(config)))
 
     restored = checkpointer.restore("latest", state)
     best_metric, best_epoch = math.inf, -1

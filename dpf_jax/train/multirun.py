@@ -42,7 +42,8 @@ from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train import loop
 from dpf_jax.train.objectives import describe_compute
 from dpf_jax.train.optim import make_optimizer
-from dpf_jax.train.parallel import make_mesh, prefetch_to_device, put_replicated
+from dpf_jax.train.parallel import (check_cuda_graphs, describe_cuda_graphs, make_mesh, prefetch_to_device,
+                                    put_replicated)
 from dpf_jax.train.step import create_state, make_eval_step
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
         if init and not Path(init).exists():
             raise FileNotFoundError(f"init checkpoint {init!r} of {workdir} does not exist")
     init_paths = [loop.resolve_init_checkpoint(c) for c in configs]
+    check_cuda_graphs(config.train.get("cuda_graphs", "xla"))
 
     objective = loop.make_objective(config)
     data = loop.load_data(config)  # shared: fine-tuning data do not depend on the seed
@@ -161,8 +163,10 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(states[0].params))
     state = put_replicated(_stack(states), mesh)
     del states
-    log.info("%d runs of %s trained together on %d device(s) (%s; %s): %s", n_runs, type(model).__name__,
-             num_devices, loop.describe_devices(), describe_compute(config.model), run_names)
+    log.info("%d runs of %s trained together on %d device(s) (%s; %s; %s): %s", n_runs, type(model).__name__,
+             num_devices, loop.describe_devices(), describe_compute(config.model),
+             describe_cuda_graphs(config.train.get("cuda_graphs", "xla"), mesh, loop.step_crystals(config, n_runs)),
+             run_names)
 
     # as train/loop.py: the step carries the runs' states packed, batches bundled, metrics packed
     run = loop.build_run_step(config, objective, model, tx, mesh, state, lambda: next(batches.iterate(0)),

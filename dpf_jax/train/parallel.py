@@ -38,6 +38,65 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.array(devices), (AXIS,))
 
 
+# `train.cuda_graphs`: how XLA runs the step's kernels inside the CUDA graphs ("command buffers")
+# it builds. XLA's default ("xla") keeps them one after another in its schedule's order and
+# launches collectives between graphs. "concurrent" lets kernels that touch different buffers run
+# at the same time (xla_gpu_command_buffer_scheduling_mode=CONCURRENT); "concurrent_collectives"
+# also puts the collectives inside the graphs. The same kernels run, so no number should change
+# (GPU loss curves not yet compared). A small per-GPU batch leaves most SMs idle in each kernel,
+# which concurrency fills. Measured (session 21, pure step, real data, 4 x H200 machines A, B, C;
+# scripts/results/h200x4_session21/), ms per step, xla / concurrent / concurrent_collectives:
+#   one GPU, JARVIS fine-tuning B=32 (B): 1.82 / 1.37
+#   one GPU, pre-training B=64, 128 (C): 3.52, 5.21 / 2.93, 4.52
+#   one GPU, pre-training B=256, 1024 (A): 8.61, 26.42 / 8.83 (slower), 26.37
+#   two GPUs, pre-training B=256: 5.93 (B) / 5.22 (B) / 4.84 (C)
+#   four GPUs, pre-training B=256, 1024: 4.12, 9.36 (A) / 3.56, 8.66 (A) / 3.23, 8.38 (C)
+CUDA_GRAPH_MODES = ("auto", "xla", "concurrent", "concurrent_collectives")
+# "auto" on one GPU: concurrent up to this many crystals per step, XLA's order above
+CONCURRENT_MAX_BATCH_ONE_GPU = 128
+# XLA's default command types plus the collectives (as measured; named in full because an XLA
+# option given to one jit replaces the list rather than adding to it)
+_COMMAND_TYPES_WITH_COLLECTIVES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES"
+
+
+def check_cuda_graphs(mode: str) -> None:
+    """A `train.cuda_graphs` value this module knows, else ValueError (checked before data loads)."""
+    if mode not in CUDA_GRAPH_MODES:
+        raise ValueError(f"train.cuda_graphs must be one of {CUDA_GRAPH_MODES}, got {mode!r}")
+
+
+def resolve_cuda_graphs(mode: str, mesh: Mesh, batch_size: int) -> str:
+    """`train.cuda_graphs` as it runs on `mesh` for steps of `batch_size` crystals (all runs'):
+    "auto" becomes "concurrent_collectives" on several GPUs, "concurrent" on one GPU with at
+    most `CONCURRENT_MAX_BATCH_ONE_GPU` crystals per step, else "xla" (always off a GPU)."""
+    check_cuda_graphs(mode)
+    if mode != "auto":
+        return mode
+    if mesh.devices.flat[0].platform != "gpu":
+        return "xla"
+    if mesh.devices.size > 1:
+        return "concurrent_collectives"
+    return "concurrent" if batch_size <= CONCURRENT_MAX_BATCH_ONE_GPU else "xla"
+
+
+def describe_cuda_graphs(mode: str, mesh: Mesh, batch_size: int) -> str:
+    """For the run log: "cuda graphs concurrent (train.cuda_graphs=auto)" and the like."""
+    resolved = resolve_cuda_graphs(mode, mesh, batch_size)
+    return f"cuda graphs {resolved}" + (f" (train.cuda_graphs={mode})" if resolved != mode else "")
+
+
+def step_compiler_options(mode: str, mesh: Mesh, batch_size: int) -> dict[str, str]:
+    """XLA options for the jitted training step (`jax.jit(..., compiler_options=)`) from
+    `train.cuda_graphs`: {} for XLA's defaults."""
+    mode = resolve_cuda_graphs(mode, mesh, batch_size)
+    options = {}
+    if mode.startswith("concurrent"):
+        options["xla_gpu_command_buffer_scheduling_mode"] = "CONCURRENT"
+    if mode == "concurrent_collectives":
+        options["xla_gpu_enable_command_buffer"] = _COMMAND_TYPES_WITH_COLLECTIVES
+    return options
+
+
 def shard_map(f, mesh: Mesh, in_specs, out_specs):
     """`jax.shard_map` on current JAX, the experimental one on older releases."""
     if hasattr(jax, "shard_map"):

@@ -170,7 +170,7 @@ class MetricsPacking:
 
 def make_train_step(objective, model, tx, mesh, num_runs: int = 0, steps_per_call: int = 1,
                     packing: StatePacking | None = None, transfer=None,
-                    metrics_packing: MetricsPacking | None = None):
+                    metrics_packing: MetricsPacking | None = None, compiler_options: dict | None = None):
     """jit(state, batch) → (state, metrics). A non-finite loss or gradient leaves the state
     unchanged and reports `finite=False`, so no NaN ever reaches parameters or checkpoints.
 
@@ -189,6 +189,7 @@ def make_train_step(objective, model, tx, mesh, num_runs: int = 0, steps_per_cal
     With `transfer` (a `dpf_jax.data.transfer.TransferPacking`), it takes batches bundled by
     its `pack` and unpacks them first. With `metrics_packing`, the metrics come back as one
     float32 vector per step (`MetricsPacking.unpack` on the host gives the dict).
+    `compiler_options`: XLA options for this jit (`parallel.step_compiler_options`).
     """
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
@@ -221,8 +222,8 @@ def make_train_step(objective, model, tx, mesh, num_runs: int = 0, steps_per_cal
         def steps(state, batches):
             return jax.lax.scan(step, state, batches)
 
-        return jax.jit(steps, donate_argnums=(0,))
-    return jax.jit(step, donate_argnums=(0,))
+        return jax.jit(steps, donate_argnums=(0,), compiler_options=compiler_options or None)
+    return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options or None)
 
 
 def train_step_fn(objective, model, tx, mesh):
