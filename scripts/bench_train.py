@@ -693,6 +693,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     per_step = [t / S for t in times]
     peaks = peaks_for(jax.devices()[0].device_kind)
     unit = PRECISION_UNIT[precision]
+    cuda_graphs = config.train.get("cuda_graphs", "xla")
     res = {
         "data": data_kind, "model": model_label(name), "mode": config.mode, "batch_size": batch_size,
         "precision": precision, "formulation": formulation, "num_devices": D, "num_parameters": n_params,
@@ -706,8 +707,8 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
         "balance_shares": bool(config.train.get("balance_shares", True)),
         "remat": config.model.get("remat", "none"),
         # train.cuda_graphs as it ran, and the jitted step's XLA options ({}: XLA's defaults)
-        "cuda_graphs": resolve_cuda_graphs(config.train.get("cuda_graphs", "xla"), mesh, batch_size),
-        "xla_step_options": step_compiler_options(config.train.get("cuda_graphs", "xla"), mesh, batch_size),
+        "cuda_graphs": resolve_cuda_graphs(cuda_graphs, mesh, batch_size),
+        "xla_step_options": step_compiler_options(cuda_graphs, mesh, batch_size),
         "budget_search": budget_rows,
         "crystals_per_s": tot["real_graphs"] / t_med,
         "crystals_per_s_per_run": tot["real_graphs"] / t_med / runs,

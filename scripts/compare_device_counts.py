@@ -114,6 +114,8 @@ def make_report(device_kind: str, args, config, steps: int, curves: dict, wall: 
 
 
 def main(argv=None) -> dict:
+    from dpf_jax.train.parallel import CUDA_GRAPH_MODES  # imports JAX, starts no backend
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="pretrain_mask30")
     p.add_argument("--devices", nargs="+", type=int, default=None, help="device counts (default: 1 and all)")
@@ -123,8 +125,7 @@ def main(argv=None) -> dict:
     p.add_argument("--edge-kernels", nargs="*", default=[],
                    help="also one device with each of these model.edge_kernel values, compared with the "
                         "config's own kernel on one device")
-    p.add_argument("--cuda-graphs", nargs="*", default=[],
-                   choices=("auto", "xla", "concurrent", "concurrent_collectives"),  # parallel.CUDA_GRAPH_MODES
+    p.add_argument("--cuda-graphs", nargs="*", default=[], choices=CUDA_GRAPH_MODES,
                    help="also one device with each of these train.cuda_graphs values, compared the same way")
     p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="config field overrides (all runs)")
     p.add_argument("--out", default="scripts/results/compare_device_counts.json")

@@ -329,6 +329,8 @@ def _warning_text(caught: Sequence[warnings.WarningMessage]) -> str:
 # depends on the pymatgen version), and what they mean
 _CIF_LOOP_ROW_ERRORS = ("is not a multiple of", "zip() argument")
 _CIF_LOOP_ROW_HINT = "a loop_ has a row with more or fewer values than the loop has column names"
+# the atom-site coordinate tags, one of which every CIF block with atoms has
+_CIF_COORDINATE_TAGS = ("_atom_site_fract_x", "_atom_site_cartn_x")
 
 
 def cif_formula_mismatch(formula_sum: Any, composition: Any, rtol: float = 1e-2) -> str | None:
@@ -383,7 +385,7 @@ def structures_from_cif_text(text: str, record: str) -> list[Any]:
             structures = parser.parse_structures(primitive=False, on_error="raise")
         except Exception as e:  # noqa: BLE001 - pymatgen raises many types; report them all
             hint = _CIF_LOOP_ROW_HINT if any(key in str(e) for key in _CIF_LOOP_ROW_ERRORS) else ""
-            if not any(tag in text.lower() for tag in ("_atom_site_fract_x", "_atom_site_cartn_x")):
+            if not any(tag in text.lower() for tag in _CIF_COORDINATE_TAGS):
                 truncated = "the CIF has no atom-site coordinates (_atom_site_fract_x): a truncated file?"
                 hint = "; ".join(part for part in (hint, truncated) if part)
             extra = "; ".join(part for part in (hint, _warning_text(caught)) if part)
@@ -394,7 +396,7 @@ def structures_from_cif_text(text: str, record: str) -> list[Any]:
         raise CrystalError(record, "CIF holds no structure")
     blocks = list(parser.as_dict().values())
     if len(blocks) != len(structures):  # pymatgen skips blocks without atom sites
-        blocks = [b for b in blocks if any(k.lower() in ("_atom_site_fract_x", "_atom_site_cartn_x") for k in b)]
+        blocks = [b for b in blocks if any(k.lower() in _CIF_COORDINATE_TAGS for k in b)]
     if len(blocks) == len(structures):
         for k, (block, structure) in enumerate(zip(blocks, structures)):
             formula_sum = next((v for key, v in block.items() if key.lower() == "_chemical_formula_sum"), None)
