@@ -106,7 +106,13 @@ def get_config() -> ml_collections.ConfigDict:
     # SIGTERM / Ctrl-C and at max_steps); 0: every epoch. Saves cost ~1 s each.
     c.train.checkpoint_every_secs = 120
     c.train.max_steps = 0  # >0: stop (and checkpoint) there, as if interrupted; rerun resumes
-    c.train.num_budget_levels = 2
+    # padded (nodes, edges) shapes per run, each one jit compilation (data/batching.py
+    # choose_budgets), placed by "cost": the least mean padded size over simulated batches
+    # ("quantile": at the k/levels quantiles, the placement up to session 21). Issue #9's synthetic
+    # fine-tuning B=256 on one H100 (session 22): quantile x 2 levels 29.35 ms per step (11.1% of
+    # edge slots padding), cost x 2 28.21, x 3 27.47, x 4 26.60 (2.3%); each level ~27 s to compile there.
+    c.train.num_budget_levels = 4
+    c.train.budget_placement = "cost"
     # split each global batch over the devices by edge count (heaviest crystal first to the
     # lightest share), so the edge padding stays near its one-device level
     c.train.balance_shares = True
@@ -133,15 +139,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.pack_batches = True
     # and each step's metrics as one vector, fetched in one copy instead of ~9 (train/step.py)
     c.train.pack_metrics = True
-    # how XLA's CUDA graphs run the training step's kernels (train/parallel.py; meant to change no
-    # number): "xla" keeps XLA's defaults; "concurrent" lets independent kernels overlap;
-    # "concurrent_collectives" also puts the collectives in the graphs; "auto" picks
+    # how XLA's CUDA graphs run the training step's kernels (train/parallel.py; changes no number):
+    # "xla" keeps XLA's defaults; "concurrent" lets independent kernels overlap;
+    # "concurrent_collectives" also puts the collectives in the graphs; "auto" (default) picks
     # concurrent_collectives on several GPUs, concurrent on one GPU for batches of <= 128
-    # crystals, else xla. Timed (session 21, H200s): pre-training B=256 on 4 GPUs 4.12 -> 3.56 ms
-    # per step (concurrent), 3.23 (concurrent_collectives, another machine); JARVIS fine-tuning
-    # B=32 on one 1.82 -> 1.37 ms. Not the default until its loss
-    # curves on a GPU are checked against "xla" (scripts/compare_device_counts.py --cuda-graphs).
-    c.train.cuda_graphs = "xla"
+    # crystals, else xla (and xla off a GPU). Timed (session 21, H200s): pre-training B=256 on 4
+    # GPUs 4.12 -> 3.56 ms per step (concurrent), 3.23 (concurrent_collectives, another machine);
+    # JARVIS fine-tuning B=32 on one 1.82 -> 1.37 ms. Loss curves (session 22, 2 x H200): 1 vs 2
+    # GPUs within 1.0e-4, concurrent vs xla within 9.1e-5 (pre-training) and within xla's own
+    # run-to-run spread (fine-tuning: 4.5e-4 against 5.7e-4 between two xla runs).
+    c.train.cuda_graphs = "auto"
     c.train.progress_bar = True
 
     c.pretrain = ml_collections.ConfigDict()

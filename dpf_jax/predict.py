@@ -304,7 +304,8 @@ class Predictor:
         tg = np.zeros(n) if targets is None else np.nan_to_num(np.asarray(targets, np.float64), nan=0.0)
         jr = [graph_to_jraph(g, float(t)) for g, t in zip(graphs, tg)]
         batcher = GraphBatcher(jr, self._batch_size_for(n), self.num_devices,
-                               num_levels=int(self.config.train.get("num_budget_levels", 2)), seed=0)
+                               num_levels=int(self.config.train.get("num_budget_levels", 2)), seed=0,
+                               budget_placement=self.config.train.get("budget_placement", "cost"))
         preds = np.full(n, np.nan)
         order = batcher.epoch_order(0, 0, shuffle=False)
         ae_sum = ae_count = 0.0

@@ -39,6 +39,7 @@ def tiny(config, records=96, epochs=2, batch=16, layers=2, channels=16, heads=2)
     config.train.batch_size = batch
     config.train.progress_bar = False
     config.train.budget_search_cache = ""  # tests that search give it a temporary file
+    config.train.num_budget_levels = 2  # fewer compilations on the CPU (the levels: test_batching)
     config.init_checkpoint = ""
     return config
 

@@ -1,12 +1,15 @@
 """Padded batches: jraph calls we rely on, budgets, masks, device shares, order, prefetch."""
 
+import itertools
+
 import jraph
 import numpy as np
 import pytest
 
 from conftest import DATA
-from dpf_jax.data.batching import (Budget, GraphBatcher, PackedGraphs, balanced_split, choose_budgets, fit_budget,
-                                   graph_to_jraph, pad_graphs, prefetch, split_evenly, spread_padding_loops)
+from dpf_jax.data.batching import (NODE_COST_IN_EDGES, Budget, GraphBatcher, PackedGraphs, balanced_split,
+                                   cheapest_buckets, choose_budgets, fit_budget, graph_to_jraph, pad_graphs, prefetch,
+                                   split_evenly, spread_padding_loops)
 from dpf_jax.data.graphs import build_crystal_graph
 from dpf_jax.data.readers import load_dataset_records
 
@@ -179,6 +182,47 @@ def test_budgets_fit_every_batch_and_grow_for_outliers(jarvis_graphs):
     top = budgets[-1]
     big = fit_budget(budgets, top.n_node * 3, top.n_edge * 3, 16)
     assert big.n_node > top.n_node * 3 and big.n_edge >= top.n_edge * 3 and big in budgets
+
+
+def test_cheapest_buckets_match_brute_force():
+    """The budget levels' dynamic programme against every choice of levels, on random costs."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        k = int(rng.integers(1, 9))
+        cost, first = np.sort(rng.uniform(1, 10, k)), rng.integers(0, k, int(rng.integers(1, 40)))
+        count = int(rng.integers(1, 4))
+
+        def total(chosen):
+            taken = sorted(chosen) + [k - 1]
+            return sum(cost[min(t for t in taken if t >= f)] for f in first)
+
+        got = cheapest_buckets(cost, first, count)
+        assert len(got) <= count and all(0 <= c < k - 1 for c in got) and got == sorted(set(got))
+        brute = min(total(c) for m in range(count + 1) for c in itertools.combinations(range(k - 1), m))
+        assert total(got) == pytest.approx(brute, rel=1e-12)
+
+
+@pytest.mark.parametrize("levels", [2, 3, 4])
+def test_cost_placed_budgets_pad_real_batches_less_than_quantiles(jarvis_graphs, levels):
+    """train.budget_placement="cost" against the quantile levels (the placement up to session 21),
+    on batches drawn with another seed than the budgets were: every batch fits, the padded size
+    (edges + NODE_COST_IN_EDGES x nodes) is smaller on average, and the top level is the same."""
+    n_node = np.array([int(g.n_node[0]) for g in jarvis_graphs])
+    n_edge = np.array([int(g.n_edge[0]) for g in jarvis_graphs])
+    rng = np.random.default_rng(123)
+    batches = [rng.choice(len(n_node), size=16, replace=False) for _ in range(2000)]
+
+    def mean_padded(budgets):
+        sizes = [fit_budget(budgets, int(n_node[b].sum()), int(n_edge[b].sum()), 16) for b in batches]
+        return np.mean([b.n_edge + NODE_COST_IN_EDGES * b.n_node for b in sizes])
+
+    # finer rounding than the batcher's (64 nodes, 512 edges), which would merge levels this small
+    kw = dict(graphs_per_device=16, num_levels=levels, node_multiple=8, edge_multiple=64)
+    cost, quantile = choose_budgets(n_node, n_edge, **kw), choose_budgets(n_node, n_edge, placement="quantile", **kw)
+    assert 1 <= len(cost) <= levels and cost[-1] == quantile[-1]
+    assert mean_padded(cost) < mean_padded(quantile), (cost, quantile)
+    with pytest.raises(ValueError, match="budget placement must be one of"):
+        choose_budgets(n_node, n_edge, graphs_per_device=8, placement="median")
 
 
 def test_batcher_covers_every_crystal_once_per_epoch_on_4_devices(jarvis_graphs):

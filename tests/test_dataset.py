@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
@@ -112,6 +113,32 @@ def test_bad_structures_are_skipped_counted_and_named(tmp_path):
     assert all("overlap" in reason for _, reason in data.skipped)
     total = sum(len(s) for s in data.splits.values())
     assert total == 38
+
+
+def test_reader_and_graph_failures_are_logged_as_one_count(tmp_path, caplog):
+    """A line the reader cannot parse and two structures whose graphs cannot be built (atoms
+    overlap) are one warning with one count, followed by the records it names; the reader's own
+    summary (it logs one when called alone) is not repeated."""
+    import logging
+
+    path = _subset(tmp_path, 40, corrupt=(3, 17))
+    lines = gzip.open(path, "rt").read().splitlines()
+    lines[25] = lines[25][:60]  # a line cut short
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    with caplog.at_level(logging.INFO, logger="dpf_jax"):
+        data = prepare_labeled(str(path), "formation_energy_peratom", cache_dir=None, workers=1, progress=False)
+    assert len(data.skipped) == 3 and sum(len(s) for s in data.splits.values()) == 37
+    assert data.summary().endswith("3 skipped")
+    counts = [r.getMessage() for r in caplog.records if re.search(r"skipped \d+ of \d+|could not read", r.getMessage())]
+    assert counts == [f"{path}: skipped 3 of 40 records"], counts
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("  skipped ")]
+    assert len(named) == 3 and any("line 26" in m for m in named) and sum("overlap" in m for m in named) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dpf_jax"):  # the reader alone still reports
+        load_dataset_records(path)
+    assert [r.getMessage()[:len(f"{path}: skipped 1 of 40 records")] for r in caplog.records] == \
+        [f"{path}: skipped 1 of 40 records"]
 
 
 def test_official_splits_and_log10_transform():

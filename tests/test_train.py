@@ -117,7 +117,7 @@ def test_training_beats_the_mean_predictor_on_real_data(tmp_path):
     assert f"on {jax.device_count()} device(s) ({loop.describe_devices()}); {describe_compute(config.model)}" in log, \
         log[:2000]
     assert jax.default_backend() != "cpu" or "precision default, edge kernel xla (model.edge_kernel=auto)" in log
-    assert jax.default_backend() != "cpu" or "; cuda graphs xla" in log
+    assert jax.default_backend() != "cpu" or "; cuda graphs xla (train.cuda_graphs=auto)" in log
 
 
 @pytest.mark.parametrize("on_gpu", [False, True])
@@ -197,12 +197,34 @@ def test_cuda_graph_modes_reach_the_step_and_train_alike_on_real_data(tmp_path, 
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
-def test_a_wrong_cuda_graphs_mode_fails_before_the_data_loads(tmp_path):
+def test_the_batcher_places_its_padding_budgets_as_configured():
+    """train.num_budget_levels and train.budget_placement reach the training batcher: its
+    budgets are choose_budgets' for the training split's sizes and the device shares."""
+    from dpf_jax.data.batching import choose_budgets
+
+    config = tiny(finetune_jarvis.get_config(), records=400, batch=32)
+    data = loop.load_data(config)
+    for placement, levels, devices in (("cost", 4, 1), ("quantile", 2, 1), ("cost", 3, 4)):
+        config.train.budget_placement, config.train.num_budget_levels = placement, levels
+        batcher = loop.make_batcher(data.splits["train"], config, devices)
+        assert batcher.budgets == choose_budgets(batcher.n_node, batcher.n_edge, 32 // devices, num_levels=levels,
+                                                 num_devices=devices, placement=placement), placement
+        assert 1 <= len(batcher.budgets) <= levels
+
+
+def test_a_wrong_cuda_graphs_mode_or_padding_setting_fails_before_the_data_loads(tmp_path):
     config = tiny(finetune_jarvis.get_config())
     config.data.path = str(tmp_path / "missing.jsonl.gz")  # would be the error if the data loaded first
     config.train.cuda_graphs = "CONCURRENT"
     with pytest.raises(ValueError, match="train.cuda_graphs must be one of"):
         loop.train_and_evaluate(config, str(tmp_path / "run"))
+    config.train.cuda_graphs = "auto"  # and a wrong padding setting
+    for key, value, message in (("budget_placement", "median", "train.budget_placement must be one of"),
+                                ("num_budget_levels", 0, "train.num_budget_levels must be a whole number >= 1")):
+        wrong = config.copy_and_resolve_references()
+        wrong.train[key] = value
+        with pytest.raises(ValueError, match=message):
+            loop.train_and_evaluate(wrong, str(tmp_path / "run"))
 
 
 def test_empty_validation_and_test_splits_are_warned_before_training(tmp_path):

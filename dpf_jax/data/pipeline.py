@@ -16,7 +16,7 @@ import numpy as np
 
 from dpf_jax.data.dataset import GraphParams, cached_graphs
 from dpf_jax.data.graphs import CrystalGraph
-from dpf_jax.data.readers import TRANSFORMS, load_dataset_records
+from dpf_jax.data.readers import TRANSFORMS, load_dataset_records, skip_summary_deferred
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def load_graphs(path: str, params: GraphParams, cache_dir: str | None, workers: 
     """
     if not Path(path).exists():
         raise FileNotFoundError(f"dataset file not found: {path}")
-    data = load_dataset_records(path)
+    with skip_summary_deferred():  # one count for reader and graph failures: _report_skipped
+        data = load_dataset_records(path)
     records = data.records
     if max_records and max_records < len(records):
         if sample == "random":

@@ -29,6 +29,8 @@ do for the MP bulk and shear moduli.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import gzip
 import json
@@ -628,7 +630,7 @@ def read_structure_files(
                 suffix = c.id[len(file_stem(f)) :] if c.id.startswith(file_stem(f)) else ""
                 c = c.replace(id=f"{f}{suffix}")
             records.append(c)
-    if failures:
+    if failures and not _SKIP_SUMMARY_DEFERRED.get():
         logger.warning("could not read %d of %d structure files (first: %s: %s)", len(failures), len(files), *failures[0])
     return records, failures
 
@@ -801,8 +803,24 @@ def _iter_selected(
             report.skipped.append((entry.rid, e.reason))
 
 
+# True inside `skip_summary_deferred()`: the caller logs the skipped records itself
+_SKIP_SUMMARY_DEFERRED = contextvars.ContextVar("dpf_jax_skip_summary_deferred", default=False)
+
+
+@contextlib.contextmanager
+def skip_summary_deferred():
+    """Readers called inside still collect the records they skip (`.skipped`, failures) but log
+    no summary of their own: for a caller that reports them in one count with later failures
+    (the dataset pipeline: unreadable records and structures whose graph cannot be built)."""
+    token = _SKIP_SUMMARY_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_SUMMARY_DEFERRED.reset(token)
+
+
 def _log_report(report: DatasetRecords) -> None:
-    if report.skipped:
+    if report.skipped and not _SKIP_SUMMARY_DEFERRED.get():
         shown = "; ".join(f"{rid}: {reason}" for rid, reason in report.skipped[:3])
         more = f" (+{len(report.skipped) - 3} more)" if len(report.skipped) > 3 else ""
         logger.warning(

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpf_jax.data.batching import GraphBatcher, graph_to_jraph, prefetch
+from dpf_jax.data.batching import BUDGET_PLACEMENTS, GraphBatcher, graph_to_jraph, prefetch
 from dpf_jax.data.dataset import GraphParams, default_workers
 from dpf_jax.data.pipeline import (DEFAULT_SPLIT_FRACTIONS, PreparedData, SplitData, prepare_labeled, prepare_unlabeled,
                                    task_units_and_transform)
@@ -163,33 +163,38 @@ def data_stats(config, data: PreparedData) -> dict:
     return stats
 
 
+def check_padding_settings(config) -> None:
+    """train.budget_placement and train.num_budget_levels, checked before the data loads."""
+    placement, levels = config.train.get("budget_placement", "cost"), config.train.num_budget_levels
+    if placement not in BUDGET_PLACEMENTS:
+        raise ValueError(f"train.budget_placement must be one of {BUDGET_PLACEMENTS}, got {placement!r}")
+    if not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"train.num_budget_levels must be a whole number >= 1, got {levels!r}")
+
+
 def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_fn=None) -> GraphBatcher | None:
     """The split's batcher; in pre-training with `rebuild_topology`, one that perturbs on the
     host and rebuilds each perturbed crystal's graph, keyed by `key_fn(epoch, batch)`."""
     if not split.graphs:
         return None
     balance = config.train.get("balance_shares", True)
+    # budgets are sampled with a fixed seed, not the run's: runs that differ only in seed then
+    # share padded shapes, hence compiled executables in the persistent compilation cache
+    padding = dict(num_levels=config.train.num_budget_levels, seed=0,
+                   budget_placement=config.train.get("budget_placement", "cost"))
     if config.mode == "pretrain" and _corruption(config) == "official":  # corrupted once, here
         return OfficialBatcher(split.graphs, config.train.batch_size, num_devices, config.seed,
                                dataclasses.asdict(_graph_params(config)),
                                workers=config.data.num_workers or default_workers(),
-                               progress=config.train.progress_bar, budgets=budgets,
-                               num_levels=config.train.num_budget_levels, seed=0,
-                               balance=balance)
+                               progress=config.train.progress_bar, budgets=budgets, balance=balance, **padding)
     if config.mode == "pretrain" and config.pretrain.rebuild_topology and key_fn is not None:
         return RebuildingBatcher(split.graphs, config.train.batch_size, num_devices,
                                  DenoisingObjective(config.model, config.pretrain).perturb_cfg(), key_fn,
                                  dataclasses.asdict(_graph_params(config)),
-                                 workers=config.data.num_workers or default_workers(),
-                                 num_levels=config.train.num_budget_levels, seed=0,
-                                 balance=balance)
+                                 workers=config.data.num_workers or default_workers(), balance=balance, **padding)
     targets = np.nan_to_num(split.targets, nan=0.0)
     graphs = [graph_to_jraph(g, float(t)) for g, t in zip(split.graphs, targets)]
-    # budgets are sampled with a fixed seed, not the run's: runs that differ only in seed then
-    # share padded shapes, hence compiled executables in the persistent compilation cache
-    return GraphBatcher(graphs, config.train.batch_size, num_devices, budgets=budgets,
-                        num_levels=config.train.num_budget_levels, seed=0,
-                        balance=balance)
+    return GraphBatcher(graphs, config.train.batch_size, num_devices, budgets=budgets, balance=balance, **padding)
 
 
 def maybe_tune_budgets(config, batcher, train_step, state, host_batch_fn, mesh, run_axis: bool = False) -> list[dict]:
@@ -446,6 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     objective = make_objective(config)
     init_path = resolve_init_checkpoint(config)  # fail fast, before data preparation
     check_cuda_graphs(config.train.get("cuda_graphs", "xla"))
+    check_padding_settings(config)
     data = load_data(config)  # before JAX starts its backends (graph workers are forked)
     mesh = make_mesh(config.get("num_devices", 0) or None)
     num_devices = mesh.size

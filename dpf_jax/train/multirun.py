@@ -110,6 +110,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
             raise FileNotFoundError(f"init checkpoint {init!r} of {workdir} does not exist")
     init_paths = [loop.resolve_init_checkpoint(c) for c in configs]
     check_cuda_graphs(config.train.get("cuda_graphs", "xla"))
+    loop.check_padding_settings(config)
 
     objective = loop.make_objective(config)
     data = loop.load_data(config)  # shared: fine-tuning data do not depend on the seed
