@@ -120,6 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
     # multiples of budget_search_granule) and keep the one whose compiled training step XLA
     # counts the fewest bytes for: on a GPU the same batch can step 20-30% faster at a slightly
     # larger padded shape (dpf_jax/train/budget_search.py). Costs that many compilations.
+    # (with four budget levels that is four searches, also for levels no batch may reach)
     c.train.budget_search = 0
     c.train.budget_search_granule = 1024
     c.train.budget_search_cache = ".cache/budget_search.json"  # byte counts found ("": none)
@@ -146,8 +147,8 @@ def get_config() -> ml_collections.ConfigDict:
     # crystals, else xla (and xla off a GPU). Timed (session 21, H200s): pre-training B=256 on 4
     # GPUs 4.12 -> 3.56 ms per step (concurrent), 3.23 (concurrent_collectives, another machine);
     # JARVIS fine-tuning B=32 on one 1.82 -> 1.37 ms. Loss curves (session 22, 2 x H200): 1 vs 2
-    # GPUs within 1.0e-4, concurrent vs xla within 9.1e-5 (pre-training) and within xla's own
-    # run-to-run spread (fine-tuning: 4.5e-4 against 5.7e-4 between two xla runs).
+    # GPUs within 1.03e-4, concurrent vs xla within 9.1e-5 (pre-training); fine-tuning B=32 over 23
+    # steps 4.5e-4, two xla runs of one seed 5.7e-4 (first 10 steps: 3.9e-4 against 2.0e-4).
     c.train.cuda_graphs = "auto"
     c.train.progress_bar = True
 

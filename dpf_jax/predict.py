@@ -305,7 +305,7 @@ class Predictor:
         jr = [graph_to_jraph(g, float(t)) for g, t in zip(graphs, tg)]
         batcher = GraphBatcher(jr, self._batch_size_for(n), self.num_devices,
                                num_levels=int(self.config.train.get("num_budget_levels", 2)), seed=0,
-                               budget_placement=self.config.train.get("budget_placement", "cost"))
+                               budget_placement=self.config.train.get("budget_placement", "quantile"))
         preds = np.full(n, np.nan)
         order = batcher.epoch_order(0, 0, shuffle=False)
         ae_sum = ae_count = 0.0

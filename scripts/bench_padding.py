@@ -2,8 +2,9 @@
 
     python scripts/bench_padding.py                                   # pretrain_mask30 + finetune_jarvis
     python scripts/bench_padding.py --configs pretrain_mask30 --devices 1 2 4 8 --batch-sizes 256 1024
+    # where the budget levels sit, and how many:
     python scripts/bench_padding.py --levels 2 3 4 --placements quantile cost --devices 1 4 \
-        --out scripts/results/padding_levels.json          # where the budget levels sit, and how many
+        --batch-sizes 32 256 1024 --out scripts/results/padding_levels.json
     python scripts/bench_padding.py --configs synthetic --batch-sizes 256 --devices 1 --levels 2 3 4 \
         --placements quantile cost --out scripts/results/padding_levels_synthetic.json   # issue #9's crystals
 
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
                     continue
                 for balance in (False, True):
                     b = GraphBatcher(graphs, bs, n_dev, num_levels=config.train.num_budget_levels, seed=0,
-                                     balance=balance)
+                                     balance=balance, budget_placement=config.train.budget_placement)
                     waste = b.padding_waste(seed=config.seed)
                     tag = "balanced" if balance else "contiguous"
                     row[f"edge_padding_{tag}"] = waste["edge_padding"]

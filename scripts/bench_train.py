@@ -693,7 +693,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     per_step = [t / S for t in times]
     peaks = peaks_for(jax.devices()[0].device_kind)
     unit = PRECISION_UNIT[precision]
-    cuda_graphs = config.train.get("cuda_graphs", "xla")
+    cuda_graphs = config.train.get("cuda_graphs", "auto")
     res = {
         "data": data_kind, "model": model_label(name), "mode": config.mode, "batch_size": batch_size,
         "precision": precision, "formulation": formulation, "num_devices": D, "num_parameters": n_params,

@@ -205,21 +205,23 @@ def test_cheapest_buckets_match_brute_force():
 @pytest.mark.parametrize("levels", [2, 3, 4])
 def test_cost_placed_budgets_pad_real_batches_less_than_quantiles(jarvis_graphs, levels):
     """train.budget_placement="cost" against the quantile levels (the placement up to session 21),
-    on batches drawn with another seed than the budgets were: every batch fits, the padded size
-    (edges + NODE_COST_IN_EDGES x nodes) is smaller on average, and the top level is the same."""
+    on batches drawn with another seed than the budgets were: every batch fits, and the padded
+    size (edges + NODE_COST_IN_EDGES x nodes) is smaller on average."""
     n_node = np.array([int(g.n_node[0]) for g in jarvis_graphs])
     n_edge = np.array([int(g.n_edge[0]) for g in jarvis_graphs])
     rng = np.random.default_rng(123)
     batches = [rng.choice(len(n_node), size=16, replace=False) for _ in range(2000)]
 
     def mean_padded(budgets):
+        count = len(budgets)  # fit_budget adds a budget for a batch that fits none: none may
         sizes = [fit_budget(budgets, int(n_node[b].sum()), int(n_edge[b].sum()), 16) for b in batches]
+        assert len(budgets) == count
         return np.mean([b.n_edge + NODE_COST_IN_EDGES * b.n_node for b in sizes])
 
     # finer rounding than the batcher's (64 nodes, 512 edges), which would merge levels this small
     kw = dict(graphs_per_device=16, num_levels=levels, node_multiple=8, edge_multiple=64)
     cost, quantile = choose_budgets(n_node, n_edge, **kw), choose_budgets(n_node, n_edge, placement="quantile", **kw)
-    assert 1 <= len(cost) <= levels and cost[-1] == quantile[-1]
+    assert 1 <= len(cost) <= levels
     assert mean_padded(cost) < mean_padded(quantile), (cost, quantile)
     with pytest.raises(ValueError, match="budget placement must be one of"):
         choose_budgets(n_node, n_edge, graphs_per_device=8, placement="median")

@@ -204,12 +204,16 @@ def test_the_batcher_places_its_padding_budgets_as_configured():
 
     config = tiny(finetune_jarvis.get_config(), records=400, batch=32)
     data = loop.load_data(config)
-    for placement, levels, devices in (("cost", 4, 1), ("quantile", 2, 1), ("cost", 3, 4)):
+    budgets = {}
+    for placement, levels, devices in (("cost", 4, 1), ("quantile", 4, 1), ("cost", 2, 1), ("cost", 3, 4)):
         config.train.budget_placement, config.train.num_budget_levels = placement, levels
         batcher = loop.make_batcher(data.splits["train"], config, devices)
         assert batcher.budgets == choose_budgets(batcher.n_node, batcher.n_edge, 32 // devices, num_levels=levels,
                                                  num_devices=devices, placement=placement), placement
         assert 1 <= len(batcher.budgets) <= levels
+        budgets[placement, levels, devices] = batcher.budgets
+    # the settings change the shapes here (so a setting lost on the way would show)
+    assert len({tuple(b) for b in budgets.values()}) == len(budgets), budgets
 
 
 def test_a_wrong_cuda_graphs_mode_or_padding_setting_fails_before_the_data_loads(tmp_path):

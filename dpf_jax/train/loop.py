@@ -267,7 +267,7 @@ def build_run_step(config, objective, model, tx, mesh, state, example_batch_fn, 
     packing = StatePacking(state, run_axis=num_runs > 0) if config.train.get("pack_state", False) else None
     transfer = make_transfer_packing(config, example_batch_fn)
     metrics = MetricsPacking() if config.train.get("pack_metrics", False) else None
-    options = step_compiler_options(config.train.get("cuda_graphs", "xla"), mesh, step_crystals(config, num_runs))
+    options = step_compiler_options(config.train.get("cuda_graphs", "auto"), mesh, step_crystals(config, num_runs))
     step = make_train_step(objective, model, tx, mesh, num_runs=num_runs, steps_per_call=steps_per_call,
                            packing=packing, transfer=transfer, metrics_packing=metrics, compiler_options=options)
     return RunStep(step, packing, transfer, metrics.unpack if metrics else None)
@@ -450,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     objective = make_objective(config)
     init_path = resolve_init_checkpoint(config)  # fail fast, before data preparation
-    check_cuda_graphs(config.train.get("cuda_graphs", "xla"))
+    check_cuda_graphs(config.train.get("cuda_graphs", "auto"))
     check_padding_settings(config)
     data = load_data(config)  # before JAX starts its backends (graph workers are forked)
     mesh = make_mesh(config.get("num_devices", 0) or None)
@@ -491,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     log.info("model: %s with %d parameters on %d device(s) (%s); %s; %s", type(model).__name__, n_params,
              num_devices, describe_devices(), describe_compute(config.model),
-             describe_cuda_graphs(config.train.get("cuda_graphs", "xla"), mesh, step_crystals(config)))
+             describe_cuda_graphs(config.train.get("cuda_graphs", "auto"), mesh, step_crystals(config)))
 
     restored = checkpointer.restore("latest", state)
     best_metric, best_epoch = math.inf, -1

@@ -109,7 +109,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
         if init and not Path(init).exists():
             raise FileNotFoundError(f"init checkpoint {init!r} of {workdir} does not exist")
     init_paths = [loop.resolve_init_checkpoint(c) for c in configs]
-    check_cuda_graphs(config.train.get("cuda_graphs", "xla"))
+    check_cuda_graphs(config.train.get("cuda_graphs", "auto"))
     loop.check_padding_settings(config)
 
     objective = loop.make_objective(config)
@@ -166,7 +166,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     del states
     log.info("%d runs of %s trained together on %d device(s) (%s; %s; %s): %s", n_runs, type(model).__name__,
              num_devices, loop.describe_devices(), describe_compute(config.model),
-             describe_cuda_graphs(config.train.get("cuda_graphs", "xla"), mesh, loop.step_crystals(config, n_runs)),
+             describe_cuda_graphs(config.train.get("cuda_graphs", "auto"), mesh, loop.step_crystals(config, n_runs)),
              run_names)
 
     # as train/loop.py: the step carries the runs' states packed, batches bundled, metrics packed
