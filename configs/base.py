@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
     # rounding; "gathered" has one collective per BatchNorm in each direction instead of two
     # (dpf_jax/model/layers.py MaskedBatchNorm; measured in the README's multi-GPU section).
     c.model.batch_norm_stats = "gathered"
+    # Each layer's e @ W3 (the edge's part of lin_msg_update) as edge_attr @ (W_e W3), lin_edge's
+    # kernel folded in per head: same parameters and FLOPs, ~6-7 KB less memory traffic per edge
+    # and layer (PERF_NOTES.md, session 22), float sums associated differently. "node"
+    # formulation, not with pallas_node. Off until timed and its loss curve checked on a GPU.
+    c.model.fold_edge_weights = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

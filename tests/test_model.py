@@ -189,16 +189,21 @@ def _numpy_matformer_conv(p, x, edge_attr, senders, receivers, node_mask, edge_m
     return out + lin(p["lin_skip"], x), new_stats
 
 
-@pytest.mark.parametrize("formulation,edge_kernel", [("node", "xla"), ("edge", "xla"), ("node", "pallas"),
-                                                     ("edge", "pallas"), ("node", "pallas_node-16x4")])
-def test_conv_matches_numpy_reference(crystals, formulation, edge_kernel):
+@pytest.mark.parametrize("formulation,edge_kernel,fold", [
+    ("node", "xla", False), ("edge", "xla", False), ("node", "pallas", False), ("edge", "pallas", False),
+    ("node", "pallas_node-16x4", False),
+    # lin_edge folded into e @ W3 (model.fold_edge_weights) with every kernel that takes e @ W3 as input
+    ("node", "xla", True), ("node", "xla_recompute", True), ("node", "pallas_gate_rows-16x8-sorted", True),
+    ("node", "pallas", True)])
+def test_conv_matches_numpy_reference(crystals, formulation, edge_kernel, fold):
     graphs = [build_crystal_graph(c) for c in crystals[:3]]
     b = padded_batch(graphs)
     H, C, n_edge_feat = 2, 16, 24
     rng = np.random.default_rng(1)
     x = rng.standard_normal((b.nodes["mask"].shape[0], C)).astype(np.float32)
     edge_attr = rng.standard_normal((b.senders.shape[0], n_edge_feat)).astype(np.float32)
-    conv = MatformerConv(channels=C, heads=H, precision="highest", formulation=formulation, edge_kernel=edge_kernel)
+    conv = MatformerConv(channels=C, heads=H, precision="highest", formulation=formulation, edge_kernel=edge_kernel,
+                         fold_edge_weights=fold)
     args = (jnp.asarray(x), jnp.asarray(edge_attr), jnp.asarray(b.senders), jnp.asarray(b.receivers),
             jnp.asarray(b.nodes["mask"]), jnp.asarray(b.edges["mask"]))
     variables = np_variables(dict(jax.eval_shape(lambda: conv.init(jax.random.PRNGKey(0), *args, train=False))), 3)
@@ -218,6 +223,53 @@ def test_conv_matches_numpy_reference(crystals, formulation, edge_kernel):
         np.testing.assert_allclose(np.asarray(got)[m], want[m], rtol=2e-4, atol=2e-4)
         for name in ("mean", "var"):
             np.testing.assert_allclose(np.asarray(got_stats[name]), want_stats[name], rtol=1e-4, atol=1e-5)
+
+
+def _dot_shapes(jaxpr) -> set:
+    """(lhs shape, rhs shape) of every dot_general in a jaxpr, nested jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add((tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape)))
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found |= _dot_shapes(inner)
+    return found
+
+
+def test_folded_edge_weights_give_the_same_gradients(crystals):
+    """model.fold_edge_weights: e @ W3 computed from edge_attr ([E, K] @ [K, H, 3C], the folded
+    weight) instead of from e ([E, H, C] @ [C, 3C]); the layer's outputs and its gradients with
+    respect to every parameter and to edge_attr are those of the unfolded layer."""
+    graphs = [build_crystal_graph(c) for c in crystals[:3]]
+    b = padded_batch(graphs)
+    H, C, K = 2, 16, 24
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((b.nodes["mask"].shape[0], C)), jnp.float32)
+    edge_attr = jnp.asarray(rng.standard_normal((b.senders.shape[0], K)), jnp.float32)
+    rest = tuple(jnp.asarray(a) for a in (b.senders, b.receivers, b.nodes["mask"], b.edges["mask"]))
+    convs = {fold: MatformerConv(channels=C, heads=H, precision="highest", fold_edge_weights=fold) for fold in (0, 1)}
+    params = convs[0].init(jax.random.PRNGKey(0), x, edge_attr, *rest, train=False)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        convs[1].init(jax.random.PRNGKey(0), x, edge_attr, *rest, train=False))
+
+    def loss(variables, edge_attr, conv):
+        y, _ = conv.apply(variables, x, edge_attr, *rest, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.where(rest[2][:, None], y, 0.0) ** 2)
+
+    E = edge_attr.shape[0]
+    for fold, conv in convs.items():
+        dots = _dot_shapes(jax.make_jaxpr(lambda v: loss(v, edge_attr, conv))(params).jaxpr)
+        assert (((E, K), (K, H, 3 * C)) in dots) == bool(fold), dots
+    (l0, g0), (l1, g1) = (jax.value_and_grad(loss, argnums=(0, 1))(params, edge_attr, convs[f]) for f in (0, 1))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    for a, b_ in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b_), np.asarray(a), rtol=2e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="fold_edge_weights needs formulation 'node'"):
+        MatformerConv(channels=C, heads=H, formulation="edge", fold_edge_weights=True).init(
+            jax.random.PRNGKey(0), x, edge_attr, *rest, train=False)
 
 
 def test_regressor_matches_numpy_reference(crystals):

@@ -377,6 +377,7 @@ class MatformerConv(nn.Module):
     formulation: str = "node"
     edge_kernel: str = "xla"  # or "auto": see resolve_edge_kernel
     batch_norm_stats: str = "two_pass"
+    fold_edge_weights: bool = False  # e @ W3 as edge_attr @ (W_e W3): see `_edge_times_w3`
 
     @nn.compact
     def __call__(self, x, edge_attr, senders, receivers, node_mask, edge_mask, train: bool, edge_count=None):
@@ -392,16 +393,22 @@ class MatformerConv(nn.Module):
         ein = lambda spec, a, b: jnp.einsum(spec, a, b, precision=self.precision)  # noqa: E731
 
         lin_q, lin_k, lin_v = dense(H * C, "lin_query"), dense(H * C, "lin_key"), dense(H * C, "lin_value")
-        e = dense(H * C, "lin_edge", bias=False)(edge_attr).reshape(n_edge, H, C)
+        # lin_edge's kernel (no bias), kept for folding it into e @ W3 (same parameter as a Linear)
+        w_edge = LinearParams(edge_attr.shape[-1], H * C, use_bias=False, name="lin_edge")()[0].astype(dt)
+        e = jnp.matmul(edge_attr.astype(dt), w_edge, precision=self.precision).reshape(n_edge, H, C)
         w_msg, b_msg = LinearParams(3 * C, 3 * C, name="lin_msg_update")()
         w_msg, b_msg = w_msg.astype(dt), b_msg.astype(dt)
         inv = jnp.asarray(1.0 / math.sqrt(3 * C), dt)
 
+        if self.fold_edge_weights and (self.formulation != "node" or kernel.startswith("pallas_node")):
+            raise ValueError("model.fold_edge_weights needs formulation 'node' and an edge kernel other than "
+                             f"pallas_node (e @ W3 is computed inside it), got {self.formulation!r}, {kernel!r}")
         if self.formulation == "node":
             q = lin_q(x).reshape(n_node, H, C)
             k = lin_k(x).reshape(n_node, H, C)
             v = lin_v(x).reshape(n_node, H, C)
             w1, w2, w3 = w_msg[:C], w_msg[C:2 * C], w_msg[2 * C:]
+            edge_w3 = lambda: self._edge_times_w3(e, edge_attr, w_edge, w3)  # noqa: E731 - [E, H, 3C]
             # per node: the value_i (+ bias) and value_j parts of lin_msg_update, q_i * k_i
             recv_tab = jnp.concatenate([q, q * k, ein("nhc,cd->nhd", v, w1) + b_msg], axis=-1)  # [N, H, 5C]
             send_tab = jnp.concatenate([k, ein("nhc,cd->nhd", v, w2)], axis=-1)  # [N, H, 4C]
@@ -411,13 +418,13 @@ class MatformerConv(nn.Module):
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             if kernel.startswith("pallas_gate_rows"):  # the gate kernel pair gathering rows itself
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
-                msg = fused_gate_rows(recv_tab, send_tab, ein("ehc,cd->ehd", e, w3), e, receivers, senders, edge_mask,
+                msg = fused_gate_rows(recv_tab, send_tab, edge_w3(), e, receivers, senders, edge_mask,
                                       ln1_scale, ln1_bias, self._kernel_options(kernel))
                 msg = self._message_out(msg, edge_mask)
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             if kernel == "xla_recompute":  # the gate in jax.numpy, its backward recomputing
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
-                msg = gate_message(recv_tab, send_tab, ein("ehc,cd->ehd", e, w3), e, receivers, senders, edge_mask,
+                msg = gate_message(recv_tab, send_tab, edge_w3(), e, receivers, senders, edge_mask,
                                    ln1_scale, ln1_bias)
                 msg = self._message_out(msg, edge_mask)
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
@@ -425,13 +432,13 @@ class MatformerConv(nn.Module):
             s = gather(send_tab, senders, dt)
             if kernel.startswith("pallas_gate"):  # the gate in one kernel pair, matmuls in XLA
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
-                msg = fused_gate(r, s, ein("ehc,cd->ehd", e, w3), e, edge_mask, ln1_scale, ln1_bias,
+                msg = fused_gate(r, s, edge_w3(), e, edge_mask, ln1_scale, ln1_bias,
                                  self._kernel_options(kernel))
                 msg = self._message_out(msg, edge_mask)
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             q_i, qk_ii, vm_i = r[..., :C], r[..., C:2 * C], r[..., 2 * C:]
             k_j, vm_j = s[..., :C], s[..., C:]
-            upd = vm_i + vm_j + ein("ehc,cd->ehd", e, w3)
+            upd = vm_i + vm_j + edge_w3()
         elif self.formulation == "edge":
             if kernel.startswith(("pallas_node", "pallas_gate", "xla_recompute")):  # incl. pallas_gate_rows
                 raise ValueError(f"edge_kernel {kernel!r} needs formulation 'node' (use 'pallas' with 'edge')")
@@ -465,6 +472,19 @@ class MatformerConv(nn.Module):
             raise ValueError(f"unknown MatformerConv edge_kernel {kernel!r} (xla, xla_recompute, pallas, "
                              "pallas_node, pallas_gate, pallas_gate_rows; the pallas ones optionally -<block_edges>x<num_warps>)")
         return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
+
+    def _edge_times_w3(self, e, edge_attr, w_edge, w3):
+        """e @ W3 per head, [E, H, 3C]: the edge's part of lin_msg_update.
+
+        With `fold_edge_weights`, as edge_attr @ W_c where W_c[:, h] = W_e[:, h] @ W3 (both maps
+        are linear in edge_attr, which every layer shares): the product reads edge_attr ([E, K])
+        instead of e ([E, H, C], H times larger), and its backward writes d(edge_attr) instead of
+        an [E, H, C] d(e). Same FLOPs; the sums are associated differently (float rounding)."""
+        if not self.fold_edge_weights:
+            return jnp.einsum("ehc,cd->ehd", e, w3, precision=self.precision)
+        H, C = self.heads, self.channels
+        w_c = jnp.einsum("khc,cd->khd", w_edge.reshape(-1, H, C), w3, precision=self.precision)
+        return jnp.einsum("ek,khd->ehd", edge_attr.astype(w_c.dtype), w_c, precision=self.precision)
 
     def _message_out(self, gated, edge_mask):
         """msg_layer_0 -> LayerNorm_C -> edge mask of the gated message [E, H, 3C]: [E, H, C] float32."""

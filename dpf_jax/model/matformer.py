@@ -112,6 +112,8 @@ class MatformerEncoder(nn.Module):
       batch_norm_stats: "two_pass" or "gathered", how BatchNorm sums its training statistics
         (same maths up to float32 rounding; "gathered" halves the collectives across devices;
         see `dpf_jax.model.layers.MaskedBatchNorm`).
+      fold_edge_weights: each layer's e @ W3 computed as edge_attr @ (W_e W3) (same parameters
+        and maths up to float rounding; "node" formulation; `MatformerConv._edge_times_w3`).
     """
 
     num_layers: int = 5
@@ -126,6 +128,7 @@ class MatformerEncoder(nn.Module):
     edge_kernel: str = "xla"
     remat: str = "none"
     batch_norm_stats: str = "two_pass"
+    fold_edge_weights: bool = False
 
     @nn.compact
     def __call__(self, graph, train: bool) -> EncoderOutput:
@@ -158,7 +161,7 @@ class MatformerEncoder(nn.Module):
         kernel = resolve_edge_kernel(self.edge_kernel, self.formulation, self.channels, self.remat)
         for layer in range(self.num_layers):
             x = conv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
-                     kernel, self.batch_norm_stats, name=f"att_layers_{layer}")(
+                     kernel, self.batch_norm_stats, self.fold_edge_weights, name=f"att_layers_{layer}")(
                 x, edge_attr, senders, receivers, node_mask, edge_mask, train, edge_count)
         return EncoderOutput(x.astype(jnp.float32), vec, length)
 

@@ -41,7 +41,7 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
                 dtype=dtype, precision=_PRECISIONS[precision],
                 formulation=model_cfg.get("formulation", "node"), edge_kernel=model_cfg.get("edge_kernel", "auto"),
                 remat=model_cfg.get("remat", "none"),
-                batch_norm_stats=bn_stats)
+                batch_norm_stats=bn_stats, fold_edge_weights=bool(model_cfg.get("fold_edge_weights", False)))
 
 
 def resolved_edge_kernel(model_cfg: ml_collections.ConfigDict) -> str:
