@@ -267,6 +267,13 @@ def test_folded_edge_weights_give_the_same_gradients(crystals):
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
     for a, b_ in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
         np.testing.assert_allclose(np.asarray(b_), np.asarray(a), rtol=2e-4, atol=2e-5)
+    from configs import finetune_jarvis
+    from dpf_jax.train.objectives import describe_compute
+
+    cfg = finetune_jarvis.get_config().model
+    assert "folded" not in describe_compute(cfg)
+    cfg.fold_edge_weights = True  # the run log says so
+    assert describe_compute(cfg).endswith(", lin_edge folded into e @ W3")
     with pytest.raises(ValueError, match="fold_edge_weights needs formulation 'node'"):
         MatformerConv(channels=C, heads=H, formulation="edge", fold_edge_weights=True).init(
             jax.random.PRNGKey(0), x, edge_attr, *rest, train=False)

@@ -56,7 +56,8 @@ def describe_compute(model_cfg: ml_collections.ConfigDict) -> str:
     e.g. "precision default, edge kernel pallas_gate_rows-16x8-sorted (model.edge_kernel=auto)"."""
     name, kernel = model_cfg.get("edge_kernel", "auto"), resolved_edge_kernel(model_cfg)
     how = f" (model.edge_kernel={name})" if kernel != name else ""
-    return f"precision {model_cfg.get('precision', 'default')}, edge kernel {kernel}{how}"
+    folded = ", lin_edge folded into e @ W3" if model_cfg.get("fold_edge_weights", False) else ""
+    return f"precision {model_cfg.get('precision', 'default')}, edge kernel {kernel}{how}{folded}"
 
 
 @dataclasses.dataclass
