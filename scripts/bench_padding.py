@@ -10,8 +10,6 @@
 
 Every device's share of a global batch is padded to one budget (the one that holds the largest
 share), so a split whose shares differ in size pads the smaller ones up to the largest. With
-`--levels` / `--placements` it compares instead how many budget levels there are and where they
-sit (`train.num_budget_levels`, `train.budget_placement`; balanced shares). With
 contiguous shares the largest of N small sums lies further above their mean as N grows, and the
 padded work per real edge grows with the device count: on a 4-GPU H200 machine the
 pre-training step at global batch 256 ran 24% padding edges on 4 devices against 6% on one
@@ -19,7 +17,9 @@ pre-training step at global batch 256 ran 24% padding edges on 4 devices against
 on) splits each batch heaviest-crystal-first onto the lightest share (`balanced_split`), and the
 budgets are chosen from balanced splits too. This script measures both over one shuffled epoch
 of the training split, exactly as `GraphBatcher.padding_waste` counts (padded slots of every
-share / all slots), and writes a JSON file; no accelerator needed.
+share / all slots), and writes a JSON file; no accelerator needed. With `--levels` /
+`--placements` it compares instead how many budget levels there are and where they sit
+(`train.num_budget_levels`, `train.budget_placement`; balanced shares).
 """
 
 from __future__ import annotations
@@ -98,14 +98,11 @@ def main(argv=None) -> dict:
 
 
 def synthetic_data():
-    """The 4,096 crystals of bench_train.py --synthetic (its defaults: seed 0, ~36 edges per atom)."""
-    import types
-
+    """The crystals of `bench_train.py --synthetic` with its default options."""
     sys.path.insert(0, str(REPO / "scripts"))
     import bench_train
 
-    args = types.SimpleNamespace(synthetic_count=0, small=False, seed=0, synthetic_edges_per_atom=36.0)
-    return bench_train.synthetic_data(args)[0]
+    return bench_train.synthetic_data(bench_train.parse_args(["--synthetic"]))[0]
 
 
 def level_row(graphs, batch_size: int, num_devices: int, config, placement: str, levels: int) -> dict:
@@ -114,14 +111,12 @@ def level_row(graphs, batch_size: int, num_devices: int, config, placement: str,
 
     b = GraphBatcher(graphs, batch_size, num_devices, num_levels=levels, seed=0, budget_placement=placement)
     waste = b.padding_waste(seed=config.seed)
-    order, bs = b.epoch_order(config.seed, 0, True), batch_size
-    used = {b.share_budget(b.shares(order[k * bs:(k + 1) * bs])) for k in range(b.num_batches())}
     print(f"  B={batch_size:5d} {num_devices} device(s) {placement:8s} x {levels}: edge padding "
           f"{100 * waste['edge_padding']:5.1f}%, node {100 * waste['node_padding']:5.1f}%, "
-          f"{len(used)} of {len(b.budgets)} shapes used", flush=True)
+          f"{waste['budgets_used']} of {len(b.budgets)} shapes used", flush=True)
     return {"placement": placement, "levels": levels, "edge_padding": waste["edge_padding"],
             "node_padding": waste["node_padding"], "budgets": [[x.n_node, x.n_edge, x.n_graph] for x in b.budgets],
-            "budgets_used_in_epoch": len(used)}
+            "budgets_used_in_epoch": waste["budgets_used"]}
 
 
 if __name__ == "__main__":

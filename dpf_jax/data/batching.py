@@ -542,17 +542,20 @@ class GraphBatcher:
             yield self.make_batch(order[b * self.batch_size:(b + 1) * self.batch_size])
 
     def padding_waste(self, seed: int = 0) -> dict:
-        """Fraction of padded node and edge slots over one epoch (for benchmarks and logs)."""
+        """Fraction of padded node and edge slots over one epoch, and how many of the budgets
+        (padded shapes, one compilation each) its batches use (for benchmarks and logs)."""
         real_n = real_e = tot_n = tot_e = 0
+        used = set()
         order = self.epoch_order(seed, 0, True)
         for b in range(self.num_batches()):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             budget = self.share_budget(self.shares(idx))
+            used.add(budget)
             real_n += int(self.n_node[idx].sum())
             real_e += int(self.n_edge[idx].sum())
             tot_n += budget.n_node * self.num_devices
             tot_e += budget.n_edge * self.num_devices
-        return {"node_padding": 1 - real_n / tot_n, "edge_padding": 1 - real_e / tot_e}
+        return {"node_padding": 1 - real_n / tot_n, "edge_padding": 1 - real_e / tot_e, "budgets_used": len(used)}
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:

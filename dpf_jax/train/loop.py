@@ -163,8 +163,10 @@ def data_stats(config, data: PreparedData) -> dict:
     return stats
 
 
-def check_padding_settings(config) -> None:
-    """train.budget_placement and train.num_budget_levels, checked before the data loads."""
+def check_step_settings(config) -> None:
+    """train.cuda_graphs, train.budget_placement and train.num_budget_levels, checked before the
+    data loads (by every entry point that trains)."""
+    check_cuda_graphs(config.train.get("cuda_graphs", "auto"))
     placement, levels = config.train.get("budget_placement", "cost"), config.train.num_budget_levels
     if placement not in BUDGET_PLACEMENTS:
         raise ValueError(f"train.budget_placement must be one of {BUDGET_PLACEMENTS}, got {placement!r}")
@@ -450,8 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     objective = make_objective(config)
     init_path = resolve_init_checkpoint(config)  # fail fast, before data preparation
-    check_cuda_graphs(config.train.get("cuda_graphs", "auto"))
-    check_padding_settings(config)
+    check_step_settings(config)
     data = load_data(config)  # before JAX starts its backends (graph workers are forked)
     mesh = make_mesh(config.get("num_devices", 0) or None)
     num_devices = mesh.size

@@ -42,8 +42,7 @@ from dpf_jax.train import checkpoint as ckpt_lib
 from dpf_jax.train import loop
 from dpf_jax.train.objectives import describe_compute
 from dpf_jax.train.optim import make_optimizer
-from dpf_jax.train.parallel import (check_cuda_graphs, describe_cuda_graphs, make_mesh, prefetch_to_device,
-                                    put_replicated)
+from dpf_jax.train.parallel import describe_cuda_graphs, make_mesh, prefetch_to_device, put_replicated
 from dpf_jax.train.step import create_state, make_eval_step
 
 log = logging.getLogger(__name__)
@@ -109,8 +108,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
         if init and not Path(init).exists():
             raise FileNotFoundError(f"init checkpoint {init!r} of {workdir} does not exist")
     init_paths = [loop.resolve_init_checkpoint(c) for c in configs]
-    check_cuda_graphs(config.train.get("cuda_graphs", "auto"))
-    loop.check_padding_settings(config)
+    loop.check_step_settings(config)
 
     objective = loop.make_objective(config)
     data = loop.load_data(config)  # shared: fine-tuning data do not depend on the seed
