@@ -81,9 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.batch_norm_stats = "gathered"
     # Each layer's e @ W3 (the edge's part of lin_msg_update) as edge_attr @ (W_e W3), lin_edge's
     # kernel folded in per head: same parameters and FLOPs, ~6-7 KB less memory traffic per edge
-    # and layer (PERF_NOTES.md, session 22), float sums associated differently. "node"
-    # formulation, not with pallas_node. Off until timed and its loss curve checked on a GPU.
-    c.model.fold_edge_weights = False
+    # and layer, float sums associated differently. "auto": wherever the layer computes e @ W3
+    # itself ("node" formulation, any edge kernel but pallas_node); True (an error elsewhere) or
+    # False. Session 23, one H200: issue #9's synthetic fine-tuning step 21.81 -> 20.94 ms, the
+    # first-epoch pre-training loss within 1.0e-4 of the unfolded curve (PERF_NOTES.md).
+    c.model.fold_edge_weights = "auto"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

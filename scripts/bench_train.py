@@ -793,6 +793,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     n_crystals = sum(int(b.globals["mask"].sum()) for b in host)
     flops_real = sum(step_flops(coef, batch_sizes_of(b), padded=False) for b in host)
 
+    prebuilt = [run.bundle(b) for b in host] if args.epoch_prebuilt else None
     devs = [put_batch(run.bundle(b), mesh) for b in host]
     jax.block_until_ready(devs)
     state, compile_s, _ = compile_shapes(train_step, state, devs, host)
@@ -817,8 +818,11 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         gc_before = [g["collections"] for g in gc.get_stats()]
         t_start = time.perf_counter()
         t_first = None
-        batches = prefetch(map(run.bundle, train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop)),
-                           config.train.prefetch)
+        order = dict(seed=config.seed, epoch=epoch, shuffle=True, drop_remainder=drop)
+        if args.epoch_prebuilt:  # diagnostic: no batching thread, only the device copies
+            batches = iter(prebuilt)
+        else:
+            batches = prefetch(map(run.bundle, train_b.iterate(**order)), config.train.prefetch)
         device_batches = iter(prefetch_to_device(batches, mesh, config.train.prefetch))
         for i in itertools.count():
             t0 = time.perf_counter()
@@ -890,7 +894,8 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     res = {
         "data": "synthetic" if args.data == ["synthetic"] else "real", "model": model_label(name),
         "batch_size": batch_size, "precision": precision, "formulation": formulation, "num_devices": D,
-        "gc_frozen": bool(args.epoch_gc_freeze), "switch_interval_s": args.epoch_switch_interval or switch_interval,
+        "gc_frozen": bool(args.epoch_gc_freeze), "prebuilt_batches": bool(args.epoch_prebuilt),
+        "switch_interval_s": args.epoch_switch_interval or switch_interval,
         "pack_state": bool(config.train.get("pack_state", False)),
         "pack_batches": bool(config.train.get("pack_batches", False)),
         "pack_metrics": bool(config.train.get("pack_metrics", False)),
@@ -947,6 +952,10 @@ def parse_args(argv):
     p.add_argument("--epoch-switch-interval", type=float, default=None,
                    help="with --epoch: sys.setswitchinterval (s) during the timed epochs (Python's default "
                         "0.005: how long a thread that wants the GIL waits before the holder must drop it)")
+    p.add_argument("--epoch-prebuilt", action="store_true",
+                   help="with --epoch: a diagnostic, not the loop's pipeline: the epoch's batches are built and "
+                        "bundled before the timed epochs, so only the copy to the devices runs in a background "
+                        "thread (how much the batching thread costs the main thread)")
     p.add_argument("--epoch-gc-freeze", action="store_true",
                    help="with --epoch: gc.freeze() the objects alive after compiling, so Python's cyclic "
                         "collector does not walk them during the timed epochs")

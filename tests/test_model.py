@@ -270,13 +270,27 @@ def test_folded_edge_weights_give_the_same_gradients(crystals):
     from configs import finetune_jarvis
     from dpf_jax.train.objectives import describe_compute
 
-    cfg = finetune_jarvis.get_config().model
+    cfg = finetune_jarvis.get_config().model  # "auto": folded wherever the layer computes e @ W3
+    assert cfg.fold_edge_weights == "auto" and describe_compute(cfg).endswith(", lin_edge folded into e @ W3")
+    cfg.fold_edge_weights = "False"  # the run log says what runs (a string: as from the command line)
     assert "folded" not in describe_compute(cfg)
-    cfg.fold_edge_weights = True  # the run log says so
-    assert describe_compute(cfg).endswith(", lin_edge folded into e @ W3")
-    with pytest.raises(ValueError, match="fold_edge_weights needs formulation 'node'"):
-        MatformerConv(channels=C, heads=H, formulation="edge", fold_edge_weights=True).init(
-            jax.random.PRNGKey(0), x, edge_attr, *rest, train=False)
+    cfg.fold_edge_weights, cfg.edge_kernel = "auto", "pallas_node"  # e @ W3 inside that kernel: not folded
+    assert "folded" not in describe_compute(cfg)
+    cfg.fold_edge_weights = "yes"
+    with pytest.raises(ValueError, match="fold_edge_weights must be one of"):
+        describe_compute(cfg)
+    for fold, want in ((True, None), ("auto", False)):  # "auto" runs unfolded where the fold is impossible
+        conv = MatformerConv(channels=C, heads=H, formulation="edge", fold_edge_weights=fold)
+        if want is None:
+            with pytest.raises(ValueError, match="fold_edge_weights needs formulation 'node'"):
+                conv.init(jax.random.PRNGKey(0), x, edge_attr, *rest, train=False)
+            continue
+        v = conv.init(jax.random.PRNGKey(0), x, edge_attr, *rest, train=False)
+        dots = _dot_shapes(jax.make_jaxpr(lambda v: loss(v, edge_attr, conv))(v).jaxpr)
+        assert not any(rhs == (K, H, 3 * C) for _, rhs in dots), dots
+    conv = MatformerConv(channels=C, heads=H, precision="highest", fold_edge_weights="auto")  # node + xla
+    dots = _dot_shapes(jax.make_jaxpr(lambda v: loss(v, edge_attr, conv))(params).jaxpr)
+    assert ((E, K), (K, H, 3 * C)) in dots, dots
 
 
 def test_regressor_matches_numpy_reference(crystals):

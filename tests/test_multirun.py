@@ -98,7 +98,7 @@ def test_cli_trains_the_grid_and_skips_finished_runs(tmp_path):
     # the group's log names the devices, the kernel ("auto" is the jax.numpy path on a CPU) and cuda_graphs
     log = (tmp_path / "scratch" / "train.log").read_text()
     assert re.search(r"2 runs of MatformerRegressor trained together on \d+ device\(s\) \(cpu: \w+; precision "
-                     r"default, edge kernel xla \(model.edge_kernel=auto\); "
+                     r"default, edge kernel xla \(model.edge_kernel=auto\), lin_edge folded into e @ W3; "
                      r"cuda graphs xla \(train.cuda_graphs=auto\)\)", log), log[:2000]
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("finished already") == 2, again.stdout

@@ -128,16 +128,17 @@ def test_describe_compute_names_the_kernel_as_it_runs(monkeypatch, on_gpu):
 
     monkeypatch.setattr(layers, "_on_nvidia_gpu", lambda: on_gpu)
     model = finetune_jarvis.get_config().model
+    folded = ", lin_edge folded into e @ W3"  # model.fold_edge_weights="auto" with the node formulation
     model.edge_kernel, model.precision = "pallas_gate_rows-16x4", "bf16"
-    assert describe_compute(model) == "precision bf16, edge kernel pallas_gate_rows-16x4"
+    assert describe_compute(model) == "precision bf16, edge kernel pallas_gate_rows-16x4" + folded
     model.edge_kernel = "auto"
     auto = layers.EDGE_KERNEL_AUTO_GPU if on_gpu else "xla"
-    assert describe_compute(model) == f"precision bf16, edge kernel {auto} (model.edge_kernel=auto)"
+    assert describe_compute(model) == f"precision bf16, edge kernel {auto} (model.edge_kernel=auto)" + folded
     # where the kernel cannot run, "auto" falls back to the jax.numpy path, and the log says so
-    for key, value in (("remat", "stats"), ("formulation", "edge"), ("channels", 96)):
+    for key, value, fold in (("remat", "stats", folded), ("formulation", "edge", ""), ("channels", 96, folded)):
         changed = finetune_jarvis.get_config().model
         changed[key] = value
-        assert describe_compute(changed) == "precision default, edge kernel xla (model.edge_kernel=auto)", key
+        assert describe_compute(changed) == "precision default, edge kernel xla (model.edge_kernel=auto)" + fold, key
 
 
 def _fake_mesh(platform: str, num_devices: int):

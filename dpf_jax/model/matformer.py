@@ -113,7 +113,8 @@ class MatformerEncoder(nn.Module):
         (same maths up to float32 rounding; "gathered" halves the collectives across devices;
         see `dpf_jax.model.layers.MaskedBatchNorm`).
       fold_edge_weights: each layer's e @ W3 computed as edge_attr @ (W_e W3) (same parameters
-        and maths up to float rounding; "node" formulation; `MatformerConv._edge_times_w3`).
+        and maths up to float rounding; "node" formulation; `MatformerConv._edge_times_w3`);
+        "auto" (the configs' default) where the formulation and edge kernel allow it.
     """
 
     num_layers: int = 5
@@ -128,7 +129,7 @@ class MatformerEncoder(nn.Module):
     edge_kernel: str = "xla"
     remat: str = "none"
     batch_norm_stats: str = "two_pass"
-    fold_edge_weights: bool = False
+    fold_edge_weights: bool | str = False
 
     @nn.compact
     def __call__(self, graph, train: bool) -> EncoderOutput:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dpf_jax.model.heads import DenoisingModel
-from dpf_jax.model.layers import BATCH_NORM_STATS, resolve_edge_kernel
+from dpf_jax.model.layers import BATCH_NORM_STATS, resolve_edge_kernel, resolve_fold_edge_weights
 from dpf_jax.model.matformer import MatformerEncoder, MatformerRegressor
 from dpf_jax.tasks import losses, perturb
 from dpf_jax.tasks.rebuild import targets_from_batch
@@ -41,7 +41,7 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
                 dtype=dtype, precision=_PRECISIONS[precision],
                 formulation=model_cfg.get("formulation", "node"), edge_kernel=model_cfg.get("edge_kernel", "auto"),
                 remat=model_cfg.get("remat", "none"),
-                batch_norm_stats=bn_stats, fold_edge_weights=bool(model_cfg.get("fold_edge_weights", False)))
+                batch_norm_stats=bn_stats, fold_edge_weights=model_cfg.get("fold_edge_weights", False))
 
 
 def resolved_edge_kernel(model_cfg: ml_collections.ConfigDict) -> str:
@@ -56,7 +56,9 @@ def describe_compute(model_cfg: ml_collections.ConfigDict) -> str:
     e.g. "precision default, edge kernel pallas_gate_rows-16x8-sorted (model.edge_kernel=auto)"."""
     name, kernel = model_cfg.get("edge_kernel", "auto"), resolved_edge_kernel(model_cfg)
     how = f" (model.edge_kernel={name})" if kernel != name else ""
-    folded = ", lin_edge folded into e @ W3" if model_cfg.get("fold_edge_weights", False) else ""
+    kw = model_kwargs(model_cfg, None)
+    fold = resolve_fold_edge_weights(kw["fold_edge_weights"], kw["formulation"], kernel)
+    folded = ", lin_edge folded into e @ W3" if fold else ""
     return f"precision {model_cfg.get('precision', 'default')}, edge kernel {kernel}{how}{folded}"
 
 
