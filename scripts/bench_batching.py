@@ -5,8 +5,10 @@
 
 For each (global batch, device count): the median time to build one padded, device-stacked
 batch over an epoch of the training split, with the packed arrays `GraphBatcher` uses
-(`PackedGraphs.pad`, one gather per field) and with the per-crystal concatenation it replaced
-(`pad_graphs` over the share's GraphsTuples), on one core of this machine; the time to bundle
+(`PackedGraphs.pad_shares`, one gather per field for all the device shares), with each share
+gathered on its own and the shares stacked (`PackedGraphs.pad`, sessions 17-22) and with the
+per-crystal concatenation before that (`pad_graphs` over the share's GraphsTuples), on one
+core of this machine; the time to bundle
 a batch into three arrays for the copy to the devices (`TransferPacking.pack`, `train.pack_batches`,
 on the same batching thread in training); and the padded
 shapes of the epoch's batches: how many steps would fall in full groups of `--group` consecutive
@@ -59,22 +61,34 @@ def bundle_ms_per_batch(batcher, repeats: int) -> float:
     return statistics.median(times)
 
 
-class ConcatenatingBatcher:
-    """The same batcher, padding each share by concatenating its crystals' arrays (`pad_graphs`,
-    the path before `PackedGraphs`)."""
+class PatchedBatcher:
+    """The same batcher with another way to pad each device share (`pad_share(batcher, share,
+    budget, positions)`), the shares then stacked: for the paths `GraphBatcher` replaced."""
 
-    def __init__(self, batcher):
-        self.b = batcher
-        self.graphs = [batcher.graphs[i] for i in range(len(batcher.graphs))]
+    def __init__(self, batcher, pad_share):
+        self.b, self.pad_share = batcher, pad_share
 
     def iterate(self, *a, **kw):
         original = type(self.b).pad_share
         try:
-            type(self.b).pad_share = lambda s, share, budget, positions: pad_graphs(
-                [self.graphs[i] for i in share], budget, positions=positions, template=self.graphs[0])
+            type(self.b).pad_share = self.pad_share
             yield from self.b.iterate(*a, **kw)
         finally:
             type(self.b).pad_share = original
+
+
+def concatenating(batcher) -> PatchedBatcher:
+    """Each share by concatenating its crystals' arrays (`pad_graphs`, the path before session 17's
+    `PackedGraphs`)."""
+    graphs = [batcher.graphs[i] for i in range(len(batcher.graphs))]
+    return PatchedBatcher(batcher, lambda s, share, budget, positions: pad_graphs(
+        [graphs[i] for i in share], budget, positions=positions, template=graphs[0]))
+
+
+def per_share(batcher) -> PatchedBatcher:
+    """Each share gathered on its own (`PackedGraphs.pad`) and the shares stacked: sessions 17-22,
+    before one gather per field covered all the shares (`PackedGraphs.pad_shares`)."""
+    return PatchedBatcher(batcher, lambda s, share, budget, positions: s.graphs.pad(share, budget, positions))
 
 
 def shape_runs(batcher, batch_size: int, group: int) -> dict:
@@ -120,12 +134,15 @@ def main(argv=None) -> dict:
                 continue
             row = {"batch_size": bs, "devices": d,
                    "packed_ms_per_batch": epoch_ms_per_batch(batcher, args.repeats),
-                   "concatenating_ms_per_batch": epoch_ms_per_batch(ConcatenatingBatcher(batcher), args.repeats),
+                   "per_share_ms_per_batch": epoch_ms_per_batch(per_share(batcher), args.repeats),
+                   "concatenating_ms_per_batch": epoch_ms_per_batch(concatenating(batcher), args.repeats),
                    "bundle_ms_per_batch": bundle_ms_per_batch(batcher, args.repeats),
                    **shape_runs(batcher, bs, args.group)}
             row["speedup"] = row["concatenating_ms_per_batch"] / row["packed_ms_per_batch"]
+            row["speedup_over_per_share"] = row["per_share_ms_per_batch"] / row["packed_ms_per_batch"]
             rows.append(row)
-            print(f"B={bs} on {d} device(s): packed {row['packed_ms_per_batch']:.2f} ms/batch, concatenating "
+            print(f"B={bs} on {d} device(s): packed {row['packed_ms_per_batch']:.2f} ms/batch, per share "
+                  f"{row['per_share_ms_per_batch']:.2f} ({row['speedup_over_per_share']:.1f}x), concatenating "
                   f"{row['concatenating_ms_per_batch']:.2f} ({row['speedup']:.1f}x), bundling "
                   f"{row['bundle_ms_per_batch']:.2f}; {row['steps']} steps, "
                   f"{row[f'steps_in_full_groups_of_{args.group}']} in full groups of {args.group} "

@@ -273,7 +273,7 @@ def test_steps_per_dispatch_times_per_training_step(tmp_path):
 
 
 def test_bench_batching_script(tmp_path):
-    """scripts/bench_batching.py on a slice of the shipped corpus: both batching paths and the
+    """scripts/bench_batching.py on a slice of the shipped corpus: the three batching paths and the
     bundling for transfer timed, and the epoch's padded shapes counted (every step in one budget; full groups of K whole)."""
     bb = load_script("bench_batching")
     out = tmp_path / "batching.json"
@@ -282,7 +282,8 @@ def test_bench_batching_script(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert [r["devices"] for r in report["rows"]] == [1, 2]
     for r in report["rows"]:
-        assert r["packed_ms_per_batch"] > 0 and r["concatenating_ms_per_batch"] > 0 and r["bundle_ms_per_batch"] > 0
+        assert min(r["packed_ms_per_batch"], r["per_share_ms_per_batch"], r["concatenating_ms_per_batch"],
+                   r["bundle_ms_per_batch"]) > 0
         assert sum(r["budgets"].values()) == r["steps"] > 1
         full = r["steps_in_full_groups_of_3"]
         assert full % 3 == 0 and 0 <= full <= r["steps"] and r["mean_run_of_equal_shapes"] >= 1

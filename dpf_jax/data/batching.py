@@ -222,7 +222,8 @@ class PackedGraphs(Sequence):
     (scripts/results/bench_batching.json), and (what mattered on a GPU) that much less time the
     batching thread holds the GIL that the training loop's copies and dispatch wait for.
     Indexing gives each crystal's GraphsTuple as read-only views into the packed arrays, so the
-    packed copy replaces the per-crystal arrays rather than doubling them.
+    packed copy replaces the per-crystal arrays rather than doubling them. Each table ends with
+    one zero row after the last crystal's: the source of padding rows (`pad_shares`).
     """
 
     def __init__(self, graphs: Sequence[jraph.GraphsTuple]):
@@ -240,16 +241,19 @@ class PackedGraphs(Sequence):
                                      f"{sorted(getattr(first, part))}: one dataset, one layout")
         self.node_start = np.cumsum(self.n_node) - self.n_node
         self.edge_start = np.cumsum(self.n_edge) - self.n_edge
+        # the zero rows' indices in the node, edge and graph tables
+        self._zero_rows = int(self.n_node.sum()), int(self.n_edge.sum()), len(graphs)
 
-        def cat(get):
-            return np.concatenate([np.asarray(get(g)) for g in graphs])
+        def cat(get):  # every crystal's rows, then one zero row: the source of every padding row (`pad`)
+            parts = [np.asarray(get(g)) for g in graphs]
+            return np.concatenate(parts + [np.zeros((1,) + parts[0].shape[1:], parts[0].dtype)])
 
         self.nodes = {k: cat(lambda g: g.nodes[k]) for k in first.nodes}
         self.edges = {k: cat(lambda g: g.edges[k]) for k in first.edges}
         self.globals = {k: cat(lambda g: g.globals[k]) for k in first.globals}
         self.senders, self.receivers = cat(lambda g: g.senders), cat(lambda g: g.receivers)
         # within each crystal, edges sorted by receiver (see graph_to_jraph): a drop only where a crystal starts
-        drops = np.flatnonzero(np.diff(self.receivers) < 0) + 1
+        drops = np.flatnonzero(np.diff(self.receivers[:-1]) < 0) + 1
         bad = drops[~np.isin(drops, self.edge_start)]
         if bad.size:
             i = int(np.searchsorted(self.edge_start, bad[0], side="right") - 1)
@@ -277,29 +281,76 @@ class PackedGraphs(Sequence):
     def pad(self, indices: Sequence[int], budget: Budget, positions: Sequence[int] | None = None
             ) -> jraph.GraphsTuple:
         """`pad_graphs([self[i] for i in indices], budget, positions=positions)`, as gathers."""
+        import jax  # tree utilities only; no device work
+
         idx = np.asarray(indices, np.int64).reshape(-1)
-        n_node_g, n_edge_g = self.n_node[idx], self.n_edge[idx]
-        n_node, n_edge, n_real = int(n_node_g.sum()), int(n_edge_g.sum()), idx.size
-        _check_fits(n_real, n_node, n_edge, budget)
-        node_rows = _concat_ranges(self.node_start[idx], n_node_g)
-        edge_rows = _concat_ranges(self.edge_start[idx], n_edge_g)
-        # each crystal's first node index in the batch, repeated over its edges
-        edge_offsets = np.repeat(np.cumsum(n_node_g) - n_node_g, n_edge_g)
-        loops = spread_padding_loops(n_node, budget.n_node, n_edge, budget.n_edge)
+        batch = self.pad_shares([idx], budget, [np.arange(idx.size) if positions is None else positions])
+        return jax.tree_util.tree_map(lambda x: x[0], batch)
 
-        def endpoints(local):  # crystal-local node indices -> batch indices, then the padding loops
-            out = np.empty(budget.n_edge, np.int32)
-            out[:n_edge] = local[edge_rows] + edge_offsets
-            out[n_edge:] = loops
-            return out
+    def pad_shares(self, shares: Sequence[Sequence[int]], budget: Budget, positions: Sequence[Sequence[int]]
+                   ) -> jraph.GraphsTuple:
+        """`stack_device_batches([self.pad(s, budget, p) for s, p in zip(shares, positions)])`,
+        with one gather per field for all the shares together.
 
-        senders, receivers = endpoints(self.senders), endpoints(self.receivers)
-        nodes = {k: _take_padded(v, node_rows, budget.n_node) for k, v in self.nodes.items()}
-        edges = {k: endpoints(v) if k == "source" else _take_padded(v, edge_rows, budget.n_edge)
+        Every destination row of the [devices, budget] arrays names its source row, and padding
+        rows name the tables' zero row, so a gather writes real and padding rows at once: no
+        per-share arrays, zero fills or stacking. The host's batching thread shares the GIL
+        with the thread that queues the training steps, and on four GPUs that thread is the
+        pipeline's limit (PERF_NOTES.md, session 23), so the per-call overhead counts.
+        """
+        idx = [np.asarray(s, np.int64).reshape(-1) for s in shares]
+        D, (Nb, Eb, Gb) = len(idx), (budget.n_node, budget.n_edge, budget.n_graph)
+        every = np.concatenate(idx)
+        n_node_g, n_edge_g = self.n_node[every], self.n_edge[every]
+        counts = np.array([i.size for i in idx])  # crystals per share
+        share_of = np.repeat(np.arange(D), counts)  # each crystal's share
+        n_node_s = np.bincount(share_of, n_node_g, D).astype(np.int64)
+        n_edge_s = np.bincount(share_of, n_edge_g, D).astype(np.int64)
+        for d in range(D):
+            _check_fits(int(counts[d]), int(n_node_s[d]), int(n_edge_s[d]), budget)
+        # destination rows (flat over [D, budget]) of every real node / edge, and their sources
+        zero_node, zero_edge, zero_graph = self._zero_rows
+        node_src = np.full(D * Nb, zero_node, np.int64)
+        edge_src = np.full(D * Eb, zero_edge, np.int64)
+        graph_src = np.full(D * Gb, zero_graph, np.int64)
+        node_src[_concat_ranges(np.arange(D) * Nb, n_node_s)] = _concat_ranges(self.node_start[every], n_node_g)
+        real_edges = _concat_ranges(np.arange(D) * Eb, n_edge_s)
+        edge_src[real_edges] = _concat_ranges(self.edge_start[every], n_edge_g)
+        graph_src[_concat_ranges(np.arange(D) * Gb, counts)] = every
+        # endpoints: crystal-local node index + the crystal's first node in its share; a padding
+        # edge's local index is 0 (the zero row) + its self-loop's node
+        first_node = np.cumsum(n_node_g) - n_node_g  # over all shares together ...
+        first_node -= np.repeat(np.cumsum(n_node_s) - n_node_s, counts)  # ... then within each share
+        shift = np.empty((D, Eb), np.int32)
+        shift.reshape(-1)[real_edges] = np.repeat(first_node, n_edge_g)
+        for d in range(D):
+            shift[d, n_edge_s[d]:] = spread_padding_loops(int(n_node_s[d]), Nb, int(n_edge_s[d]), Eb)
+
+        def take(table, src, rows):
+            return np.take(table, src, axis=0).reshape((D, rows) + table.shape[1:])
+
+        def endpoints(local):
+            return take(local, edge_src, Eb).astype(np.int32) + shift
+
+        nodes = {k: take(v, node_src, Nb) for k, v in self.nodes.items()}
+        edges = {k: endpoints(v) if k == "source" else take(v, edge_src, Eb)
                  for k, v in self.edges.items()}  # "source": node indices, like the senders
-        glob = {k: _take_padded(v, idx, budget.n_graph) for k, v in self.globals.items()}
-        index = np.arange(n_real) if positions is None else np.asarray(positions, np.int32)
-        return _padded_graphs_tuple(nodes, edges, glob, senders, receivers, n_node_g, n_edge_g, budget, index)
+        glob = {k: take(v, graph_src, Gb) for k, v in self.globals.items()}
+        # jraph's padding graphs: the first holds every padding node and edge, the others are empty
+        n_node_all, n_edge_all = np.zeros((D, Gb), np.int32), np.zeros((D, Gb), np.int32)
+        real_graphs = graph_src < zero_graph
+        n_node_all.reshape(-1)[real_graphs] = n_node_g
+        n_edge_all.reshape(-1)[real_graphs] = n_edge_g
+        n_node_all[np.arange(D), counts] = Nb - n_node_s
+        n_edge_all[np.arange(D), counts] = Eb - n_edge_s
+        nodes["graph"] = np.tile(np.arange(Gb, dtype=np.int32), D).repeat(n_node_all.reshape(-1)).reshape(D, Nb)
+        index = np.full((D, Gb), -1, np.int32)
+        for d in range(D):
+            glob["lattice"][d, counts[d]:] = np.eye(3, dtype=glob["lattice"].dtype)  # inverses stay finite
+            index[d, :counts[d]] = positions[d]
+        glob["index"] = index
+        return jraph.GraphsTuple(nodes=nodes, edges=edges, globals=glob, senders=endpoints(self.senders),
+                                 receivers=endpoints(self.receivers), n_node=n_node_all, n_edge=n_edge_all)
 
 
 def stack_device_batches(batches: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
@@ -532,6 +583,8 @@ class GraphBatcher:
         positions = self.share_positions(indices)
         shares = [indices[p].tolist() for p in positions]
         budget = budget or self.share_budget(shares)
+        if type(self).pad_share is _PLAIN_PAD_SHARE:  # the shares' fields as one gather each
+            return self.graphs.pad_shares(shares, budget, positions)
         return stack_device_batches([self.pad_share(s, budget, p) for s, p in zip(shares, positions)])
 
     def iterate(self, seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_remainder: bool = False,
@@ -556,6 +609,11 @@ class GraphBatcher:
             tot_n += budget.n_node * self.num_devices
             tot_e += budget.n_edge * self.num_devices
         return {"node_padding": 1 - real_n / tot_n, "edge_padding": 1 - real_e / tot_e, "budgets_used": len(used)}
+
+
+# GraphBatcher's own pad_share, as defined: a batcher whose class pads shares another way (a
+# subclass adding fields, or a benchmark patching the class) takes the per-share path
+_PLAIN_PAD_SHARE = GraphBatcher.pad_share
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
