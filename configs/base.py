@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     # and layer, float sums associated differently. "auto": wherever the layer computes e @ W3
     # itself ("node" formulation, any edge kernel but pallas_node); True (an error elsewhere) or
     # False. Session 23, one H200: issue #9's synthetic fine-tuning step 21.81 -> 20.94 ms, the
-    # first-epoch pre-training loss within 1.0e-4 of the unfolded curve (PERF_NOTES.md).
+    # first-epoch pre-training loss within ~1.0e-4 of the unfolded curve (PERF_NOTES.md).
     c.model.fold_edge_weights = "auto"
 
     c.optim = ml_collections.ConfigDict()

@@ -89,4 +89,9 @@ def apply_config_override(config, item: str) -> None:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
-    node[leaf] = value
+    if isinstance(node[leaf], str) and not isinstance(value, str):
+        value = raw  # a string field takes the text as given (model.fold_edge_weights=False: "False")
+    try:
+        node[leaf] = value
+    except TypeError as e:  # ml_collections keeps each field's type
+        raise SystemExit(f"--set {item!r}: {e}") from None

@@ -33,6 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # configs/ is a plain folder next to the package
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
+from dpf_jax.data import batching  # noqa: E402
 from dpf_jax.data.batching import pad_graphs  # noqa: E402
 from dpf_jax.data.transfer import TransferPacking  # noqa: E402
 from dpf_jax.train import loop  # noqa: E402
@@ -85,10 +88,43 @@ def concatenating(batcher) -> PatchedBatcher:
         [graphs[i] for i in share], budget, positions=positions, template=graphs[0]))
 
 
+def session22_pad(packed, indices, budget, positions):
+    """`PackedGraphs.pad` as it was in sessions 17-22 (copied from that code): one share, one
+    gather per field into freshly zeroed arrays."""
+    def take_padded(table, rows, size):
+        out = np.empty((size,) + table.shape[1:], table.dtype)
+        np.take(table, rows, axis=0, out=out[:rows.size])
+        out[rows.size:] = 0
+        return out
+
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    n_node_g, n_edge_g = packed.n_node[idx], packed.n_edge[idx]
+    n_node, n_edge, n_real = int(n_node_g.sum()), int(n_edge_g.sum()), idx.size
+    batching._check_fits(n_real, n_node, n_edge, budget)
+    node_rows = batching._concat_ranges(packed.node_start[idx], n_node_g)
+    edge_rows = batching._concat_ranges(packed.edge_start[idx], n_edge_g)
+    edge_offsets = np.repeat(np.cumsum(n_node_g) - n_node_g, n_edge_g)
+    loops = batching.spread_padding_loops(n_node, budget.n_node, n_edge, budget.n_edge)
+
+    def endpoints(local):
+        out = np.empty(budget.n_edge, np.int32)
+        out[:n_edge] = local[edge_rows] + edge_offsets
+        out[n_edge:] = loops
+        return out
+
+    nodes = {k: take_padded(v, node_rows, budget.n_node) for k, v in packed.nodes.items()}
+    edges = {k: endpoints(v) if k == "source" else take_padded(v, edge_rows, budget.n_edge)
+             for k, v in packed.edges.items()}
+    glob = {k: take_padded(v, idx, budget.n_graph) for k, v in packed.globals.items()}
+    return batching._padded_graphs_tuple(nodes, edges, glob, endpoints(packed.senders), endpoints(packed.receivers),
+                                         n_node_g, n_edge_g, budget, np.asarray(positions, np.int32))
+
+
 def per_share(batcher) -> PatchedBatcher:
-    """Each share gathered on its own (`PackedGraphs.pad`) and the shares stacked: sessions 17-22,
-    before one gather per field covered all the shares (`PackedGraphs.pad_shares`)."""
-    return PatchedBatcher(batcher, lambda s, share, budget, positions: s.graphs.pad(share, budget, positions))
+    """Each share gathered on its own and the shares stacked: the code of sessions 17-22
+    (`session22_pad`), before one gather per field covered all the shares (`PackedGraphs.pad_shares`)."""
+    return PatchedBatcher(batcher, lambda s, share, budget, positions: session22_pad(s.graphs, share, budget,
+                                                                                     positions))
 
 
 def shape_runs(batcher, batch_size: int, group: int) -> dict:

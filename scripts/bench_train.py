@@ -111,6 +111,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TQDM_DISABLE", "1")  # graph-building progress bars (read at tqdm import)
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpf_jax.cli import apply_config_override  # noqa: E402
@@ -123,6 +124,7 @@ from dpf_jax.model.atom_features import cgcnn_feature_table  # noqa: E402
 from dpf_jax.model.heads import NUM_TYPES  # noqa: E402
 from dpf_jax.model.layers import resolve_edge_kernel  # noqa: E402
 from dpf_jax.train import loop  # noqa: E402
+from dpf_jax.train.objectives import describe_compute  # noqa: E402
 from dpf_jax.train.optim import make_optimizer  # noqa: E402
 from dpf_jax.train.parallel import (make_mesh, prefetch_to_device, put_batch, put_replicated,  # noqa: E402
                                     resolve_cuda_graphs, step_compiler_options)
@@ -544,6 +546,18 @@ def stack_runs(pool_host, runs: int) -> list[list]:
     return out
 
 
+def compute_of(config, formulation: str | None) -> str:
+    """What the timed step ran, as the run log states it (precision, edge kernel, fold), with a
+    `--formulation` label ("node+pallas_gate_rows-16x8-sorted") applied to the config's model."""
+    model = ml_collections.ConfigDict(config.model.to_dict())
+    if formulation:
+        form, _, kernel = formulation.partition("+")
+        model.formulation = form
+        if kernel:
+            model.edge_kernel = kernel
+    return describe_compute(model)
+
+
 def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, num_runs: int = 1,
               steps_per_call: int = 1):
     """State (packed as the step takes it), step (`loop.RunStep`) and table of the run, exactly
@@ -697,6 +711,7 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     res = {
         "data": data_kind, "model": model_label(name), "mode": config.mode, "batch_size": batch_size,
         "precision": precision, "formulation": formulation, "num_devices": D, "num_parameters": n_params,
+        "compute": compute_of(config, formulation),  # as the run log states it (kernel, fold)
         "runs": runs,  # runs trained together in one step (crystals/s counts all of them)
         "steps_per_dispatch": per_call,  # steps per jitted call (lax.scan); step_ms is per step
         # settings that changed the step's cost after session 5's timings
@@ -794,6 +809,13 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     flops_real = sum(step_flops(coef, batch_sizes_of(b), padded=False) for b in host)
 
     prebuilt = [run.bundle(b) for b in host] if args.epoch_prebuilt else None
+    pipeline_batcher = train_b
+    if args.epoch_batching == "per_share":  # the sessions 17-22 host batching, for comparison
+        if str(REPO / "scripts") not in sys.path:
+            sys.path.insert(0, str(REPO / "scripts"))
+        import bench_batching  # scripts/, next to this file
+
+        pipeline_batcher = bench_batching.per_share(train_b)
     devs = [put_batch(run.bundle(b), mesh) for b in host]
     jax.block_until_ready(devs)
     state, compile_s, _ = compile_shapes(train_step, state, devs, host)
@@ -822,7 +844,7 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         if args.epoch_prebuilt:  # diagnostic: no batching thread, only the device copies
             batches = iter(prebuilt)
         else:
-            batches = prefetch(map(run.bundle, train_b.iterate(**order)), config.train.prefetch)
+            batches = prefetch(map(run.bundle, pipeline_batcher.iterate(**order)), config.train.prefetch)
         device_batches = iter(prefetch_to_device(batches, mesh, config.train.prefetch))
         for i in itertools.count():
             t0 = time.perf_counter()
@@ -894,7 +916,9 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     res = {
         "data": "synthetic" if args.data == ["synthetic"] else "real", "model": model_label(name),
         "batch_size": batch_size, "precision": precision, "formulation": formulation, "num_devices": D,
+        "compute": compute_of(config, formulation),
         "gc_frozen": bool(args.epoch_gc_freeze), "prebuilt_batches": bool(args.epoch_prebuilt),
+        "epoch_batching": args.epoch_batching,
         "switch_interval_s": args.epoch_switch_interval or switch_interval,
         "pack_state": bool(config.train.get("pack_state", False)),
         "pack_batches": bool(config.train.get("pack_batches", False)),
@@ -956,6 +980,9 @@ def parse_args(argv):
                    help="with --epoch: a diagnostic, not the loop's pipeline: the epoch's batches are built and "
                         "bundled before the timed epochs, so only the copy to the devices runs in a background "
                         "thread (how much the batching thread costs the main thread)")
+    p.add_argument("--epoch-batching", choices=("default", "per_share"), default="default",
+                   help="with --epoch: how the pipeline's thread pads batches: the library's one gather per field "
+                        "for all device shares (default), or the sessions 17-22 per-share gathers and stacking")
     p.add_argument("--epoch-gc-freeze", action="store_true",
                    help="with --epoch: gc.freeze() the objects alive after compiling, so Python's cyclic "
                         "collector does not walk them during the timed epochs")

@@ -148,12 +148,7 @@ def test_packed_graphs_pad_equals_pad_graphs(jarvis_graphs, merge):
         positions = rng.permutation(size).astype(np.int32)
         ours = packed.pad(idx, budget, positions)
         ref = pad_graphs([gs[i] for i in idx], budget, positions=positions, template=gs[0])
-        flat_ours, tree_ours = jax_tree_flatten(ours)
-        flat_ref, tree_ref = jax_tree_flatten(ref)
-        assert tree_ours == tree_ref
-        for a, b in zip(flat_ours, flat_ref):
-            np.testing.assert_array_equal(a, b)
-            assert a.dtype == b.dtype, (a.dtype, b.dtype)
+        assert_same_batch(ours, ref)
     with pytest.raises(ValueError, match="exceeds"):
         packed.pad([0, 1], Budget(3, 10, 6))
     with pytest.raises(ValueError, match="one layout"):
@@ -161,7 +156,7 @@ def test_packed_graphs_pad_equals_pad_graphs(jarvis_graphs, merge):
 
 
 @pytest.mark.parametrize("merge", ["none", "atoms"])
-def test_pad_shares_equals_stacked_pad_graphs(jarvis_graphs, merge):
+def test_pad_shares_equals_stacked_pad_graphs(jarvis_graphs, merge, monkeypatch):
     """All device shares padded in one gather per field (PackedGraphs.pad_shares, what
     GraphBatcher.make_batch runs) give the stack of pad_graphs' per-share batches exactly: shares
     of different sizes, an empty share (the last partial batch on many devices), merged layouts
@@ -185,12 +180,7 @@ def test_pad_shares_equals_stacked_pad_graphs(jarvis_graphs, merge):
         ours = packed.pad_shares(shares, budget, positions)
         ref = stack_device_batches([pad_graphs([gs[i] for i in s], budget, positions=p, template=gs[0])
                                     for s, p in zip(shares, positions)])
-        flat_ours, tree_ours = jax_tree_flatten(ours)
-        flat_ref, tree_ref = jax_tree_flatten(ref)
-        assert tree_ours == tree_ref
-        for a, b in zip(flat_ours, flat_ref):
-            np.testing.assert_array_equal(a, b)
-            assert a.dtype == b.dtype, (a.dtype, b.dtype)
+        assert_same_batch(ours, ref)
     with pytest.raises(ValueError, match="exceeds"):
         packed.pad_shares([[0], [1, 2]], Budget(int(packed.n_node[[1, 2]].sum()), 10**6, 8), [[0], [1, 2]])
     # the batcher takes this path; a subclass that adds fields per share keeps the per-share one
@@ -202,8 +192,32 @@ def test_pad_shares_equals_stacked_pad_graphs(jarvis_graphs, merge):
             return super().pad_share(share, budget, positions)
 
     slow = PerShare(gs, batch_size=24, num_devices=4, budgets=batcher.budgets)
-    for a, b in zip(jax_tree_flatten(batcher.make_batch(idx))[0], jax_tree_flatten(slow.make_batch(idx))[0]):
+    calls = []
+    original = PackedGraphs.pad_shares
+
+    def counting(self, *args):
+        calls.append(len(args[0]))
+        return original(self, *args)
+
+    monkeypatch.setattr(PackedGraphs, "pad_shares", counting)
+    fast_batch, slow_batch = batcher.make_batch(idx), slow.make_batch(idx)
+    assert calls == [4, 1, 1, 1, 1]  # four shares at once, then one by one
+    assert_same_batch(fast_batch, slow_batch)
+    # negative indices count from the end, as for `packed[i]`; out of range is an error
+    small = Budget(int(packed.n_node[-1]) + 2, int(packed.n_edge[-1]) + 8, 3)
+    assert_same_batch(packed.pad([-1], small), pad_graphs([gs[-1]], small, template=gs[0]))
+    with pytest.raises(IndexError):
+        packed.pad([len(gs)], budget)
+
+
+def assert_same_batch(ours, ref):
+    """Same tree, and every array equal with the same dtype."""
+    flat_ours, tree_ours = jax_tree_flatten(ours)
+    flat_ref, tree_ref = jax_tree_flatten(ref)
+    assert tree_ours == tree_ref
+    for a, b in zip(flat_ours, flat_ref):
         np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype, (a.dtype, b.dtype)
 
 
 def jax_tree_flatten(tree):

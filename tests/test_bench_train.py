@@ -120,6 +120,20 @@ def test_small_epoch_check(tmp_path):
     assert 0 < e["idle_dispatch_ms_median"] < 1e3 * max(e["pure_epoch_s"])
     for d, wall in zip(e["pure_dispatch_ms_median_by_repeat"], e["pure_epoch_s"]):
         assert 0 < d * e["steps"] <= 1e3 * wall
+    assert (e["epoch_batching"], e["prebuilt_batches"]) == ("default", False)
+    assert e["compute"].startswith("precision default, edge kernel ")  # what ran, as the run log says
+
+
+@pytest.mark.parametrize("flags", [["--epoch-batching", "per_share"], ["--epoch-prebuilt"]])
+def test_small_epoch_diagnostics(tmp_path, flags):
+    """The pipeline epoch with the sessions 17-22 host batching, and with the batches built before
+    the epoch: both run the same steps and say which they were."""
+    res = bench.main(["--small", "--epoch", "--num-devices", "1", "--epoch-repeats", "1", *flags,
+                      "--out", str(tmp_path / "epoch.json")])
+    (e,) = res["epoch"]
+    assert e["crystals_per_s_pipeline"] > 0 and e["crystals"] == 16 * e["steps"]
+    assert (e["epoch_batching"], e["prebuilt_batches"]) == (
+        ("per_share", False) if "per_share" in flags else ("default", True))
 
 
 if __name__ == "__main__":
@@ -204,6 +218,15 @@ def test_config_overrides_are_checked():
         apply_config_override(config, "train.balance_share=False")
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         apply_config_override(config, "optim.flatten")
+    # a string field takes a literal's text ("auto" | "True" | "False" for the fold), and the
+    # model reads it as the boolean; a value of the wrong type for a typed field is a clear error
+    apply_config_override(config, "model.fold_edge_weights=False")
+    assert config.model.fold_edge_weights == "False"
+    from dpf_jax.model.layers import resolve_fold_edge_weights
+
+    assert resolve_fold_edge_weights(config.model.fold_edge_weights, "node", "xla") is False
+    with pytest.raises(SystemExit, match="train.batch_size"):
+        apply_config_override(config, "train.batch_size=[1]")
 
 
 def test_formulation_names_an_edge_kernel(tmp_path):
@@ -287,3 +310,20 @@ def test_bench_batching_script(tmp_path):
         assert sum(r["budgets"].values()) == r["steps"] > 1
         full = r["steps_in_full_groups_of_3"]
         assert full % 3 == 0 and 0 <= full <= r["steps"] and r["mean_run_of_equal_shapes"] >= 1
+    # the timed baselines build the batches the batcher builds (the sessions 17-22 per-share gathers
+    # and the per-crystal concatenation), so the times compare like with like
+    import importlib
+
+    import jax
+
+    from dpf_jax.train import loop
+
+    config = importlib.import_module("configs.pretrain_mask30").get_config()
+    config.data.max_records, config.train.batch_size, config.train.progress_bar = 400, 32, False
+    batcher = loop.make_batcher(loop.load_data(config).splits["train"], config, 2)
+    ours = next(batcher.iterate(0, 0, shuffle=True))
+    for other in (bb.per_share(batcher), bb.concatenating(batcher)):
+        theirs = next(other.iterate(0, 0, shuffle=True))
+        for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs), strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype

@@ -279,15 +279,23 @@ def test_folded_edge_weights_give_the_same_gradients(crystals):
     cfg.fold_edge_weights = "yes"
     with pytest.raises(ValueError, match="fold_edge_weights must be one of"):
         describe_compute(cfg)
-    for fold, want in ((True, None), ("auto", False)):  # "auto" runs unfolded where the fold is impossible
-        conv = MatformerConv(channels=C, heads=H, formulation="edge", fold_edge_weights=fold)
-        if want is None:
-            with pytest.raises(ValueError, match="fold_edge_weights needs formulation 'node'"):
-                conv.init(jax.random.PRNGKey(0), x, edge_attr, *rest, train=False)
-            continue
-        v = conv.init(jax.random.PRNGKey(0), x, edge_attr, *rest, train=False)
-        dots = _dot_shapes(jax.make_jaxpr(lambda v: loss(v, edge_attr, conv))(v).jaxpr)
-        assert not any(rhs == (K, H, 3 * C) for _, rhs in dots), dots
+    with pytest.raises(ValueError, match="fold_edge_weights needs formulation 'node'"):
+        MatformerConv(channels=C, heads=H, formulation="edge", fold_edge_weights=True).init(
+            jax.random.PRNGKey(0), x, edge_attr, *rest, train=False)
+    # how each setting resolves: "auto" folds where the layer computes e @ W3 itself
+    from dpf_jax.model.layers import resolve_fold_edge_weights
+
+    for fold, formulation, kernel, want in (
+            ("auto", "node", "xla", True), ("AUTO", "node", "pallas_gate_rows-16x8-sorted", True),
+            ("auto", "node", "pallas_node-16x4", False), ("auto", "edge", "xla", False),
+            (True, "node", "xla", True), ("true", "node", "pallas", True), (1, "node", "xla", True),
+            (np.bool_(False), "node", "xla", False), ("False", "edge", "xla", False), (0, "edge", "pallas", False)):
+        assert resolve_fold_edge_weights(fold, formulation, kernel) is want, (fold, formulation, kernel)
+    for bad in ("yes", 2, None, 0.5):
+        with pytest.raises(ValueError, match="must be one of"):
+            resolve_fold_edge_weights(bad, "node", "xla")
+    with pytest.raises(ValueError, match="needs formulation 'node'"):
+        resolve_fold_edge_weights("true", "node", "pallas_node")
     conv = MatformerConv(channels=C, heads=H, precision="highest", fold_edge_weights="auto")  # node + xla
     dots = _dot_shapes(jax.make_jaxpr(lambda v: loss(v, edge_attr, conv))(params).jaxpr)
     assert ((E, K), (K, H, 3 * C)) in dots, dots

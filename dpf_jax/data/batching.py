@@ -206,19 +206,11 @@ def _concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)
 
 
-def _take_padded(table: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
-    """table[rows], then zeros up to `size` rows."""
-    out = np.empty((size,) + table.shape[1:], table.dtype)
-    np.take(table, rows, axis=0, out=out[:rows.size])
-    out[rows.size:] = 0
-    return out
-
-
 class PackedGraphs(Sequence):
     """Single-crystal GraphsTuples stored as one array per field (crystals one after another).
 
-    Padding a device share is then one gather per field (`pad`), instead of concatenating a
-    few hundred small arrays per field: 2.4-3.8x less host time per batch
+    Padding a batch is then one gather per field (`pad_shares`), instead of concatenating a
+    few hundred small arrays per field: 3-4x less host time per batch
     (scripts/results/bench_batching.json), and (what mattered on a GPU) that much less time the
     batching thread holds the GIL that the training loop's copies and dispatch wait for.
     Indexing gives each crystal's GraphsTuple as read-only views into the packed arrays, so the
@@ -301,6 +293,9 @@ class PackedGraphs(Sequence):
         idx = [np.asarray(s, np.int64).reshape(-1) for s in shares]
         D, (Nb, Eb, Gb) = len(idx), (budget.n_node, budget.n_edge, budget.n_graph)
         every = np.concatenate(idx)
+        if every.size and (every.min() < -len(self) or every.max() >= len(self)):
+            raise IndexError(f"crystal index out of range for {len(self)} crystals")
+        every = np.where(every < 0, every + len(self), every)  # as numpy (and `self[i]`) index
         n_node_g, n_edge_g = self.n_node[every], self.n_edge[every]
         counts = np.array([i.size for i in idx])  # crystals per share
         share_of = np.repeat(np.arange(D), counts)  # each crystal's share
@@ -332,10 +327,11 @@ class PackedGraphs(Sequence):
         def endpoints(local):
             return take(local, edge_src, Eb).astype(np.int32) + shift
 
-        nodes = {k: take(v, node_src, Nb) for k, v in self.nodes.items()}
+        # nodes["graph"] and globals["index"] are written below, not gathered
+        nodes = {k: None if k == "graph" else take(v, node_src, Nb) for k, v in self.nodes.items()}
         edges = {k: endpoints(v) if k == "source" else take(v, edge_src, Eb)
                  for k, v in self.edges.items()}  # "source": node indices, like the senders
-        glob = {k: take(v, graph_src, Gb) for k, v in self.globals.items()}
+        glob = {k: None if k == "index" else take(v, graph_src, Gb) for k, v in self.globals.items()}
         # jraph's padding graphs: the first holds every padding node and edge, the others are empty
         n_node_all, n_edge_all = np.zeros((D, Gb), np.int32), np.zeros((D, Gb), np.int32)
         real_graphs = graph_src < zero_graph
@@ -583,7 +579,9 @@ class GraphBatcher:
         positions = self.share_positions(indices)
         shares = [indices[p].tolist() for p in positions]
         budget = budget or self.share_budget(shares)
-        if type(self).pad_share is _PLAIN_PAD_SHARE:  # the shares' fields as one gather each
+        # the shares' fields as one gather each, unless the class pads shares its own way
+        # (an override on an instance, which nothing does, would be missed)
+        if type(self).pad_share is _PLAIN_PAD_SHARE:
             return self.graphs.pad_shares(shares, budget, positions)
         return stack_device_batches([self.pad_share(s, budget, p) for s, p in zip(shares, positions)])
 

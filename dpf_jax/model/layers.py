@@ -503,7 +503,7 @@ class MatformerConv(nn.Module):
         ([E, K]) instead of e ([E, H, C], H times larger), and its backward writes d(edge_attr)
         instead of an [E, H, C] d(e). Same FLOPs; the sums are associated differently (float
         rounding). Measured (session 23, one H200, issue #9's synthetic fine-tuning step, B=256):
-        21.81 -> 20.94 ms; first-epoch pre-training loss within 1.0e-4 of the unfolded curve."""
+        21.81 -> 20.94 ms; first-epoch pre-training loss within ~1.0e-4 of the unfolded curve."""
         if not fold:
             return jnp.einsum("ehc,cd->ehd", e, w3, precision=self.precision)
         H, C = self.heads, self.channels
