@@ -808,7 +808,6 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     n_crystals = sum(int(b.globals["mask"].sum()) for b in host)
     flops_real = sum(step_flops(coef, batch_sizes_of(b), padded=False) for b in host)
 
-    prebuilt = [run.bundle(b) for b in host] if args.epoch_prebuilt else None
     pipeline_batcher = train_b
     if args.epoch_batching == "per_share":  # the sessions 17-22 host batching, for comparison
         if str(REPO / "scripts") not in sys.path:
@@ -816,7 +815,10 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
         import bench_batching  # scripts/, next to this file
 
         pipeline_batcher = bench_batching.per_share(train_b)
-    devs = [put_batch(run.bundle(b), mesh) for b in host]
+    bundled = [run.bundle(b) for b in host]
+    devs = [put_batch(b, mesh) for b in bundled]
+    prebuilt = bundled if args.epoch_prebuilt else None  # --epoch-prebuilt: the pipeline's host batches
+    del bundled
     jax.block_until_ready(devs)
     state, compile_s, _ = compile_shapes(train_step, state, devs, host)
     log_every = max(1, config.train.log_every_steps)

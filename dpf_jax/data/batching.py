@@ -236,7 +236,7 @@ class PackedGraphs(Sequence):
         # the zero rows' indices in the node, edge and graph tables
         self._zero_rows = int(self.n_node.sum()), int(self.n_edge.sum()), len(graphs)
 
-        def cat(get):  # every crystal's rows, then one zero row: the source of every padding row (`pad`)
+        def cat(get):  # every crystal's rows, then one zero row: the source of every padding row (`pad_shares`)
             parts = [np.asarray(get(g)) for g in graphs]
             return np.concatenate(parts + [np.zeros((1,) + parts[0].shape[1:], parts[0].dtype)])
 

@@ -43,9 +43,10 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 # launches collectives between graphs. "concurrent" lets kernels that touch different buffers run
 # at the same time (xla_gpu_command_buffer_scheduling_mode=CONCURRENT); "concurrent_collectives"
 # also puts the collectives inside the graphs. The same kernels run, so no number should change
-# (GPU loss curves compared in session 22: within the spread of repeated "xla" runs). A small per-GPU batch leaves most SMs idle in each kernel,
-# which concurrency fills. Measured (session 21, pure step, real data, 4 x H200 machines A, B, C;
-# scripts/results/h200x4_session21/), ms per step, xla / concurrent / concurrent_collectives:
+# (GPU loss curves compared in session 22: within the spread of repeated "xla" runs). A small
+# per-GPU batch leaves most SMs idle in each kernel, which concurrency fills. Measured (session
+# 21, pure step, real data, 4 x H200 machines A, B, C; scripts/results/h200x4_session21/), ms
+# per step, xla / concurrent / concurrent_collectives:
 #   one GPU, JARVIS fine-tuning B=32 (B): 1.82 / 1.37
 #   one GPU, pre-training B=64, 128 (C): 3.52, 5.21 / 2.93, 4.52
 #   one GPU, pre-training B=256, 1024 (A): 8.61, 26.42 / 8.83 (slower), 26.37
