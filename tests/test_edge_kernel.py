@@ -107,7 +107,8 @@ def test_no_edges():
 
 @pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4", "pallas_gate-16x4", "pallas_gate_rows-16x4",
                                     "pallas_gate-16x4-keep", "pallas_gate_rows-16x4-keep",
-                                    "pallas_gate_rows-16x4-atomic", "pallas_gate_rows-16x4-sorted"])
+                                    "pallas_gate_rows-16x4-atomic", "pallas_gate_rows-16x4-sorted",
+                                    "pallas_gate_rows-16x4-sorted-runs"])
 def test_conv_pallas_equals_xla_with_gradients(kernel):
     """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
     same gradients (of parameters and of the node features)."""
@@ -144,7 +145,7 @@ def test_conv_pallas_equals_xla_with_gradients(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["pallas_gate-16x4", "pallas_gate_rows-16x4", "pallas_gate_rows-16x4-sorted",
-                                    "xla_recompute"])
+                                    "pallas_gate_rows-16x4-sorted-runs", "xla_recompute"])
 def test_conv_gate_in_bf16_is_close_to_xla(kernel):
     """precision bf16: the gate kernel and the recomputing gate compute the alpha products and upd
     in float32 where the "xla" path rounds them to bfloat16, so they agree to bfloat16 rounding,
@@ -252,7 +253,23 @@ def test_kernel_options_from_config_string():
     assert (o.keep_tiles, o.atomic_grads, o.sorted_sums) == (False, True, False)
     assert KernelOptions.parse("pallas_gate_rows-32x4-keep-atomic").atomic_grads
     o = KernelOptions.parse("pallas_gate_rows-16x8-sorted")
-    assert (o.keep_tiles, o.atomic_grads, o.sorted_sums) == (False, False, True)
+    assert (o.keep_tiles, o.atomic_grads, o.sorted_sums, o.receiver_runs) == (False, False, True, False)
+    o = KernelOptions.parse("pallas_gate_rows-16x8-sorted-runs")
+    assert (o.block_edges, o.keep_tiles, o.atomic_grads, o.sorted_sums, o.receiver_runs) == (16, False, False, True,
+                                                                                            True)
+    for bad in ("pallas_gate_rows-16x8-runs", "pallas_gate_rows-16x8-runs-sorted",
+                "pallas_gate_rows-16x8-keep-sorted-runs", "pallas_gate-16x8-sorted-runs",
+                "pallas_gate_rows-16x8-atomic-runs"):
+        with pytest.raises(ValueError):
+            KernelOptions.parse(bad)
+    o = KernelOptions.parse("pallas_gate_rows-16x8x4-sorted-runs")
+    assert (o.block_edges, o.num_warps, o.backward_warps, o.receiver_runs) == (16, 8, 4, True)
+    assert KernelOptions.parse("pallas_gate_rows-16x4-sorted").backward_warps == 0
+    for bad in ("pallas-16x4x0", "pallas-16x4x2x2", "pallas-16xx4"):
+        with pytest.raises(ValueError, match="tile must look like"):
+            KernelOptions.parse(bad)
+    with pytest.raises(ValueError, match="needs sorted_sums"):
+        KernelOptions(receiver_runs=True)
     for bad in ("pallas-16", "triton", "pallas-axb", "pallas-16x8-keep", "pallas_gate_rows-16x8-fast",
                 "pallas_gate-16x8-keep-keep", "pallas_gate-16x8-atomic", "pallas_gate_rows-16x8-atomic-atomic",
                 "pallas_gate-16x8-sorted", "pallas_gate_rows-16x8-atomic-sorted"):
@@ -420,7 +437,9 @@ def random_rows_args(n_node, n_edge, heads, c, n_real, seed=1):
                                                                          (12, 70, 65, 2, 16, 16, False, "atomic"),
                                                                          (9, 40, 33, 4, 128, 32, True, "atomic"),
                                                                          (12, 70, 65, 2, 16, 16, False, "sorted"),
-                                                                         (9, 40, 33, 4, 128, 32, True, "sorted")])
+                                                                         (9, 40, 33, 4, 128, 32, True, "sorted"),
+                                                                         (8, 90, 80, 2, 16, 16, False, "runs"),
+                                                                         (9, 40, 33, 4, 128, 32, False, "runs")])
 def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block, keep,
                                                                  sums):
     """The gate kernel that gathers node rows itself: values and every gradient (both node
@@ -428,7 +447,9 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     that is not a multiple of the block; padding edges holding inf/NaN give and get exactly 0.
     `sums`: how the node-table gradients are summed: XLA's scatter-adds, inside the backward
     kernel ("atomic"; 12 nodes, 16-70 edges per block: every block holds edges sharing a
-    receiver and edges sharing a sender), or by the segment kernel ("sorted")."""
+    receiver and edges sharing a sender), by the segment kernel ("sorted"), or over each
+    receiver's run inside the backward kernel and by the segment kernel for senders ("runs";
+    receivers with no edge, runs shorter and longer than a block)."""
     atomic = sums == "atomic"
     from dpf_jax.model.gate_recompute import gate_message_reference
 
@@ -439,8 +460,14 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     args[1] = args[1].at[-1].set(jnp.inf)
     clean = [jnp.where(args[6].reshape(-1, 1, 1), a, 0.0) if i in (2, 3) else a for i, a in enumerate(args)]
     clean[0], clean[1] = clean[0].at[-1].set(0.0), clean[1].at[-1].set(0.0)
-    opts = KernelOptions(block_edges=block, keep_tiles=keep, atomic_grads=atomic, sorted_sums=sums == "sorted")
+    opts = KernelOptions(block_edges=block, keep_tiles=keep, atomic_grads=atomic,
+                         sorted_sums=sums in ("sorted", "runs"), receiver_runs=sums == "runs")
     fused = lambda *a: fused_gate_rows(*a, opts=opts)  # noqa: E731
+    if sums == "runs":
+        runs = np.bincount(np.asarray(args[4]), minlength=n_node)
+        assert runs.min() == 0  # a receiver without edges: its program writes a zero row
+        if c == 16:  # runs over several blocks, the last one partly outside the run
+            assert runs.max() > block and runs.max() % block
     if atomic:  # repeated nodes inside one block, the case the in-kernel sums exist for
         recv, send = np.asarray(args[4][:block]), np.asarray(args[5][:block])
         assert len(set(recv)) < block and len(set(send)) < block
@@ -457,6 +484,24 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
         fused(args[0], args[0], *args[2:])  # a [..., 5C] table where [..., 4C] belongs
 
 
+def test_gate_rows_receiver_runs_write_every_edge_of_stray_receivers():
+    """With receiver runs, each program writes its run's per-edge gradients; padding edges whose
+    receiver lies past the node table (no run) are written by the last receiver's program, as
+    zeros: their e @ W3 and e gradients are exactly 0, not left unwritten, and every other
+    gradient is that of the same batch with those edges on the last node."""
+    n_node, n_edge, n_real = 8, 90, 80
+    args = random_rows_args(n_node, n_edge, 2, 16, n_real)
+    stray = list(args)
+    stray[4] = args[4].at[n_real:].set(n_node)  # sorted still: past every real receiver
+    opts = KernelOptions(block_edges=16, sorted_sums=True, receiver_runs=True)
+    w = jax.random.normal(jax.random.PRNGKey(9), (n_edge, 2, 48))
+    grad = jax.grad(lambda *a: jnp.sum(fused_gate_rows(*a, opts=opts) * w), argnums=(0, 1, 2, 3, 7, 8))
+    for g, g_stray in zip(grad(*args), grad(*stray)):
+        assert np.isfinite(np.asarray(g_stray)).all()
+        np.testing.assert_allclose(g_stray, g, rtol=1e-6, atol=1e-6)
+    assert not np.asarray(grad(*stray)[2][n_real:]).any()
+
+
 def scatter_result_types(text: str) -> list[str]:
     """Element type of each stablehlo.scatter's result in lowered MLIR text."""
     out = []
@@ -466,7 +511,8 @@ def scatter_result_types(text: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("keep,sums", [(False, "xla"), (True, "xla"), (False, "atomic"), (False, "sorted")])
+@pytest.mark.parametrize("keep,sums", [(False, "xla"), (True, "xla"), (False, "atomic"), (False, "sorted"),
+                                       (False, "runs")])
 def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, sums):
     f32, i32 = jnp.float32, jnp.int32
     N, E, H, C = 256, 1024, 4, 128
@@ -474,16 +520,35 @@ def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, sums):
     shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
               sds((E,), i32), sds((E,), i32), sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
     kernel = lambda *a, opts: fused_gate_rows(*a, opts=dataclasses.replace(  # noqa: E731
-        opts, keep_tiles=keep, atomic_grads=sums == "atomic", sorted_sums=sums == "sorted"))
+        opts, keep_tiles=keep, atomic_grads=sums == "atomic", sorted_sums=sums in ("sorted", "runs"),
+        receiver_runs=sums == "runs"))
     text = lower_grad_in_shard_map(kernel, shapes, n_sharded=7, argnums=(0, 2, 7))
     names = re.findall(r'name = "(\w+)"', text)
-    bwd = "edge_gate_rows_bwd_atomic" if sums == "atomic" else "edge_gate_rows_bwd"
+    bwd = {"atomic": "edge_gate_rows_bwd_atomic", "runs": "edge_gate_rows_bwd_runs"}.get(sums, "edge_gate_rows_bwd")
     assert "edge_gate_rows_fwd" in names and bwd in names
     # the gathers' transposes: XLA's float scatter-adds, or none left for XLA (in the backward
-    # kernel, or two segment-sum kernels whose bounds come from integer scatter-adds of counts)
-    assert names.count("segment_rows") == 2 * (sums == "sorted")
+    # kernel, or segment-sum kernels whose bounds come from integer scatter-adds of counts: two,
+    # or with "runs" one, for the senders)
+    assert names.count("segment_rows") == {"sorted": 2, "runs": 1}.get(sums, 0)
     assert text.count("xla.gpu.triton") == 2 + names.count("segment_rows")
     assert ("f32" in scatter_result_types(text)) == (sums == "xla")
+
+
+@pytest.mark.parametrize("tile,runs", [("16x8x4", False), ("16x8x4", True), ("16x8", False)])
+def test_gate_rows_backward_warps_reach_the_backward_kernels(tile, runs):
+    """A tile's third number (`backward_warps`) sets the warps of the backward pass's kernels only:
+    the gate's backward kernel and the segment kernels get it, the forward keeps the tile's warps."""
+    f32, i32 = jnp.float32, jnp.int32
+    N, E, H, C = 64, 256, 4, 128
+    sds = jax.ShapeDtypeStruct
+    shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
+              sds((E,), i32), sds((E,), i32), sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
+    opts = KernelOptions.parse(f"pallas_gate_rows-{tile}-sorted" + "-runs" * runs, interpret=False)
+    text = lower_for_gpu(jax.grad(lambda *a: jnp.sum(fused_gate_rows(*a, opts=opts) ** 2), argnums=(0,)), *shapes)
+    warps = re.findall(r'name = "(\w+)", num_stages = \d+ : i32, num_warps = (\d+)', text)
+    bwd = "edge_gate_rows_bwd_runs" if runs else "edge_gate_rows_bwd"
+    back = "4" if tile.count("x") == 2 else "8"
+    assert sorted(warps) == sorted([("edge_gate_rows_fwd", "8"), (bwd, back)] + [("segment_rows", back)] * (2 - runs))
 
 
 def test_recomputing_gate_matches_autodiff_with_gradients():

@@ -194,7 +194,7 @@ def _numpy_matformer_conv(p, x, edge_attr, senders, receivers, node_mask, edge_m
     ("node", "pallas_node-16x4", False),
     # lin_edge folded into e @ W3 (model.fold_edge_weights) with every kernel that takes e @ W3 as input
     ("node", "xla", True), ("node", "xla_recompute", True), ("node", "pallas_gate_rows-16x8-sorted", True),
-    ("node", "pallas", True)])
+    ("node", "pallas", True), ("node", "pallas_gate_rows-16x8-sorted-runs", True)])
 def test_conv_matches_numpy_reference(crystals, formulation, edge_kernel, fold):
     graphs = [build_crystal_graph(c) for c in crystals[:3]]
     b = padded_batch(graphs)

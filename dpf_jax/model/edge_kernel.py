@@ -39,6 +39,9 @@ class KernelOptions:
 
     block_edges: edges per program (power of two, >= 16 for the in-kernel matmuls).
     num_warps: Triton warps per program.
+    backward_warps: Triton warps of the backward pass's kernels (the backward kernels and the
+      segment kernel), where they should differ from the forward's `num_warps`; 0: the same.
+      Spelled as a third number of the tile ("16x8x4": forward 8 warps, backward 4).
     allow_tf32: in-kernel matmuls in TF32 (JAX's float32 default on the GPU) or full float32.
     interpret: run in Pallas' interpreter (exact, slow: tests). None = Triton on a GPU; on other
       backends the interpreter, except inside `shard_map` (the training step), where Pallas'
@@ -61,48 +64,71 @@ class KernelOptions:
       instead of XLA's float scatter-adds (one atomic per element). Fixed summation order.
       Spelled "-sorted" after the tile ("pallas_gate_rows-16x8-sorted"); the segment kernel
       uses the same tile.
+    receiver_runs: `pallas_gate_rows` with `sorted_sums` only: the backward kernel runs one program
+      per (receiver, head) over that receiver's run of edges (receivers sorted) and sums the
+      receiver table's gradient [d q | d qk | d upd] in registers, writing it once per node; the
+      per-edge d q and d qk are never written and the receiver-side segment kernel is not run.
+      The sender table's gradient stays with the segment kernel. Spelled "-runs" after
+      "-sorted" ("pallas_gate_rows-16x8-sorted-runs").
     """
 
     block_edges: int = 32
     num_warps: int = 4
+    backward_warps: int = 0
     allow_tf32: bool = True
     interpret: bool | None = None
     keep_tiles: bool = False
     atomic_grads: bool = False
     sorted_sums: bool = False
+    receiver_runs: bool = False
 
     def __post_init__(self):
         if self.atomic_grads and self.sorted_sums:
             raise ValueError("KernelOptions: atomic_grads and sorted_sums are two ways to sum the same gradients; "
                              "choose one")
+        if self.receiver_runs and not self.sorted_sums:
+            raise ValueError("KernelOptions: receiver_runs sums the receiver side of sorted_sums in the backward "
+                             "kernel; it needs sorted_sums")
+        if self.receiver_runs and self.keep_tiles:
+            raise ValueError("KernelOptions: receiver_runs keeps the receiver's rows in registers already; "
+                             "keep_tiles does not apply")
 
     @classmethod
     def parse(cls, spec: str, **kw) -> "KernelOptions":
         """From a config string: "pallas" / "pallas_node" / "pallas_gate" / "pallas_gate_rows"
-        (defaults), with a tile, "pallas-<block_edges>x<num_warps>", then for the gate kernels
-        optionally "-keep" (`keep_tiles`) and for "pallas_gate_rows" "-atomic" (`atomic_grads`)
-        or "-sorted" (`sorted_sums`); the kernel family is the caller's business."""
+        (defaults), with a tile, "pallas-<block_edges>x<num_warps>" (or
+        "-<block_edges>x<num_warps>x<backward_warps>"), then for the gate kernels optionally "-keep"
+        (`keep_tiles`) and for "pallas_gate_rows" "-atomic" (`atomic_grads`) or "-sorted"
+        (`sorted_sums`), the latter optionally followed by "-runs" (`receiver_runs`); the kernel
+        family is the caller's business."""
         name, *rest = spec.split("-")
         flags = rest[1:]
-        allowed = {"pallas_gate": {"keep"}, "pallas_gate_rows": {"keep", "atomic", "sorted"}}.get(name, set())
+        allowed = {"pallas_gate": {"keep"}, "pallas_gate_rows": {"keep", "atomic", "sorted", "runs"}}.get(name, set())
         if (name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows")
-                or not set(flags) <= allowed or len(set(flags)) != len(flags) or {"atomic", "sorted"} <= set(flags)):
+                or not set(flags) <= allowed or len(set(flags)) != len(flags) or {"atomic", "sorted"} <= set(flags)
+                or ("runs" in flags and flags[-2:] != ["sorted", "runs"])):
             raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
                              "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (then for the "
-                             "gate kernels '-keep', for 'pallas_gate_rows' '-atomic' or '-sorted')")
+                             "gate kernels '-keep', for 'pallas_gate_rows' '-atomic' or '-sorted', the latter "
+                             "optionally followed by '-runs')")
         if rest:
             try:
-                block, warps = (int(t) for t in rest[0].split("x"))
+                block, warps, *back = (int(t) for t in rest[0].split("x"))
+                if len(back) > 1 or min([block, warps, *back]) < 1:
+                    raise ValueError
             except ValueError:
-                raise ValueError(f"edge kernel {spec!r}: tile must look like 32x4") from None
-            kw.update(block_edges=block, num_warps=warps, keep_tiles="keep" in flags,
-                      atomic_grads="atomic" in flags, sorted_sums="sorted" in flags)
+                raise ValueError(f"edge kernel {spec!r}: tile must look like 32x4 (or 32x8x4: backward "
+                                 "warps)") from None
+            kw.update(block_edges=block, num_warps=warps, backward_warps=back[0] if back else 0,
+                      keep_tiles="keep" in flags, atomic_grads="atomic" in flags, sorted_sums="sorted" in flags,
+                      receiver_runs="runs" in flags)
         return cls(**kw)
 
     def check(self, channels: int, who: str) -> None:
         """Triton's shape rules for these kernels: powers of two, >= 16 rows for the dots."""
         pow2 = lambda n: n >= 1 and not n & (n - 1)  # noqa: E731
-        if not (pow2(channels) and pow2(self.block_edges) and self.block_edges >= 16 and pow2(self.num_warps)):
+        if not (pow2(channels) and pow2(self.block_edges) and self.block_edges >= 16 and pow2(self.num_warps)
+                and (self.backward_warps == 0 or pow2(self.backward_warps))):
             raise ValueError(f"{who}: channels ({channels}), block_edges ({self.block_edges}) and num_warps "
                              f"({self.num_warps}) must be powers of two, block_edges >= 16 (Triton)")
 
@@ -327,10 +353,12 @@ def _specs(n_edge_blocks, heads, c, be):
     return inputs, per_head, per_head3, partials
 
 
-def _compiler_params(opts: KernelOptions):
+def _compiler_params(opts: KernelOptions, backward: bool = False):
+    """Triton settings of a forward kernel, or of a backward-pass one (`opts.backward_warps`)."""
     from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=opts.num_warps, num_stages=1)
+    warps = opts.backward_warps or opts.num_warps if backward else opts.num_warps
+    return plgpu.CompilerParams(num_warps=warps, num_stages=1)
 
 
 def _varying_axes(x) -> tuple:
@@ -411,8 +439,8 @@ def _backward(args, dy, opts: KernelOptions):
     *edge_args, dy_p = edge_args
     outs = pl.pallas_call(
         kernel, grid=(n_blocks, heads), in_specs=in_specs + [per_head], out_specs=out_specs,
-        out_shape=out_shape, compiler_params=_compiler_params(opts), interpret=opts.resolved_interpret(),
-        name="edge_message_bwd",
+        out_shape=out_shape, compiler_params=_compiler_params(opts, backward=True),
+        interpret=opts.resolved_interpret(), name="edge_message_bwd",
     )(*edge_args, g1, b1, w0, b0, g2, b2, dy_p)
     dqk, dq, dk, de, dupd, m, dacc, part = outs
     if n_pad:

@@ -32,8 +32,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _compiler_params, _dot, _gate,
-                                       _make_varying, _masked, _out_struct, _pad_edges, _varying_axes)
+from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _chunk, _compiler_params, _dot,
+                                       _gate, _make_varying, _masked, _out_struct, _pad_edges, _varying_axes)
 from dpf_jax.model.gate_recompute import gate_message_reference, gate_reference  # the kernels' jax.numpy twins
 from dpf_jax.model.segment_kernel import segment_bounds, segment_rows, sort_order
 
@@ -92,39 +92,54 @@ def _fwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, m_ref, *
     _gate_forward(TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv, keep), mask_ref, g1_ref, b1_ref, m_ref, c)
 
 
-def _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd):
-    """The gate's backward on one block: d_upd (handed to `store_dupd(kk, d_upd)` chunk by chunk),
-    the LayerNorm parameters' per-block partial sums (part_ref [8, C]: d ln1 scale in rows 0-2,
-    one per C chunk, d ln1 bias in rows 3-5, rows 6-7 zero: a power-of-two block) and the
-    gradients of q_i, (qk)_ii, k_j and e through alpha = [qk | q*k | q*e] * inv, returned.
-    Every per-edge value is masked (a padding edge holding inf/NaN gets exactly 0)."""
-    from jax.experimental import pallas as pl
-
+def _gate_backward(t, mask, g1_ref, b1_ref, load_dm, c, inv, store_dupd):
+    """The gate's backward on one block of edges: d_upd (handed to `store_dupd(kk, d_upd)` chunk by
+    chunk), then returned: the gradients of q_i, (qk)_ii, k_j and e through alpha = [qk | q*k | q*e]
+    * inv, and the LayerNorm parameters' sums over the block (six [C] rows: d ln1 scale per C
+    chunk, then d ln1 bias per chunk; `_store_partials` writes them). mask: the block's [BE] edge
+    mask; load_dm(kk): chunk kk of d m, [BE, C]. Every per-edge value is masked (a padding edge
+    holding inf/NaN gets exactly 0)."""
+    masked = lambda x: jnp.where(mask[:, None] != 0, x, 0.0)  # noqa: E731 - as edge_kernel._masked
     mu, rstd = _alpha_stats(t, c)
-    dahat, m1, m2 = [], 0.0, 0.0
+    dahat, scale_sums, bias_sums, m1, m2 = [], [], [], 0.0, 0.0
     for kk in range(3):
         ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
         g = _gate(kk, ahat, g1_ref, b1_ref, c)
-        dm = _masked(mask_ref, dm_ref[:, pl.ds(kk * c, c)].astype(jnp.float32))
-        store_dupd(kk, _masked(mask_ref, dm * g))
-        sg = _masked(mask_ref, dm * t.upd(kk) * g * (1.0 - g))  # d(pre-sigmoid)
-        part_ref[kk, :] = jnp.sum(_masked(mask_ref, sg * ahat), axis=0)
-        part_ref[3 + kk, :] = jnp.sum(sg, axis=0)
-        dah = sg * g1_ref[pl.ds(kk * c, c)][None, :]
+        dm = masked(load_dm(kk).astype(jnp.float32))
+        store_dupd(kk, masked(dm * g))
+        sg = masked(dm * t.upd(kk) * g * (1.0 - g))  # d(pre-sigmoid)
+        scale_sums.append(jnp.sum(masked(sg * ahat), axis=0))
+        bias_sums.append(jnp.sum(sg, axis=0))
+        dah = sg * _chunk(g1_ref, kk, c)[None, :]
         m1 = m1 + jnp.sum(dah, axis=1)
-        m2 = m2 + jnp.sum(_masked(mask_ref, dah * ahat), axis=1)
+        m2 = m2 + jnp.sum(masked(dah * ahat), axis=1)
         dahat.append(dah)
-    zeros = jnp.zeros((c,), jnp.float32)
-    part_ref[6, :] = zeros
-    part_ref[7, :] = zeros
     m1, m2 = m1 / (3 * c), m2 / (3 * c)
     da = []
     for kk in range(3):  # LayerNorm_3C backward, then alpha = [qk | q*k | q*e] * inv
         ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
-        da.append(_masked(mask_ref, rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv))
+        da.append(masked(rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv))
     q, k, e = t.q(), t.k(), t.e()
-    d_q = _masked(mask_ref, da[1] * k + da[2] * e)
-    return d_q, da[0], _masked(mask_ref, da[1] * q), _masked(mask_ref, da[2] * q)  # d q_i, d qk_ii, d k_j, d e
+    d_q = masked(da[1] * k + da[2] * e)
+    # d q_i, d qk_ii, d k_j, d e, the LayerNorm parameters' block sums
+    return d_q, da[0], masked(da[1] * q), masked(da[2] * q), scale_sums + bias_sums
+
+
+def _store_partials(part_ref, sums, c):
+    """The backward kernels' [8, C] block of LayerNorm-parameter partial sums: d ln1 scale in rows
+    0-2 (one per C chunk), d ln1 bias in rows 3-5, rows 6-7 zero (a power-of-two block)."""
+    for row, x in enumerate(sums):
+        part_ref[row, :] = x
+    zeros = jnp.zeros((c,), jnp.float32)
+    part_ref[6, :] = zeros
+    part_ref[7, :] = zeros
+
+
+def _block_dm(dm_ref, c):
+    """load_dm for a kernel whose d m input is this block's [BE, 3C] rows."""
+    from jax.experimental import pallas as pl
+
+    return lambda kk: dm_ref[:, pl.ds(kk * c, c)]
 
 
 def _bwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, dm_ref,
@@ -138,7 +153,9 @@ def _bwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, dm_ref,
         dew3_ref[:, pl.ds(kk * c, c)] = dupd.astype(dew3_ref.dtype)
 
     t = TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv, keep)
-    d_q, d_qk, d_k, d_e = _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd)
+    d_q, d_qk, d_k, d_e, sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv,
+                                               store_dupd)
+    _store_partials(part_ref, sums, c)
     dr_ref[:, pl.ds(0, c)] = d_q.astype(dr_ref.dtype)
     dr_ref[:, pl.ds(c, c)] = d_qk.astype(dr_ref.dtype)
     ds_ref[:, pl.ds(0, c)] = d_k.astype(ds_ref.dtype)
@@ -211,7 +228,8 @@ def _backward(args, dm, opts: KernelOptions):
         functools.partial(_bwd_kernel, c=c, inv=1.0 / math.sqrt(3 * c), keep=opts.keep_tiles),
         grid=(n_blocks, heads), in_specs=in_specs + [rows(3 * c)],
         out_specs=[rows(5 * c), rows(4 * c), rows(3 * c), rows(c), partials], out_shape=out_shape,
-        compiler_params=_compiler_params(opts), interpret=opts.resolved_interpret(), name="edge_gate_bwd",
+        compiler_params=_compiler_params(opts, backward=True), interpret=opts.resolved_interpret(),
+        name="edge_gate_bwd",
     )(*edge_args, g1, b1, dm_p)
     if ne != n_edge:
         dr, ds, dew3, de = (x[:n_edge] for x in (dr, ds, dew3, de))
@@ -311,7 +329,8 @@ def _rows_bwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_re
         dupd_ref[:, pl.ds(kk * c, c)] = dupd.astype(dupd_ref.dtype)
 
     t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
-    grads = _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd)
+    *grads, sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv, store_dupd)
+    _store_partials(part_ref, sums, c)
     for ref, g in zip((dq_ref, dqk_ref, dk_ref, de_ref), grads):
         ref[...] = g.astype(ref.dtype)
 
@@ -373,7 +392,9 @@ def _rows_bwd_atomic_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_re
         add_r((2 + kk) * c, dupd)
         add_s((1 + kk) * c, dupd)
 
-    d_q, d_qk, d_k, d_e = _gate_backward(t, mask_ref, g1_ref, b1_ref, dm_ref, part_ref, c, inv, store_dupd)
+    d_q, d_qk, d_k, d_e, sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv,
+                                               store_dupd)
+    _store_partials(part_ref, sums, c)
     add_r(0, d_q)
     add_r(c, d_qk)
     add_s(0, d_k)
@@ -386,11 +407,12 @@ def _full(shape):
     return pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))
 
 
-def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts, tables=(), aliases=None):
+def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts, tables=(), aliases=None, backward=True):
     """pallas_call over (edge blocks, heads), the edge axis padded to the block size (padding
-    edges: index 0, mask 0). `extra`: more per-edge [E, H, 3C] inputs; `tables`: whole arrays
-    passed after them (`aliases`: input -> output index, see `pallas_call`). Returns the
-    outputs and the padded edge count."""
+    edges: index 0, mask 0). `extra`: more per-edge [E, H, w] inputs; `tables`: whole arrays
+    passed after them (`aliases`: input -> output index, see `pallas_call`); `backward`: a
+    backward-pass kernel (its warps: `KernelOptions.backward_warps`). Returns the outputs and the
+    padded edge count."""
     from jax.experimental import pallas as pl
 
     rt, st, ew3, e, recv, send, mask, g1, b1 = args
@@ -401,12 +423,12 @@ def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts, tables=(),
     edges = pl.BlockSpec((be,), lambda i, h: (i,))
     vec3 = pl.BlockSpec((3 * c,), lambda i, h: (0,))
     in_specs = ([edges] * 3 + [_full(rt.shape), _full(st.shape), rows(3 * c), rows(c), vec3, vec3]
-                + [rows(3 * c)] * len(extra) + [_full(t.shape) for t in tables])
+                + [rows(x.shape[-1]) for x in extra] + [_full(t.shape) for t in tables])
     recv_p, send_p, mask_p, ew3_p, e_p, *extra_p = edge_args
     outs = pl.pallas_call(
         functools.partial(kernel, c=c, inv=1.0 / math.sqrt(3 * c), keep=opts.keep_tiles),
         grid=(ne // be, heads), in_specs=in_specs, out_specs=out_specs(rows, be),
-        out_shape=out_shape(ne, ne // be, heads, c), compiler_params=_compiler_params(opts),
+        out_shape=out_shape(ne, ne // be, heads, c), compiler_params=_compiler_params(opts, backward),
         interpret=opts.resolved_interpret(), name=name, input_output_aliases=aliases or {},
     )(recv_p, send_p, mask_p, rt, st, ew3_p, e_p, g1, b1, *extra_p, *tables)
     return outs, n_edge, ne
@@ -416,7 +438,7 @@ def _rows_forward(args, opts):
     e, ew3 = args[3], args[2]
     m, n_edge, ne = _rows_call(_rows_fwd_kernel, "edge_gate_rows_fwd", args, [],
                                lambda ne, nb, h, c: _out_struct(e, (ne, h, 3 * c), ew3.dtype),
-                               lambda rows, be: rows(3 * e.shape[2]), opts)
+                               lambda rows, be: rows(3 * e.shape[2]), opts, backward=False)
     return m[:n_edge] if ne != n_edge else m
 
 
@@ -456,9 +478,137 @@ def _rows_backward_atomic(args, dm, opts):
     return _rows_cotangents(args, d_rt[:-1], d_st[:-1], dupd, de, part)  # the scratch rows dropped
 
 
+class RunTiles(TableTiles):
+    """`TableTiles` for a block of one receiver's run of edges (`_rows_bwd_runs_kernel`): the
+    receiver's row chunks (q_i, qk_ii, vm_i) are values loaded once per program and broadcast to
+    the block; k_j and vm_j are gather loads of the sender table's rows, ew3 and e loads of the
+    block's edge positions `pos` (whole per-edge arrays, indexed in the kernel)."""
+
+    def __init__(self, recv_chunks, st_ref, ew3_ref, e_ref, send_rows, pos, h, c, inv):
+        super().__init__(None, st_ref, ew3_ref, e_ref, c, inv)
+        self.recv_chunks, self.send_rows, self.pos, self.h = recv_chunks, send_rows, pos, h
+
+    def _recv(self, chunk):
+        return jnp.broadcast_to(self.recv_chunks[chunk][None, :], (self.pos.shape[0], self.c))
+
+    def _load(self, ref, start):
+        from jax.experimental import pallas as pl
+
+        rows = self.send_rows if ref is self.s_ref else self.pos
+        return ref[rows, self.h, pl.ds(start, self.c)].astype(jnp.float32)
+
+    def q(self):
+        return self._recv(0)
+
+    def qk(self):
+        return self._recv(1)
+
+    def e(self):
+        return self._load(self.e_ref, 0)
+
+    def upd(self, kk):
+        return self._recv(2 + kk) + self._load(self.s_ref, (1 + kk) * self.c) + self._load(self.ew3_ref, kk * self.c)
+
+
+def _store_edge_rows(ref, pos, inside, h, start, x, c, masked):
+    """ref[pos, h, start:start + C] = x for the block's edges inside the run: a masked store
+    (Triton); otherwise (Pallas' interpreter, which has no masked stores) the edges outside the
+    run write to the scratch row past the end of `ref`, which the caller drops."""
+    from jax.experimental import pallas as pl
+    import jax.experimental.pallas.triton as plgpu
+
+    if masked:
+        plgpu.store(ref.at[pos, h, pl.ds(start, c)], x.astype(ref.dtype),
+                    mask=jnp.broadcast_to(inside[:, None], x.shape))
+    else:
+        ref[jnp.where(inside, pos, ref.shape[0] - 1), h, pl.ds(start, c)] = x.astype(ref.dtype)
+
+
+def _rows_bwd_runs_kernel(start_ref, stop_ref, end_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref,
+                          b1_ref, dm_ref, dupd_ref, dk_ref, de_ref, drt_ref, part_ref, *, c, inv, be, n_rows, masked):
+    """One program per (receiver n, head h) over n's run of edge positions start:stop, in blocks
+    of BE (receivers sorted: `segment_bounds`). Per edge it writes d_upd (= d vm_j = d ew3), d k_j
+    and d e, like `_rows_bwd_kernel`; the receiver row's gradient [d q | d qk | d vm_i] is the
+    sum over the run, kept in registers and written once: drt [N, H, 5C] is the table's gradient
+    itself. The last receiver's program also covers end_ref's tail stop:end (edges whose receiver
+    is past the table, if any) with mask 0, so every edge position is written."""
+    from jax.experimental import pallas as pl
+
+    h = pl.program_id(1)
+    start, stop, end = start_ref[...], stop_ref[...], end_ref[...]
+    lane = jax.lax.broadcasted_iota(jnp.int32, (be,), 0)
+    node = pl.program_id(0)
+    recv_chunks = [rt_ref[node, h, pl.ds(q * c, c)].astype(jnp.float32) for q in range(5)]
+
+    def add_block(i, sums):
+        pos = start + i * be + lane
+        inside, in_run = pos < end, pos < stop
+        pos = jnp.minimum(pos, n_rows - 1)  # a valid row to load; outside the run, masked off
+        mask = jnp.where(in_run, mask_ref[pos], 0.0)
+        t = RunTiles(recv_chunks, st_ref, ew3_ref, e_ref, send_ref[pos], pos, h, c, inv)
+        store = lambda ref, start, x: _store_edge_rows(ref, pos, inside, h, start, x, c, masked)  # noqa: E731
+        upd_sums = []
+
+        def store_dupd(kk, dupd):
+            store(dupd_ref, kk * c, dupd)
+            upd_sums.append(jnp.sum(dupd, axis=0))
+
+        d_q, d_qk, d_k, d_e, ln_sums = _gate_backward(
+            t, mask, g1_ref, b1_ref, lambda kk: dm_ref[pos, h, pl.ds(kk * c, c)], c, inv, store_dupd)
+        store(dk_ref, 0, d_k)
+        store(de_ref, 0, d_e)
+        block = [jnp.sum(d_q, axis=0), jnp.sum(d_qk, axis=0), *upd_sums, *ln_sums]
+        return tuple(a + b for a, b in zip(sums, block))
+
+    n_blocks = (end - start + be - 1) // be
+    sums = jax.lax.fori_loop(0, n_blocks, add_block, tuple(jnp.zeros((c,), jnp.float32) for _ in range(11)))
+    for q in range(5):
+        drt_ref[pl.ds(q * c, c)] = sums[q].astype(drt_ref.dtype)
+    _store_partials(part_ref, sums[5:], c)
+
+
+def _rows_backward_runs(args, dm, opts):
+    """`_rows_backward` with the receiver table's gradient summed over each receiver's run inside
+    the backward kernel (`KernelOptions.receiver_runs`); the sender side as with `sorted_sums`."""
+    from jax.experimental import pallas as pl
+
+    rt, st, ew3, e, recv, send, mask, g1, b1 = args
+    n_node, heads, c = rt.shape[0], e.shape[1], e.shape[2]
+    n_edge = e.shape[0]
+    f32 = jnp.float32
+    masked = not opts.resolved_interpret()
+    bounds = segment_bounds(recv, n_node)
+    stop = bounds[1:]
+    end = stop.at[-1].set(n_edge)  # the last receiver's program also writes any tail of stray receivers
+    rows_out = n_edge + (not masked)  # the interpreter's scratch row (see `_store_edge_rows`)
+    sds = functools.partial(_out_struct, dm)
+    whole = lambda shape: pl.BlockSpec(shape, lambda n, h: (0,) * len(shape))  # noqa: E731
+    scalar = pl.BlockSpec((None,), lambda n, h: (n,))
+    per_edge = [send, mask, rt, st, ew3, e]
+    out_shape = [sds((rows_out, heads, 3 * c), f32), sds((rows_out, heads, c), f32), sds((rows_out, heads, c), f32),
+                 sds((n_node, heads, 5 * c), f32), sds((n_node, heads, 8, c), f32)]
+    vec3 = pl.BlockSpec((3 * c,), lambda n, h: (0,))
+    dupd, dk, de, d_rt, part = pl.pallas_call(
+        functools.partial(_rows_bwd_runs_kernel, c=c, inv=1.0 / math.sqrt(3 * c), be=opts.block_edges,
+                          n_rows=n_edge, masked=masked),
+        grid=(n_node, heads),
+        in_specs=[scalar] * 3 + [whole(a.shape) for a in per_edge] + [vec3, vec3, whole(dm.shape)],
+        out_specs=[whole(o.shape) for o in out_shape[:3]]
+        + [pl.BlockSpec((None, None, 5 * c), lambda n, h: (n, h, 0)), _partials_spec(c)],
+        out_shape=out_shape, compiler_params=_compiler_params(opts, backward=True),
+        interpret=opts.resolved_interpret(), name="edge_gate_rows_bwd_runs",
+    )(bounds[:-1], stop, end, *per_edge, g1, b1, dm)
+    if not masked:
+        dupd, dk, de = dupd[:n_edge], dk[:n_edge], de[:n_edge]
+    d_st = segment_rows([dk, dupd], sort_order(send), segment_bounds(send, st.shape[0]), c, opts)
+    return _rows_cotangents(args, d_rt, jnp.concatenate(d_st, axis=-1), dupd, de, part)
+
+
 def _rows_backward(args, dm, opts):
     if opts.atomic_grads:
         return _rows_backward_atomic(args, dm, opts)
+    if opts.receiver_runs:
+        return _rows_backward_runs(args, dm, opts)
     rt, st, e, recv, send = args[0], args[1], args[3], args[4], args[5]
     f32 = jnp.float32
 

@@ -134,7 +134,7 @@ def _call(kernel_body, name, args, extra_in, out_shape, out_specs_fn, opts):
     ne = n_edge + n_pad
     outs = pl.pallas_call(
         kernel, grid=(n_blocks, heads), in_specs=in_specs, out_specs=out_specs_fn(be, c),
-        out_shape=out_shape(ne, n_blocks, heads, c), compiler_params=_compiler_params(opts),
+        out_shape=out_shape(ne, n_blocks, heads, c), compiler_params=_compiler_params(opts, name.endswith("bwd")),
         interpret=opts.resolved_interpret(), name=name,
     )(*edge_args[:4], rt, st, w3, g1, b1, w0, b0, g2, b2, *edge_args[4:])
     return outs, n_pad

@@ -104,5 +104,6 @@ def segment_rows(parts, order, bounds, c: int, opts: KernelOptions = KernelOptio
         kernel, grid=(n_node, heads), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, w), lambda n, h: (n, h, 0)) for w in widths],
         out_shape=[_out_struct(parts[0], (n_node, heads, w), jnp.float32) for w in widths],
-        compiler_params=_compiler_params(opts), interpret=opts.resolved_interpret(), name="segment_rows",
+        compiler_params=_compiler_params(opts, backward=True), interpret=opts.resolved_interpret(),
+        name="segment_rows",
     )(*inputs)
