@@ -64,7 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
     # instead of reloading them (slower, session 17); "pallas_gate_rows-16x8-atomic" sums the node
     # tables' gradients inside the backward kernel instead of XLA's scatter-adds (slower, session
     # 18), "-sorted" sums them per node with a segment kernel, each node's run of edges (faster,
-    # session 19: the default's). "xla_recompute" (node formulation): the gate in jax.numpy with a
+    # session 19: the default's), "-sorted-runs" sums the receiver side in the backward kernel
+    # itself (faster on the synthetic benchmark, slower on the real corpus, session 24); a third
+    # tile number sets the backward-pass kernels' warps ("pallas_gate_rows-16x8x4-sorted-runs").
+    # "xla_recompute" (node formulation): the gate in jax.numpy with a
     # written backward that stores no per-edge intermediate (dpf_jax/model/gate_recompute.py).
     c.model.edge_kernel = "auto"
     # Backward-pass rematerialisation per layer (same parameters and maths; speed / memory):

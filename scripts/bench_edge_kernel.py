@@ -118,7 +118,9 @@ def main(argv=None) -> dict:
     p.add_argument("--edges", nargs="+", type=int, default=[46080])
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--channels", type=int, default=128)
-    p.add_argument("--tiles", nargs="+", default=["32x4", "16x8", "64x8"], help="edges-per-program x warps")
+    p.add_argument("--tiles", nargs="+", default=["32x4", "16x8", "64x8"],
+                   help="edges-per-program x warps [x backward warps], then any flags of the family's kernel "
+                        "(e.g. 16x8-sorted, 16x8x4-sorted-runs for gate_rows)")
     p.add_argument("--precision", choices=["default", "highest"], default="default")
     p.add_argument("--family", nargs="+", choices=["chain", "node", "gate", "gate_rows"],
                    default=["chain", "node", "gate", "gate_rows"],

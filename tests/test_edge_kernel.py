@@ -268,6 +268,10 @@ def test_kernel_options_from_config_string():
     for bad in ("pallas-16x4x0", "pallas-16x4x2x2", "pallas-16xx4"):
         with pytest.raises(ValueError, match="tile must look like"):
             KernelOptions.parse(bad)
+    with pytest.raises(ValueError, match=r"backward_warps \(3"):
+        KernelOptions.parse("pallas_gate_rows-16x8x3-sorted").check(128, "test")
+    with pytest.raises(ValueError, match="keep_tiles does not apply"):
+        KernelOptions(keep_tiles=True, sorted_sums=True, receiver_runs=True)
     with pytest.raises(ValueError, match="needs sorted_sums"):
         KernelOptions(receiver_runs=True)
     for bad in ("pallas-16", "triton", "pallas-axb", "pallas-16x8-keep", "pallas_gate_rows-16x8-fast",
@@ -486,20 +490,23 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
 
 def test_gate_rows_receiver_runs_write_every_edge_of_stray_receivers():
     """With receiver runs, each program writes its run's per-edge gradients; padding edges whose
-    receiver lies past the node table (no run) are written by the last receiver's program, as
-    zeros: their e @ W3 and e gradients are exactly 0, not left unwritten, and every other
-    gradient is that of the same batch with those edges on the last node."""
+    receiver lies past the node table (no run; no batch built here has them) are written by the
+    last receiver's program, right after its own run inside the same block, as zeros: their
+    e @ W3 and e gradients are exactly 0, not left unwritten (the interpreter leaves unwritten
+    rows NaN), and every other gradient is that of the same batch with those edges on the last
+    node."""
     n_node, n_edge, n_real = 8, 90, 80
     args = random_rows_args(n_node, n_edge, 2, 16, n_real)
     stray = list(args)
-    stray[4] = args[4].at[n_real:].set(n_node)  # sorted still: past every real receiver
+    stray[4] = args[4].at[n_real + 5:].set(n_node)  # sorted still: past every receiver; the last keeps 5
     opts = KernelOptions(block_edges=16, sorted_sums=True, receiver_runs=True)
     w = jax.random.normal(jax.random.PRNGKey(9), (n_edge, 2, 48))
     grad = jax.grad(lambda *a: jnp.sum(fused_gate_rows(*a, opts=opts) * w), argnums=(0, 1, 2, 3, 7, 8))
-    for g, g_stray in zip(grad(*args), grad(*stray)):
+    grads_stray = grad(*stray)
+    for g, g_stray in zip(grad(*args), grads_stray):
         assert np.isfinite(np.asarray(g_stray)).all()
         np.testing.assert_allclose(g_stray, g, rtol=1e-6, atol=1e-6)
-    assert not np.asarray(grad(*stray)[2][n_real:]).any()
+    assert not np.asarray(grads_stray[2][n_real:]).any() and not np.asarray(grads_stray[3][n_real:]).any()
 
 
 def scatter_result_types(text: str) -> list[str]:

@@ -38,7 +38,7 @@ class KernelOptions:
     """Static settings of the kernels (hashable: a custom_vjp non-differentiable argument).
 
     block_edges: edges per program (power of two, >= 16 for the in-kernel matmuls).
-    num_warps: Triton warps per program.
+    num_warps: Triton warps per program (of the backward-pass kernels too, unless backward_warps).
     backward_warps: Triton warps of the backward pass's kernels (the backward kernels and the
       segment kernel), where they should differ from the forward's `num_warps`; 0: the same.
       Spelled as a third number of the tile ("16x8x4": forward 8 warps, backward 4).
@@ -63,7 +63,7 @@ class KernelOptions:
       edges: receivers as the edges come, sorted by receiver; senders through a stable argsort)
       instead of XLA's float scatter-adds (one atomic per element). Fixed summation order.
       Spelled "-sorted" after the tile ("pallas_gate_rows-16x8-sorted"); the segment kernel
-      uses the same tile.
+      uses the same block_edges and the backward-pass warps.
     receiver_runs: `pallas_gate_rows` with `sorted_sums` only: the backward kernel runs one program
       per (receiver, head) over that receiver's run of edges (receivers sorted) and sums the
       receiver table's gradient [d q | d qk | d upd] in registers, writing it once per node; the
@@ -110,7 +110,7 @@ class KernelOptions:
             raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
                              "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (then for the "
                              "gate kernels '-keep', for 'pallas_gate_rows' '-atomic' or '-sorted', the latter "
-                             "optionally followed by '-runs')")
+                             "optionally followed by '-runs'; a tile may add 'x<backward_warps>')")
         if rest:
             try:
                 block, warps, *back = (int(t) for t in rest[0].split("x"))
@@ -129,8 +129,9 @@ class KernelOptions:
         pow2 = lambda n: n >= 1 and not n & (n - 1)  # noqa: E731
         if not (pow2(channels) and pow2(self.block_edges) and self.block_edges >= 16 and pow2(self.num_warps)
                 and (self.backward_warps == 0 or pow2(self.backward_warps))):
-            raise ValueError(f"{who}: channels ({channels}), block_edges ({self.block_edges}) and num_warps "
-                             f"({self.num_warps}) must be powers of two, block_edges >= 16 (Triton)")
+            raise ValueError(f"{who}: channels ({channels}), block_edges ({self.block_edges}), num_warps "
+                             f"({self.num_warps}) and backward_warps ({self.backward_warps}, 0: num_warps) must "
+                             "be powers of two, block_edges >= 16 (Triton)")
 
     def resolved_interpret(self) -> bool:
         if self.interpret is not None:
@@ -357,7 +358,7 @@ def _compiler_params(opts: KernelOptions, backward: bool = False):
     """Triton settings of a forward kernel, or of a backward-pass one (`opts.backward_warps`)."""
     from jax.experimental.pallas import triton as plgpu
 
-    warps = opts.backward_warps or opts.num_warps if backward else opts.num_warps
+    warps = (opts.backward_warps or opts.num_warps) if backward else opts.num_warps
     return plgpu.CompilerParams(num_warps=warps, num_stages=1)
 
 

@@ -173,8 +173,9 @@ def _block_specs(c, be):
 
 
 def _partials_spec(c):
-    """The backward kernels' per-program partial sums [edge blocks, heads, 8, C] (see
-    `_gate_backward`): one [8, C] block per program."""
+    """The backward kernels' per-program partial sums [programs along the grid's first axis (edge
+    blocks, or receivers with `receiver_runs`), heads, 8, C]: one [8, C] block per program, rows
+    as `_store_partials` writes them."""
     from jax.experimental import pallas as pl
 
     return pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))
@@ -407,12 +408,12 @@ def _full(shape):
     return pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))
 
 
-def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts, tables=(), aliases=None, backward=True):
+def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts, *, backward, tables=(), aliases=None):
     """pallas_call over (edge blocks, heads), the edge axis padded to the block size (padding
     edges: index 0, mask 0). `extra`: more per-edge [E, H, w] inputs; `tables`: whole arrays
     passed after them (`aliases`: input -> output index, see `pallas_call`); `backward`: a
-    backward-pass kernel (its warps: `KernelOptions.backward_warps`). Returns the outputs and the
-    padded edge count."""
+    backward-pass kernel (its warps: `KernelOptions.backward_warps`). Returns the outputs, the
+    edge count and the padded edge count."""
     from jax.experimental import pallas as pl
 
     rt, st, ew3, e, recv, send, mask, g1, b1 = args
@@ -471,7 +472,7 @@ def _rows_backward_atomic(args, dm, opts):
     # inputs: recv, send, mask, rt, st, ew3, e, g1, b1, dm, then the two zero tables
     kernel = functools.partial(_rows_bwd_atomic_kernel, masked=not opts.resolved_interpret())
     outs, n_edge, ne = _rows_call(kernel, "edge_gate_rows_bwd_atomic", args, [dm], out_shape,
-                                  out_specs, opts, tables=zeros, aliases={10: 3, 11: 4})
+                                  out_specs, opts, backward=True, tables=zeros, aliases={10: 3, 11: 4})
     dupd, de, part, d_rt, d_st = outs
     if ne != n_edge:
         dupd, de = dupd[:n_edge], de[:n_edge]
@@ -511,9 +512,10 @@ class RunTiles(TableTiles):
 
 
 def _store_edge_rows(ref, pos, inside, h, start, x, c, masked):
-    """ref[pos, h, start:start + C] = x for the block's edges inside the run: a masked store
-    (Triton); otherwise (Pallas' interpreter, which has no masked stores) the edges outside the
-    run write to the scratch row past the end of `ref`, which the caller drops."""
+    """ref[pos, h, start:start + C] = x for the block's lanes with `inside` (the run, and for the
+    last receiver the tail after it): a masked store (Triton); otherwise (Pallas' interpreter,
+    which has no masked stores) the other lanes write to the scratch row past the end of `ref`,
+    which the caller drops."""
     from jax.experimental import pallas as pl
     import jax.experimental.pallas.triton as plgpu
 
@@ -531,7 +533,9 @@ def _rows_bwd_runs_kernel(start_ref, stop_ref, end_ref, send_ref, mask_ref, rt_r
     and d e, like `_rows_bwd_kernel`; the receiver row's gradient [d q | d qk | d vm_i] is the
     sum over the run, kept in registers and written once: drt [N, H, 5C] is the table's gradient
     itself. The last receiver's program also covers end_ref's tail stop:end (edges whose receiver
-    is past the table, if any) with mask 0, so every edge position is written."""
+    is past the table, which no batch built here has) with mask 0: defensive, so that every
+    per-edge output of this kernel is written; the forward would still read such rows out of
+    bounds."""
     from jax.experimental import pallas as pl
 
     h = pl.program_id(1)
@@ -546,7 +550,7 @@ def _rows_bwd_runs_kernel(start_ref, stop_ref, end_ref, send_ref, mask_ref, rt_r
         pos = jnp.minimum(pos, n_rows - 1)  # a valid row to load; outside the run, masked off
         mask = jnp.where(in_run, mask_ref[pos], 0.0)
         t = RunTiles(recv_chunks, st_ref, ew3_ref, e_ref, send_ref[pos], pos, h, c, inv)
-        store = lambda ref, start, x: _store_edge_rows(ref, pos, inside, h, start, x, c, masked)  # noqa: E731
+        store = lambda ref, col, x: _store_edge_rows(ref, pos, inside, h, col, x, c, masked)  # noqa: E731
         upd_sums = []
 
         def store_dupd(kk, dupd):
@@ -579,12 +583,12 @@ def _rows_backward_runs(args, dm, opts):
     masked = not opts.resolved_interpret()
     bounds = segment_bounds(recv, n_node)
     stop = bounds[1:]
-    end = stop.at[-1].set(n_edge)  # the last receiver's program also writes any tail of stray receivers
+    end = stop.at[-1].set(n_edge)  # the last receiver's program also writes any tail (defensive, see the kernel)
     rows_out = n_edge + (not masked)  # the interpreter's scratch row (see `_store_edge_rows`)
     sds = functools.partial(_out_struct, dm)
     whole = lambda shape: pl.BlockSpec(shape, lambda n, h: (0,) * len(shape))  # noqa: E731
     scalar = pl.BlockSpec((None,), lambda n, h: (n,))
-    per_edge = [send, mask, rt, st, ew3, e]
+    inputs = [send, mask, rt, st, ew3, e]  # whole arrays, indexed in the kernel
     out_shape = [sds((rows_out, heads, 3 * c), f32), sds((rows_out, heads, c), f32), sds((rows_out, heads, c), f32),
                  sds((n_node, heads, 5 * c), f32), sds((n_node, heads, 8, c), f32)]
     vec3 = pl.BlockSpec((3 * c,), lambda n, h: (0,))
@@ -592,12 +596,12 @@ def _rows_backward_runs(args, dm, opts):
         functools.partial(_rows_bwd_runs_kernel, c=c, inv=1.0 / math.sqrt(3 * c), be=opts.block_edges,
                           n_rows=n_edge, masked=masked),
         grid=(n_node, heads),
-        in_specs=[scalar] * 3 + [whole(a.shape) for a in per_edge] + [vec3, vec3, whole(dm.shape)],
+        in_specs=[scalar] * 3 + [whole(a.shape) for a in inputs] + [vec3, vec3, whole(dm.shape)],
         out_specs=[whole(o.shape) for o in out_shape[:3]]
         + [pl.BlockSpec((None, None, 5 * c), lambda n, h: (n, h, 0)), _partials_spec(c)],
         out_shape=out_shape, compiler_params=_compiler_params(opts, backward=True),
         interpret=opts.resolved_interpret(), name="edge_gate_rows_bwd_runs",
-    )(bounds[:-1], stop, end, *per_edge, g1, b1, dm)
+    )(bounds[:-1], stop, end, *inputs, g1, b1, dm)
     if not masked:
         dupd, dk, de = dupd[:n_edge], dk[:n_edge], de[:n_edge]
     d_st = segment_rows([dk, dupd], sort_order(send), segment_bounds(send, st.shape[0]), c, opts)
@@ -620,7 +624,8 @@ def _rows_backward(args, dm, opts):
         c = e.shape[2]
         return [rows(3 * c)] + [rows(c)] * 4 + [_partials_spec(c)]
 
-    outs, n_edge, ne = _rows_call(_rows_bwd_kernel, "edge_gate_rows_bwd", args, [dm], out_shape, out_specs, opts)
+    outs, n_edge, ne = _rows_call(_rows_bwd_kernel, "edge_gate_rows_bwd", args, [dm], out_shape, out_specs, opts,
+                                  backward=True)
     dupd, dq, dqk, dk, de, part = outs
     if ne != n_edge:
         dupd, dq, dqk, dk, de = (x[:n_edge] for x in (dupd, dq, dqk, dk, de))
@@ -664,9 +669,12 @@ def fused_gate_rows(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_sc
     first), per edge and layer (HC = heads x channels floats) the forward moves ew3 and e in
     (4 HC) and m out (3 HC), the backward additionally dm in (3 HC) and d_upd, d q, d qk, d k, d e
     out (7 HC); the node rows come through the cache. The gathers' transposes (those per-edge
-    gradients summed into the node tables) are XLA's scatter-adds, or with `opts.sorted_sums`
-    `segment_kernel.segment_rows` over each node's run of edges: receivers must then be sorted
-    (as the batches built here are; `batching.graph_to_jraph` checks)."""
+    gradients summed into the node tables) are XLA's scatter-adds; with `opts.atomic_grads` atomic
+    adds in the backward kernel; with `opts.sorted_sums` `segment_kernel.segment_rows` over each
+    node's run of edges, and with `opts.receiver_runs` too the receiver side in the backward kernel
+    itself, one program per receiver (then d q and d qk are not written: 5 HC out per edge, plus one
+    [H, 5C] row per node). With sorted_sums, receivers must be sorted (as the batches built here
+    are; `batching.graph_to_jraph` checks)."""
     _check(recv_tab, send_tab, ew3, e, opts, "fused_gate_rows")
     if e.shape[0] == 0:
         return jnp.zeros(ew3.shape, ew3.dtype)

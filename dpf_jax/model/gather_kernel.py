@@ -110,7 +110,7 @@ def _bwd_kernel(recv_ref, send_ref, mask_ref, e_ref, rt_ref, st_ref, w3_ref, g1_
 
 # ----------------------------------------------------------------------------------- wrappers
 
-def _call(kernel_body, name, args, extra_in, out_shape, out_specs_fn, opts):
+def _call(kernel_body, name, args, extra_in, out_shape, out_specs_fn, opts, *, backward):
     """pallas_call over (edge blocks, heads) with the edge axis padded to the block size."""
     from jax.experimental import pallas as pl
 
@@ -134,7 +134,7 @@ def _call(kernel_body, name, args, extra_in, out_shape, out_specs_fn, opts):
     ne = n_edge + n_pad
     outs = pl.pallas_call(
         kernel, grid=(n_blocks, heads), in_specs=in_specs, out_specs=out_specs_fn(be, c),
-        out_shape=out_shape(ne, n_blocks, heads, c), compiler_params=_compiler_params(opts, name.endswith("bwd")),
+        out_shape=out_shape(ne, n_blocks, heads, c), compiler_params=_compiler_params(opts, backward),
         interpret=opts.resolved_interpret(), name=name,
     )(*edge_args[:4], rt, st, w3, g1, b1, w0, b0, g2, b2, *edge_args[4:])
     return outs, n_pad
@@ -146,7 +146,7 @@ def _forward(args, opts):
     e = args[2]
     y, n_pad = _call(_fwd_kernel, "node_message_fwd", args, [],
                      lambda ne, nb, h, c: _out_struct(e, (ne, h, c), jnp.float32),
-                     lambda be, c: pl.BlockSpec((be, None, c), lambda i, h: (i, h, 0)), opts)
+                     lambda be, c: pl.BlockSpec((be, None, c), lambda i, h: (i, h, 0)), opts, backward=False)
     return y[:e.shape[0]] if n_pad else y
 
 
@@ -167,7 +167,7 @@ def _backward(args, dy, opts):
         return [w(5 * c), w(4 * c), w(c), w(3 * c), w(3 * c), w(c),
                 pl.BlockSpec((None, None, 8, c), lambda i, h: (i, h, 0, 0))]
 
-    outs, n_pad = _call(_bwd_kernel, "node_message_bwd", args, [dy], out_shape, out_specs, opts)
+    outs, n_pad = _call(_bwd_kernel, "node_message_bwd", args, [dy], out_shape, out_specs, opts, backward=True)
     dr, ds, de, m, dupd, dacc, part = outs
     if n_pad:
         dr, ds, de, m, dupd, dacc = (x[:n_edge] for x in (dr, ds, de, m, dupd, dacc))

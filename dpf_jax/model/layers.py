@@ -381,7 +381,8 @@ class MatformerConv(nn.Module):
     same maths): "xla" (jax.numpy; XLA fuses it into ~15 passes over [E, H, 3C] tensors per
     layer, forward and backward) or "pallas" (`dpf_jax.model.edge_kernel`: one fused Triton
     kernel forward, one backward, no [E, H, 3C] intermediate kept; Pallas' interpreter on CPU);
-    "pallas-32x4" sets its tile (edges per program x Triton warps; default 32x4). "pallas_node"
+    "pallas-32x4" sets its tile (edges per program x Triton warps; default 32x4; "-16x8x4": the
+    backward-pass kernels with 4 warps). "pallas_node"
     (node formulation only; `dpf_jax.model.gather_kernel`) also moves the gathers and e @ W3
     into the kernels: the per-edge tables, upd and their copies are never written to memory.
     "pallas_gate" (node formulation; `dpf_jax.model.gate_kernel`) fuses only the gate (alpha ->
@@ -491,8 +492,9 @@ class MatformerConv(nn.Module):
             gate = checkpoint_name(gate, "edge_gate")
             msg = self._message_out((upd.astype(jnp.float32) * gate).astype(dt), edge_mask)
         else:
-            raise ValueError(f"unknown MatformerConv edge_kernel {kernel!r} (xla, xla_recompute, pallas, "
-                             "pallas_node, pallas_gate, pallas_gate_rows; the pallas ones optionally -<block_edges>x<num_warps>)")
+            raise ValueError(f"unknown MatformerConv edge_kernel {kernel!r} (xla, xla_recompute, pallas, pallas_node, "
+                             "pallas_gate, pallas_gate_rows; the pallas ones optionally "
+                             "-<block_edges>x<num_warps>[x<backward_warps>])")
         return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
 
     def _edge_times_w3(self, e, edge_attr, w_edge, w3, fold: bool):

@@ -10,7 +10,9 @@ Here every node's edges are one contiguous run of `order` (receivers: the edges 
 which are sorted by receiver; senders: the edges sorted by sender), so one program per
 (node, head) reads its run in blocks of BE rows and adds them up in registers: no atomics, each
 output row written once, and a fixed summation order (deterministic, unlike the scatter-adds).
-`segment_rows_reference` is the same sums in jax.numpy (the tests compare).
+With `KernelOptions.receiver_runs` the gate's backward kernel sums the receiver side itself, in
+the same way, and this kernel sums the sender side only. `segment_rows_reference` is the same
+sums in jax.numpy (the tests compare).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def segment_rows(parts, order, bounds, c: int, opts: KernelOptions = KernelOptio
 
     parts: [E, H, w_k] arrays (w_k a multiple of c, c a power of two); order: [E] int32 or None;
     bounds: [N + 1] int32 from `segment_bounds`. Returns [N, H, w_k] float32 arrays. One program
-    per (node, head); `opts.block_edges` rows per load, `opts.num_warps` warps."""
+    per (node, head); `opts.block_edges` rows per load; the backward-pass warps
+    (`opts.backward_warps`, else `opts.num_warps`): this kernel only runs in the gate's backward."""
     from jax.experimental import pallas as pl
 
     n_edge, heads = parts[0].shape[:2]
