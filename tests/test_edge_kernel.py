@@ -518,14 +518,18 @@ def scatter_result_types(text: str) -> list[str]:
     return out
 
 
+def gate_rows_shapes(n_node, n_edge, heads=4, c=128):
+    """Shapes of `fused_gate_rows`' arguments at the model's head and channel counts (lowering tests)."""
+    f32, i32, sds = jnp.float32, jnp.int32, jax.ShapeDtypeStruct
+    return (sds((n_node, heads, 5 * c), f32), sds((n_node, heads, 4 * c), f32), sds((n_edge, heads, 3 * c), f32),
+            sds((n_edge, heads, c), f32), sds((n_edge,), i32), sds((n_edge,), i32), sds((n_edge,), jnp.bool_),
+            sds((3 * c,), f32), sds((3 * c,), f32))
+
+
 @pytest.mark.parametrize("keep,sums", [(False, "xla"), (True, "xla"), (False, "atomic"), (False, "sorted"),
                                        (False, "runs")])
 def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, sums):
-    f32, i32 = jnp.float32, jnp.int32
-    N, E, H, C = 256, 1024, 4, 128
-    sds = jax.ShapeDtypeStruct
-    shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
-              sds((E,), i32), sds((E,), i32), sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
+    shapes = gate_rows_shapes(256, 1024)
     kernel = lambda *a, opts: fused_gate_rows(*a, opts=dataclasses.replace(  # noqa: E731
         opts, keep_tiles=keep, atomic_grads=sums == "atomic", sorted_sums=sums in ("sorted", "runs"),
         receiver_runs=sums == "runs"))
@@ -545,11 +549,7 @@ def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, sums):
 def test_gate_rows_backward_warps_reach_the_backward_kernels(tile, runs):
     """A tile's third number (`backward_warps`) sets the warps of the backward pass's kernels only:
     the gate's backward kernel and the segment kernels get it, the forward keeps the tile's warps."""
-    f32, i32 = jnp.float32, jnp.int32
-    N, E, H, C = 64, 256, 4, 128
-    sds = jax.ShapeDtypeStruct
-    shapes = (sds((N, H, 5 * C), f32), sds((N, H, 4 * C), f32), sds((E, H, 3 * C), f32), sds((E, H, C), f32),
-              sds((E,), i32), sds((E,), i32), sds((E,), jnp.bool_), sds((3 * C,), f32), sds((3 * C,), f32))
+    shapes = gate_rows_shapes(64, 256)
     opts = KernelOptions.parse(f"pallas_gate_rows-{tile}-sorted" + "-runs" * runs, interpret=False)
     text = lower_for_gpu(jax.grad(lambda *a: jnp.sum(fused_gate_rows(*a, opts=opts) ** 2), argnums=(0,)), *shapes)
     warps = re.findall(r'name = "(\w+)", num_stages = \d+ : i32, num_warps = (\d+)', text)

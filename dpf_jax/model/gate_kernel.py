@@ -604,8 +604,14 @@ def _rows_backward_runs(args, dm, opts):
     )(bounds[:-1], stop, end, *inputs, g1, b1, dm)
     if not masked:
         dupd, dk, de = dupd[:n_edge], dk[:n_edge], de[:n_edge]
-    d_st = segment_rows([dk, dupd], sort_order(send), segment_bounds(send, st.shape[0]), c, opts)
-    return _rows_cotangents(args, d_rt, jnp.concatenate(d_st, axis=-1), dupd, de, part)
+    return _rows_cotangents(args, d_rt, _sender_sums(dk, dupd, send, st.shape[0], c, opts), dupd, de, part)
+
+
+def _sender_sums(dk, dupd, send, n_node, c, opts):
+    """The sender table's gradient [N, H, 4C]: [d k | d_upd] summed over each sender's edges by the
+    segment kernel, through the edges' order by sender (`sorted_sums`)."""
+    d_st = segment_rows([dk, dupd], sort_order(send), segment_bounds(send, n_node), c, opts)
+    return jnp.concatenate(d_st, axis=-1)
 
 
 def _rows_backward(args, dm, opts):
@@ -633,9 +639,8 @@ def _rows_backward(args, dm, opts):
         c = e.shape[2]
         # receivers: the edges' own order (sorted by receiver, as segment sums elsewhere assume)
         d_rt = segment_rows([dq, dqk, dupd], None, segment_bounds(recv, rt.shape[0]), c, opts)
-        d_st = segment_rows([dk, dupd], sort_order(send), segment_bounds(send, st.shape[0]), c, opts)
-        return _rows_cotangents(args, jnp.concatenate(d_rt, axis=-1), jnp.concatenate(d_st, axis=-1), dupd, de,
-                                part)
+        d_st = _sender_sums(dk, dupd, send, st.shape[0], c, opts)
+        return _rows_cotangents(args, jnp.concatenate(d_rt, axis=-1), d_st, dupd, de, part)
     # the gathers' transposes: float32 scatter-adds, no sortedness hint (see layers.gather); XLA
     # fuses each concatenation into its scatter
     d_rt = jnp.zeros(rt.shape, f32).at[recv].add(jnp.concatenate([dq, dqk, dupd], axis=-1), mode="promise_in_bounds")
