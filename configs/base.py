@@ -53,7 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (more FLOPs, much smaller gathers); see dpf_jax/model/layers.py and scripts/results/PERF_NOTES.md.
     c.model.formulation = "node"
     # How the per-edge message chain runs, same parameters and maths: "auto" (default: on a GPU
-    # "pallas_gate_rows-16x8-sorted", the fastest on the synthetic step; elsewhere "xla"; dpf_jax/model/layers.py
+    # per padded budget the fastest measured, "pallas_gate_rows-16x8-sorted-sum", below 16,384
+    # edges "pallas_gate_rows-16x8-sorted", with >= 20 edges per node
+    # "pallas_gate_rows-16x8x4-sorted-runs-sum"; elsewhere "xla"; dpf_jax/model/layers.py
     # resolve_edge_kernel), "xla" (jax.numpy), "pallas_gate_rows" (node formulation: the gate
     # alpha -> LayerNorm -> sigmoid -> x upd as one Triton kernel pair that gathers the node-table
     # rows itself, matmuls in XLA; dpf_jax/model/gate_kernel.py), "pallas_gate" (the same gate on
@@ -66,7 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     # 18), "-sorted" sums them per node with a segment kernel, each node's run of edges (faster,
     # session 19: the default's), "-sorted-runs" sums the receiver side in the backward kernel
     # itself (faster on the synthetic benchmark, slower on the real corpus, session 24); a third
-    # tile number sets the backward-pass kernels' warps ("pallas_gate_rows-16x8x4-sorted-runs").
+    # tile number sets the backward-pass kernels' warps ("pallas_gate_rows-16x8x4-sorted-runs"),
+    # and "-sum" last runs msg_layer_1 and the receiver sums as one kernel pair (session 25,
+    # dpf_jax/model/message_sum_kernel.py).
     # "xla_recompute" (node formulation): the gate in jax.numpy with a
     # written backward that stores no per-edge intermediate (dpf_jax/model/gate_recompute.py).
     c.model.edge_kernel = "auto"

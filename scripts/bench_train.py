@@ -596,8 +596,11 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
     encoder = getattr(model, "encoder", None)
     formulation = getattr(encoder, "formulation", None)
     table = matmul_table(config.model, config.mode, heads, formulation)
-    kernel = resolve_edge_kernel(getattr(encoder, "edge_kernel", "xla"), formulation,  # "auto" as it runs here
-                                 getattr(encoder, "channels", 128), getattr(encoder, "remat", "none"))
+    # "auto" as it runs here: per padded budget of the pool (its edges per node)
+    kernel = "/".join(sorted({resolve_edge_kernel(
+        getattr(encoder, "edge_kernel", "xla"), formulation, getattr(encoder, "channels", 128),
+        getattr(encoder, "remat", "none"), budget=(g.nodes["mask"].shape[-1], g.senders.shape[-1]))
+        for g in pool_host}))
     if kernel != "xla":
         formulation = f"{formulation}+{kernel}"
     return state, run, table, n_params, formulation

@@ -106,3 +106,17 @@ def lower_for_gpu(fn, *shapes) -> str:
     target = AbstractMesh((1,), ("gpu",), abstract_device=AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu"))
     with use_abstract_mesh(target):
         return lowered()
+
+
+def random_conv_inputs(seed: int, n_node: int = 24, n_edge: int = 96, channels: int = 16):
+    """MatformerConv's inputs (x, edge_attr, senders, receivers, node mask, edge mask) for a
+    random graph: receivers sorted among the first 20 nodes, the last 4 nodes and 6 edges padding."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    receivers = np.sort(rng.integers(0, 20, n_edge)).astype(np.int32)
+    return tuple(map(jnp.asarray, (rng.standard_normal((n_node, channels)).astype(np.float32),
+                                   rng.standard_normal((n_edge, 8)).astype(np.float32),
+                                   rng.integers(0, 20, n_edge).astype(np.int32), receivers,
+                                   np.arange(n_node) < n_node - 4, np.arange(n_edge) < n_edge - 6)))

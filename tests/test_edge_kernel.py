@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import lower_for_gpu
+from conftest import lower_for_gpu, random_conv_inputs
 
 from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fused_edge_message
 from dpf_jax.model.gate_kernel import fused_gate, fused_gate_rows, gate_reference
@@ -145,18 +145,14 @@ def test_conv_pallas_equals_xla_with_gradients(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["pallas_gate-16x4", "pallas_gate_rows-16x4", "pallas_gate_rows-16x4-sorted",
-                                    "pallas_gate_rows-16x4-sorted-runs", "xla_recompute"])
+                                    "pallas_gate_rows-16x4-sorted-runs", "pallas_gate_rows-16x4-sorted-sum",
+                                    "xla_recompute"])
 def test_conv_gate_in_bf16_is_close_to_xla(kernel):
     """precision bf16: the gate kernel and the recomputing gate compute the alpha products and upd
     in float32 where the "xla" path rounds them to bfloat16, so they agree to bfloat16 rounding,
     not exactly."""
-    rng = np.random.default_rng(1)
-    n_node, n_edge, C, H = 24, 96, 16, 2
-    receivers = np.sort(rng.integers(0, 20, n_edge)).astype(np.int32)
-    args = tuple(map(jnp.asarray, (rng.standard_normal((n_node, C)).astype(np.float32),
-                                   rng.standard_normal((n_edge, 8)).astype(np.float32),
-                                   rng.integers(0, 20, n_edge).astype(np.int32), receivers,
-                                   np.arange(n_node) < 20, np.arange(n_edge) < 90)))
+    C, H = 16, 2
+    args = random_conv_inputs(1, channels=C)
     convs = {k: MatformerConv(C, H, dtype=jnp.bfloat16, edge_kernel=k) for k in ("xla", kernel)}
     v = convs["xla"].init(jax.random.PRNGKey(3), *args, train=False)
 
@@ -263,7 +259,15 @@ def test_kernel_options_from_config_string():
         with pytest.raises(ValueError):
             KernelOptions.parse(bad)
     o = KernelOptions.parse("pallas_gate_rows-16x8x4-sorted-runs")
-    assert (o.block_edges, o.num_warps, o.backward_warps, o.receiver_runs) == (16, 8, 4, True)
+    assert (o.block_edges, o.num_warps, o.backward_warps, o.receiver_runs, o.message_sum) == (16, 8, 4, True, False)
+    o = KernelOptions.parse("pallas_gate_rows-16x8x4-sorted-runs-sum")
+    assert (o.block_edges, o.backward_warps, o.sorted_sums, o.receiver_runs, o.message_sum) == (16, 4, True, True, True)
+    o = KernelOptions.parse("pallas_gate_rows-16x8-sum")
+    assert (o.sorted_sums, o.atomic_grads, o.message_sum) == (False, False, True)
+    for bad in ("pallas_gate_rows-16x8-sum-sorted", "pallas_gate_rows-16x8-sorted-sum-runs", "pallas_gate-16x8-sum",
+                "pallas_gate_rows-16x8-sum-sum", "pallas-16x8-sum", "pallas_gate_rows-sum"):
+        with pytest.raises(ValueError):
+            KernelOptions.parse(bad)
     assert KernelOptions.parse("pallas_gate_rows-16x4-sorted").backward_warps == 0
     for bad in ("pallas-16x4x0", "pallas-16x4x2x2", "pallas-16xx4"):
         with pytest.raises(ValueError, match="tile must look like"):
@@ -643,6 +647,24 @@ def test_auto_edge_kernel_resolves_per_backend(monkeypatch):
     assert layers.resolve_edge_kernel("pallas_gate-16x4") == "pallas_gate-16x4"
     monkeypatch.setattr(layers, "_on_nvidia_gpu", lambda: True)
     assert layers.resolve_edge_kernel("auto") == layers.EDGE_KERNEL_AUTO_GPU
+    # per padded budget (n_node, n_edge): the old kernel below AUTO_SUM_MIN_EDGES, receiver runs
+    # for >= 20 edges per node
+    big, dense = layers.AUTO_SUM_MIN_EDGES, layers.AUTO_DENSE_EDGES_PER_NODE
+    assert layers.resolve_edge_kernel("auto", budget=(big // 12, big)) == layers.EDGE_KERNEL_AUTO_GPU
+    assert layers.resolve_edge_kernel("auto", budget=(1000, big - 1)) == layers.EDGE_KERNEL_AUTO_GPU_SMALL
+    assert layers.resolve_edge_kernel("auto", budget=(100, big - 1)) == layers.EDGE_KERNEL_AUTO_GPU_SMALL
+    assert layers.resolve_edge_kernel("auto", budget=(1000, int(dense * 1000))) == layers.EDGE_KERNEL_AUTO_GPU_DENSE
+    assert layers.resolve_edge_kernel("auto", budget=(1000, int(dense * 1000) - 1)) == layers.EDGE_KERNEL_AUTO_GPU
+    assert layers.resolve_edge_kernel("auto", "edge", budget=(1000, 30000)) == "xla"
+    assert layers.resolve_edge_kernel("pallas_gate-16x4", budget=(1000, 30000)) == "pallas_gate-16x4"
+    small, sparse, dense_k = (KernelOptions.parse(k) for k in (layers.EDGE_KERNEL_AUTO_GPU_SMALL,
+                                                               layers.EDGE_KERNEL_AUTO_GPU,
+                                                               layers.EDGE_KERNEL_AUTO_GPU_DENSE))
+    assert (small.message_sum, sparse.message_sum, dense_k.message_sum) == (False, True, True)
+    assert (small.receiver_runs, sparse.receiver_runs, dense_k.receiver_runs) == (False, False, True)
+    described = layers.describe_auto_edge_kernel(layers.EDGE_KERNEL_AUTO_GPU)
+    assert layers.EDGE_KERNEL_AUTO_GPU_DENSE in described and layers.EDGE_KERNEL_AUTO_GPU_SMALL in described
+    assert layers.describe_auto_edge_kernel("xla") == "xla"
     assert layers.resolve_edge_kernel("auto", "node", 64, "dots") == layers.EDGE_KERNEL_AUTO_GPU
     assert layers.resolve_edge_kernel("auto", "edge") == "xla"
     assert layers.resolve_edge_kernel("auto", "node", 96) == "xla"  # the kernel's tiles want 2^k channels

@@ -194,7 +194,8 @@ def _numpy_matformer_conv(p, x, edge_attr, senders, receivers, node_mask, edge_m
     ("node", "pallas_node-16x4", False),
     # lin_edge folded into e @ W3 (model.fold_edge_weights) with every kernel that takes e @ W3 as input
     ("node", "xla", True), ("node", "xla_recompute", True), ("node", "pallas_gate_rows-16x8-sorted", True),
-    ("node", "pallas", True), ("node", "pallas_gate_rows-16x8-sorted-runs", True)])
+    ("node", "pallas", True), ("node", "pallas_gate_rows-16x8-sorted-runs", True),
+    ("node", "pallas_gate_rows-16x8-sorted-sum", True), ("node", "pallas_gate_rows-16x8x4-sorted-runs-sum", True)])
 def test_conv_matches_numpy_reference(crystals, formulation, edge_kernel, fold):
     graphs = [build_crystal_graph(c) for c in crystals[:3]]
     b = padded_batch(graphs)
@@ -644,3 +645,52 @@ def test_merged_edges_give_the_same_model(crystals, formulation):
     unweighted = b._replace(nodes={**b.nodes, "count": b.nodes["mask"].astype(jnp.int32)})
     y_unweighted = grad_fn(variables["params"], unweighted)[0][1][0]
     assert not np.allclose(y_unweighted, y0, rtol=1e-3, atol=1e-3)
+
+
+def _pallas_call_names(jaxpr) -> list:
+    """The names of every pallas_call in a jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            info = eqn.params.get("name_and_src_info", eqn.params.get("name"))
+            found.append(str(getattr(info, "name", info)).split(" ")[0])
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _pallas_call_names(inner)
+    return found
+
+
+def test_auto_edge_kernel_follows_the_padded_budget(crystals, monkeypatch):
+    """model.edge_kernel = "auto" on an NVIDIA GPU (forced here; only traced, not run) chooses per
+    compiled budget: below AUTO_SUM_MIN_EDGES edges (lowered here to fit small crystals) the row
+    backward with two segment kernels and XLA's LayerNorm and sums; above it the message-sum
+    kernel pair too, and where the budget has >= 20 edges per node the receiver-run backward."""
+    from dpf_jax.model import layers
+
+    monkeypatch.setattr(layers, "_on_nvidia_gpu", lambda: True)
+    graphs = [radius_graph(c) for c in crystals[:4]]
+    n = sum(g.num_nodes for g in graphs)
+    e = sum(g.num_edges for g in graphs)
+    model = MatformerRegressor(encoder=MatformerEncoder(**{**SMALL, "channels": 16}, edge_kernel="auto"))
+    batches = {"sparse": padded_batch(graphs, extra_nodes=max(e // 10 - n, 5)),
+               "dense": padded_batch(graphs, extra_edges=max(25 * (n + 5) - e, 40))}
+    batches["small"] = batches["sparse"]
+    names = {}
+    for kind, batch in batches.items():
+        density = batch.senders.shape[0] / batch.nodes["mask"].shape[0]
+        assert (density >= layers.AUTO_DENSE_EDGES_PER_NODE) == (kind == "dense")
+        monkeypatch.setattr(layers, "AUTO_SUM_MIN_EDGES", batch.senders.shape[0] + (kind == "small"))
+        variables = model_variables(model, batch)
+        loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, to_device(batch), train=True,  # noqa: E731
+                                             mutable=["batch_stats"])[0] ** 2)
+        names[kind] = _pallas_call_names(jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr)
+    n_layers = SMALL["num_layers"]
+    assert names["dense"].count("edge_gate_rows_bwd_runs") == n_layers and "edge_gate_rows_bwd" not in names["dense"]
+    for kind in ("sparse", "small"):
+        assert names[kind].count("edge_gate_rows_bwd") == n_layers and "edge_gate_rows_bwd_runs" not in names[kind]
+        assert names[kind].count("segment_rows") == 2 * n_layers
+    assert names["dense"].count("segment_rows") == n_layers
+    for kind, expected in (("sparse", n_layers), ("dense", n_layers), ("small", 0)):
+        assert names[kind].count("message_sum_fwd") == names[kind].count("message_sum_bwd") == expected

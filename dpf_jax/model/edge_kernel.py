@@ -70,6 +70,12 @@ class KernelOptions:
       per-edge d q and d qk are never written and the receiver-side segment kernel is not run.
       The sender table's gradient stays with the segment kernel. Spelled "-runs" after
       "-sorted" ("pallas_gate_rows-16x8-sorted-runs").
+    message_sum: `pallas_gate_rows` only: msg_layer_1 (LayerNorm_C), the edge mask and count and
+      the receivers' sums run as one kernel pair (`message_sum_kernel.py`: one program per
+      receiver and head; the backward also sums d b0 and the LayerNorm's parameter gradients),
+      instead of XLA's LayerNorm, scatter-add and reductions. Receivers must be sorted. Spelled
+      "-sum" last ("pallas_gate_rows-16x8-sorted-sum"); its kernels use the tile's block_edges,
+      the forward's warps and the backward warps.
     """
 
     block_edges: int = 32
@@ -81,6 +87,7 @@ class KernelOptions:
     atomic_grads: bool = False
     sorted_sums: bool = False
     receiver_runs: bool = False
+    message_sum: bool = False
 
     def __post_init__(self):
         if self.atomic_grads and self.sorted_sums:
@@ -99,10 +106,12 @@ class KernelOptions:
         (defaults), with a tile, "pallas-<block_edges>x<num_warps>" (or
         "-<block_edges>x<num_warps>x<backward_warps>"), then for the gate kernels optionally "-keep"
         (`keep_tiles`) and for "pallas_gate_rows" "-atomic" (`atomic_grads`) or "-sorted"
-        (`sorted_sums`), the latter optionally followed by "-runs" (`receiver_runs`); the kernel
-        family is the caller's business."""
+        (`sorted_sums`), the latter optionally followed by "-runs" (`receiver_runs`), and last
+        "-sum" (`message_sum`); the kernel family is the caller's business."""
         name, *rest = spec.split("-")
         flags = rest[1:]
+        message_sum = name == "pallas_gate_rows" and flags[-1:] == ["sum"]
+        flags = flags[:-1] if message_sum else flags
         allowed = {"pallas_gate": {"keep"}, "pallas_gate_rows": {"keep", "atomic", "sorted", "runs"}}.get(name, set())
         if (name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows")
                 or not set(flags) <= allowed or len(set(flags)) != len(flags) or {"atomic", "sorted"} <= set(flags)
@@ -110,7 +119,8 @@ class KernelOptions:
             raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
                              "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (then for the "
                              "gate kernels '-keep', for 'pallas_gate_rows' '-atomic' or '-sorted', the latter "
-                             "optionally followed by '-runs'; a tile may add 'x<backward_warps>')")
+                             "optionally followed by '-runs', and last '-sum'; a tile may add "
+                             "'x<backward_warps>')")
         if rest:
             try:
                 block, warps, *back = (int(t) for t in rest[0].split("x"))
@@ -121,7 +131,7 @@ class KernelOptions:
                                  "warps)") from None
             kw.update(block_edges=block, num_warps=warps, backward_warps=back[0] if back else 0,
                       keep_tiles="keep" in flags, atomic_grads="atomic" in flags, sorted_sums="sorted" in flags,
-                      receiver_runs="runs" in flags)
+                      receiver_runs="runs" in flags, message_sum=message_sum)
         return cls(**kw)
 
     def check(self, channels: int, who: str) -> None:

@@ -29,6 +29,7 @@ from dpf_jax.model.edge_kernel import KernelOptions, fused_edge_message
 from dpf_jax.model.gate_kernel import fused_gate, fused_gate_rows
 from dpf_jax.model.gate_recompute import gate_message
 from dpf_jax.model.gather_kernel import fused_node_message
+from dpf_jax.model.message_sum_kernel import fused_message_sum
 
 Dtype = Any
 Precision = Any  # None | str | jax.lax.Precision | tuple
@@ -271,7 +272,21 @@ def mean_pool(x, graph_index, node_mask, num_graphs: int):
 # h200x4_session20/). Elsewhere, with channels the kernel's tile rules
 # refuse, or with a `model.remat` policy that names per-edge tensors only the jax.numpy path
 # has: "xla" (on a CPU Pallas would run in its slow interpreter).
-EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8-sorted"
+# Since session 25 the GPU choice depends on each compiled budget (per device; one H100,
+# scripts/results/h100_session25/):
+# - with at least `AUTO_SUM_MIN_EDGES` edges, msg_layer_1 and the receiver sums run as one kernel
+#   pair ("-sum", message_sum_kernel.py): synthetic fine-tuning B=256 25.27 -> 23.91 ms, real
+#   pre-training B=256 9.51 -> 9.35; below (real pre-training B=64, <= 8,704 edges) it lost,
+#   2.99 -> 3.05, so smaller budgets keep `EDGE_KERNEL_AUTO_GPU_SMALL`;
+# - where such a budget also has at least `AUTO_DENSE_EDGES_PER_NODE` edges per node, with the
+#   receiver-run backward and 4 backward warps (`EDGE_KERNEL_AUTO_GPU_DENSE`): synthetic, 29
+#   edges per node, 23.91 -> 23.15 ms; it loses on the real pre-training batches, 12 edges per
+#   node, 9.35 -> 9.65 ms, where a run fills a 16-edge block to 75% and pays a program per node.
+EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8-sorted-sum"
+EDGE_KERNEL_AUTO_GPU_SMALL = "pallas_gate_rows-16x8-sorted"
+EDGE_KERNEL_AUTO_GPU_DENSE = "pallas_gate_rows-16x8x4-sorted-runs-sum"
+AUTO_SUM_MIN_EDGES = 16384
+AUTO_DENSE_EDGES_PER_NODE = 20.0
 
 
 def _on_nvidia_gpu() -> bool:
@@ -291,20 +306,43 @@ def _on_nvidia_gpu() -> bool:
 NAMED_EDGE_TENSOR_POLICIES = ("gate", "gate_lean", "stats")
 
 
-def resolve_edge_kernel(name: str, formulation: str = "node", channels: int = 128, remat: str = "none") -> str:
-    """`model.edge_kernel` as it runs here: "auto" becomes `EDGE_KERNEL_AUTO_GPU` on an NVIDIA
-    GPU with the "node" formulation (the kernel's), a channel count the kernel's tile rules
-    accept (a power of two) and a `remat` policy that does not name the jax.numpy path's
-    per-edge tensors; "xla" otherwise. Any other name is returned unchanged."""
+def auto_gpu_edge_kernel(budget: tuple[int, int] | None) -> str:
+    """The GPU kernel "auto" runs for a padded budget (n_node, n_edge) per device (None: not known,
+    as where a run's log names the kernel before any batch: `EDGE_KERNEL_AUTO_GPU`)."""
+    if budget is None:
+        return EDGE_KERNEL_AUTO_GPU
+    n_node, n_edge = budget
+    if n_edge < AUTO_SUM_MIN_EDGES:
+        return EDGE_KERNEL_AUTO_GPU_SMALL
+    return EDGE_KERNEL_AUTO_GPU_DENSE if n_edge >= AUTO_DENSE_EDGES_PER_NODE * max(n_node, 1) else EDGE_KERNEL_AUTO_GPU
+
+
+def resolve_edge_kernel(name: str, formulation: str = "node", channels: int = 128, remat: str = "none",
+                        budget: tuple[int, int] | None = None) -> str:
+    """`model.edge_kernel` as it runs here: "auto" becomes `auto_gpu_edge_kernel(budget)` (the
+    padded budget's (n_node, n_edge) per device) on an NVIDIA GPU with the "node" formulation
+    (the kernel's), a channel count the kernel's tile rules accept (a power of two) and a `remat`
+    policy that does not name the jax.numpy path's per-edge tensors; "xla" otherwise. Any other
+    name is returned unchanged."""
     if name != "auto":
         return name
     if formulation != "node" or remat in NAMED_EDGE_TENSOR_POLICIES or not _on_nvidia_gpu():
         return "xla"
+    kernel = auto_gpu_edge_kernel(budget)
     try:
-        KernelOptions.parse(EDGE_KERNEL_AUTO_GPU).check(channels, "auto")
+        KernelOptions.parse(kernel).check(channels, "auto")
     except ValueError:
         return "xla"
-    return EDGE_KERNEL_AUTO_GPU
+    return kernel
+
+
+def describe_auto_edge_kernel(kernel: str) -> str:
+    """How "auto" runs, for a log line: `kernel` (as `resolve_edge_kernel` gave it without a
+    budget), and where that is `EDGE_KERNEL_AUTO_GPU`, the kernels of the other budgets."""
+    if kernel != EDGE_KERNEL_AUTO_GPU:
+        return kernel
+    return (f"{kernel} per padded budget: {EDGE_KERNEL_AUTO_GPU_SMALL} below {AUTO_SUM_MIN_EDGES} edges, "
+            f"{EDGE_KERNEL_AUTO_GPU_DENSE} with >= {AUTO_DENSE_EDGES_PER_NODE:g} edges per node")
 
 
 FOLD_EDGE_WEIGHTS = ("auto", True, False)  # model.fold_edge_weights; also "true" / "false" (the command line)
@@ -441,8 +479,12 @@ class MatformerConv(nn.Module):
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             if kernel.startswith("pallas_gate_rows"):  # the gate kernel pair gathering rows itself
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
+                opts = self._kernel_options(kernel)
                 msg = fused_gate_rows(recv_tab, send_tab, edge_w3(), e, receivers, senders, edge_mask,
-                                      ln1_scale, ln1_bias, self._kernel_options(kernel))
+                                      ln1_scale, ln1_bias, opts)
+                if opts.message_sum:  # msg_layer_1 and the receiver sums in one kernel pair
+                    return self._update(x, self._message_sum(msg, receivers, edge_mask, edge_count, n_node, opts),
+                                        node_mask, train)
                 msg = self._message_out(msg, edge_mask)
                 return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
             if kernel == "xla_recompute":  # the gate in jax.numpy, its backward recomputing
@@ -518,6 +560,19 @@ class MatformerConv(nn.Module):
         msg = LayerNorm(dtype=jnp.float32, name="msg_layer_1")(msg)
         return jnp.where(edge_mask[:, None, None], msg, 0.0)
 
+    def _message_sum(self, gated, receivers, edge_mask, edge_count, n_node: int, opts: KernelOptions):
+        """The receivers' sums [N, H * C] (float32) of `_message_out(gated)` times the edge counts, as
+        `_aggregate_and_update` forms them: msg_layer_0's matmul in XLA, its bias, LayerNorm_C, the
+        edge mask and count and the sums in `message_sum_kernel.fused_message_sum`."""
+        C = self.channels
+        w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
+        pre = jnp.matmul(gated.astype(self.dtype), w0.astype(self.dtype), precision=self.precision)
+        scale, bias = NormParams(C, name="msg_layer_1")()
+        weight = edge_mask.astype(jnp.float32)
+        if edge_count is not None:  # merged edges: one message for several equal ones
+            weight = jnp.where(edge_mask, edge_count.astype(jnp.float32), 0.0)
+        return fused_message_sum(pre, b0, scale, bias, weight, receivers, n_node, opts).reshape(n_node, -1)
+
     def _chain_params(self, kernel):
         """For the fused kernels: the parameters of layer_norm, msg_layer_0 and msg_layer_1 (the
         names and initialisation of the "xla" path's modules) and the kernel options."""
@@ -533,10 +588,15 @@ class MatformerConv(nn.Module):
 
     def _aggregate_and_update(self, x, msg, receivers, node_mask, train, edge_count):
         """Receiver sums of the messages [E, H, C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)."""
-        n_node, (n_edge, H, C), dt = x.shape[0], msg.shape, self.dtype
+        n_node, (n_edge, H, C) = x.shape[0], msg.shape
         if edge_count is not None:  # merged edges: one message for several equal ones
             msg = msg * edge_count.astype(msg.dtype)[:, None, None]
         agg = segment_sum_sorted(msg.reshape(n_edge, H * C), receivers, n_node)  # float32
+        return self._update(x, agg, node_mask, train)
+
+    def _update(self, x, agg, node_mask, train):
+        """The receivers' message sums [N, H * C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)."""
+        C, dt = self.channels, self.dtype
         out = Linear(C, True, dt, self.precision, name="lin_concate")(agg.astype(dt))
         bn = MaskedBatchNorm(axis_name=self.axis_name, dtype=dt, stats=self.batch_norm_stats, name="bn")
         out = bn(out, node_mask, train)

@@ -102,7 +102,9 @@ class MatformerEncoder(nn.Module):
       formulation: "edge" or "node", two exact ways to evaluate MatformerConv (same params);
         see `dpf_jax.model.layers.MatformerConv` for their FLOPs and measured speed.
       edge_kernel: how the per-edge message chain runs (same parameters): "xla" (this class's
-        default), "auto" (the configs' default: "pallas_gate_rows-16x8-sorted" on a GPU, else "xla";
+        default), "auto" (the configs' default: on a GPU per padded budget
+        "pallas_gate_rows-16x8-sorted-sum", "pallas_gate_rows-16x8-sorted" below 16,384 edges,
+        "pallas_gate_rows-16x8x4-sorted-runs-sum" with >= 20 edges per node; else "xla";
         `dpf_jax.model.layers.resolve_edge_kernel`), "pallas_gate_rows" (the gate as one Triton
         kernel pair gathering node rows itself), "pallas" (the chain as one fused Triton kernel
         pair, `dpf_jax.model.edge_kernel`), "pallas_node" (gathers inside too), "pallas_gate"
@@ -158,8 +160,10 @@ class MatformerEncoder(nn.Module):
         if self.remat != "none":  # same module names, so the same parameter tree and checkpoints
             # argument 7 (counting self) is `train`, a Python bool: static for the recomputation
             conv = nn.remat(MatformerConv, static_argnums=(7,), policy=REMAT_POLICIES[self.remat])
-        # "auto" resolved here, where the remat policy is known (layers.resolve_edge_kernel)
-        kernel = resolve_edge_kernel(self.edge_kernel, self.formulation, self.channels, self.remat)
+        # "auto" resolved here, where the remat policy and the padded budget are known
+        # (layers.resolve_edge_kernel; static shapes: one choice per compiled budget)
+        kernel = resolve_edge_kernel(self.edge_kernel, self.formulation, self.channels, self.remat,
+                                     budget=(x.shape[0], senders.shape[0]))
         for layer in range(self.num_layers):
             x = conv(self.channels, self.heads, self.axis_name, dt, self.precision, self.formulation,
                      kernel, self.batch_norm_stats, self.fold_edge_weights, name=f"att_layers_{layer}")(

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dpf_jax.model.heads import DenoisingModel
-from dpf_jax.model.layers import BATCH_NORM_STATS, resolve_edge_kernel, resolve_fold_edge_weights
+from dpf_jax.model.layers import (BATCH_NORM_STATS, describe_auto_edge_kernel, resolve_edge_kernel,
+                                  resolve_fold_edge_weights)
 from dpf_jax.model.matformer import MatformerEncoder, MatformerRegressor
 from dpf_jax.tasks import losses, perturb
 from dpf_jax.tasks.rebuild import targets_from_batch
@@ -53,9 +54,10 @@ def resolved_edge_kernel(model_cfg: ml_collections.ConfigDict) -> str:
 
 def describe_compute(model_cfg: ml_collections.ConfigDict) -> str:
     """The compute settings a run's log states: matmul precision and the edge kernel as it runs,
-    e.g. "precision default, edge kernel pallas_gate_rows-16x8-sorted (model.edge_kernel=auto)"."""
+    e.g. "precision default, edge kernel pallas_gate_rows-16x8-sorted-sum; ... (model.edge_kernel=auto)"."""
     name, kernel = model_cfg.get("edge_kernel", "auto"), resolved_edge_kernel(model_cfg)
     how = f" (model.edge_kernel={name})" if kernel != name else ""
+    kernel = describe_auto_edge_kernel(kernel) if name == "auto" else kernel
     kw = model_kwargs(model_cfg, None)
     fold = resolve_fold_edge_weights(kw["fold_edge_weights"], kw["formulation"], kernel)
     folded = ", lin_edge folded into e @ W3" if fold else ""
