@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     # instead of reloading them (slower, session 17); "pallas_gate_rows-16x8-atomic" sums the node
     # tables' gradients inside the backward kernel instead of XLA's scatter-adds (slower, session
     # 18), "-sorted" sums them per node with a segment kernel, each node's run of edges (faster,
-    # session 19: the default's), "-sorted-runs" sums the receiver side in the backward kernel
+    # session 19: in every "auto" choice), "-sorted-runs" sums the receiver side in the backward kernel
     # itself (faster on the synthetic benchmark, slower on the real corpus, session 24); a third
     # tile number sets the backward-pass kernels' warps ("pallas_gate_rows-16x8x4-sorted-runs"),
     # and "-sum" last runs msg_layer_1 and the receiver sums as one kernel pair (session 25,

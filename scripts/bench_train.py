@@ -560,8 +560,9 @@ def compute_of(config, formulation: str | None) -> str:
 
 def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, num_runs: int = 1,
               steps_per_call: int = 1):
-    """State (packed as the step takes it), step (`loop.RunStep`) and table of the run, exactly
-    as train/loop.py builds them.
+    """State (packed as the step takes it), step (`loop.RunStep`), FLOP table, parameter count
+    and model of the run, exactly as train/loop.py builds them (`edge_kernel_label` names the
+    model's kernel for the batches timed).
 
     The initial state (float32 parameters, whatever the precision) is built once per
     `reuse_key` and copied for the other batch sizes and precisions: one `model.init`
@@ -593,17 +594,22 @@ def build_run(config, data, mesh, pool_host, reuse_key=None, formulation=None, n
                               num_runs=num_runs if num_runs > 1 else 0, steps_per_call=steps_per_call)
     state = run.pack(state)
     heads = getattr(objective, "enabled", {})
+    table = matmul_table(config.model, config.mode, heads, getattr(getattr(model, "encoder", None), "formulation",
+                                                                   None))
+    return state, run, table, n_params, model
+
+
+def edge_kernel_label(model, pool) -> str:
+    """The run's `--formulation` label: the encoder's formulation and, unless it is "xla", "+" the
+    edge kernel as it runs on this backend ("auto" resolved per padded budget of the batches in
+    `pool`, as the encoder does; several joined by "/")."""
     encoder = getattr(model, "encoder", None)
     formulation = getattr(encoder, "formulation", None)
-    table = matmul_table(config.model, config.mode, heads, formulation)
-    # "auto" as it runs here: per padded budget of the pool (its edges per node)
     kernel = "/".join(sorted({resolve_edge_kernel(
         getattr(encoder, "edge_kernel", "xla"), formulation, getattr(encoder, "channels", 128),
         getattr(encoder, "remat", "none"), budget=(g.nodes["mask"].shape[-1], g.senders.shape[-1]))
-        for g in pool_host}))
-    if kernel != "xla":
-        formulation = f"{formulation}+{kernel}"
-    return state, run, table, n_params, formulation
+        for g in pool}))
+    return formulation if kernel == "xla" else f"{formulation}+{kernel}"
 
 
 def compile_shapes(train_step, state, dev_batches, host_batches):
@@ -658,13 +664,14 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
     print(f"{data_kind} {model_label(name)} B={batch_size} {precision} {formulation or ''}"
           f"{f' x{runs} runs' if runs > 1 else ''}{f' {per_call} steps per call' if per_call > 1 else ''}: "
           "compiling and timing...", flush=True)
-    state, run, table, n_params, formulation = build_run(
+    state, run, table, n_params, model = build_run(
         config, data, mesh, pool_host, reuse_key=(data_kind, name, mesh.size), formulation=formulation,
         num_runs=runs, steps_per_call=per_call)
     train_step = run.step
     budget_rows = search_budgets(config, batcher, run, state, pool_host[0], mesh, stacked)
     if budget_rows:
         pool_host = host_pool(batcher, config, pool_size, drop)
+    formulation = edge_kernel_label(model, pool_host)  # the batches as timed
     group = f"{data_kind}_{model_label(name)}_bs{batch_size}"
     if dump is not None and not any(k.startswith(group + "/") for k in dump):
         dump_group(dump, group, pool_host)
@@ -800,13 +807,14 @@ def epoch_one(args, name, batch_size, precision, mesh, cache, formulation=None) 
     t0 = time.perf_counter()
     host = list(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop))
     host_s = time.perf_counter() - t0
-    state, run, table, n_params, formulation = build_run(config, data, mesh, host, formulation=formulation)
+    state, run, table, n_params, model = build_run(config, data, mesh, host, formulation=formulation)
     train_step = run.step
     budget_rows = search_budgets(config, train_b, run, state, host[0], mesh)
     if budget_rows:  # the epoch as the searched budgets pad it
         t0 = time.perf_counter()
         host = list(train_b.iterate(config.seed, epoch, shuffle=True, drop_remainder=drop))
         host_s = time.perf_counter() - t0
+    formulation = edge_kernel_label(model, host)
     coef = flop_coefficients(table)["train"]
     n_crystals = sum(int(b.globals["mask"].sum()) for b in host)
     flops_real = sum(step_flops(coef, batch_sizes_of(b), padded=False) for b in host)

@@ -72,7 +72,7 @@ class KernelOptions:
       "-sorted" ("pallas_gate_rows-16x8-sorted-runs").
     message_sum: `pallas_gate_rows` only: msg_layer_1 (LayerNorm_C), the edge mask and count and
       the receivers' sums run as one kernel pair (`message_sum_kernel.py`: one program per
-      receiver and head; the backward also sums d b0 and the LayerNorm's parameter gradients),
+      receiver, all heads; the backward also sums d b0 and the LayerNorm's parameter gradients),
       instead of XLA's LayerNorm, scatter-add and reductions. Receivers must be sorted. Spelled
       "-sum" last ("pallas_gate_rows-16x8-sorted-sum"); its kernels use the tile's block_edges,
       the forward's warps and the backward warps.

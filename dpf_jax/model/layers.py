@@ -451,7 +451,7 @@ class MatformerConv(nn.Module):
         H, C = self.heads, self.channels
         n_node, n_edge = x.shape[0], edge_attr.shape[0]
         dt = self.dtype
-        kernel = resolve_edge_kernel(self.edge_kernel, self.formulation, self.channels)
+        kernel = resolve_edge_kernel(self.edge_kernel, self.formulation, self.channels, budget=(n_node, n_edge))
         dense = lambda f, name, bias=True: Linear(f, bias, dt, self.precision, name=name)  # noqa: E731
         ein = lambda spec, a, b: jnp.einsum(spec, a, b, precision=self.precision)  # noqa: E731
 
@@ -563,7 +563,9 @@ class MatformerConv(nn.Module):
     def _message_sum(self, gated, receivers, edge_mask, edge_count, n_node: int, opts: KernelOptions):
         """The receivers' sums [N, H * C] (float32) of `_message_out(gated)` times the edge counts, as
         `_aggregate_and_update` forms them: msg_layer_0's matmul in XLA, its bias, LayerNorm_C, the
-        edge mask and count and the sums in `message_sum_kernel.fused_message_sum`."""
+        edge mask and count and the sums in `message_sum_kernel.fused_message_sum` (with bf16
+        `dtype` the bias is added in float32 there, where the jax.numpy path adds it in bf16:
+        equal up to bf16 rounding)."""
         C = self.channels
         w0, b0 = LinearParams(3 * C, C, name="msg_layer_0")()
         pre = jnp.matmul(gated.astype(self.dtype), w0.astype(self.dtype), precision=self.precision)
@@ -571,7 +573,7 @@ class MatformerConv(nn.Module):
         weight = edge_mask.astype(jnp.float32)
         if edge_count is not None:  # merged edges: one message for several equal ones
             weight = jnp.where(edge_mask, edge_count.astype(jnp.float32), 0.0)
-        return fused_message_sum(pre, b0, scale, bias, weight, receivers, n_node, opts).reshape(n_node, -1)
+        return fused_message_sum(pre, b0, scale, bias, weight, receivers, n_node, opts).reshape(n_node, self.heads * C)
 
     def _chain_params(self, kernel):
         """For the fused kernels: the parameters of layer_norm, msg_layer_0 and msg_layer_1 (the

@@ -15,7 +15,7 @@ d pre written once backward.
 
 Here, with the edges sorted by receiver (as every batch built here is), one program per
 receiver reads its run of pre rows in blocks (every head's at once), normalises them in registers and adds
-them up: the forward writes one [C] row per node and nothing per edge. The backward program
+them up: the forward writes one [H, C] row per node and nothing per edge. The backward program
 reads d out's row once, recomputes the run's LayerNorm, writes d pre per edge and keeps the
 parameter gradients' sums (d scale, d bias, d b0) in registers, written once per program. The
 summation order is fixed (deterministic, unlike the scatter-add). A padding edge (w = 0) adds
@@ -199,7 +199,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def fused_message_sum(pre, b0, scale, bias, weight, receivers, n_node: int, opts: KernelOptions = KernelOptions()):
     """`message_sum_reference` as the kernel pair: float32 [N, H, C] from pre [E, H, C] (any float
     dtype), b0 / scale / bias [C], weight [E] (each edge's count; 0 drops the edge) and receivers
-    [E] sorted ascending (ids >= n_node count nowhere). One program per receiver (its heads' rows
+    [E] sorted ascending (ids >= n_node count nowhere). The weights are data (edge counts), not
+    differentiated: their cotangent is zero. One program per receiver (its heads' rows
     loaded side by side); `opts.block_edges` edges per load; forward `opts.num_warps`, backward
     the backward warps."""
     n_edge, heads, c = pre.shape

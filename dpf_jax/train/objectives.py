@@ -46,22 +46,27 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
 
 
 def resolved_edge_kernel(model_cfg: ml_collections.ConfigDict) -> str:
-    """`model.edge_kernel` as the encoder runs it on this backend ("auto" resolved by
-    `layers.resolve_edge_kernel` from the encoder's own settings and defaults)."""
+    """`model.edge_kernel` as the encoder runs it on this backend, for logs and reports: a named
+    kernel as named; "auto" resolved by `layers.resolve_edge_kernel` from the encoder's own
+    settings and defaults, and where that depends on each padded budget (a GPU), the rule
+    (`layers.describe_auto_edge_kernel`)."""
     kw = model_kwargs(model_cfg, None)
-    return resolve_edge_kernel(kw["edge_kernel"], kw["formulation"], kw["channels"], kw["remat"])
+    kernel = resolve_edge_kernel(kw["edge_kernel"], kw["formulation"], kw["channels"], kw["remat"])
+    return describe_auto_edge_kernel(kernel) if kw["edge_kernel"] == "auto" else kernel
 
 
 def describe_compute(model_cfg: ml_collections.ConfigDict) -> str:
     """The compute settings a run's log states: matmul precision and the edge kernel as it runs,
-    e.g. "precision default, edge kernel pallas_gate_rows-16x8-sorted-sum; ... (model.edge_kernel=auto)"."""
-    name, kernel = model_cfg.get("edge_kernel", "auto"), resolved_edge_kernel(model_cfg)
-    how = f" (model.edge_kernel={name})" if kernel != name else ""
-    kernel = describe_auto_edge_kernel(kernel) if name == "auto" else kernel
+    e.g. "precision default, edge kernel pallas_gate_rows-16x8-sorted-sum per padded budget: ...
+    (model.edge_kernel=auto), lin_edge folded into e @ W3"."""
     kw = model_kwargs(model_cfg, None)
+    name = kw["edge_kernel"]
+    kernel = resolve_edge_kernel(name, kw["formulation"], kw["channels"], kw["remat"])
+    how = f" (model.edge_kernel={name})" if kernel != name else ""
     fold = resolve_fold_edge_weights(kw["fold_edge_weights"], kw["formulation"], kernel)
     folded = ", lin_edge folded into e @ W3" if fold else ""
-    return f"precision {model_cfg.get('precision', 'default')}, edge kernel {kernel}{how}{folded}"
+    return (f"precision {model_cfg.get('precision', 'default')}, edge kernel {resolved_edge_kernel(model_cfg)}"
+            f"{how}{folded}")
 
 
 @dataclasses.dataclass
