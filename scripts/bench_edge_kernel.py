@@ -4,7 +4,10 @@ inputs (`dpf_jax.model.edge_kernel`), `--family node` the gathers, e @ W3 and th
 the node tables (`dpf_jax.model.gather_kernel`), `--family gate` the gate alone on the gathered
 tables (`dpf_jax.model.gate_kernel`; forward 13 HC in, 3 HC out per edge; backward 16 HC in, 13 HC
 out), `--family gate_rows` the same gate reading the node tables' rows itself (forward 4 HC in,
-3 HC out; backward 7 HC in, 7 HC out; its xla variant is XLA's gathers fused into the gate).
+3 HC out; backward 7 HC in, 7 HC out; its xla variant is XLA's gathers fused into the gate),
+`--family message_sum` msg_layer_1, the edge weights and the receivers' sums
+(`dpf_jax.model.message_sum_kernel`; forward 1 HC in, backward 1 HC in and 1 HC out; N = E / 25
+receivers, the padding edges spread over the last 64 nodes as the batcher spreads them).
 
     python scripts/bench_edge_kernel.py                       # GPU: E = 46,080 edges (a B=256
                                                               # pre-training budget), H = 4, C = 128
@@ -43,14 +46,16 @@ from dpf_jax.model.edge_kernel import KernelOptions, edge_message_reference, fus
 from dpf_jax.model.gate_kernel import fused_gate, fused_gate_rows, gate_reference  # noqa: E402
 from dpf_jax.model.gate_recompute import gate_message_reference  # noqa: E402
 from dpf_jax.model.gather_kernel import fused_node_message, node_message_reference  # noqa: E402
+from dpf_jax.model.message_sum_kernel import fused_message_sum, message_sum_reference  # noqa: E402
 
 DIFF = (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11)
 NODE_DIFF = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12)
 GATE_DIFF = (0, 1, 2, 3, 5, 6)
 ROWS_DIFF = (0, 1, 2, 3, 7, 8)
+SUM_DIFF = (0, 1, 2, 3)
 # floats per edge, in units of HC = heads x channels, that each family's kernels must move:
 # (forward, forward + backward)
-KERNEL_HC = {"chain": (8, 8 + 19), "gate": (16, 16 + 29), "gate_rows": (7, 7 + 14)}
+KERNEL_HC = {"chain": (8, 8 + 19), "gate": (16, 16 + 29), "gate_rows": (7, 7 + 14), "message_sum": (1, 1 + 2)}
 EDGES_PER_NODE = 25  # the reference graphs' average (PERF_NOTES.md)
 
 
@@ -82,6 +87,35 @@ def make_rows_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
     rt, st, e, recv, send, mask, _w3, g1, b1, *_ = make_node_inputs(n_edge, heads, c, seed)
     ew3 = make_inputs(n_edge, heads, c, seed)[4]  # its upd [E, H, 3C], as the gate family's e @ W3
     return (rt, st, ew3, e, recv, send, mask, g1, b1)
+
+
+def make_sum_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
+    """msg_layer_0's output pre [E, H, C], b0, LayerNorm scale and bias, edge counts (1-2; 0 on the
+    last 5%, the padding edges, which point at the last 64 of N = E / 25 nodes, spread as the
+    batcher spreads them) and sorted receivers: the arguments of `fused_message_sum` but N."""
+    n_node = _sum_nodes(n_edge)
+    n_real = int(0.95 * n_edge)
+    ks = jax.random.split(jax.random.PRNGKey(seed + 2), 6)
+    pad_nodes = min(64, n_node)
+    recv = jnp.concatenate([jnp.sort(jax.random.randint(ks[0], (n_real,), 0, max(1, n_node - pad_nodes))),
+                            n_node - pad_nodes + jnp.arange(n_edge - n_real) * pad_nodes // max(1, n_edge - n_real)])
+    weight = jnp.where(jnp.arange(n_edge) < n_real, jax.random.randint(ks[1], (n_edge,), 1, 3), 0).astype(jnp.float32)
+    pre = 2.0 * jax.random.normal(ks[2], (n_edge, heads, c)) + 0.3
+    b0, scale, bias = (0.1 * jax.random.normal(k, (c,)) + base for k, base in zip(ks[3:], (0.0, 1.0, 0.0)))
+    return (pre, b0, scale, bias, weight, recv.astype(jnp.int32))
+
+
+def _sum_nodes(n_edge: int) -> int:
+    return max(1, n_edge // EDGES_PER_NODE)
+
+
+def _message_sum(*a, opts):
+    return fused_message_sum(*a, _sum_nodes(a[0].shape[0]), opts)
+
+
+def _sum_reference(*a, precision=None):
+    del precision  # no matmuls
+    return message_sum_reference(*a, _sum_nodes(a[0].shape[0]))
 
 
 def _rows_reference(*a, precision=None):
@@ -122,13 +156,14 @@ def main(argv=None) -> dict:
                    help="edges-per-program x warps [x backward warps], then any flags of the family's kernel "
                         "(e.g. 16x8-sorted, 16x8x4-sorted-runs for gate_rows)")
     p.add_argument("--precision", choices=["default", "highest"], default="default")
-    p.add_argument("--family", nargs="+", choices=["chain", "node", "gate", "gate_rows"],
-                   default=["chain", "node", "gate", "gate_rows"],
+    p.add_argument("--family", nargs="+", choices=["chain", "node", "gate", "gate_rows", "message_sum"],
+                   default=["chain", "node", "gate", "gate_rows", "message_sum"],
                    help="chain: the per-edge chain on gathered inputs (edge_kernel 'pallas'); node: gathers "
                         "+ e@W3 + chain from node tables (edge_kernel 'pallas_node', N = E / 25); gate: the "
                         "gate alone on the gathered tables (edge_kernel 'pallas_gate'); gate_rows: the "
                         "gate from the node tables, gathering rows itself (edge_kernel 'pallas_gate_rows'; "
-                        "its xla variant: XLA's gathers fused into the gate)")
+                        "its xla variant: XLA's gathers fused into the gate); message_sum: msg_layer_1, "
+                        "the edge weights and the receiver sums (the '-sum' kernel pair, N = E / 25)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes, Pallas interpreter")
     p.add_argument("--out", default="scripts/results/bench_edge_kernel.json")
@@ -145,7 +180,8 @@ def main(argv=None) -> dict:
         "chain": (make_inputs, edge_message_reference, fused_edge_message, "pallas", DIFF),
         "node": (make_node_inputs, node_message_reference, fused_node_message, "pallas_node", NODE_DIFF),
         "gate": (make_gate_inputs, _gate_reference, fused_gate, "pallas_gate", GATE_DIFF),
-        "gate_rows": (make_rows_inputs, _rows_reference, fused_gate_rows, "pallas_gate_rows", ROWS_DIFF)}
+        "gate_rows": (make_rows_inputs, _rows_reference, fused_gate_rows, "pallas_gate_rows", ROWS_DIFF),
+        "message_sum": (make_sum_inputs, _sum_reference, _message_sum, "message_sum", SUM_DIFF)}
     for n_edge, family in [(n, f) for n in args.edges for f in args.family]:
         make, reference, fused, kernel_name, diff = families[family]
         inputs = make(n_edge, args.heads, args.channels)
@@ -155,8 +191,8 @@ def main(argv=None) -> dict:
         ref_y = jax.jit(exact)(*inputs)
         ref_g = jax.jit(jax.grad(lambda *a: jnp.sum(exact(*a) ** 2), argnums=diff))(*inputs)
         for tile in args.tiles:
-            opts = KernelOptions.parse(f"{kernel_name}-{tile}", allow_tf32=not highest,
-                                       interpret=True if args.small else None)
+            spec = f"{kernel_name}-{tile}" if family != "message_sum" else f"pallas_gate_rows-{tile}"
+            opts = KernelOptions.parse(spec, allow_tf32=not highest, interpret=True if args.small else None)
             variants[f"{kernel_name}-{tile}"] = lambda *a, o=opts, f=fused: f(*a, opts=o)
         for name, fn in variants.items():
             row = {"edges": n_edge, "variant": name, "family": family}

@@ -301,7 +301,8 @@ def test_bench_edge_kernel_script_runs(tmp_path):
     report = bench_edge_kernel.main(["--small", "--out", str(tmp_path / "b.json")])
     rows = {r["variant"]: r for r in report["results"]}
     assert set(rows) == {"xla (chain)", "pallas-32x4", "xla (node)", "pallas_node-32x4",
-                         "xla (gate)", "pallas_gate-32x4", "xla (gate_rows)", "pallas_gate_rows-32x4"}
+                         "xla (gate)", "pallas_gate-32x4", "xla (gate_rows)", "pallas_gate_rows-32x4",
+                         "xla (message_sum)", "message_sum-32x4"}
     for r in rows.values():
         assert "error" not in r and r["forward_ms"] > 0 and r["train_ms"] > 0
         assert r["max_abs_err_forward"] < 1e-3 and r["max_rel_err_grads"] < 1e-3
