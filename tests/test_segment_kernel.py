@@ -10,7 +10,7 @@ import pytest
 from conftest import lower_for_gpu
 
 from dpf_jax.model.edge_kernel import KernelOptions
-from dpf_jax.model.segment_kernel import (segment_bounds, segment_rows, segment_rows_reference,
+from dpf_jax.model.segment_kernel import (run_bounds, segment_bounds, segment_rows, segment_rows_reference,
                                           sort_order)
 
 
@@ -49,6 +49,12 @@ def test_sums_over_sorted_receivers_and_over_senders_through_their_order(block):
 def test_bounds_order_and_reference():
     ids = jnp.asarray([2, 0, 2, 4, 0, 2], jnp.int32)
     np.testing.assert_array_equal(segment_bounds(ids, 6), [0, 2, 2, 5, 5, 6, 6])
+    # runs of sorted ids for one program per node; the last node's end reaches the last edge,
+    # past the ids beyond the table (7, 9)
+    start, stop, end = run_bounds(jnp.asarray([0, 0, 2, 2, 2, 4, 7, 9], jnp.int32), 6)
+    np.testing.assert_array_equal(start, [0, 2, 2, 5, 5, 6])
+    np.testing.assert_array_equal(stop, [2, 2, 5, 5, 6, 6])
+    np.testing.assert_array_equal(end, [2, 2, 5, 5, 6, 8])
     np.testing.assert_array_equal(sort_order(ids), [1, 4, 0, 2, 5, 3])  # stable
     part = jnp.arange(6, dtype=jnp.float32).reshape(6, 1, 1) + 1
     ref, = segment_rows_reference([part], sort_order(ids), segment_bounds(ids, 6))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from dpf_jax.model.edge_kernel import (BlockTiles, KernelOptions, _alpha_stats, _chunk, _compiler_params, _dot,
                                        _gate, _make_varying, _masked, _out_struct, _pad_edges, _varying_axes)
 from dpf_jax.model.gate_recompute import gate_message_reference, gate_reference  # the kernels' jax.numpy twins
-from dpf_jax.model.segment_kernel import segment_bounds, segment_rows, sort_order
+from dpf_jax.model.segment_kernel import run_bounds, segment_bounds, segment_rows, sort_order
 
 
 class TableTiles(BlockTiles):
@@ -581,9 +581,7 @@ def _rows_backward_runs(args, dm, opts):
     n_edge = e.shape[0]
     f32 = jnp.float32
     masked = not opts.resolved_interpret()
-    bounds = segment_bounds(recv, n_node)
-    stop = bounds[1:]
-    end = stop.at[-1].set(n_edge)  # the last receiver's program also writes any tail (defensive, see the kernel)
+    start, stop, end = run_bounds(recv, n_node)  # end: the last receiver's program also writes any tail
     rows_out = n_edge + (not masked)  # the interpreter's scratch row (see `_store_edge_rows`)
     sds = functools.partial(_out_struct, dm)
     whole = lambda shape: pl.BlockSpec(shape, lambda n, h: (0,) * len(shape))  # noqa: E731
@@ -601,7 +599,7 @@ def _rows_backward_runs(args, dm, opts):
         + [pl.BlockSpec((None, None, 5 * c), lambda n, h: (n, h, 0)), _partials_spec(c)],
         out_shape=out_shape, compiler_params=_compiler_params(opts, backward=True),
         interpret=opts.resolved_interpret(), name="edge_gate_rows_bwd_runs",
-    )(bounds[:-1], stop, end, *inputs, g1, b1, dm)
+    )(start, stop, end, *inputs, g1, b1, dm)
     if not masked:
         dupd, dk, de = dupd[:n_edge], dk[:n_edge], de[:n_edge]
     return _rows_cotangents(args, d_rt, _sender_sums(dk, dupd, send, st.shape[0], c, opts), dupd, de, part)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from dpf_jax.model.edge_kernel import EPS, KernelOptions, _compiler_params, _out_struct
 from dpf_jax.model.gate_kernel import _call_fused, _store_edge_rows
-from dpf_jax.model.segment_kernel import segment_bounds
+from dpf_jax.model.segment_kernel import run_bounds
 
 
 def message_sum_reference(pre, b0, scale, bias, weight, receivers, n_node: int):
@@ -68,11 +68,11 @@ def _fwd_kernel(start_ref, stop_ref, pre_ref, w_ref, b0_ref, g_ref, b_ref, out_r
 
     def add_block(i, sums):
         pos = start + i * be + lane
-        w = jnp.where(pos < stop, w_ref[jnp.minimum(pos, n_rows - 1)], 0.0)
-        pos = jnp.minimum(pos, n_rows - 1)
+        row = jnp.minimum(pos, n_rows - 1)  # a valid row to load; past the run its weight is 0
+        w = jnp.where(pos < stop, w_ref[row], 0.0)
         out = []
         for h, acc in enumerate(sums):  # the heads' loads are independent: all in flight at once
-            xhat, _ = _normalised(pre_ref, b0, pos, h, c)
+            xhat, _ = _normalised(pre_ref, b0, row, h, c)
             y = (xhat * g[None, :] + b[None, :]) * w[:, None]
             out.append(acc + jnp.sum(jnp.where(w[:, None] != 0, y, 0.0), axis=0))
         return tuple(out)
@@ -97,18 +97,18 @@ def _bwd_kernel(start_ref, stop_ref, end_ref, pre_ref, w_ref, b0_ref, g_ref, b_r
 
     def add_block(i, sums):
         pos = start + i * be + lane
-        inside = pos < end
-        w = jnp.where(pos < stop, w_ref[jnp.minimum(pos, n_rows - 1)], 0.0)
-        pos = jnp.minimum(pos, n_rows - 1)
+        inside = pos < end  # the rows of d pre this block writes
+        row = jnp.minimum(pos, n_rows - 1)  # a valid row to load; past the run its weight is 0
+        w = jnp.where(pos < stop, w_ref[row], 0.0)
         keep = w[:, None] != 0
         for h, dout in enumerate(douts):
-            xhat, rstd = _normalised(pre_ref, b0, pos, h, c)
+            xhat, rstd = _normalised(pre_ref, b0, row, h, c)
             dy = jnp.where(keep, w[:, None] * dout[None, :], 0.0)
             dxhat = dy * g[None, :]
             dx = rstd[:, None] * (dxhat - jnp.mean(dxhat, axis=1)[:, None]
                                   - xhat * jnp.mean(dxhat * xhat, axis=1)[:, None])
             dx = jnp.where(keep, dx, 0.0)
-            _store_edge_rows(dpre_ref, pos, inside, h, 0, dx, c, masked)
+            _store_edge_rows(dpre_ref, row, inside, h, 0, dx, c, masked)
             block = (jnp.where(keep, dy * xhat, 0.0), dy, dx)
             sums = tuple(s + jnp.sum(x, axis=0) for s, x in zip(sums, block))
         return sums
@@ -118,12 +118,6 @@ def _bwd_kernel(start_ref, stop_ref, end_ref, pre_ref, w_ref, b0_ref, g_ref, b_r
     for k in range(3):
         part_ref[k, pl.ds(0, c)] = sums[k]
     part_ref[3, pl.ds(0, c)] = jnp.zeros((c,), jnp.float32)  # padding row (Triton wants 2^k rows)
-
-
-def _bounds(receivers, n_node, n_edge):
-    bounds = segment_bounds(receivers, n_node)
-    stop = bounds[1:]
-    return bounds[:-1], stop, stop.at[-1].set(n_edge)  # end: the last program also covers any tail
 
 
 def _call(kernel, name, inputs, n_scalars, out_shape, out_specs, opts, *, backward):
@@ -153,7 +147,7 @@ def _node_spec(shape):
 def _forward(args, n_node, opts):
     pre, b0, scale, bias, weight, receivers = args
     n_edge, heads, c = pre.shape
-    start, stop, _ = _bounds(receivers, n_node, n_edge)
+    start, stop, _ = run_bounds(receivers, n_node)
     kernel = functools.partial(_fwd_kernel, c=c, heads=heads, be=opts.block_edges, n_rows=n_edge)
     out_shape = [_out_struct(pre, (n_node, heads, c), jnp.float32)]
     out, = _call(kernel, "message_sum_fwd", [start, stop, pre, weight, b0, scale, bias], 2, out_shape,
@@ -172,7 +166,7 @@ def _backward(args, dout, n_node, opts):
     out_shape = [sds((rows_out, heads, c), jnp.float32), sds((n_node, 4, c), jnp.float32)]
     out_specs = [pl.BlockSpec((rows_out, heads, c), lambda n: (0, 0, 0)), _node_spec((4, c))]
     kernel = functools.partial(_bwd_kernel, c=c, heads=heads, be=opts.block_edges, n_rows=n_edge, masked=masked)
-    dpre, part = _call(kernel, "message_sum_bwd", [*_bounds(receivers, n_node, n_edge), pre, weight, b0, scale, bias,
+    dpre, part = _call(kernel, "message_sum_bwd", [*run_bounds(receivers, n_node), pre, weight, b0, scale, bias,
                                                    dout], 3, out_shape, out_specs, opts, backward=True)
     part = part.sum(axis=0)  # the programs' sums: d scale, d bias, d b0
     return (dpre[:n_edge].astype(pre.dtype), part[2].astype(b0.dtype), part[0].astype(scale.dtype),

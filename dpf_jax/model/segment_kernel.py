@@ -33,6 +33,16 @@ def segment_bounds(node_of_edge, n_node: int):
     return jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
 
 
+def run_bounds(node_of_edge, n_node: int):
+    """(start, stop, end), each [n_node] int32, for kernels with one program per node over its run
+    of edges (`node_of_edge` sorted): node n's run is start[n]:stop[n] (`segment_bounds`), and
+    end = stop except that the last node's reaches the last edge, so its program also covers any
+    tail of edges whose node is past the table (every per-edge output gets written)."""
+    bounds = segment_bounds(node_of_edge, n_node)
+    stop = bounds[1:]
+    return bounds[:-1], stop, stop.at[-1].set(node_of_edge.shape[0])
+
+
 def sort_order(node_of_edge):
     """Edge positions in ascending node order (stable: a node's edges keep their order)."""
     return jnp.argsort(node_of_edge, stable=True).astype(jnp.int32)
