@@ -289,6 +289,32 @@ def test_kernel_options_from_config_string():
         fused_edge_message(*random_args(32, 1, 16), opts=KernelOptions(block_edges=24))
 
 
+def test_kernel_registers_script_lowers_every_kernel_with_its_warps(tmp_path):
+    """scripts/kernel_registers.py, its CPU part: the Triton IR of every kernel of a tile, with the
+    warps the tile gives it (forward 8, backward-pass kernels 4 for "16x8x4"), written per kernel.
+    (Compiling the IR needs the `triton` package, which the test environment does not install.)"""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import kernel_registers
+
+    report = kernel_registers.main(["--ir-only", "--edges", "256", "--tiles", "16x8x4-sorted-runs-sum", "16x4-sorted",
+                                    "--ir-dir", str(tmp_path)])
+    warps = {(r["tile"], r["kernel"]): r["num_warps"] for r in report["results"]}
+    assert warps == {("16x8x4-sorted-runs-sum", "edge_gate_rows_fwd"): 8,
+                     ("16x8x4-sorted-runs-sum", "edge_gate_rows_bwd_runs"): 4,
+                     ("16x8x4-sorted-runs-sum", "segment_rows"): 4,
+                     ("16x8x4-sorted-runs-sum", "message_sum_fwd"): 8,
+                     ("16x8x4-sorted-runs-sum", "message_sum_bwd"): 4,
+                     ("16x4-sorted", "edge_gate_rows_fwd"): 4, ("16x4-sorted", "edge_gate_rows_bwd"): 4,
+                     ("16x4-sorted", "segment_rows"): 4}
+    runs = (tmp_path / "16x8x4-sorted-runs-sum_edge_gate_rows_bwd_runs.ttir").read_text()
+    assert "tt.func public @edge_gate_rows_bwd_runs" in runs and "scf.for" in runs  # the loop over the run
+    assert "scf.for" not in (tmp_path / "16x4-sorted_edge_gate_rows_bwd.ttir").read_text()  # one block a program
+
+
 def test_bench_edge_kernel_script_runs(tmp_path):
     """scripts/bench_edge_kernel.py (kernel-level timing on the GPU), CPU smoke run."""
     import sys

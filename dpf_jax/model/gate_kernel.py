@@ -92,13 +92,23 @@ def _fwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, m_ref, *
     _gate_forward(TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv, keep), mask_ref, g1_ref, b1_ref, m_ref, c)
 
 
-def _gate_backward(t, mask, g1_ref, b1_ref, load_dm, c, inv, store_dupd):
-    """The gate's backward on one block of edges: d_upd (handed to `store_dupd(kk, d_upd)` chunk by
-    chunk), then returned: the gradients of q_i, (qk)_ii, k_j and e through alpha = [qk | q*k | q*e]
-    * inv, and the LayerNorm parameters' sums over the block (six [C] rows: d ln1 scale per C
-    chunk, then d ln1 bias per chunk; `_store_partials` writes them). mask: the block's [BE] edge
-    mask; load_dm(kk): chunk kk of d m, [BE, C]. Every per-edge value is masked (a padding edge
-    holding inf/NaN gets exactly 0)."""
+def _gate_backward(t, mask, g1_ref, b1_ref, load_dm, c, inv, store_dupd, store_grad):
+    """The gate's backward on one block of edges. Hands over each per-edge gradient as soon as it
+    is formed: d_upd chunk by chunk to `store_dupd(kk, d_upd)`, then through alpha = [qk | q*k |
+    q*e] * inv the gradients of (qk)_ii, k_j, e and q_i to `store_grad(name, x)` with name "qk",
+    "k", "e", "q" (in that order). Returns the LayerNorm parameters' sums over the block (six [C]
+    rows: d ln1 scale per C chunk, then d ln1 bias per chunk; `_store_partials` writes them).
+    mask: the block's [BE] edge mask; load_dm(kk): chunk kk of d m, [BE, C]. Every per-edge value
+    is masked (a padding edge holding inf/NaN gets exactly 0).
+
+    Why hand them over instead of returning them: the LayerNorm backward needs the three chunks'
+    d ahat alive until their row means are known; holding d alpha's three chunks and q, k, e on
+    top until the end made the receiver-run kernel spill more (session 26: 255 registers per
+    thread, 12.5% occupancy on an H100). Emitted one chunk at a time, each tile dies at once:
+    spills 92 -> 60 bytes per thread (`scripts/kernel_registers.py`), the kernel pair with its
+    segment kernel 3.06 -> 2.97 ms alone at 81,920 edges (one H100; 2.62 -> 2.58 on an H200),
+    the training step unchanged (23.19 -> 23.17 ms). Same operations on the same values, so the
+    same numbers."""
     masked = lambda x: jnp.where(mask[:, None] != 0, x, 0.0)  # noqa: E731 - as edge_kernel._masked
     mu, rstd = _alpha_stats(t, c)
     dahat, scale_sums, bias_sums, m1, m2 = [], [], [], 0.0, 0.0
@@ -108,21 +118,27 @@ def _gate_backward(t, mask, g1_ref, b1_ref, load_dm, c, inv, store_dupd):
         dm = masked(load_dm(kk).astype(jnp.float32))
         store_dupd(kk, masked(dm * g))
         sg = masked(dm * t.upd(kk) * g * (1.0 - g))  # d(pre-sigmoid)
+        dah = sg * _chunk(g1_ref, kk, c)[None, :]
         scale_sums.append(jnp.sum(masked(sg * ahat), axis=0))
         bias_sums.append(jnp.sum(sg, axis=0))
-        dah = sg * _chunk(g1_ref, kk, c)[None, :]
         m1 = m1 + jnp.sum(dah, axis=1)
         m2 = m2 + jnp.sum(masked(dah * ahat), axis=1)
         dahat.append(dah)
     m1, m2 = m1 / (3 * c), m2 / (3 * c)
-    da = []
-    for kk in range(3):  # LayerNorm_3C backward, then alpha = [qk | q*k | q*e] * inv
-        ahat = (t.alpha(kk) - mu[:, None]) * rstd[:, None]
-        da.append(masked(rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv))
-    q, k, e = t.q(), t.k(), t.e()
-    d_q = masked(da[1] * k + da[2] * e)
-    # d q_i, d qk_ii, d k_j, d e, the LayerNorm parameters' block sums
-    return d_q, da[0], masked(da[1] * q), masked(da[2] * q), scale_sums + bias_sums
+    q, d_q = t.q(), None
+    for kk in range(3):  # LayerNorm_3C backward, then alpha = [qk | q*k | q*e] * inv, chunk by chunk
+        other = t.qk() if kk == 0 else (t.k() if kk == 1 else t.e())
+        alpha = other * inv if kk == 0 else q * other * inv
+        ahat = (alpha - mu[:, None]) * rstd[:, None]
+        da = masked(rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv)
+        dahat[kk] = None  # its last use
+        if kk == 0:
+            store_grad("qk", da)
+            continue
+        store_grad("k" if kk == 1 else "e", masked(da * q))
+        d_q = da * other if d_q is None else d_q + da * other
+    store_grad("q", masked(d_q))
+    return scale_sums + bias_sums
 
 
 def _store_partials(part_ref, sums, c):
@@ -152,14 +168,16 @@ def _bwd_kernel(r_ref, s_ref, ew3_ref, e_ref, mask_ref, g1_ref, b1_ref, dm_ref,
         ds_ref[:, pl.ds((1 + kk) * c, c)] = dupd.astype(ds_ref.dtype)
         dew3_ref[:, pl.ds(kk * c, c)] = dupd.astype(dew3_ref.dtype)
 
+    def store_grad(name, x):  # d q and d qk: the receiver rows' first two chunks, d k the sender rows'
+        ref, col = {"q": (dr_ref, 0), "qk": (dr_ref, c), "k": (ds_ref, 0), "e": (de_ref, None)}[name]
+        if col is None:
+            ref[...] = x.astype(ref.dtype)
+        else:
+            ref[:, pl.ds(col, c)] = x.astype(ref.dtype)
+
     t = TableTiles(r_ref, s_ref, ew3_ref, e_ref, c, inv, keep)
-    d_q, d_qk, d_k, d_e, sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv,
-                                               store_dupd)
+    sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv, store_dupd, store_grad)
     _store_partials(part_ref, sums, c)
-    dr_ref[:, pl.ds(0, c)] = d_q.astype(dr_ref.dtype)
-    dr_ref[:, pl.ds(c, c)] = d_qk.astype(dr_ref.dtype)
-    ds_ref[:, pl.ds(0, c)] = d_k.astype(ds_ref.dtype)
-    de_ref[...] = d_e.astype(de_ref.dtype)
 
 
 def _block_specs(c, be):
@@ -329,11 +347,13 @@ def _rows_bwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_re
     def store_dupd(kk, dupd):
         dupd_ref[:, pl.ds(kk * c, c)] = dupd.astype(dupd_ref.dtype)
 
+    def store_grad(name, x):
+        ref = {"q": dq_ref, "qk": dqk_ref, "k": dk_ref, "e": de_ref}[name]
+        ref[...] = x.astype(ref.dtype)
+
     t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
-    *grads, sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv, store_dupd)
+    sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv, store_dupd, store_grad)
     _store_partials(part_ref, sums, c)
-    for ref, g in zip((dq_ref, dqk_ref, dk_ref, de_ref), grads):
-        ref[...] = g.astype(ref.dtype)
 
 
 def _block_sums(rows, be):
@@ -393,13 +413,14 @@ def _rows_bwd_atomic_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_re
         add_r((2 + kk) * c, dupd)
         add_s((1 + kk) * c, dupd)
 
-    d_q, d_qk, d_k, d_e, sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv,
-                                               store_dupd)
+    def store_grad(name, x):  # d q, d qk: the receiver rows' first two chunks; d k the sender rows'
+        if name == "e":
+            de_ref[...] = x.astype(de_ref.dtype)
+        else:
+            (add_s if name == "k" else add_r)(c if name == "qk" else 0, x)
+
+    sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv, store_dupd, store_grad)
     _store_partials(part_ref, sums, c)
-    add_r(0, d_q)
-    add_r(c, d_qk)
-    add_s(0, d_k)
-    de_ref[...] = d_e.astype(de_ref.dtype)
 
 
 def _full(shape):
@@ -551,17 +572,21 @@ def _rows_bwd_runs_kernel(start_ref, stop_ref, end_ref, send_ref, mask_ref, rt_r
         mask = jnp.where(in_run, mask_ref[pos], 0.0)
         t = RunTiles(recv_chunks, st_ref, ew3_ref, e_ref, send_ref[pos], pos, h, c, inv)
         store = lambda ref, col, x: _store_edge_rows(ref, pos, inside, h, col, x, c, masked)  # noqa: E731
-        upd_sums = []
+        upd_sums, recv_sums = [], {}
 
         def store_dupd(kk, dupd):
             store(dupd_ref, kk * c, dupd)
             upd_sums.append(jnp.sum(dupd, axis=0))
 
-        d_q, d_qk, d_k, d_e, ln_sums = _gate_backward(
-            t, mask, g1_ref, b1_ref, lambda kk: dm_ref[pos, h, pl.ds(kk * c, c)], c, inv, store_dupd)
-        store(dk_ref, 0, d_k)
-        store(de_ref, 0, d_e)
-        block = [jnp.sum(d_q, axis=0), jnp.sum(d_qk, axis=0), *upd_sums, *ln_sums]
+        def store_grad(name, x):  # d k, d e per edge; d q, d qk summed over the run
+            if name in ("k", "e"):
+                store(dk_ref if name == "k" else de_ref, 0, x)
+            else:
+                recv_sums[name] = jnp.sum(x, axis=0)
+
+        ln_sums = _gate_backward(t, mask, g1_ref, b1_ref, lambda kk: dm_ref[pos, h, pl.ds(kk * c, c)], c, inv,
+                                 store_dupd, store_grad)
+        block = [recv_sums["q"], recv_sums["qk"], *upd_sums, *ln_sums]
         return tuple(a + b for a, b in zip(sums, block))
 
     n_blocks = (end - start + be - 1) // be
