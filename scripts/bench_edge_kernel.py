@@ -13,6 +13,13 @@ receivers, the padding edges spread over the last 64 nodes as the batcher spread
                                                               # pre-training budget), H = 4, C = 128
     python scripts/bench_edge_kernel.py --tiles 32x4 16x8 64x8 --edges 46080 81920
     python scripts/bench_edge_kernel.py --small               # CPU smoke run (interpreter, tiny)
+    python scripts/bench_train.py --synthetic --models finetune --batch-sizes 256 --num-devices 1 \
+        --dump-npz batches.npz                                # then the training step's own graphs:
+    python scripts/bench_edge_kernel.py --family gate_rows message_sum --graphs-npz batches.npz
+
+Random receivers (N = E / 25) are not the synthetic batches' structure (29 edges per node, runs of
+varying length); in session 26 a 3% kernel-level gain on random graphs was 0.1% in the step
+(whether the structure is why was not checked), hence `--graphs-npz`.
 
 Inputs are random with the chain's real shapes (qk, q, k, e [E, H, C]; upd [E, H, 3C]; 5% of
 edges masked as padding). Reported per variant: median ms of `jit(forward)` and of
@@ -27,10 +34,12 @@ check that the kernels the GPU compiled compute the right thing. Writes JSON (`-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +68,41 @@ KERNEL_HC = {"chain": (8, 8 + 19), "gate": (16, 16 + 29), "gate_rows": (7, 7 + 1
 EDGES_PER_NODE = 25  # the reference graphs' average (PERF_NOTES.md)
 
 
-def make_node_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
-    """Node tables and edge indices for the gather kernel: N = E / 25 nodes, receivers sorted."""
-    n_node = max(1, n_edge // EDGES_PER_NODE)
+class GraphStructure(NamedTuple):
+    """A padded batch's edge structure: receivers (sorted), senders, each edge's count (0: a
+    padding edge) and the node budget."""
+
+    receivers: np.ndarray
+    senders: np.ndarray
+    weight: np.ndarray
+    n_node: int
+
+
+def load_graph(path: str, which: str | None = None) -> GraphStructure:
+    """The structure of one batch that `bench_train.py --dump-npz` wrote (its real edges, all
+    device shares together), padded to the batch's budget (per device, times the devices) as the
+    batcher pads: the padding edges at the end, spread over the padding nodes, weight 0.
+    `which`: "<group>/<index>" (default: the first batch in the file)."""
+    data = np.load(path)
+    batches = sorted({k.rsplit("/", 1)[0] for k in data.files})
+    which = which or batches[0]
+    if which not in batches:
+        raise ValueError(f"{path}: no batch {which!r}; it holds {batches}")
+    get = lambda k: data[f"{which}/{k}"]  # noqa: E731
+    devices, (n_node_dev, n_edge_dev) = int(get("num_devices")), (int(x) for x in get("budget")[:2])
+    n_node, n_edge = devices * n_node_dev, devices * n_edge_dev
+    n_real_nodes, recv = int(get("n_node").sum()), get("receivers").astype(np.int32)
+    n_pad, pad_nodes = n_edge - len(recv), max(1, n_node - n_real_nodes)
+    pad = (min(n_real_nodes, n_node - 1) + np.arange(n_pad) * pad_nodes // max(1, n_pad)).astype(np.int32)
+    weight = np.concatenate([get("edge_count").astype(np.float32), np.zeros(n_pad, np.float32)])
+    return GraphStructure(np.concatenate([recv, pad]), np.concatenate([get("senders").astype(np.int32), pad]),
+                          weight, n_node)
+
+
+def make_node_inputs(n_edge: int, heads: int, c: int, seed: int = 0, graph: GraphStructure | None = None):
+    """Node tables and edge indices for the gather kernel: N = E / 25 nodes, receivers sorted (or
+    `graph`'s nodes, edges and mask)."""
+    n_node = max(1, n_edge // EDGES_PER_NODE) if graph is None else graph.n_node
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
     rt = jax.random.normal(ks[0], (n_node, heads, 5 * c))
     st = jax.random.normal(ks[1], (n_node, heads, 4 * c))
@@ -69,6 +110,8 @@ def make_node_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
     send = jax.random.randint(ks[3], (n_edge,), 0, n_node)
     w3 = jax.random.normal(ks[4], (c, 3 * c)) / np.sqrt(c)
     qk, q, k, e, upd, mask, *params = make_inputs(n_edge, heads, c, seed)
+    if graph is not None:
+        recv, send, mask = jnp.asarray(graph.receivers), jnp.asarray(graph.senders), jnp.asarray(graph.weight > 0)
     return (rt, st, e, recv, send, mask, w3, *params)
 
 
@@ -81,18 +124,19 @@ def make_gate_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
     return (r, s, upd, e, mask, g1, b1)
 
 
-def make_rows_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
+def make_rows_inputs(n_edge: int, heads: int, c: int, seed: int = 0, graph: GraphStructure | None = None):
     """Node tables [N, H, 5C] / [N, H, 4C] (N = E / 25), e @ W3, e, sorted receivers, senders,
     mask, LayerNorm params: the arguments of `gate_message_reference` / `fused_gate_rows`."""
-    rt, st, e, recv, send, mask, _w3, g1, b1, *_ = make_node_inputs(n_edge, heads, c, seed)
+    rt, st, e, recv, send, mask, _w3, g1, b1, *_ = make_node_inputs(n_edge, heads, c, seed, graph)
     ew3 = make_inputs(n_edge, heads, c, seed)[4]  # its upd [E, H, 3C], as the gate family's e @ W3
     return (rt, st, ew3, e, recv, send, mask, g1, b1)
 
 
-def make_sum_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
+def make_sum_inputs(n_edge: int, heads: int, c: int, seed: int = 0, graph: GraphStructure | None = None):
     """msg_layer_0's output pre [E, H, C], b0, LayerNorm scale and bias, edge counts (1-2; 0 on the
     last 5%, the padding edges, which point at the last 64 of N = E / 25 nodes, spread as the
-    batcher spreads them) and sorted receivers: the arguments of `fused_message_sum` but N."""
+    batcher spreads them) and sorted receivers: the arguments of `fused_message_sum` but N (or
+    `graph`'s receivers and counts)."""
     n_node = _sum_nodes(n_edge)
     n_real = int(0.95 * n_edge)
     ks = jax.random.split(jax.random.PRNGKey(seed + 2), 6)
@@ -102,6 +146,8 @@ def make_sum_inputs(n_edge: int, heads: int, c: int, seed: int = 0):
     weight = jnp.where(jnp.arange(n_edge) < n_real, jax.random.randint(ks[1], (n_edge,), 1, 3), 0).astype(jnp.float32)
     pre = 2.0 * jax.random.normal(ks[2], (n_edge, heads, c)) + 0.3
     b0, scale, bias = (0.1 * jax.random.normal(k, (c,)) + base for k, base in zip(ks[3:], (0.0, 1.0, 0.0)))
+    if graph is not None:
+        recv, weight = jnp.asarray(graph.receivers), jnp.asarray(graph.weight)
     return (pre, b0, scale, bias, weight, recv.astype(jnp.int32))
 
 
@@ -109,13 +155,13 @@ def _sum_nodes(n_edge: int) -> int:
     return max(1, n_edge // EDGES_PER_NODE)
 
 
-def _message_sum(*a, opts):
-    return fused_message_sum(*a, _sum_nodes(a[0].shape[0]), opts)
+def _message_sum(*a, opts, n_node=None):
+    return fused_message_sum(*a, n_node or _sum_nodes(a[0].shape[0]), opts)
 
 
-def _sum_reference(*a, precision=None):
+def _sum_reference(*a, precision=None, n_node=None):
     del precision  # no matmuls
-    return message_sum_reference(*a, _sum_nodes(a[0].shape[0]))
+    return message_sum_reference(*a, n_node or _sum_nodes(a[0].shape[0]))
 
 
 def _rows_reference(*a, precision=None):
@@ -164,6 +210,12 @@ def main(argv=None) -> dict:
                         "gate from the node tables, gathering rows itself (edge_kernel 'pallas_gate_rows'; "
                         "its xla variant: XLA's gathers fused into the gate); message_sum: msg_layer_1, "
                         "the edge weights and the receiver sums (the '-sum' kernel pair, N = E / 25)")
+    p.add_argument("--graphs-npz", default=None,
+                   help="the node, gate_rows and message_sum families take their receivers, senders, edge counts "
+                        "and node and edge budgets from a batch that `bench_train.py --dump-npz` wrote (the "
+                        "training step's own structure) instead of random graphs; --edges is then that budget")
+    p.add_argument("--graph", default=None, help="with --graphs-npz: which batch, '<group>/<index>' (default: "
+                   "the first)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes, Pallas interpreter")
     p.add_argument("--out", default="scripts/results/bench_edge_kernel.json")
@@ -176,15 +228,24 @@ def main(argv=None) -> dict:
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "heads": args.heads,
               "channels": args.channels, "precision": args.precision, "results": []}
     hc = args.heads * args.channels
+    graph = load_graph(args.graphs_npz, args.graph) if args.graphs_npz else None
+    if graph is not None:
+        args.edges = [len(graph.receivers)]
+        report["graph"] = {"file": args.graphs_npz, "batch": args.graph, "nodes": graph.n_node,
+                           "edges": len(graph.receivers), "real_edges": int((graph.weight > 0).sum())}
+    n_node = graph.n_node if graph is not None else None
     families = {  # what is timed: the chain alone (inputs gathered already), or gathers + chain
         "chain": (make_inputs, edge_message_reference, fused_edge_message, "pallas", DIFF),
         "node": (make_node_inputs, node_message_reference, fused_node_message, "pallas_node", NODE_DIFF),
         "gate": (make_gate_inputs, _gate_reference, fused_gate, "pallas_gate", GATE_DIFF),
         "gate_rows": (make_rows_inputs, _rows_reference, fused_gate_rows, "pallas_gate_rows", ROWS_DIFF),
-        "message_sum": (make_sum_inputs, _sum_reference, _message_sum, "message_sum", SUM_DIFF)}
+        "message_sum": (make_sum_inputs, functools.partial(_sum_reference, n_node=n_node),
+                        functools.partial(_message_sum, n_node=n_node), "message_sum", SUM_DIFF)}
     for n_edge, family in [(n, f) for n in args.edges for f in args.family]:
         make, reference, fused, kernel_name, diff = families[family]
-        inputs = make(n_edge, args.heads, args.channels)
+        structured = family in ("node", "gate_rows", "message_sum")  # the families with an edge structure
+        inputs = make(n_edge, args.heads, args.channels, graph=graph) if structured else make(n_edge, args.heads,
+                                                                                             args.channels)
         variants = {f"xla ({family})": lambda *a, r=reference: r(*a, precision=precision)}
         # correctness of what the GPU really compiled: every variant against true-float32 jax.numpy
         exact = lambda *a, r=reference: r(*a, precision=jax.lax.Precision.HIGHEST)  # noqa: E731

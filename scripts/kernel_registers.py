@@ -1,14 +1,17 @@
 """Registers, spills, layout conversions and barriers of the Pallas (Triton) kernels, without a GPU.
 
 Lowers the gate-row kernel pair (forward, backward or receiver-run backward), the segment
-kernel and the message-sum pair on the CPU for CUDA (the same Triton IR the GPU build gets),
+kernels and the message-sum pair on the CPU for CUDA (the same Triton IR the GPU build gets),
 keeps each kernel's Triton IR, and, where the `triton` package is installed (`pip install
 triton`; it brings its own ptxas), compiles the IR for sm_90a with the kernel's warps and
-reports what ptxas allots (registers per thread, spill bytes) and what Triton laid out (layout
-conversions, each a trip through shared memory, and barriers in the PTX). The Triton inside
-XLA is another version, so the numbers guide rather than measure: in session 26 they came
-within ~10% of ncu's on an H100 (receiver-run backward 255 registers with spills in both, gate
-forward 64 here and 74 there, segment kernel 48 and 54).
+reports what Triton's own ptxas run allots (registers per thread, spill bytes) and what Triton
+laid out (layout conversions, most of them a trip through shared memory, and barriers in the
+PTX). The Triton inside XLA is another version, so the numbers guide rather than measure: in
+session 26 they came within ~15% of ncu's on an H100 and lower (receiver-run backward 255
+registers with spills in both, gate forward 64 here and 74 there, message-sum backward 146 and
+166, segment kernel 48 and 54). A kernel lowered twice in one pair (the receiver and the sender
+segment kernels of "-sorted") is reported as "segment_rows" and "segment_rows#2", in the order
+the program runs them.
 
     python scripts/kernel_registers.py                         # the defaults' tiles
     python scripts/kernel_registers.py --tiles 16x8x4-sorted-runs 16x8-sorted
@@ -26,7 +29,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -47,10 +49,18 @@ from dpf_jax.model.message_sum_kernel import fused_message_sum  # noqa: E402
 DEFAULT_TILES = ["16x8-sorted", "16x8-sorted-sum", "16x8x4-sorted-runs-sum"]
 
 
+def kernel_warps(name: str, opts: KernelOptions) -> int:
+    """The warps `edge_kernel._compiler_params` gives kernel `name`: the tile's forward warps to the
+    forward kernels (names ending in "_fwd"), its backward warps to the backward-pass ones."""
+    return opts.num_warps if name.endswith("_fwd") else (opts.backward_warps or opts.num_warps)
+
+
 def lower_kernels(spec: str, n_edge: int = 4096, heads: int = 4, channels: int = 128) -> dict[str, dict]:
     """Triton IR and warps of every kernel in the training step's gate (and, with "-sum", message-sum)
     pair for the edge kernel `spec` ("pallas_gate_rows-<tile>..."), lowered on this machine for CUDA:
-    {kernel name: {"ir": text, "num_warps": n}}."""
+    {kernel name (a repeated name numbered "#2", ...): {"ir": text, "num_warps": n}}. Where the lowered
+    program shows the warps in plain text (jax 0.10's custom call), they are checked against
+    `kernel_warps`."""
     from jax._src.pallas.triton import lowering
 
     opts = KernelOptions.parse(spec, interpret=False)
@@ -77,45 +87,48 @@ def lower_kernels(spec: str, n_edge: int = 4096, heads: int = 4, channels: int =
                          .lower(lowering_platforms=("cuda",)).as_text())
     finally:
         lowering.lower_jaxpr_to_triton_module = original
-    warps = {}  # kernel name -> num_warps, from the custom calls' backend configs
+    shown = {}  # kernel name -> num_warps, where the custom calls' backend configs show them
     for text in texts:  # (the configs' serialised IR may hold any character: match the fields after it)
         for name, nw in re.findall(r'name = "([A-Za-z0-9_]+)", num_stages = \d+ : i32, num_warps = (\d+) : i32', text):
-            warps[name] = int(nw)
+            shown[name] = int(nw)
     kernels = {}
     for ir in captured:
         name = re.search(r"tt\.func public @([A-Za-z0-9_]+)", ir).group(1)
-        kernels[name] = {"ir": ir, "num_warps": warps[name]}
+        warps = kernel_warps(name, opts)
+        if name in shown and shown[name] != warps:
+            raise RuntimeError(f"{spec}: kernel {name} was lowered with {shown[name]} warps, expected {warps}")
+        key, n = name, 1
+        while key in kernels:
+            n += 1
+            key = f"{name}#{n}"
+        kernels[key] = {"ir": ir, "num_warps": warps}
     return kernels
 
 
 def compile_report(ir: str, num_warps: int, arch: int = 90) -> dict:
-    """ptxas's registers and spill bytes, and the layout conversions and barriers, of one kernel's
-    Triton IR compiled by the installed `triton` for sm_<arch>a."""
+    """Registers and spill bytes (from the ptxas run inside Triton's own compile, `-v` log), and the
+    layout conversions and barriers, of one kernel's Triton IR compiled by the installed `triton`
+    for sm_<arch>a."""
+    import contextlib
+    import io
+
     import triton
     from triton.backends.compiler import GPUTarget
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as XLA's Triton (fused multiply-adds)
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its ptxas -v log ...
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # ... which a hit in its cache would skip
+    log = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(log):
         src = Path(tmp) / "kernel.ttir"
         src.write_text(ir)
         compiled = triton.compile(str(src), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps, "num_stages": 1})
-        ptx = compiled.asm["ptx"]
-        for _ in range(2):
-            (Path(tmp) / "kernel.ptx").write_text(ptx)
-            out = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", str(Path(tmp) / "kernel.ptx"),
-                                  "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
-            # the bundled ptxas may be older than the PTX version Triton writes (these kernels use
-            # nothing newer): say the version it reads
-            known = re.search(r"current version is '(\d+\.\d+)'", out.stderr)
-            if not (out.returncode and known):
-                break
-            ptx = re.sub(r"^\.version \d+\.\d+", f".version {known.group(1)}", ptx, flags=re.M)
-    if out.returncode:
-        raise RuntimeError(f"ptxas failed: {out.stderr[-2000:]}")
-    regs = re.search(r"Used (\d+) registers", out.stderr)
-    spills = re.search(r"(\d+) bytes spill stores", out.stderr)
+    ptx, out = compiled.asm["ptx"], log.getvalue()
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    if regs is None:
+        raise RuntimeError(f"no register count in Triton's ptxas log: {out[-1000:]!r}")
     return {"registers": int(regs.group(1)) if regs else None,
             "spill_store_bytes": int(spills.group(1)) if spills else 0,
             "layout_conversions": compiled.asm["ttgir"].count("ttg.convert_layout"),

@@ -91,6 +91,11 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
             assert ((idx >= lo) & (idx < hi)).all()
         budget = z[f"real_finetune_jarvis_bs8/{i}/budget"]
         assert budget[1] * 4 >= n_edge.sum() and budget[2] == 8 // 4 + 1
+        # the batch as `bench_edge_kernel.py --graphs-npz` reads it: the real edges, then padding to the budget
+        g = load_script("bench_edge_kernel").load_graph(str(npz), f"real_finetune_jarvis_bs8/{i}")
+        assert len(g.receivers) == budget[1] * 4 and g.n_node == budget[0] * 4
+        assert (np.diff(g.receivers) >= 0).all() and (g.receivers[n_edge.sum():] >= n_node.sum()).all()
+        assert (g.weight[:n_edge.sum()] == b["edge_count"]).all() and (g.weight[n_edge.sum():] == 0).all()
 
 
 def test_small_epoch_check(tmp_path):

@@ -289,10 +289,55 @@ def test_kernel_options_from_config_string():
         fused_edge_message(*random_args(32, 1, 16), opts=KernelOptions(block_edges=24))
 
 
+def _write_fake_dump(path, group="synthetic/finetune/8/0"):
+    """A two-device batch in `bench_train.py --dump-npz`'s layout: each share's real part, node
+    indices offset by the shares before it, receivers sorted, merged-edge counts; budget per device."""
+    recv = np.array([0, 0, 1, 1, 1, 2, 3, 3, 4, 4, 4, 4, 5, 6, 6], np.int32)  # share 0: nodes 0-3, share 1: 4-6
+    send = np.array([1, 2, 0, 2, 3, 0, 1, 2, 5, 6, 6, 5, 4, 4, 5], np.int32)
+    np.savez(path, **{f"{group}/receivers": recv, f"{group}/senders": send,
+                      f"{group}/edge_count": np.array([1, 2, 1, 1, 3, 1, 1, 1, 1, 2, 1, 1, 1, 1, 2], np.int32),
+                      f"{group}/n_node": np.array([3, 1, 2, 1], np.int32),
+                      f"{group}/budget": np.array([6, 16, 4], np.int32),
+                      f"{group}/num_devices": np.array(2, np.int32)})
+    return recv, send
+
+
+def test_bench_edge_kernel_takes_the_steps_own_graphs(tmp_path):
+    """`bench_edge_kernel.py --graphs-npz`: the gate-row and message-sum kernels timed on a dumped
+    batch's structure, padded to its budget as the batcher pads (sorted receivers, padding edges on
+    padding nodes with weight 0), and still equal to jax.numpy there."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_edge_kernel
+
+    npz = tmp_path / "batches.npz"
+    recv, send = _write_fake_dump(npz)
+    g = bench_edge_kernel.load_graph(str(npz))
+    assert g.n_node == 12 and len(g.receivers) == len(g.senders) == len(g.weight) == 32
+    np.testing.assert_array_equal(g.receivers[:15], recv)
+    np.testing.assert_array_equal(g.senders[:15], send)
+    assert (np.diff(g.receivers) >= 0).all() and (g.receivers[15:] >= 7).all() and (g.receivers < 12).all()
+    assert (g.weight[:15] >= 1).all() and (g.weight[15:] == 0).all() and g.weight[4] == 3
+    with pytest.raises(ValueError, match="no batch"):
+        bench_edge_kernel.load_graph(str(npz), "other/0")
+    report = bench_edge_kernel.main(["--small", "--family", "gate_rows", "message_sum", "--tiles", "16x4-sorted-runs",
+                                     "--graphs-npz", str(npz), "--out", str(tmp_path / "b.json")])
+    assert report["graph"]["edges"] == 32 and report["graph"]["real_edges"] == 15 and report["graph"]["nodes"] == 12
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"xla (gate_rows)", "pallas_gate_rows-16x4-sorted-runs", "xla (message_sum)",
+                         "message_sum-16x4-sorted-runs"}
+    for r in rows.values():
+        assert r["edges"] == 32 and "error" not in r
+        assert r["max_abs_err_forward"] < 1e-3 and r["max_rel_err_grads"] < 1e-3
+
+
 def test_kernel_registers_script_lowers_every_kernel_with_its_warps(tmp_path):
     """scripts/kernel_registers.py, its CPU part: the Triton IR of every kernel of a tile, with the
     warps the tile gives it (forward 8, backward-pass kernels 4 for "16x8x4"), written per kernel.
-    (Compiling the IR needs the `triton` package, which the test environment does not install.)"""
+    (Compiling the IR needs the `triton` package, which CI does not install.)"""
     import sys
 
     from conftest import REPO
@@ -309,7 +354,7 @@ def test_kernel_registers_script_lowers_every_kernel_with_its_warps(tmp_path):
                      ("16x8x4-sorted-runs-sum", "message_sum_fwd"): 8,
                      ("16x8x4-sorted-runs-sum", "message_sum_bwd"): 4,
                      ("16x4-sorted", "edge_gate_rows_fwd"): 4, ("16x4-sorted", "edge_gate_rows_bwd"): 4,
-                     ("16x4-sorted", "segment_rows"): 4}
+                     ("16x4-sorted", "segment_rows"): 4, ("16x4-sorted", "segment_rows#2"): 4}  # receivers, senders
     runs = (tmp_path / "16x8x4-sorted-runs-sum_edge_gate_rows_bwd_runs.ttir").read_text()
     assert "tt.func public @edge_gate_rows_bwd_runs" in runs and "scf.for" in runs  # the loop over the run
     assert "scf.for" not in (tmp_path / "16x4-sorted_edge_gate_rows_bwd.ttir").read_text()  # one block a program

@@ -105,10 +105,9 @@ def _gate_backward(t, mask, g1_ref, b1_ref, load_dm, c, inv, store_dupd, store_g
     d ahat alive until their row means are known; holding d alpha's three chunks and q, k, e on
     top until the end made the receiver-run kernel spill more (session 26: 255 registers per
     thread, 12.5% occupancy on an H100). Emitted one chunk at a time, each tile dies at once:
-    spills 92 -> 60 bytes per thread (`scripts/kernel_registers.py`), the kernel pair with its
-    segment kernel 3.06 -> 2.97 ms alone at 81,920 edges (one H100; 2.62 -> 2.58 on an H200),
-    the training step unchanged (23.19 -> 23.17 ms). Same operations on the same values, so the
-    same numbers."""
+    fewer spill bytes (`scripts/kernel_registers.py`); timed alone and in the training step, no
+    difference beyond the run-to-run spread (session 26). Same operations on the same values,
+    so the same numbers."""
     masked = lambda x: jnp.where(mask[:, None] != 0, x, 0.0)  # noqa: E731 - as edge_kernel._masked
     mu, rstd = _alpha_stats(t, c)
     dahat, scale_sums, bias_sums, m1, m2 = [], [], [], 0.0, 0.0
@@ -127,11 +126,11 @@ def _gate_backward(t, mask, g1_ref, b1_ref, load_dm, c, inv, store_dupd, store_g
     m1, m2 = m1 / (3 * c), m2 / (3 * c)
     q, d_q = t.q(), None
     for kk in range(3):  # LayerNorm_3C backward, then alpha = [qk | q*k | q*e] * inv, chunk by chunk
+        # alpha's chunk as BlockTiles.alpha forms it, keeping the loaded k or e for d q below
         other = t.qk() if kk == 0 else (t.k() if kk == 1 else t.e())
         alpha = other * inv if kk == 0 else q * other * inv
         ahat = (alpha - mu[:, None]) * rstd[:, None]
         da = masked(rstd[:, None] * (dahat[kk] - m1[:, None] - ahat * m2[:, None]) * inv)
-        dahat[kk] = None  # its last use
         if kk == 0:
             store_grad("qk", da)
             continue
