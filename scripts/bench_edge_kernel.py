@@ -18,8 +18,9 @@ receivers, the padding edges spread over the last 64 nodes as the batcher spread
     python scripts/bench_edge_kernel.py --family gate_rows message_sum --graphs-npz batches.npz
 
 Random receivers (N = E / 25) are not the synthetic batches' structure (29 edges per node, runs of
-varying length); in session 26 a 3% kernel-level gain on random graphs was 0.1% in the step
-(whether the structure is why was not checked), hence `--graphs-npz`.
+varying length): in session 26 kernel-level differences of 2-3% on random graphs (each variant in
+its own process, within the spread between processes) did not show in the step, hence
+`--graphs-npz`, and variants timed side by side in one process.
 
 Inputs are random with the chain's real shapes (qk, q, k, e [E, H, C]; upd [E, H, 3C]; 5% of
 edges masked as padding). Reported per variant: median ms of `jit(forward)` and of
