@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_edge_kernel as bench  # noqa: E402 - its input makers
 
-from dpf_jax.model.edge_kernel import KernelOptions  # noqa: E402
+from dpf_jax.model.edge_kernel import KernelOptions, _compiler_params  # noqa: E402
 from dpf_jax.model.gate_kernel import fused_gate_rows  # noqa: E402
 from dpf_jax.model.message_sum_kernel import fused_message_sum  # noqa: E402
 
@@ -50,9 +50,9 @@ DEFAULT_TILES = ["16x8-sorted", "16x8-sorted-sum", "16x8x4-sorted-runs-sum"]
 
 
 def kernel_warps(name: str, opts: KernelOptions) -> int:
-    """The warps `edge_kernel._compiler_params` gives kernel `name`: the tile's forward warps to the
-    forward kernels (names ending in "_fwd"), its backward warps to the backward-pass ones."""
-    return opts.num_warps if name.endswith("_fwd") else (opts.backward_warps or opts.num_warps)
+    """The warps `edge_kernel._compiler_params` gives kernel `name`: a forward kernel's (names ending
+    in "_fwd") or a backward-pass kernel's."""
+    return _compiler_params(opts, backward=not name.endswith("_fwd")).num_warps
 
 
 def lower_kernels(spec: str, n_edge: int = 4096, heads: int = 4, channels: int = 128) -> dict[str, dict]:

@@ -45,14 +45,21 @@ def model_kwargs(model_cfg: ml_collections.ConfigDict, axis_name: str | None) ->
                 batch_norm_stats=bn_stats, fold_edge_weights=model_cfg.get("fold_edge_weights", False))
 
 
+def _edge_kernel(kw: dict) -> tuple[str, str, str]:
+    """(the configured name, the kernel `layers.resolve_edge_kernel` runs, its label for logs) from
+    the encoder's keyword arguments: "auto" labelled by its rule where the kernel depends on each
+    padded budget (`layers.describe_auto_edge_kernel`)."""
+    name = kw["edge_kernel"]
+    kernel = resolve_edge_kernel(name, kw["formulation"], kw["channels"], kw["remat"])
+    return name, kernel, describe_auto_edge_kernel(kernel) if name == "auto" else kernel
+
+
 def resolved_edge_kernel(model_cfg: ml_collections.ConfigDict) -> str:
     """`model.edge_kernel` as the encoder runs it on this backend, for logs and reports: a named
     kernel as named; "auto" resolved by `layers.resolve_edge_kernel` from the encoder's own
     settings and defaults, and where that depends on each padded budget (a GPU), the rule
     (`layers.describe_auto_edge_kernel`)."""
-    kw = model_kwargs(model_cfg, None)
-    kernel = resolve_edge_kernel(kw["edge_kernel"], kw["formulation"], kw["channels"], kw["remat"])
-    return describe_auto_edge_kernel(kernel) if kw["edge_kernel"] == "auto" else kernel
+    return _edge_kernel(model_kwargs(model_cfg, None))[2]
 
 
 def describe_compute(model_cfg: ml_collections.ConfigDict) -> str:
@@ -60,13 +67,11 @@ def describe_compute(model_cfg: ml_collections.ConfigDict) -> str:
     e.g. "precision default, edge kernel pallas_gate_rows-16x8-sorted-sum per padded budget: ...
     (model.edge_kernel=auto), lin_edge folded into e @ W3"."""
     kw = model_kwargs(model_cfg, None)
-    name = kw["edge_kernel"]
-    kernel = resolve_edge_kernel(name, kw["formulation"], kw["channels"], kw["remat"])
+    name, kernel, label = _edge_kernel(kw)
     how = f" (model.edge_kernel={name})" if kernel != name else ""
     fold = resolve_fold_edge_weights(kw["fold_edge_weights"], kw["formulation"], kernel)
     folded = ", lin_edge folded into e @ W3" if fold else ""
-    return (f"precision {model_cfg.get('precision', 'default')}, edge kernel {resolved_edge_kernel(model_cfg)}"
-            f"{how}{folded}")
+    return f"precision {model_cfg.get('precision', 'default')}, edge kernel {label}{how}{folded}"
 
 
 @dataclasses.dataclass
