@@ -1,6 +1,6 @@
 """Registers, spills, layout conversions and barriers of the Pallas (Triton) kernels, without a GPU.
 
-Lowers the gate-row kernel pair (forward, backward or receiver-run backward), the segment
+Lowers the gate-row kernel pair (forward, backward: per edge, receiver-run or slot form), the segment
 kernels and the message-sum pair on the CPU for CUDA (the same Triton IR the GPU build gets),
 keeps each kernel's Triton IR, and, where the `triton` package is installed (`pip install
 triton`; it brings its own ptxas), compiles the IR for sm_90a with the kernel's warps and
@@ -46,12 +46,14 @@ from dpf_jax.model.edge_kernel import KernelOptions, _compiler_params  # noqa: E
 from dpf_jax.model.gate_kernel import fused_gate_rows  # noqa: E402
 from dpf_jax.model.message_sum_kernel import fused_message_sum  # noqa: E402
 
-DEFAULT_TILES = ["16x8-sorted", "16x8-sorted-sum", "16x8x4-sorted-runs-sum"]
+DEFAULT_TILES = ["16x8-sorted", "16x8x4-sorted-slots-slotsum", "16x8x4-sorted-runs-sum"]
 
 
 def kernel_warps(name: str, opts: KernelOptions) -> int:
-    """The warps `edge_kernel._compiler_params` gives kernel `name`: a forward kernel's (names ending
-    in "_fwd") or a backward-pass kernel's."""
+    """The warps `edge_kernel._compiler_params` gives kernel `name`: the segment kernel's
+    ("segment_rows"), a forward kernel's (names ending in "_fwd") or a backward-pass kernel's."""
+    if name.split("#")[0] == "segment_rows":
+        return _compiler_params(opts, segment=True).num_warps
     return _compiler_params(opts, backward=not name.endswith("_fwd")).num_warps
 
 

@@ -108,7 +108,8 @@ def test_no_edges():
 @pytest.mark.parametrize("kernel", ["pallas", "pallas_node-16x4", "pallas_gate-16x4", "pallas_gate_rows-16x4",
                                     "pallas_gate-16x4-keep", "pallas_gate_rows-16x4-keep",
                                     "pallas_gate_rows-16x4-atomic", "pallas_gate_rows-16x4-sorted",
-                                    "pallas_gate_rows-16x4-sorted-runs"])
+                                    "pallas_gate_rows-16x4-sorted-runs", "pallas_gate_rows-16x4-sorted-slots",
+                                    "pallas_gate_rows-16x4-sorted-slots-slotsum"])
 def test_conv_pallas_equals_xla_with_gradients(kernel):
     """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
     same gradients (of parameters and of the node features)."""
@@ -268,12 +269,28 @@ def test_kernel_options_from_config_string():
                 "pallas_gate_rows-16x8-sum-sum", "pallas-16x8-sum", "pallas_gate_rows-sum"):
         with pytest.raises(ValueError):
             KernelOptions.parse(bad)
+    o = KernelOptions.parse("pallas_gate_rows-16x8x8x4-sorted-slots-slotsum")
+    assert (o.num_warps, o.backward_warps, o.segment_warps, o.sorted_sums, o.receiver_runs, o.receiver_slots,
+            o.message_sum, o.message_sum_slots) == (8, 8, 4, True, False, True, True, True)
+    o = KernelOptions.parse("pallas_gate_rows-16x8-sorted-slots-sum")
+    assert (o.segment_warps, o.receiver_slots, o.message_sum, o.message_sum_slots) == (0, True, True, False)
+    for bad in ("pallas_gate_rows-16x8-slots", "pallas_gate_rows-16x8-sorted-runs-slots",
+                "pallas_gate_rows-16x8-sorted-slots-runs", "pallas_gate_rows-16x8-slotsum-sorted",
+                "pallas_gate_rows-16x8-sorted-sum-slotsum", "pallas_gate-16x8-slotsum"):
+        with pytest.raises(ValueError):
+            KernelOptions.parse(bad)
+    with pytest.raises(ValueError, match="excludes receiver_runs"):
+        KernelOptions(sorted_sums=True, receiver_runs=True, receiver_slots=True)
+    with pytest.raises(ValueError, match="needs message_sum"):
+        KernelOptions(message_sum_slots=True)
     assert KernelOptions.parse("pallas_gate_rows-16x4-sorted").backward_warps == 0
-    for bad in ("pallas-16x4x0", "pallas-16x4x2x2", "pallas-16xx4"):
+    for bad in ("pallas-16x4x0", "pallas-16x4x2x2x2", "pallas-16x4x2x0", "pallas-16xx4"):
         with pytest.raises(ValueError, match="tile must look like"):
             KernelOptions.parse(bad)
     with pytest.raises(ValueError, match=r"backward_warps \(3"):
         KernelOptions.parse("pallas_gate_rows-16x8x3-sorted").check(128, "test")
+    with pytest.raises(ValueError, match=r"segment_warps \(6"):
+        KernelOptions.parse("pallas_gate_rows-16x8x8x6-sorted").check(128, "test")
     with pytest.raises(ValueError, match="keep_tiles does not apply"):
         KernelOptions(keep_tiles=True, sorted_sums=True, receiver_runs=True)
     with pytest.raises(ValueError, match="needs sorted_sums"):
@@ -519,7 +536,9 @@ def random_rows_args(n_node, n_edge, heads, c, n_real, seed=1):
                                                                          (12, 70, 65, 2, 16, 16, False, "sorted"),
                                                                          (9, 40, 33, 4, 128, 32, True, "sorted"),
                                                                          (8, 90, 80, 2, 16, 16, False, "runs"),
-                                                                         (9, 40, 33, 4, 128, 32, False, "runs")])
+                                                                         (9, 40, 33, 4, 128, 32, False, "runs"),
+                                                                         (8, 90, 80, 2, 16, 16, False, "slots"),
+                                                                         (9, 40, 33, 4, 128, 32, False, "slots")])
 def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block, keep,
                                                                  sums):
     """The gate kernel that gathers node rows itself: values and every gradient (both node
@@ -529,7 +548,8 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     kernel ("atomic"; 12 nodes, 16-70 edges per block: every block holds edges sharing a
     receiver and edges sharing a sender), by the segment kernel ("sorted"), or over each
     receiver's run inside the backward kernel and by the segment kernel for senders ("runs";
-    receivers with no edge, runs shorter and longer than a block)."""
+    receivers with no edge, runs shorter and longer than a block), or per (block, receiver) slot
+    inside the backward kernel, then by the segment kernel ("slots": the same batches)."""
     atomic = sums == "atomic"
     from dpf_jax.model.gate_recompute import gate_message_reference
 
@@ -541,9 +561,10 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     clean = [jnp.where(args[6].reshape(-1, 1, 1), a, 0.0) if i in (2, 3) else a for i, a in enumerate(args)]
     clean[0], clean[1] = clean[0].at[-1].set(0.0), clean[1].at[-1].set(0.0)
     opts = KernelOptions(block_edges=block, keep_tiles=keep, atomic_grads=atomic,
-                         sorted_sums=sums in ("sorted", "runs"), receiver_runs=sums == "runs")
+                         sorted_sums=sums in ("sorted", "runs", "slots"), receiver_runs=sums == "runs",
+                         receiver_slots=sums == "slots")
     fused = lambda *a: fused_gate_rows(*a, opts=opts)  # noqa: E731
-    if sums == "runs":
+    if sums in ("runs", "slots"):
         runs = np.bincount(np.asarray(args[4]), minlength=n_node)
         assert runs.min() == 0  # a receiver without edges: its program writes a zero row
         if c == 16:  # runs over several blocks, the last one partly outside the run
@@ -603,35 +624,41 @@ def gate_rows_shapes(n_node, n_edge, heads=4, c=128):
 
 
 @pytest.mark.parametrize("keep,sums", [(False, "xla"), (True, "xla"), (False, "atomic"), (False, "sorted"),
-                                       (False, "runs")])
+                                       (False, "runs"), (False, "slots")])
 def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, sums):
     shapes = gate_rows_shapes(256, 1024)
     kernel = lambda *a, opts: fused_gate_rows(*a, opts=dataclasses.replace(  # noqa: E731
-        opts, keep_tiles=keep, atomic_grads=sums == "atomic", sorted_sums=sums in ("sorted", "runs"),
-        receiver_runs=sums == "runs"))
+        opts, keep_tiles=keep, atomic_grads=sums == "atomic", sorted_sums=sums in ("sorted", "runs", "slots"),
+        receiver_runs=sums == "runs", receiver_slots=sums == "slots"))
     text = lower_grad_in_shard_map(kernel, shapes, n_sharded=7, argnums=(0, 2, 7))
     names = re.findall(r'name = "(\w+)"', text)
-    bwd = {"atomic": "edge_gate_rows_bwd_atomic", "runs": "edge_gate_rows_bwd_runs"}.get(sums, "edge_gate_rows_bwd")
+    bwd = {"atomic": "edge_gate_rows_bwd_atomic", "runs": "edge_gate_rows_bwd_runs",
+           "slots": "edge_gate_rows_bwd_slots"}.get(sums, "edge_gate_rows_bwd")
     assert "edge_gate_rows_fwd" in names and bwd in names
     # the gathers' transposes: XLA's float scatter-adds, or none left for XLA (in the backward
-    # kernel, or segment-sum kernels whose bounds come from integer scatter-adds of counts: two,
-    # or with "runs" one, for the senders)
-    assert names.count("segment_rows") == {"sorted": 2, "runs": 1}.get(sums, 0)
+    # kernel, or segment-sum kernels whose bounds come from integer scatter-adds of counts: two
+    # (with "slots" the receivers' over their slots), or with "runs" one, for the senders)
+    assert names.count("segment_rows") == {"sorted": 2, "runs": 1, "slots": 2}.get(sums, 0)
     assert text.count("xla.gpu.triton") == 2 + names.count("segment_rows")
     assert ("f32" in scatter_result_types(text)) == (sums == "xla")
 
 
-@pytest.mark.parametrize("tile,runs", [("16x8x4", False), ("16x8x4", True), ("16x8", False)])
-def test_gate_rows_backward_warps_reach_the_backward_kernels(tile, runs):
+@pytest.mark.parametrize("tile,form", [("16x8x4", ""), ("16x8x4", "-runs"), ("16x8", ""), ("16x8x8x4", "-slots"),
+                                       ("16x8x4x2", "")])
+def test_gate_rows_backward_warps_reach_the_backward_kernels(tile, form):
     """A tile's third number (`backward_warps`) sets the warps of the backward pass's kernels only:
-    the gate's backward kernel and the segment kernels get it, the forward keeps the tile's warps."""
+    the gate's backward kernel and the segment kernels get it, the forward keeps the tile's warps;
+    a fourth (`segment_warps`) sets the segment kernels' apart."""
     shapes = gate_rows_shapes(64, 256)
-    opts = KernelOptions.parse(f"pallas_gate_rows-{tile}-sorted" + "-runs" * runs, interpret=False)
+    opts = KernelOptions.parse(f"pallas_gate_rows-{tile}-sorted{form}", interpret=False)
     text = lower_for_gpu(jax.grad(lambda *a: jnp.sum(fused_gate_rows(*a, opts=opts) ** 2), argnums=(0,)), *shapes)
     warps = re.findall(r'name = "(\w+)", num_stages = \d+ : i32, num_warps = (\d+)', text)
-    bwd = "edge_gate_rows_bwd_runs" if runs else "edge_gate_rows_bwd"
-    back = "4" if tile.count("x") == 2 else "8"
-    assert sorted(warps) == sorted([("edge_gate_rows_fwd", "8"), (bwd, back)] + [("segment_rows", back)] * (2 - runs))
+    bwd = "edge_gate_rows_bwd" + {"-runs": "_runs", "-slots": "_slots"}.get(form, "")
+    numbers = tile.split("x")[1:] + [""] * 2
+    back = numbers[1] or numbers[0]
+    segment = numbers[2] or back
+    assert sorted(warps) == sorted([("edge_gate_rows_fwd", "8"), (bwd, back)]
+                                   + [("segment_rows", segment)] * (1 if form == "-runs" else 2))
 
 
 def test_recomputing_gate_matches_autodiff_with_gradients():
@@ -719,23 +746,19 @@ def test_auto_edge_kernel_resolves_per_backend(monkeypatch):
     assert layers.resolve_edge_kernel("pallas_gate-16x4") == "pallas_gate-16x4"
     monkeypatch.setattr(layers, "_on_nvidia_gpu", lambda: True)
     assert layers.resolve_edge_kernel("auto") == layers.EDGE_KERNEL_AUTO_GPU
-    # per padded budget (n_node, n_edge): the old kernel below AUTO_SUM_MIN_EDGES, receiver runs
-    # for >= 20 edges per node
-    big, dense = layers.AUTO_SUM_MIN_EDGES, layers.AUTO_DENSE_EDGES_PER_NODE
-    assert layers.resolve_edge_kernel("auto", budget=(big // 12, big)) == layers.EDGE_KERNEL_AUTO_GPU
+    # per padded budget (n_node, n_edge): the small kernel below AUTO_SUM_MIN_EDGES, whatever the density
+    big = layers.AUTO_SUM_MIN_EDGES
+    for n_node in (big // 12, big // 30):
+        assert layers.resolve_edge_kernel("auto", budget=(n_node, big)) == layers.EDGE_KERNEL_AUTO_GPU
     assert layers.resolve_edge_kernel("auto", budget=(1000, big - 1)) == layers.EDGE_KERNEL_AUTO_GPU_SMALL
     assert layers.resolve_edge_kernel("auto", budget=(100, big - 1)) == layers.EDGE_KERNEL_AUTO_GPU_SMALL
-    assert layers.resolve_edge_kernel("auto", budget=(1000, int(dense * 1000))) == layers.EDGE_KERNEL_AUTO_GPU_DENSE
-    assert layers.resolve_edge_kernel("auto", budget=(1000, int(dense * 1000) - 1)) == layers.EDGE_KERNEL_AUTO_GPU
     assert layers.resolve_edge_kernel("auto", "edge", budget=(1000, 30000)) == "xla"
     assert layers.resolve_edge_kernel("pallas_gate-16x4", budget=(1000, 30000)) == "pallas_gate-16x4"
-    small, sparse, dense_k = (KernelOptions.parse(k) for k in (layers.EDGE_KERNEL_AUTO_GPU_SMALL,
-                                                               layers.EDGE_KERNEL_AUTO_GPU,
-                                                               layers.EDGE_KERNEL_AUTO_GPU_DENSE))
-    assert (small.message_sum, sparse.message_sum, dense_k.message_sum) == (False, True, True)
-    assert (small.receiver_runs, sparse.receiver_runs, dense_k.receiver_runs) == (False, False, True)
+    small, large = (KernelOptions.parse(k) for k in (layers.EDGE_KERNEL_AUTO_GPU_SMALL, layers.EDGE_KERNEL_AUTO_GPU))
+    assert (small.message_sum, large.message_sum, large.message_sum_slots) == (False, True, True)
+    assert (small.receiver_slots, large.receiver_slots, large.receiver_runs) == (False, True, False)
     described = layers.describe_auto_edge_kernel(layers.EDGE_KERNEL_AUTO_GPU)
-    assert layers.EDGE_KERNEL_AUTO_GPU_DENSE in described and layers.EDGE_KERNEL_AUTO_GPU_SMALL in described
+    assert layers.EDGE_KERNEL_AUTO_GPU in described and layers.EDGE_KERNEL_AUTO_GPU_SMALL in described
     assert layers.describe_auto_edge_kernel("xla") == "xla"
     assert layers.resolve_edge_kernel("auto", "node", 64, "dots") == layers.EDGE_KERNEL_AUTO_GPU
     assert layers.resolve_edge_kernel("auto", "edge") == "xla"

@@ -44,11 +44,12 @@ def brute_force(pre, b0, scale, bias, weight, recv, n_node):
     return out
 
 
-@pytest.mark.parametrize("block", [16, 32])
-def test_values_and_gradients_against_brute_force_and_jax_numpy(block):
+@pytest.mark.parametrize("block,slots", [(16, False), (32, False), (16, True), (32, True)])
+def test_values_and_gradients_against_brute_force_and_jax_numpy(block, slots):
+    """One program per receiver, or per edge block (`slots`); 150 edges: not a whole number of blocks."""
     n_node, n_edge, heads, c, n_real = 11, 150, 2, 16, 140
     args = random_case(n_node, n_edge, heads, c, n_real)
-    opts = KernelOptions(block_edges=block, interpret=True)
+    opts = KernelOptions(block_edges=block, interpret=True, message_sum=slots, message_sum_slots=slots)
     out = fused_message_sum(*args, n_node, opts)
     assert out.shape == (n_node, heads, c) and out.dtype == jnp.float32
     np.testing.assert_allclose(out, brute_force(*args, n_node), rtol=1e-5, atol=1e-4)
@@ -68,14 +69,15 @@ def test_values_and_gradients_against_brute_force_and_jax_numpy(block):
     assert not d_pre[n_real:].any() and np.abs(d_pre[:n_real]).min(axis=-1).max() > 0  # padding: exactly 0
 
 
-def test_edges_past_the_table_get_zero_gradients_and_add_nothing():
+@pytest.mark.parametrize("slots", [False, True])
+def test_edges_past_the_table_get_zero_gradients_and_add_nothing(slots):
     """Receivers past the node table (no batch built here has them) count nowhere; their rows of
     d pre are still written, as zeros, by the last receiver's program (the interpreter would leave
-    an unwritten row NaN)."""
+    an unwritten row NaN), or by their own block's (`slots`)."""
     n_node, n_edge, heads, c = 8, 90, 2, 16
     pre, b0, scale, bias, weight, recv = random_case(n_node, n_edge, heads, c, n_edge, seed=2)
     stray = recv.at[80:].set(n_node)  # still sorted; 10 edges point past the table
-    opts = KernelOptions(block_edges=16, interpret=True)
+    opts = KernelOptions(block_edges=16, interpret=True, message_sum=slots, message_sum_slots=slots)
     f = lambda p, r: fused_message_sum(p, b0, scale, bias, weight, r, n_node, opts)  # noqa: E731
     np.testing.assert_allclose(f(pre, stray), message_sum_reference(pre, b0, scale, bias, weight, stray, n_node),
                                rtol=1e-5, atol=1e-4)
@@ -109,12 +111,13 @@ def test_a_layer_without_nodes_or_edges():
         assert conv.apply(variables, *args, train=False).shape == (n_node, 16)
 
 
-def test_runs_stacked_by_vmap_give_each_runs_sums_and_gradients():
+@pytest.mark.parametrize("slots", [False, True])
+def test_runs_stacked_by_vmap_give_each_runs_sums_and_gradients(slots):
     """Multirun (dpf_jax.train.multirun) vmaps the step over independent runs: under vmap the
     kernel pair gives each run its own sums and gradients."""
     cases = [random_case(9, 80, 2, 16, 72, seed=s) for s in (6, 7)]
     stacked = [jnp.stack(x) for x in zip(*cases)]
-    opts = KernelOptions(block_edges=16, interpret=True)
+    opts = KernelOptions(block_edges=16, interpret=True, message_sum=slots, message_sum_slots=slots)
     cot = jax.random.normal(jax.random.PRNGKey(2), (9, 2, 16))
 
     def value_and_grads(*a):
@@ -128,7 +131,8 @@ def test_runs_stacked_by_vmap_give_each_runs_sums_and_gradients():
             np.testing.assert_allclose(g[r], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["pallas_gate_rows-16x4-sorted-sum", "pallas_gate_rows-16x4-sorted-runs-sum"])
+@pytest.mark.parametrize("kernel", ["pallas_gate_rows-16x4-sorted-sum", "pallas_gate_rows-16x4-sorted-runs-sum",
+                                    "pallas_gate_rows-16x4-sorted-slots-slotsum"])
 def test_conv_with_the_message_sum_equals_xla_with_merged_edge_counts(kernel):
     """MatformerConv with the kernel pair against the "xla" path on a batch with merged edges
     (edge counts 1-3) and padding edges: same parameter tree, loss and gradients."""
@@ -159,17 +163,19 @@ def message_sum_shapes(n_node, n_edge, heads=4, c=128):
             sds((n_edge,), jnp.int32))
 
 
-def test_triton_lowering_inside_data_parallel_step_with_its_warps():
+@pytest.mark.parametrize("form", ["sum", "slotsum"])
+def test_triton_lowering_inside_data_parallel_step_with_its_warps(form):
     """Lowered for the GPU inside the data-parallel shard_map (per-device edges, replicated
-    parameters whose gradients autodiff sums): one forward and one backward Triton kernel, no
-    float scatter-add left to XLA, the forward with the tile's warps and the backward with the
+    parameters whose gradients autodiff sums): one forward and one backward Triton kernel (with
+    "slotsum" also the segment kernel adding the slots, with the segment warps), no float
+    scatter-add left to XLA, the forward with the tile's warps and the backward with the
     backward warps."""
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
     n_node = 128  # per device
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
-    opts = KernelOptions.parse("pallas_gate_rows-16x8x4-sorted-sum", interpret=False)
+    opts = KernelOptions.parse(f"pallas_gate_rows-16x8x4x2-sorted-{form}", interpret=False)
     specs = (P("data"), P(), P(), P(), P("data"), P("data"))
 
     def per_device(pre, b0, scale, bias, weight, recv):
@@ -178,8 +184,11 @@ def test_triton_lowering_inside_data_parallel_step_with_its_warps():
     loss = lambda *a: jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P())(*a)  # noqa: E731
     text = lower_for_gpu(jax.grad(loss, argnums=(0, 1, 2, 3)), *message_sum_shapes(2 * n_node, 2 * 1024))
     warps = re.findall(r'name = "(\w+)", num_stages = \d+ : i32, num_warps = (\d+)', text)
-    assert sorted(warps) == [("message_sum_bwd", "4"), ("message_sum_fwd", "8")]
-    assert text.count("xla.gpu.triton") == 2
+    if form == "sum":
+        assert sorted(warps) == [("message_sum_bwd", "4"), ("message_sum_fwd", "8")]
+    else:
+        assert sorted(warps) == [("message_sum_slots_bwd", "4"), ("message_sum_slots_fwd", "8"), ("segment_rows", "2")]
+    assert text.count("xla.gpu.triton") == len(warps)
     # no float scatter-add left to XLA: the only scatters are segment_bounds' integer counts
     scatters = re.findall(r"stablehlo\.scatter\".*?-> tensor<[^>]*x(\w+)>", text, flags=re.S)
     assert scatters and set(scatters) == {"i32"}

@@ -195,7 +195,8 @@ def _numpy_matformer_conv(p, x, edge_attr, senders, receivers, node_mask, edge_m
     # lin_edge folded into e @ W3 (model.fold_edge_weights) with every kernel that takes e @ W3 as input
     ("node", "xla", True), ("node", "xla_recompute", True), ("node", "pallas_gate_rows-16x8-sorted", True),
     ("node", "pallas", True), ("node", "pallas_gate_rows-16x8-sorted-runs", True),
-    ("node", "pallas_gate_rows-16x8-sorted-sum", True), ("node", "pallas_gate_rows-16x8x4-sorted-runs-sum", True)])
+    ("node", "pallas_gate_rows-16x8-sorted-sum", True), ("node", "pallas_gate_rows-16x8x4-sorted-runs-sum", True),
+    ("node", "pallas_gate_rows-16x8x4-sorted-slots-slotsum", True)])
 def test_conv_matches_numpy_reference(crystals, formulation, edge_kernel, fold):
     graphs = [build_crystal_graph(c) for c in crystals[:3]]
     b = padded_batch(graphs)
@@ -665,8 +666,9 @@ def _pallas_call_names(jaxpr) -> list:
 def test_auto_edge_kernel_follows_the_padded_budget(crystals, monkeypatch):
     """model.edge_kernel = "auto" on an NVIDIA GPU (forced here; only traced, not run) chooses per
     compiled budget: below AUTO_SUM_MIN_EDGES edges (lowered here to fit small crystals) the row
-    backward with two segment kernels and XLA's LayerNorm and sums; above it the message-sum
-    kernel pair too, and where the budget has >= 20 edges per node the receiver-run backward."""
+    backward with two segment kernels and XLA's LayerNorm and sums; above it, sparse or dense, the
+    slot backward (the segment kernel adding the receivers' slots and the senders' edges) and the
+    slot message-sum pair (its segment kernel adding the slots)."""
     from dpf_jax.model import layers
 
     monkeypatch.setattr(layers, "_on_nvidia_gpu", lambda: True)
@@ -679,18 +681,16 @@ def test_auto_edge_kernel_follows_the_padded_budget(crystals, monkeypatch):
     batches["small"] = batches["sparse"]
     names = {}
     for kind, batch in batches.items():
-        density = batch.senders.shape[0] / batch.nodes["mask"].shape[0]
-        assert (density >= layers.AUTO_DENSE_EDGES_PER_NODE) == (kind == "dense")
         monkeypatch.setattr(layers, "AUTO_SUM_MIN_EDGES", batch.senders.shape[0] + (kind == "small"))
         variables = model_variables(model, batch)
         loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, to_device(batch), train=True,  # noqa: E731
                                              mutable=["batch_stats"])[0] ** 2)
         names[kind] = _pallas_call_names(jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr)
     n_layers = SMALL["num_layers"]
-    assert names["dense"].count("edge_gate_rows_bwd_runs") == n_layers and "edge_gate_rows_bwd" not in names["dense"]
-    for kind in ("sparse", "small"):
-        assert names[kind].count("edge_gate_rows_bwd") == n_layers and "edge_gate_rows_bwd_runs" not in names[kind]
-        assert names[kind].count("segment_rows") == 2 * n_layers
-    assert names["dense"].count("segment_rows") == n_layers
-    for kind, expected in (("sparse", n_layers), ("dense", n_layers), ("small", 0)):
-        assert names[kind].count("message_sum_fwd") == names[kind].count("message_sum_bwd") == expected
+    for kind in ("sparse", "dense"):
+        assert names[kind].count("edge_gate_rows_bwd_slots") == n_layers and "edge_gate_rows_bwd" not in names[kind]
+        assert names[kind].count("segment_rows") == 3 * n_layers
+        assert names[kind].count("message_sum_slots_fwd") == names[kind].count("message_sum_slots_bwd") == n_layers
+    assert names["small"].count("edge_gate_rows_bwd") == n_layers and "edge_gate_rows_bwd_slots" not in names["small"]
+    assert names["small"].count("segment_rows") == 2 * n_layers
+    assert not [name for name in names["small"] if name.startswith("message_sum")]

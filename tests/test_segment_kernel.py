@@ -100,3 +100,26 @@ def test_runs_stacked_by_vmap_give_each_runs_sums():
     text = lower_for_gpu(jax.vmap(lambda p, s: sums(p, s, False)), jax.ShapeDtypeStruct(part.shape, jnp.float32),
                          jax.ShapeDtypeStruct(send.shape, jnp.int32))
     assert text.count("xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_block_slots_against_brute_force(block):
+    """Each (edge block, node) pair of sorted node ids is one slot, slots ascend with the node, the
+    padding positions join the last edge's node, ids past the table map to n_node, and the slots'
+    nodes give each node's run of slots."""
+    from dpf_jax.model.segment_kernel import block_slots
+
+    rng = np.random.default_rng(3)
+    n_node = 9
+    ids = np.sort(np.concatenate([rng.integers(1, n_node - 1, 40), np.full(21, 4), [n_node, n_node + 2]]))
+    slot, slot_node = (np.asarray(a) for a in block_slots(jnp.asarray(ids, jnp.int32), block, n_node))
+    padded = np.concatenate([np.minimum(ids, n_node), np.full((-len(ids)) % block, n_node)])
+    assert slot.shape == padded.shape and slot_node.shape == (len(padded) // block + n_node,)
+    pairs = sorted({(p // block, node) for p, node in enumerate(padded)})
+    assert [pairs.index((p // block, node)) for p, node in enumerate(padded)] == slot.tolist()
+    np.testing.assert_array_equal(slot_node[:len(pairs)], [node for _, node in pairs])
+    assert (slot_node[len(pairs):] == n_node).all()
+    bounds = np.asarray(segment_bounds(jnp.asarray(slot_node), n_node))
+    for node in range(n_node):
+        blocks_of_node = {p // block for p, n in enumerate(padded) if n == node}
+        assert [n for _, n in pairs[bounds[node]:bounds[node + 1]]] == [node] * len(blocks_of_node)

@@ -132,9 +132,9 @@ def test_describe_compute_names_the_kernel_as_it_runs(monkeypatch, on_gpu):
     model.edge_kernel, model.precision = "pallas_gate_rows-16x4", "bf16"
     assert describe_compute(model) == "precision bf16, edge kernel pallas_gate_rows-16x4" + folded
     model.edge_kernel = "auto"
-    # on a GPU "auto" depends on each padded batch's density: the log names both kernels
+    # on a GPU "auto" depends on each padded batch's size: the log names both kernels
     auto = layers.describe_auto_edge_kernel(layers.EDGE_KERNEL_AUTO_GPU) if on_gpu else "xla"
-    assert not on_gpu or layers.EDGE_KERNEL_AUTO_GPU_DENSE in auto
+    assert not on_gpu or layers.EDGE_KERNEL_AUTO_GPU_SMALL in auto
     assert describe_compute(model) == f"precision bf16, edge kernel {auto} (model.edge_kernel=auto)" + folded
     # where the kernel cannot run, "auto" falls back to the jax.numpy path, and the log says so
     for key, value, fold in (("remat", "stats", folded), ("formulation", "edge", ""), ("channels", 96, folded)):

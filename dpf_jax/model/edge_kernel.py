@@ -70,12 +70,26 @@ class KernelOptions:
       per-edge d q and d qk are never written and the receiver-side segment kernel is not run.
       The sender table's gradient stays with the segment kernel. Spelled "-runs" after
       "-sorted" ("pallas_gate_rows-16x8-sorted-runs").
+    receiver_slots: `pallas_gate_rows` with `sorted_sums` only, instead of `receiver_runs`: the
+      backward kernel keeps one program per (edge block, head) and sums the block's [d q | d qk |
+      d upd] over the edges that share a receiver (masked sums, a loop over the block's receivers),
+      writing one row per (block, receiver) pair ("slot", `segment_kernel.block_slots`); the
+      segment kernel then adds each receiver's few slots. The per-edge d q and d qk are never
+      written, no program loops over a run, and every slot row has one writer (no atomics: a
+      fixed summation order). Spelled "-slots" after "-sorted" ("pallas_gate_rows-16x8-sorted-slots").
     message_sum: `pallas_gate_rows` only: msg_layer_1 (LayerNorm_C), the edge mask and count and
       the receivers' sums run as one kernel pair (`message_sum_kernel.py`: one program per
       receiver, all heads; the backward also sums d b0 and the LayerNorm's parameter gradients),
       instead of XLA's LayerNorm, scatter-add and reductions. Receivers must be sorted. Spelled
       "-sum" last ("pallas_gate_rows-16x8-sorted-sum"); its kernels use the tile's block_edges,
       the forward's warps and the backward warps.
+    message_sum_slots: `message_sum` with one program per edge block instead of per receiver: the
+      forward sums the block's edges per receiver into slots (as `receiver_slots`) that the
+      segment kernel adds up; the backward reads each edge's d out row by its receiver. Spelled
+      "-slotsum" last, instead of "-sum".
+    segment_warps: Triton warps of the segment kernel (`segment_kernel.segment_rows`); 0: the
+      backward warps. Spelled as a tile's fourth number ("16x8x8x4": forward 8, backward 8,
+      segment kernel 4).
     """
 
     block_edges: int = 32
@@ -88,6 +102,9 @@ class KernelOptions:
     sorted_sums: bool = False
     receiver_runs: bool = False
     message_sum: bool = False
+    receiver_slots: bool = False
+    message_sum_slots: bool = False
+    segment_warps: int = 0
 
     def __post_init__(self):
         if self.atomic_grads and self.sorted_sums:
@@ -96,6 +113,11 @@ class KernelOptions:
         if self.receiver_runs and not self.sorted_sums:
             raise ValueError("KernelOptions: receiver_runs sums the receiver side of sorted_sums in the backward "
                              "kernel; it needs sorted_sums")
+        if self.receiver_slots and (not self.sorted_sums or self.receiver_runs):
+            raise ValueError("KernelOptions: receiver_slots sums the receiver side of sorted_sums by edge blocks; it "
+                             "needs sorted_sums and excludes receiver_runs")
+        if self.message_sum_slots and not self.message_sum:
+            raise ValueError("KernelOptions: message_sum_slots is a form of message_sum; it needs message_sum")
         if self.receiver_runs and self.keep_tiles:
             raise ValueError("KernelOptions: receiver_runs keeps the receiver's rows in registers already; "
                              "keep_tiles does not apply")
@@ -106,42 +128,47 @@ class KernelOptions:
         (defaults), with a tile, "pallas-<block_edges>x<num_warps>" (or
         "-<block_edges>x<num_warps>x<backward_warps>"), then for the gate kernels optionally "-keep"
         (`keep_tiles`) and for "pallas_gate_rows" "-atomic" (`atomic_grads`) or "-sorted"
-        (`sorted_sums`), the latter optionally followed by "-runs" (`receiver_runs`), and last
-        "-sum" (`message_sum`); the kernel family is the caller's business."""
+        (`sorted_sums`), the latter optionally followed by "-runs" (`receiver_runs`) or "-slots"
+        (`receiver_slots`), and last "-sum" (`message_sum`) or "-slotsum" (`message_sum_slots`); the
+        kernel family is the caller's business."""
         name, *rest = spec.split("-")
         flags = rest[1:]
-        message_sum = name == "pallas_gate_rows" and flags[-1:] == ["sum"]
-        flags = flags[:-1] if message_sum else flags
-        allowed = {"pallas_gate": {"keep"}, "pallas_gate_rows": {"keep", "atomic", "sorted", "runs"}}.get(name, set())
+        last = flags[-1:] if name == "pallas_gate_rows" and flags[-1:] in (["sum"], ["slotsum"]) else []
+        flags = flags[:len(flags) - len(last)]
+        allowed = {"pallas_gate": {"keep"},
+                   "pallas_gate_rows": {"keep", "atomic", "sorted", "runs", "slots"}}.get(name, set())
         if (name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows")
                 or not set(flags) <= allowed or len(set(flags)) != len(flags) or {"atomic", "sorted"} <= set(flags)
-                or ("runs" in flags and flags[-2:] != ["sorted", "runs"])):
+                or any(f in flags and flags[-2:] != ["sorted", f] for f in ("runs", "slots"))):
             raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
                              "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (then for the "
                              "gate kernels '-keep', for 'pallas_gate_rows' '-atomic' or '-sorted', the latter "
-                             "optionally followed by '-runs', and last '-sum'; a tile may add "
-                             "'x<backward_warps>')")
+                             "optionally followed by '-runs' or '-slots', and last '-sum' or '-slotsum'; a tile "
+                             "may add 'x<backward_warps>' and then 'x<segment_warps>')")
         if rest:
             try:
                 block, warps, *back = (int(t) for t in rest[0].split("x"))
-                if len(back) > 1 or min([block, warps, *back]) < 1:
+                if len(back) > 2 or min([block, warps, *back]) < 1:
                     raise ValueError
             except ValueError:
                 raise ValueError(f"edge kernel {spec!r}: tile must look like 32x4 (or 32x8x4: backward "
-                                 "warps)") from None
-            kw.update(block_edges=block, num_warps=warps, backward_warps=back[0] if back else 0,
+                                 "warps; 32x8x8x4: and segment-kernel warps)") from None
+            back = back + [0] * (2 - len(back))
+            kw.update(block_edges=block, num_warps=warps, backward_warps=back[0], segment_warps=back[1],
                       keep_tiles="keep" in flags, atomic_grads="atomic" in flags, sorted_sums="sorted" in flags,
-                      receiver_runs="runs" in flags, message_sum=message_sum)
+                      receiver_runs="runs" in flags, receiver_slots="slots" in flags, message_sum=bool(last),
+                      message_sum_slots=last == ["slotsum"])
         return cls(**kw)
 
     def check(self, channels: int, who: str) -> None:
         """Triton's shape rules for these kernels: powers of two, >= 16 rows for the dots."""
         pow2 = lambda n: n >= 1 and not n & (n - 1)  # noqa: E731
         if not (pow2(channels) and pow2(self.block_edges) and self.block_edges >= 16 and pow2(self.num_warps)
-                and (self.backward_warps == 0 or pow2(self.backward_warps))):
+                and all(w == 0 or pow2(w) for w in (self.backward_warps, self.segment_warps))):
             raise ValueError(f"{who}: channels ({channels}), block_edges ({self.block_edges}), num_warps "
-                             f"({self.num_warps}) and backward_warps ({self.backward_warps}, 0: num_warps) must "
-                             "be powers of two, block_edges >= 16 (Triton)")
+                             f"({self.num_warps}), backward_warps ({self.backward_warps}, 0: num_warps) and "
+                             f"segment_warps ({self.segment_warps}, 0: backward warps) must be powers of two, "
+                             "block_edges >= 16 (Triton)")
 
     def resolved_interpret(self) -> bool:
         if self.interpret is not None:
@@ -364,11 +391,13 @@ def _specs(n_edge_blocks, heads, c, be):
     return inputs, per_head, per_head3, partials
 
 
-def _compiler_params(opts: KernelOptions, backward: bool = False):
-    """Triton settings of a forward kernel, or of a backward-pass one (`opts.backward_warps`)."""
+def _compiler_params(opts: KernelOptions, backward: bool = False, segment: bool = False):
+    """Triton settings of a forward kernel, of a backward-pass one (`opts.backward_warps`), or of
+    the segment kernel (`segment`: `opts.segment_warps`, else the backward warps)."""
     from jax.experimental.pallas import triton as plgpu
 
-    warps = (opts.backward_warps or opts.num_warps) if backward else opts.num_warps
+    warps = (opts.backward_warps or opts.num_warps) if backward or segment else opts.num_warps
+    warps = (opts.segment_warps or warps) if segment else warps
     return plgpu.CompilerParams(num_warps=warps, num_stages=1)
 
 

@@ -278,15 +278,21 @@ def mean_pool(x, graph_index, node_mask, num_graphs: int):
 #   pair ("-sum", message_sum_kernel.py): synthetic fine-tuning B=256 25.27 -> 23.91 ms, real
 #   pre-training B=256 9.51 -> 9.35; below (real pre-training B=64, <= 8,704 edges) it lost,
 #   2.99 -> 3.05, so smaller budgets keep `EDGE_KERNEL_AUTO_GPU_SMALL`;
-# - where such a budget also has at least `AUTO_DENSE_EDGES_PER_NODE` edges per node, with the
-#   receiver-run backward and 4 backward warps (`EDGE_KERNEL_AUTO_GPU_DENSE`): synthetic, 29
-#   edges per node, 23.91 -> 23.15 ms; it loses on the real pre-training batches, 12 edges per
-#   node, 9.35 -> 9.65 ms, where a run fills a 16-edge block to 75% and pays a program per node.
-EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8-sorted-sum"
+# - session 25-26 added, where such a budget had >= 20 edges per node, the receiver-run backward
+#   and 4 backward warps (synthetic, 29 edges per node: 23.91 -> 23.15 ms; it lost on the real
+#   pre-training batches, 12 edges per node, 9.35 -> 9.65);
+# - since session 27 (scripts/results/h100_session27/) every budget with at least
+#   `AUTO_SUM_MIN_EDGES` edges runs `EDGE_KERNEL_AUTO_GPU`: the receiver side of the gate's
+#   backward and the message sums summed per (edge block, receiver) slot ("-slots", "-slotsum";
+#   one program per edge block, no run loops), 4 backward warps: synthetic fine-tuning B=256
+#   23.20 -> 22.73 ms (the runs kernel with "-sum" on the same machine), real pre-training B=256
+#   9.35 -> 8.97 ("-16x8-sorted-sum"); real pre-training B=64 (below the threshold) 2.98 ms with
+#   the small kernel against 3.00 with the slots pair, so smaller budgets keep
+#   `EDGE_KERNEL_AUTO_GPU_SMALL`. First-epoch pre-training loss curve against "-16x8-sorted-sum":
+#   within 2.4e-5 (first 10 steps) and 9.9e-5 (all 106).
+EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8x4-sorted-slots-slotsum"
 EDGE_KERNEL_AUTO_GPU_SMALL = "pallas_gate_rows-16x8-sorted"
-EDGE_KERNEL_AUTO_GPU_DENSE = "pallas_gate_rows-16x8x4-sorted-runs-sum"
 AUTO_SUM_MIN_EDGES = 16384
-AUTO_DENSE_EDGES_PER_NODE = 20.0
 
 
 def _on_nvidia_gpu() -> bool:
@@ -312,9 +318,7 @@ def auto_gpu_edge_kernel(budget: tuple[int, int] | None) -> str:
     if budget is None:
         return EDGE_KERNEL_AUTO_GPU
     n_node, n_edge = budget
-    if n_edge < AUTO_SUM_MIN_EDGES:
-        return EDGE_KERNEL_AUTO_GPU_SMALL
-    return EDGE_KERNEL_AUTO_GPU_DENSE if n_edge >= AUTO_DENSE_EDGES_PER_NODE * max(n_node, 1) else EDGE_KERNEL_AUTO_GPU
+    return EDGE_KERNEL_AUTO_GPU_SMALL if n_edge < AUTO_SUM_MIN_EDGES else EDGE_KERNEL_AUTO_GPU
 
 
 def resolve_edge_kernel(name: str, formulation: str = "node", channels: int = 128, remat: str = "none",
@@ -341,8 +345,7 @@ def describe_auto_edge_kernel(kernel: str) -> str:
     budget), and where that is `EDGE_KERNEL_AUTO_GPU`, the kernels of the other budgets."""
     if kernel != EDGE_KERNEL_AUTO_GPU:
         return kernel
-    return (f"{kernel} per padded budget: {EDGE_KERNEL_AUTO_GPU_SMALL} below {AUTO_SUM_MIN_EDGES} edges, "
-            f"{EDGE_KERNEL_AUTO_GPU_DENSE} with >= {AUTO_DENSE_EDGES_PER_NODE:g} edges per node")
+    return f"{kernel} per padded budget: {EDGE_KERNEL_AUTO_GPU_SMALL} below {AUTO_SUM_MIN_EDGES} edges"
 
 
 FOLD_EDGE_WEIGHTS = ("auto", True, False)  # model.fold_edge_weights; also "true" / "false" (the command line)

@@ -21,6 +21,14 @@ parameter gradients' sums (d scale, d bias, d b0) in registers, written once per
 summation order is fixed (deterministic, unlike the scatter-add). A padding edge (w = 0) adds
 exactly nothing and gets d pre = 0, whatever its pre holds (inf / NaN included).
 
+With `KernelOptions.message_sum_slots` the programs take edge blocks instead of receivers: the
+forward sums each block's edges per receiver into one row per (block, receiver) pair
+(`segment_kernel.block_slots`), which the segment kernel adds up per receiver; the backward reads
+each edge's d out row by its receiver (from the cache: a receiver's edges are neighbours) and
+writes d pre, with the parameter sums per block. No program loops over a run; the summation order
+is fixed too. Measured on one H100 (session 27, the pair alone at 81,920 edges): 0.46 ms against
+0.64-0.70 with one program per receiver.
+
 `message_sum_reference` is the same maths in jax.numpy (what the layer computes without the
 kernel); the tests compare values and gradients.
 """
@@ -33,8 +41,9 @@ import jax
 import jax.numpy as jnp
 
 from dpf_jax.model.edge_kernel import EPS, KernelOptions, _compiler_params, _out_struct
-from dpf_jax.model.gate_kernel import _call_fused, _store_edge_rows
-from dpf_jax.model.segment_kernel import run_bounds
+from dpf_jax.model.edge_kernel import _pad_edges
+from dpf_jax.model.gate_kernel import _call_fused, _store_edge_rows, _store_slot_sums
+from dpf_jax.model.segment_kernel import block_slots, run_bounds, segment_bounds, segment_rows
 
 
 def message_sum_reference(pre, b0, scale, bias, weight, receivers, n_node: int):
@@ -50,7 +59,8 @@ def message_sum_reference(pre, b0, scale, bias, weight, receivers, n_node: int):
 
 
 def _normalised(pre_ref, b0, pos, h, c):
-    """The block's rows pre[pos, h] + b0, normalised (float32 [BE, C]), and their 1 / std [BE]."""
+    """The block's rows pre[pos, h] + b0, normalised (float32 [BE, C]), and their 1 / std [BE]
+    (`pos`: row indices, or a slice of a block ref)."""
     from jax.experimental import pallas as pl
 
     x = pre_ref[pos, h, pl.ds(0, c)].astype(jnp.float32) + b0[None, :]
@@ -173,18 +183,115 @@ def _backward(args, dout, n_node, opts):
             part[1].astype(bias.dtype), jnp.zeros_like(weight), None)
 
 
+def _slots_fwd_kernel(pre_ref, w_ref, slot_ref, b0_ref, g_ref, b_ref, out_ref, *, c, heads):
+    """One edge block, every head: the block's y = w * LayerNorm_C(pre + b0) summed per slot, one
+    row of out [n_slots, H, C] per slot (`gate_kernel._store_slot_sums`)."""
+    b0, g, b = (r[...].astype(jnp.float32) for r in (b0_ref, g_ref, b_ref))
+    w, slot = w_ref[...], slot_ref[...]
+    for h in range(heads):
+        xhat, _ = _normalised(pre_ref, b0, slice(None), h, c)  # the block's own rows
+        y = jnp.where(w[:, None] != 0, (xhat * g[None, :] + b[None, :]) * w[:, None], 0.0)
+        _store_slot_sums(out_ref, slot, h, 0, y, c)
+
+
+def _slots_bwd_kernel(pre_ref, w_ref, recv_ref, b0_ref, g_ref, dout_ref, dpre_ref, part_ref, *, c, heads):
+    """One edge block, every head: d pre from each edge's d out row (read by its receiver), and
+    the block's sums of d scale, d bias and d b0 (part_ref rows 0-2)."""
+    from jax.experimental import pallas as pl
+
+    b0, g = b0_ref[...].astype(jnp.float32), g_ref[...].astype(jnp.float32)
+    w, recv = w_ref[...], recv_ref[...]
+    keep = w[:, None] != 0
+    sums = [jnp.zeros((c,), jnp.float32)] * 3
+    for h in range(heads):
+        xhat, rstd = _normalised(pre_ref, b0, slice(None), h, c)  # the block's own rows
+        dy = jnp.where(keep, w[:, None] * dout_ref[recv, h, pl.ds(0, c)].astype(jnp.float32), 0.0)
+        dxhat = dy * g[None, :]
+        dx = rstd[:, None] * (dxhat - jnp.mean(dxhat, axis=1)[:, None] - xhat * jnp.mean(dxhat * xhat, axis=1)[:, None])
+        dx = jnp.where(keep, dx, 0.0)
+        dpre_ref[:, h, pl.ds(0, c)] = dx.astype(dpre_ref.dtype)
+        block = (jnp.where(keep, dy * xhat, 0.0), dy, dx)
+        sums = [s + jnp.sum(x, axis=0) for s, x in zip(sums, block)]
+    for k in range(3):
+        part_ref[k, pl.ds(0, c)] = sums[k]
+    part_ref[3, pl.ds(0, c)] = jnp.zeros((c,), jnp.float32)  # padding row (Triton wants 2^k rows)
+
+
+def _slots_call(kernel, name, edge_inputs, params, last, out_shape, out_specs, opts, *, backward):
+    """pallas_call with one program per edge block (all heads): `edge_inputs` [E padded, ...] in
+    blocks of rows, `params` [C] whole, `last` (an array or None) whole."""
+    from jax.experimental import pallas as pl
+
+    be = opts.block_edges
+    block = lambda a: pl.BlockSpec((be,) + a.shape[1:], lambda i: (i,) + (0,) * (a.ndim - 1))  # noqa: E731
+    whole = lambda a: pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)  # noqa: E731
+    inputs = list(edge_inputs) + list(params) + ([] if last is None else [last])
+    in_specs = [block(a) for a in edge_inputs] + [whole(a) for a in inputs[len(edge_inputs):]]
+    return pl.pallas_call(
+        kernel, grid=(edge_inputs[0].shape[0] // be,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_compiler_params(opts, backward), interpret=opts.resolved_interpret(), name=name,
+    )(*inputs)
+
+
+def _slots_padded(pre, weight, receivers, n_node, be):
+    """pre, weight and receivers padded to whole blocks (weight 0) with receivers past the table
+    given weight 0 and clamped into it (they count nowhere; the backward reads a valid row)."""
+    weight = jnp.where(receivers < n_node, weight, 0.0)
+    n_pad = (-pre.shape[0]) % be
+    pre, weight, receivers = _pad_edges([pre, weight, receivers], n_pad) if n_pad else (pre, weight, receivers)
+    return pre, weight, jnp.minimum(receivers, n_node - 1)
+
+
+def _slots_forward(args, n_node, opts):
+    from jax.experimental import pallas as pl
+
+    pre, b0, scale, bias, weight, receivers = args
+    heads, c = pre.shape[1:]
+    slot, slot_node = block_slots(receivers, opts.block_edges, n_node)
+    pre_p, w_p, _ = _slots_padded(pre, weight, receivers, n_node, opts.block_edges)
+    n_slots = slot_node.shape[0]
+    out_shape = [_out_struct(pre, (n_slots, heads, c), jnp.float32)]
+    kernel = functools.partial(_slots_fwd_kernel, c=c, heads=heads)
+    slots, = _slots_call(kernel, "message_sum_slots_fwd", [pre_p, w_p, slot], [b0, scale, bias], None, out_shape,
+                         [pl.BlockSpec((n_slots, heads, c), lambda i: (0, 0, 0))], opts, backward=False)
+    # each receiver's slots: a run of slot rows; unused rows are not read
+    out, = segment_rows([slots], None, segment_bounds(slot_node, n_node), c, opts)
+    return out
+
+
+def _slots_backward(args, dout, n_node, opts):
+    from jax.experimental import pallas as pl
+
+    pre, b0, scale, bias, weight, receivers = args
+    n_edge, heads, c = pre.shape
+    be = opts.block_edges
+    pre_p, w_p, recv_p = _slots_padded(pre, weight, receivers, n_node, be)
+    n_blocks = pre_p.shape[0] // be
+    sds = functools.partial(_out_struct, dout)
+    out_shape = [sds(pre_p.shape, jnp.float32), sds((n_blocks, 4, c), jnp.float32)]
+    out_specs = [pl.BlockSpec((be, heads, c), lambda i: (i, 0, 0)), pl.BlockSpec((None, 4, c), lambda i: (i, 0, 0))]
+    kernel = functools.partial(_slots_bwd_kernel, c=c, heads=heads)
+    dpre, part = _slots_call(kernel, "message_sum_slots_bwd", [pre_p, w_p, recv_p], [b0, scale], dout, out_shape,
+                             out_specs, opts, backward=True)
+    part = part.sum(axis=0)  # the blocks' sums: d scale, d bias, d b0
+    return (dpre[:n_edge].astype(pre.dtype), part[2].astype(b0.dtype), part[0].astype(scale.dtype),
+            part[1].astype(bias.dtype), jnp.zeros_like(weight), None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _fused(pre, b0, scale, bias, weight, receivers, n_node, opts):
-    return _forward((pre, b0, scale, bias, weight, receivers), n_node, opts)
+    forward = _slots_forward if opts.message_sum_slots else _forward
+    return forward((pre, b0, scale, bias, weight, receivers), n_node, opts)
 
 
 def _fused_fwd(pre, b0, scale, bias, weight, receivers, n_node, opts):
     args = (pre, b0, scale, bias, weight, receivers)
-    return _forward(args, n_node, opts), args  # residuals: the inputs (pre is kept for the W0 gradient anyway)
+    forward = _slots_forward if opts.message_sum_slots else _forward
+    return forward(args, n_node, opts), args  # residuals: the inputs (pre is kept for the W0 gradient anyway)
 
 
 def _fused_bwd(n_node, opts, args, dout):
-    return _backward(args, dout, n_node, opts)
+    return (_slots_backward if opts.message_sum_slots else _backward)(args, dout, n_node, opts)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -195,8 +302,8 @@ def fused_message_sum(pre, b0, scale, bias, weight, receivers, n_node: int, opts
     dtype), b0 / scale / bias [C], weight [E] (each edge's count; 0 drops the edge) and receivers
     [E] sorted ascending (ids >= n_node count nowhere). The weights are data (edge counts), not
     differentiated: their cotangent is zero. One program per receiver (its heads' rows
-    loaded side by side); `opts.block_edges` edges per load; forward `opts.num_warps`, backward
-    the backward warps."""
+    loaded side by side), or with `opts.message_sum_slots` per edge block; `opts.block_edges`
+    edges per load; forward `opts.num_warps`, backward the backward warps."""
     n_edge, heads, c = pre.shape
     opts.check(c, "fused_message_sum")
     if b0.shape != (c,) or scale.shape != (c,) or bias.shape != (c,) or weight.shape != (n_edge,) \

@@ -43,6 +43,30 @@ def run_bounds(node_of_edge, n_node: int):
     return bounds[:-1], stop, stop.at[-1].set(node_of_edge.shape[0])
 
 
+def block_slots(node_of_edge, block_edges: int, n_node: int):
+    """Slots of (edge block, node) pairs, for kernels that sum a block's edges per node before
+    they write (`KernelOptions.receiver_slots`): with `node_of_edge` sorted and the edges in blocks
+    of `block_edges` (the edge axis padded to a whole block; padding positions join the last
+    edge's node), the edges of one block that share a node share a slot, each slot lies in one
+    block (its row is written by one program only: no atomics), and slots ascend with the node.
+
+    Returns (slot [E padded] int32, slot_node [n_slots] int32): slot_node[p] is the node of slot p,
+    n_node for the unused slots at the end (ids past the table count as n_node too), so
+    `segment_bounds(slot_node, n_node)` gives each node's run of slots; n_slots = blocks + n_node,
+    an upper bound (a new slot starts at every block and at every change of node)."""
+    n_edge = node_of_edge.shape[0]
+    n_pad = (-n_edge) % block_edges
+    node = jnp.minimum(node_of_edge.astype(jnp.int32), n_node)
+    if n_pad:
+        node = jnp.concatenate([node, jnp.broadcast_to(node[-1:], (n_pad,))])
+    pos = jnp.arange(n_edge + n_pad)
+    starts = (pos % block_edges == 0) | (node != jnp.roll(node, 1))
+    slot = jnp.cumsum(starts, dtype=jnp.int32) - 1
+    n_slots = (n_edge + n_pad) // block_edges + n_node
+    slot_node = jnp.full((n_slots,), n_node, jnp.int32).at[slot].set(node, mode="promise_in_bounds")
+    return slot, slot_node
+
+
 def sort_order(node_of_edge):
     """Edge positions in ascending node order (stable: a node's edges keep their order)."""
     return jnp.argsort(node_of_edge, stable=True).astype(jnp.int32)
@@ -93,8 +117,9 @@ def segment_rows(parts, order, bounds, c: int, opts: KernelOptions = KernelOptio
 
     parts: [E, H, w_k] arrays (w_k a multiple of c, c a power of two); order: [E] int32 or None;
     bounds: [N + 1] int32 from `segment_bounds`. Returns [N, H, w_k] float32 arrays. One program
-    per (node, head); `opts.block_edges` rows per load; the backward-pass warps
-    (`opts.backward_warps`, else `opts.num_warps`): this kernel only runs in the gate's backward."""
+    per (node, head); `opts.block_edges` rows per load; `opts.segment_warps`, else the backward-pass
+    warps (`opts.backward_warps`, else `opts.num_warps`): it runs in the backward passes (and in
+    the message-sum forward with `message_sum_slots`)."""
     from jax.experimental import pallas as pl
 
     n_edge, heads = parts[0].shape[:2]
@@ -117,6 +142,6 @@ def segment_rows(parts, order, bounds, c: int, opts: KernelOptions = KernelOptio
         kernel, grid=(n_node, heads), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, w), lambda n, h: (n, h, 0)) for w in widths],
         out_shape=[_out_struct(parts[0], (n_node, heads, w), jnp.float32) for w in widths],
-        compiler_params=_compiler_params(opts, backward=True), interpret=opts.resolved_interpret(),
+        compiler_params=_compiler_params(opts, segment=True), interpret=opts.resolved_interpret(),
         name="segment_rows",
     )(*inputs)
