@@ -53,9 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
     # (more FLOPs, much smaller gathers); see dpf_jax/model/layers.py and scripts/results/PERF_NOTES.md.
     c.model.formulation = "node"
     # How the per-edge message chain runs, same parameters and maths: "auto" (default: on a GPU
-    # per padded budget the fastest measured, "pallas_gate_rows-16x8-sorted-sum", below 16,384
-    # edges "pallas_gate_rows-16x8-sorted", with >= 20 edges per node
-    # "pallas_gate_rows-16x8x4-sorted-runs-sum"; elsewhere "xla"; dpf_jax/model/layers.py
+    # per padded budget the fastest measured, "pallas_gate_rows-16x8x4-sorted-slots-slotsum", below
+    # 16,384 edges "pallas_gate_rows-16x8-sorted"; elsewhere "xla"; dpf_jax/model/layers.py
     # resolve_edge_kernel), "xla" (jax.numpy), "pallas_gate_rows" (node formulation: the gate
     # alpha -> LayerNorm -> sigmoid -> x upd as one Triton kernel pair that gathers the node-table
     # rows itself, matmuls in XLA; dpf_jax/model/gate_kernel.py), "pallas_gate" (the same gate on

@@ -353,8 +353,9 @@ def test_bench_edge_kernel_takes_the_steps_own_graphs(tmp_path):
 
 def test_kernel_registers_script_lowers_every_kernel_with_its_warps(tmp_path):
     """scripts/kernel_registers.py, its CPU part: the Triton IR of every kernel of a tile, with the
-    warps the tile gives it (forward 8, backward-pass kernels 4 for "16x8x4"), written per kernel.
-    (Compiling the IR needs the `triton` package, which CI does not install.)"""
+    warps the tile gives it (forward 8, backward-pass kernels 4 for "16x8x4", the segment kernels 2
+    for "16x8x4x2"), written per kernel. (Compiling the IR needs the `triton` package, which CI
+    does not install.)"""
     import sys
 
     from conftest import REPO
@@ -362,19 +363,27 @@ def test_kernel_registers_script_lowers_every_kernel_with_its_warps(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import kernel_registers
 
-    report = kernel_registers.main(["--ir-only", "--edges", "256", "--tiles", "16x8x4-sorted-runs-sum", "16x4-sorted",
-                                    "--ir-dir", str(tmp_path)])
+    report = kernel_registers.main(["--ir-only", "--edges", "256", "--tiles", "16x8x4-sorted-runs-sum",
+                                    "16x8x4x2-sorted-slots-slotsum", "--ir-dir", str(tmp_path)])
     warps = {(r["tile"], r["kernel"]): r["num_warps"] for r in report["results"]}
     assert warps == {("16x8x4-sorted-runs-sum", "edge_gate_rows_fwd"): 8,
                      ("16x8x4-sorted-runs-sum", "edge_gate_rows_bwd_runs"): 4,
                      ("16x8x4-sorted-runs-sum", "segment_rows"): 4,
                      ("16x8x4-sorted-runs-sum", "message_sum_fwd"): 8,
                      ("16x8x4-sorted-runs-sum", "message_sum_bwd"): 4,
-                     ("16x4-sorted", "edge_gate_rows_fwd"): 4, ("16x4-sorted", "edge_gate_rows_bwd"): 4,
-                     ("16x4-sorted", "segment_rows"): 4, ("16x4-sorted", "segment_rows#2"): 4}  # receivers, senders
+                     # in running order: the gate's forward and backward, the segment kernels adding the
+                     # receivers' slots and the senders' edges, then the message sums and their slots
+                     ("16x8x4x2-sorted-slots-slotsum", "edge_gate_rows_fwd"): 8,
+                     ("16x8x4x2-sorted-slots-slotsum", "edge_gate_rows_bwd_slots"): 4,
+                     ("16x8x4x2-sorted-slots-slotsum", "segment_rows"): 2,
+                     ("16x8x4x2-sorted-slots-slotsum", "segment_rows#2"): 2,
+                     ("16x8x4x2-sorted-slots-slotsum", "message_sum_slots_fwd"): 8,
+                     ("16x8x4x2-sorted-slots-slotsum", "segment_rows#3"): 2,
+                     ("16x8x4x2-sorted-slots-slotsum", "message_sum_slots_bwd"): 4}
     runs = (tmp_path / "16x8x4-sorted-runs-sum_edge_gate_rows_bwd_runs.ttir").read_text()
     assert "tt.func public @edge_gate_rows_bwd_runs" in runs and "scf.for" in runs  # the loop over the run
-    assert "scf.for" not in (tmp_path / "16x4-sorted_edge_gate_rows_bwd.ttir").read_text()  # one block a program
+    # the message-sum backward over edge blocks: no loop at all
+    assert "scf.for" not in (tmp_path / "16x8x4x2-sorted-slots-slotsum_message_sum_slots_bwd.ttir").read_text()
 
 
 def test_bench_edge_kernel_script_runs(tmp_path):

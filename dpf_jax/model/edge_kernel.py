@@ -75,7 +75,7 @@ class KernelOptions:
       d upd] over the edges that share a receiver (masked sums, a loop over the block's receivers),
       writing one row per (block, receiver) pair ("slot", `segment_kernel.block_slots`); the
       segment kernel then adds each receiver's few slots. The per-edge d q and d qk are never
-      written, no program loops over a run, and every slot row has one writer (no atomics: a
+      written, no program loops over a receiver's run, and every slot row has one writer (no atomics: a
       fixed summation order). Spelled "-slots" after "-sorted" ("pallas_gate_rows-16x8-sorted-slots").
     message_sum: `pallas_gate_rows` only: msg_layer_1 (LayerNorm_C), the edge mask and count and
       the receivers' sums run as one kernel pair (`message_sum_kernel.py`: one program per
@@ -126,7 +126,7 @@ class KernelOptions:
     def parse(cls, spec: str, **kw) -> "KernelOptions":
         """From a config string: "pallas" / "pallas_node" / "pallas_gate" / "pallas_gate_rows"
         (defaults), with a tile, "pallas-<block_edges>x<num_warps>" (or
-        "-<block_edges>x<num_warps>x<backward_warps>"), then for the gate kernels optionally "-keep"
+        "-<block_edges>x<num_warps>x<backward_warps>", or "...x<backward_warps>x<segment_warps>"), then for the gate kernels optionally "-keep"
         (`keep_tiles`) and for "pallas_gate_rows" "-atomic" (`atomic_grads`) or "-sorted"
         (`sorted_sums`), the latter optionally followed by "-runs" (`receiver_runs`) or "-slots"
         (`receiver_slots`), and last "-sum" (`message_sum`) or "-slotsum" (`message_sum_slots`); the

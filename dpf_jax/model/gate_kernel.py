@@ -505,9 +505,10 @@ def _store_slot_sums(ref, slot, h, start, x, c):
     """ref[p, h, start:start + C] = the sum of x's rows (the block's edges) in slot p, for each slot
     p of the block (`segment_kernel.block_slots`: consecutive ids, each wholly inside the block, so
     each row has this one writer). A loop over the block's few slots (on the synthetic batches 1.5
-    on average), each a masked sum over the block's rows: measured against a [BE, BE] 0/1 matrix
-    product (exact float32, as `_add_rows`) on one H100 (session 27, E = 81,920, forward +
-    backward), the gate pair at 16x8 3.04 against 3.66 ms, the message-sum pair 0.46 against 0.60."""
+    on average), each a masked sum over the block's rows. Against a [BE, BE] 0/1 matrix product
+    (exact float32, as `_add_rows`; session 27, H100s, E = 81,920, forward + backward): the gate
+    pair at 16x8 3.04 against 3.66 ms (two machines), the message-sum pair 0.46 against 0.60 (one
+    machine, two processes)."""
     from jax.experimental import pallas as pl
 
     first_slot = jnp.min(slot)

@@ -317,7 +317,7 @@ def auto_gpu_edge_kernel(budget: tuple[int, int] | None) -> str:
     as where a run's log names the kernel before any batch: `EDGE_KERNEL_AUTO_GPU`)."""
     if budget is None:
         return EDGE_KERNEL_AUTO_GPU
-    n_node, n_edge = budget
+    n_edge = budget[1]
     return EDGE_KERNEL_AUTO_GPU_SMALL if n_edge < AUTO_SUM_MIN_EDGES else EDGE_KERNEL_AUTO_GPU
 
 

@@ -61,8 +61,10 @@ def block_slots(node_of_edge, block_edges: int, n_node: int):
         node = jnp.concatenate([node, jnp.broadcast_to(node[-1:], (n_pad,))])
     pos = jnp.arange(n_edge + n_pad)
     starts = (pos % block_edges == 0) | (node != jnp.roll(node, 1))
-    slot = jnp.cumsum(starts, dtype=jnp.int32) - 1
     n_slots = (n_edge + n_pad) // block_edges + n_node
+    # clipped: with unsorted ids (a broken input contract) the count could pass the bound; the sums
+    # are then wrong, as with the other sorted-receiver kernels, but no kernel writes past a buffer
+    slot = jnp.minimum(jnp.cumsum(starts, dtype=jnp.int32) - 1, n_slots - 1)
     slot_node = jnp.full((n_slots,), n_node, jnp.int32).at[slot].set(node, mode="promise_in_bounds")
     return slot, slot_node
 
