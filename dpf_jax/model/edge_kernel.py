@@ -126,11 +126,11 @@ class KernelOptions:
     def parse(cls, spec: str, **kw) -> "KernelOptions":
         """From a config string: "pallas" / "pallas_node" / "pallas_gate" / "pallas_gate_rows"
         (defaults), with a tile, "pallas-<block_edges>x<num_warps>" (or
-        "-<block_edges>x<num_warps>x<backward_warps>", or "...x<backward_warps>x<segment_warps>"), then for the gate kernels optionally "-keep"
-        (`keep_tiles`) and for "pallas_gate_rows" "-atomic" (`atomic_grads`) or "-sorted"
-        (`sorted_sums`), the latter optionally followed by "-runs" (`receiver_runs`) or "-slots"
-        (`receiver_slots`), and last "-sum" (`message_sum`) or "-slotsum" (`message_sum_slots`); the
-        kernel family is the caller's business."""
+        "-<block_edges>x<num_warps>x<backward_warps>", or "...x<backward_warps>x<segment_warps>"),
+        then for the gate kernels optionally "-keep" (`keep_tiles`) and for "pallas_gate_rows"
+        "-atomic" (`atomic_grads`) or "-sorted" (`sorted_sums`), the latter optionally followed by
+        "-runs" (`receiver_runs`) or "-slots" (`receiver_slots`), and last "-sum" (`message_sum`) or
+        "-slotsum" (`message_sum_slots`); the kernel family is the caller's business."""
         name, *rest = spec.split("-")
         flags = rest[1:]
         last = flags[-1:] if name == "pallas_gate_rows" and flags[-1:] in (["sum"], ["slotsum"]) else []
