@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (more FLOPs, much smaller gathers); see dpf_jax/model/layers.py and scripts/results/PERF_NOTES.md.
     c.model.formulation = "node"
     # How the per-edge message chain runs, same parameters and maths: "auto" (default: on a GPU
-    # per padded budget the fastest measured, "pallas_gate_rows-16x8x4-sorted-slots-slotsum", below
+    # per padded budget the fastest measured, "pallas_gate_rows-16x8x4-keep-joint-mres-sorted-slots-slotsum", below
     # 16,384 edges "pallas_gate_rows-16x8-sorted"; elsewhere "xla"; dpf_jax/model/layers.py
     # resolve_edge_kernel), "xla" (jax.numpy), "pallas_gate_rows" (node formulation: the gate
     # alpha -> LayerNorm -> sigmoid -> x upd as one Triton kernel pair that gathers the node-table
@@ -69,7 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     # itself (faster on the synthetic benchmark, slower on the real corpus, session 24); a third
     # tile number sets the backward-pass kernels' warps ("pallas_gate_rows-16x8x4-sorted-runs"),
     # and "-sum" last runs msg_layer_1 and the receiver sums as one kernel pair (session 25,
-    # dpf_jax/model/message_sum_kernel.py).
+    # dpf_jax/model/message_sum_kernel.py); "-slots" / "-slotsum" sum per edge block instead
+    # (session 27); before "-sorted", "-joint" takes e and e @ W3 as one matmul's [E, H, 4C]
+    # output and "-mres" lets the backward read the forward's output instead of upd (session 28).
     # "xla_recompute" (node formulation): the gate in jax.numpy with a
     # written backward that stores no per-edge intermediate (dpf_jax/model/gate_recompute.py).
     c.model.edge_kernel = "auto"

@@ -109,7 +109,10 @@ def test_no_edges():
                                     "pallas_gate-16x4-keep", "pallas_gate_rows-16x4-keep",
                                     "pallas_gate_rows-16x4-atomic", "pallas_gate_rows-16x4-sorted",
                                     "pallas_gate_rows-16x4-sorted-runs", "pallas_gate_rows-16x4-sorted-slots",
-                                    "pallas_gate_rows-16x4-sorted-slots-slotsum"])
+                                    "pallas_gate_rows-16x4-sorted-slots-slotsum",
+                                    "pallas_gate_rows-16x4-mres-sorted-slots-slotsum",
+                                    "pallas_gate_rows-16x4-joint-sorted", "pallas_gate_rows-16x4-joint",
+                                    "pallas_gate_rows-16x4-keep-joint-mres-sorted-slots-slotsum"])
 def test_conv_pallas_equals_xla_with_gradients(kernel):
     """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
     same gradients (of parameters and of the node features)."""
@@ -274,9 +277,18 @@ def test_kernel_options_from_config_string():
             o.message_sum, o.message_sum_slots) == (8, 8, 4, True, False, True, True, True)
     o = KernelOptions.parse("pallas_gate_rows-16x8-sorted-slots-sum")
     assert (o.segment_warps, o.receiver_slots, o.message_sum, o.message_sum_slots) == (0, True, True, False)
+    assert not o.gated_residual
+    o = KernelOptions.parse("pallas_gate_rows-16x8x4-mres-sorted-slots-slotsum")
+    assert (o.gated_residual, o.sorted_sums, o.receiver_slots, o.message_sum_slots) == (True, True, True, True)
+    assert not o.joint_edge_projection
+    o = KernelOptions.parse("pallas_gate_rows-16x8x4-keep-joint-mres-sorted-slots-slotsum")
+    assert (o.keep_tiles, o.joint_edge_projection, o.gated_residual, o.receiver_slots) == (True, True, True, True)
+    with pytest.raises(ValueError, match="joint_edge_projection is not implemented"):
+        KernelOptions.parse("pallas_gate_rows-16x8-joint-sorted-runs")
     for bad in ("pallas_gate_rows-16x8-slots", "pallas_gate_rows-16x8-sorted-runs-slots",
                 "pallas_gate_rows-16x8-sorted-slots-runs", "pallas_gate_rows-16x8-slotsum-sorted",
-                "pallas_gate_rows-16x8-sorted-sum-slotsum", "pallas_gate-16x8-slotsum"):
+                "pallas_gate_rows-16x8-sorted-sum-slotsum", "pallas_gate-16x8-slotsum",
+                "pallas_gate_rows-16x8-sorted-slots-mres", "pallas_gate-16x8-mres"):
         with pytest.raises(ValueError):
             KernelOptions.parse(bad)
     with pytest.raises(ValueError, match="excludes receiver_runs"):
@@ -537,19 +549,21 @@ def random_rows_args(n_node, n_edge, heads, c, n_real, seed=1):
             jnp.asarray(recv), jnp.asarray(send), jnp.arange(n_edge) < n_real, 1 + 0.2 * f(3 * c), 0.2 * f(3 * c)]
 
 
-@pytest.mark.parametrize("n_node,n_edge,n_real,heads,c,block,keep,sums", [(12, 70, 65, 2, 16, 16, False, "xla"),
-                                                                         (9, 40, 33, 4, 128, 32, False, "xla"),
-                                                                         (12, 70, 65, 2, 16, 16, True, "xla"),
-                                                                         (12, 70, 65, 2, 16, 16, False, "atomic"),
-                                                                         (9, 40, 33, 4, 128, 32, True, "atomic"),
-                                                                         (12, 70, 65, 2, 16, 16, False, "sorted"),
-                                                                         (9, 40, 33, 4, 128, 32, True, "sorted"),
-                                                                         (8, 90, 80, 2, 16, 16, False, "runs"),
-                                                                         (9, 40, 33, 4, 128, 32, False, "runs"),
-                                                                         (8, 90, 80, 2, 16, 16, False, "slots"),
-                                                                         (9, 40, 33, 4, 128, 32, False, "slots")])
+@pytest.mark.parametrize("n_node,n_edge,n_real,heads,c,block,keep,sums,flags", [
+    (12, 70, 65, 2, 16, 16, False, "xla", ""), (9, 40, 33, 4, 128, 32, False, "xla", ""),
+    (12, 70, 65, 2, 16, 16, True, "xla", ""), (12, 70, 65, 2, 16, 16, False, "atomic", ""),
+    (9, 40, 33, 4, 128, 32, True, "atomic", ""), (12, 70, 65, 2, 16, 16, False, "sorted", ""),
+    (9, 40, 33, 4, 128, 32, True, "sorted", ""), (8, 90, 80, 2, 16, 16, False, "runs", ""),
+    (9, 40, 33, 4, 128, 32, False, "runs", ""), (8, 90, 80, 2, 16, 16, False, "slots", ""),
+    (9, 40, 33, 4, 128, 32, False, "slots", ""),
+    # gated_residual: the backward reads the forward's m instead of forming upd; joint_edge_projection:
+    # e and e @ W3 as one [e | ew3] array, its gradient one array
+    (12, 70, 65, 2, 16, 16, True, "xla", "mres"), (8, 90, 80, 2, 16, 16, False, "runs", "mres"),
+    (8, 90, 80, 2, 16, 16, False, "slots", "mres"), (9, 40, 33, 4, 128, 32, False, "slots", "mres"),
+    (12, 70, 65, 2, 16, 16, False, "xla", "joint"), (12, 70, 65, 2, 16, 16, True, "sorted", "joint"),
+    (8, 90, 80, 2, 16, 16, False, "slots", "joint"), (9, 40, 33, 4, 128, 32, True, "slots", "joint mres")])
 def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block, keep,
-                                                                 sums):
+                                                                 sums, flags):
     """The gate kernel that gathers node rows itself: values and every gradient (both node
     tables, summed over each node's edges; e @ W3, e, the LayerNorm parameters); an edge axis
     that is not a multiple of the block; padding edges holding inf/NaN give and get exactly 0.
@@ -558,7 +572,10 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     receiver and edges sharing a sender), by the segment kernel ("sorted"), or over each
     receiver's run inside the backward kernel and by the segment kernel for senders ("runs";
     receivers with no edge, runs shorter and longer than a block), or per (block, receiver) slot
-    inside the backward kernel, then by the segment kernel ("slots": the same batches)."""
+    inside the backward kernel, then by the segment kernel ("slots": the same batches). `flags`:
+    "mres", the backward reads the forward's output in place of upd (`gated_residual`); "joint",
+    e and e @ W3 go in as one [e | ew3] array (`joint_edge_projection`; the gradients of both
+    are then its gradient's two parts)."""
     atomic = sums == "atomic"
     from dpf_jax.model.gate_recompute import gate_message_reference
 
@@ -571,8 +588,14 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
     clean[0], clean[1] = clean[0].at[-1].set(0.0), clean[1].at[-1].set(0.0)
     opts = KernelOptions(block_edges=block, keep_tiles=keep, atomic_grads=atomic,
                          sorted_sums=sums in ("sorted", "runs", "slots"), receiver_runs=sums == "runs",
-                         receiver_slots=sums == "slots")
-    fused = lambda *a: fused_gate_rows(*a, opts=opts)  # noqa: E731
+                         receiver_slots=sums == "slots", gated_residual="mres" in flags,
+                         joint_edge_projection="joint" in flags)
+    if "joint" in flags:
+        def fused(rt, st, ew3, e, *rest):
+            joint = jnp.concatenate([e, ew3], axis=-1)
+            return fused_gate_rows(rt, st, joint, None, *rest, opts=opts)
+    else:
+        fused = lambda *a: fused_gate_rows(*a, opts=opts)  # noqa: E731
     if sums in ("runs", "slots"):
         runs = np.bincount(np.asarray(args[4]), minlength=n_node)
         assert runs.min() == 0  # a receiver without edges: its program writes a zero row
@@ -632,13 +655,19 @@ def gate_rows_shapes(n_node, n_edge, heads=4, c=128):
             sds((3 * c,), f32), sds((3 * c,), f32))
 
 
-@pytest.mark.parametrize("keep,sums", [(False, "xla"), (True, "xla"), (False, "atomic"), (False, "sorted"),
-                                       (False, "runs"), (False, "slots")])
-def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, sums):
+@pytest.mark.parametrize("keep,sums,flags", [(False, "xla", ""), (True, "xla", ""), (False, "atomic", ""),
+                                             (False, "sorted", ""), (False, "runs", ""), (False, "slots", ""),
+                                             (True, "slots", "joint mres"), (False, "sorted", "joint")])
+def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, sums, flags):
+    """The kernel pair lowers for Triton inside the data-parallel step's shard_map (where a custom
+    VJP's cotangents must vary over the mesh like its inputs), with each way of summing the
+    node-table gradients; `flags`: "joint" (`joint_edge_projection`: e and ew3 as one array,
+    given apart here and joined by `fused_gate_rows`), "mres" (`gated_residual`)."""
     shapes = gate_rows_shapes(256, 1024)
     kernel = lambda *a, opts: fused_gate_rows(*a, opts=dataclasses.replace(  # noqa: E731
         opts, keep_tiles=keep, atomic_grads=sums == "atomic", sorted_sums=sums in ("sorted", "runs", "slots"),
-        receiver_runs=sums == "runs", receiver_slots=sums == "slots"))
+        receiver_runs=sums == "runs", receiver_slots=sums == "slots", gated_residual="mres" in flags,
+        joint_edge_projection="joint" in flags))
     text = lower_grad_in_shard_map(kernel, shapes, n_sharded=7, argnums=(0, 2, 7))
     names = re.findall(r'name = "(\w+)"', text)
     bwd = {"atomic": "edge_gate_rows_bwd_atomic", "runs": "edge_gate_rows_bwd_runs",
@@ -766,6 +795,9 @@ def test_auto_edge_kernel_resolves_per_backend(monkeypatch):
     small, large = (KernelOptions.parse(k) for k in (layers.EDGE_KERNEL_AUTO_GPU_SMALL, layers.EDGE_KERNEL_AUTO_GPU))
     assert (small.message_sum, large.message_sum, large.message_sum_slots) == (False, True, True)
     assert (small.receiver_slots, large.receiver_slots, large.receiver_runs) == (False, True, False)
+    # session 28: the large budgets' backward reads the forward's output, e and e @ W3 come as one array
+    assert (large.keep_tiles, large.joint_edge_projection, large.gated_residual) == (True, True, True)
+    assert (small.keep_tiles, small.joint_edge_projection, small.gated_residual) == (False, False, False)
     described = layers.describe_auto_edge_kernel(layers.EDGE_KERNEL_AUTO_GPU)
     assert layers.EDGE_KERNEL_AUTO_GPU in described and layers.EDGE_KERNEL_AUTO_GPU_SMALL in described
     assert layers.describe_auto_edge_kernel("xla") == "xla"

@@ -46,6 +46,25 @@ def test_sums_over_sorted_receivers_and_over_senders_through_their_order(block):
         assert not np.asarray(r[0]).any() and not np.asarray(r[-2:]).any()  # nodes without edges: exactly 0
 
 
+def test_column_windows_sum_only_their_columns():
+    """A part given as (array, first column, width) sums that window of the array's columns, in place:
+    the same sums as the sliced array (the gate's backward reads d_upd out of [d e | d_upd] so)."""
+    n_node, n_edge, heads, c = 11, 150, 2, 16
+    recv, send, (joint,) = random_case(n_node, n_edge, heads, (4 * c,), seed=1)
+    opts = KernelOptions(block_edges=16, interpret=True)
+    order, bounds = sort_order(jnp.asarray(send)), segment_bounds(jnp.asarray(send), n_node)
+    window, whole = segment_rows([(jnp.asarray(joint), c, 3 * c), jnp.asarray(joint[..., :c])], order, bounds, c,
+                                 opts)
+    assert window.shape == (n_node, heads, 3 * c)
+    np.testing.assert_allclose(window, brute_force(joint[..., c:], send, n_node), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(whole, brute_force(joint[..., :c], send, n_node), rtol=1e-5, atol=1e-5)
+    ref = segment_rows_reference([(jnp.asarray(joint), c, 3 * c)], order, bounds)[0]
+    np.testing.assert_allclose(ref, window, rtol=1e-5, atol=1e-5)
+    for bad in ((jnp.asarray(joint), 2 * c, 3 * c), (jnp.asarray(joint), 8, 2 * c)):  # past the end; off a chunk
+        with pytest.raises(ValueError, match="windows inside the array"):
+            segment_rows([bad], order, bounds, c, opts)
+
+
 def test_bounds_order_and_reference():
     ids = jnp.asarray([2, 0, 2, 4, 0, 2], jnp.int32)
     np.testing.assert_array_equal(segment_bounds(ids, 6), [0, 2, 2, 5, 5, 6, 6])

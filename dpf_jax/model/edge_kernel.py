@@ -90,6 +90,18 @@ class KernelOptions:
     segment_warps: Triton warps of the segment kernel (`segment_kernel.segment_rows`); 0: the
       backward warps. Spelled as a tile's fourth number ("16x8x8x4": forward 8, backward 8,
       segment kernel 4).
+    gated_residual: `pallas_gate_rows` only: the backward kernel reads the forward's output m
+      (upd * sigmoid(LayerNorm(alpha)), kept anyway as msg_layer_0's input) where it needs upd * g,
+      instead of forming upd from the receiver row's vm_i, the sender row's vm_j and ew3: one
+      [E, H, 3C] read in place of another plus two table-row gathers, and ew3 is no longer kept
+      for the backward. Equal up to float32 rounding (m = upd * g rounded once). Spelled "-mres"
+      before "-sorted" ("pallas_gate_rows-16x8x4-mres-sorted-slots-slotsum").
+    joint_edge_projection: `pallas_gate_rows` only, not with atomic_grads or receiver_runs: e and
+      e @ W3 come as one [E, H, 4C] array, [e | e @ W3] per head (MatformerConv computes it as one
+      matmul of edge_attr with lin_edge's and the folded W3's kernels side by side), and the
+      backward writes its gradient [d e | d_upd] as one array (one matmul then for d edge_attr and
+      one for the kernels' gradient, instead of two each and an add). Spelled "-joint" before
+      "-sorted" ("pallas_gate_rows-16x8x4-joint-mres-sorted-slots-slotsum").
     """
 
     block_edges: int = 32
@@ -105,6 +117,8 @@ class KernelOptions:
     receiver_slots: bool = False
     message_sum_slots: bool = False
     segment_warps: int = 0
+    gated_residual: bool = False
+    joint_edge_projection: bool = False
 
     def __post_init__(self):
         if self.atomic_grads and self.sorted_sums:
@@ -118,6 +132,9 @@ class KernelOptions:
                              "needs sorted_sums and excludes receiver_runs")
         if self.message_sum_slots and not self.message_sum:
             raise ValueError("KernelOptions: message_sum_slots is a form of message_sum; it needs message_sum")
+        if self.joint_edge_projection and (self.atomic_grads or self.receiver_runs):
+            raise ValueError("KernelOptions: joint_edge_projection is not implemented with atomic_grads or "
+                             "receiver_runs")
         if self.receiver_runs and self.keep_tiles:
             raise ValueError("KernelOptions: receiver_runs keeps the receiver's rows in registers already; "
                              "keep_tiles does not apply")
@@ -128,23 +145,25 @@ class KernelOptions:
         (defaults), with a tile, "pallas-<block_edges>x<num_warps>" (or
         "-<block_edges>x<num_warps>x<backward_warps>", or "...x<backward_warps>x<segment_warps>"),
         then for the gate kernels optionally "-keep" (`keep_tiles`) and for "pallas_gate_rows"
-        "-atomic" (`atomic_grads`) or "-sorted" (`sorted_sums`), the latter optionally followed by
-        "-runs" (`receiver_runs`) or "-slots" (`receiver_slots`), and last "-sum" (`message_sum`) or
-        "-slotsum" (`message_sum_slots`); the kernel family is the caller's business."""
+        "-joint" (`joint_edge_projection`), "-mres" (`gated_residual`) and "-atomic" (`atomic_grads`)
+        or "-sorted" (`sorted_sums`), the latter optionally followed by "-runs" (`receiver_runs`) or
+        "-slots" (`receiver_slots`), and last "-sum" (`message_sum`) or "-slotsum"
+        (`message_sum_slots`); the kernel family is the caller's business."""
         name, *rest = spec.split("-")
         flags = rest[1:]
         last = flags[-1:] if name == "pallas_gate_rows" and flags[-1:] in (["sum"], ["slotsum"]) else []
         flags = flags[:len(flags) - len(last)]
         allowed = {"pallas_gate": {"keep"},
-                   "pallas_gate_rows": {"keep", "atomic", "sorted", "runs", "slots"}}.get(name, set())
+                   "pallas_gate_rows": {"keep", "joint", "mres", "atomic", "sorted", "runs", "slots"}}.get(name, set())
         if (name not in ("pallas", "pallas_node", "pallas_gate", "pallas_gate_rows")
                 or not set(flags) <= allowed or len(set(flags)) != len(flags) or {"atomic", "sorted"} <= set(flags)
                 or any(f in flags and flags[-2:] != ["sorted", f] for f in ("runs", "slots"))):
             raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
                              "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (then for the "
-                             "gate kernels '-keep', for 'pallas_gate_rows' '-atomic' or '-sorted', the latter "
-                             "optionally followed by '-runs' or '-slots', and last '-sum' or '-slotsum'; a tile "
-                             "may add 'x<backward_warps>' and then 'x<segment_warps>')")
+                             "gate kernels '-keep', for 'pallas_gate_rows' '-joint', '-mres' and '-atomic' or "
+                             "'-sorted', "
+                             "the latter optionally followed by '-runs' or '-slots', and last '-sum' or "
+                             "'-slotsum'; a tile may add 'x<backward_warps>' and then 'x<segment_warps>')")
         if rest:
             try:
                 block, warps, *back = (int(t) for t in rest[0].split("x"))
@@ -157,7 +176,8 @@ class KernelOptions:
             kw.update(block_edges=block, num_warps=warps, backward_warps=back[0], segment_warps=back[1],
                       keep_tiles="keep" in flags, atomic_grads="atomic" in flags, sorted_sums="sorted" in flags,
                       receiver_runs="runs" in flags, receiver_slots="slots" in flags, message_sum=bool(last),
-                      message_sum_slots=last == ["slotsum"])
+                      message_sum_slots=last == ["slotsum"], gated_residual="mres" in flags,
+                      joint_edge_projection="joint" in flags)
         return cls(**kw)
 
     def check(self, channels: int, who: str) -> None:

@@ -42,10 +42,15 @@ class TableTiles(BlockTiles):
     """`edge_kernel.BlockTiles` read from one block of the gathered tables: q_i, qk_ii = r's
     first two C chunks, k_j = s's first, upd chunk kk = vm_i + vm_j + ew3 (chunk kk of each)."""
 
-    def __init__(self, r_ref, s_ref, ew3_ref, e_ref, c, inv, keep=False):
+    def __init__(self, r_ref, s_ref, ew3_ref, e_ref, c, inv, keep=False, gated=False, joint=False):
         self.r_ref, self.s_ref, self.ew3_ref, self.e_ref = r_ref, s_ref, ew3_ref, e_ref
         self.c, self.inv = c, inv
         self.keep, self._kept = keep, {}  # KernelOptions.keep_tiles: load q, qk, k, e once
+        # KernelOptions.gated_residual (backward only): ew3_ref holds the forward's output m instead
+        self.gated = gated
+        # KernelOptions.joint_edge_projection: e_ref's rows are [e | ew3] (4C), and so are ew3_ref's
+        # unless it holds m: ew3's chunks start at column C
+        self.ew3_start = c if joint and not gated else 0
 
     def _once(self, name, load):
         if not self.keep:
@@ -69,12 +74,23 @@ class TableTiles(BlockTiles):
         return self._once("k", lambda: self._load(self.s_ref, 0))
 
     def e(self):
-        return self._once("e", lambda: self.e_ref[...].astype(jnp.float32))
+        return self._once("e", lambda: self._load(self.e_ref, 0))
 
     def upd(self, kk):
         c = self.c
+        if self.gated:
+            raise ValueError("gate tiles: with gated_residual the ew3 input holds m; upd cannot be formed")
         return self._load(self.r_ref, (2 + kk) * c) + self._load(self.s_ref, (1 + kk) * c) + \
-            self._load(self.ew3_ref, kk * c)
+            self._load(self.ew3_ref, self.ew3_start + kk * c)
+
+    def gated_grad(self, kk, dm, g):
+        """dm * upd * g for chunk kk (the backward's d(pre-sigmoid) before its g' factor): with
+        `gated`, dm * m, m the forward's output chunk (= upd * g where the mask is 1, where dm is
+        masked anyway), read instead of upd's three chunks (the sender rows' vm_j, the receiver
+        rows' vm_i and ew3)."""
+        if self.gated:
+            return dm * self._load(self.ew3_ref, kk * self.c)
+        return dm * self.upd(kk) * g
 
 
 def _gate_forward(t, mask_ref, g1_ref, b1_ref, m_ref, c):
@@ -116,7 +132,7 @@ def _gate_backward(t, mask, g1_ref, b1_ref, load_dm, c, inv, store_dupd, store_g
         g = _gate(kk, ahat, g1_ref, b1_ref, c)
         dm = masked(load_dm(kk).astype(jnp.float32))
         store_dupd(kk, masked(dm * g))
-        sg = masked(dm * t.upd(kk) * g * (1.0 - g))  # d(pre-sigmoid)
+        sg = masked(t.gated_grad(kk, dm, g) * (1.0 - g))  # d(pre-sigmoid)
         dah = sg * _chunk(g1_ref, kk, c)[None, :]
         scale_sums.append(jnp.sum(masked(sg * ahat), axis=0))
         bias_sums.append(jnp.sum(sg, axis=0))
@@ -310,10 +326,11 @@ class RowTiles(TableTiles):
     indices (`tab_ref[rows, h, chunk]`: a [BE, C] gather load; a node's rows are read by its
     ~25-36 edges, mostly from L2), so XLA never writes the gathered tables out."""
 
-    def __init__(self, recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep=False):
+    def __init__(self, recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep=False, gated=False,
+                 joint=False):
         from jax.experimental import pallas as pl
 
-        super().__init__(rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
+        super().__init__(rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep, gated, joint)
         self.h = pl.program_id(1)
         self.rows_r, self.rows_s = recv_ref[...], send_ref[...]  # [BE] node rows of this block's edges
 
@@ -331,26 +348,40 @@ class RowTiles(TableTiles):
 
 
 def _rows_fwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, m_ref, *, c, inv,
-                     keep):
-    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
+                     keep, joint):
+    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep, joint=joint)
     _gate_forward(t, mask_ref, g1_ref, b1_ref, m_ref, c)
 
 
-def _rows_bwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, dm_ref,
-                     dupd_ref, dq_ref, dqk_ref, dk_ref, de_ref, part_ref, *, c, inv, keep):
+def _edge_grad_refs(outs, joint, c, de_at):
+    """A backward kernel's output refs, d_upd first and d e at position `de_at`, and the column
+    where d_upd starts: with `joint` (`KernelOptions.joint_edge_projection`) one [E, H, 4C] output
+    holds [d e | d_upd], the gradient of the joint [e | ew3] input, and the list has no separate
+    d e: that output stands in its place too (d e at column 0, d_upd from column C)."""
+    if joint:
+        outs = (*outs[:de_at], outs[0], *outs[de_at:])
+        return tuple(outs), c
+    return tuple(outs), 0
+
+
+def _rows_bwd_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, dm_ref, *outs,
+                     c, inv, keep, gated, joint):
     """Per-edge gradients, each written once: d_upd (= d vm_i = d vm_j = d ew3), d q_i, d qk_ii,
-    d k_j, d e; `_rows_backward` sums them into the node tables (the gathers' transposes: XLA's
+    d k_j, d e (outputs d_upd, d q, d qk, d k, d e, partials; joint: [d e | d_upd], d q, d qk, d k,
+    partials); `_rows_backward` sums them into the node tables (the gathers' transposes: XLA's
     scatter-adds, or the segment kernel with `sorted_sums`)."""
     from jax.experimental import pallas as pl
 
+    (dupd_ref, dq_ref, dqk_ref, dk_ref, de_ref, part_ref), col = _edge_grad_refs(outs, joint, c, 4)
+
     def store_dupd(kk, dupd):
-        dupd_ref[:, pl.ds(kk * c, c)] = dupd.astype(dupd_ref.dtype)
+        dupd_ref[:, pl.ds(col + kk * c, c)] = dupd.astype(dupd_ref.dtype)
 
     def store_grad(name, x):
         ref = {"q": dq_ref, "qk": dqk_ref, "k": dk_ref, "e": de_ref}[name]
-        ref[...] = x.astype(ref.dtype)
+        ref[:, pl.ds(0, c)] = x.astype(ref.dtype)
 
-    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
+    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep, gated, joint)
     sums = _gate_backward(t, mask_ref[...], g1_ref, b1_ref, _block_dm(dm_ref, c), c, inv, store_dupd, store_grad)
     _store_partials(part_ref, sums, c)
 
@@ -389,13 +420,14 @@ def _add_rows(table_ref, rows, same, first, trash, h, start, x, c, masked):
 
 def _rows_bwd_atomic_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, dm_ref,
                             drt_in_ref, dst_in_ref, dupd_ref, de_ref, part_ref, drt_ref, dst_ref, *, c, inv, keep,
-                            masked):
+                            gated, joint, masked):
     """`_rows_bwd_kernel` with the node tables' gradients added here (`KernelOptions.atomic_grads`):
     d_rt [N + 1, H, 5C] += [d q | d qk | d_upd] at the receiver rows, d_st [N + 1, H, 4C] +=
     [d k | d_upd] at the sender rows (row N: scratch). Per-edge outputs: d_upd (the gradient of
     e @ W3) and d e only. drt_in / dst_in: the zero tables aliased to drt / dst."""
     del drt_in_ref, dst_in_ref  # the same buffers as drt_ref / dst_ref
-    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
+    assert not joint  # KernelOptions refuses joint_edge_projection with atomic_grads
+    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep, gated)
     be = t.rows_r.shape[0]
     same_r, first_r = _block_sums(t.rows_r, be)
     same_s, first_s = _block_sums(t.rows_s, be)
@@ -439,17 +471,22 @@ def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts, *, backwar
     from jax.experimental import pallas as pl
 
     rt, st, ew3, e, recv, send, mask, g1, b1 = args
-    heads, c = e.shape[1], e.shape[2]
+    heads, c = rt.shape[1], rt.shape[2] // 5
     be = opts.block_edges
     edge_args, n_edge, ne = _padded([recv, send, mask, ew3, e, *extra], be)
     rows = lambda width: pl.BlockSpec((be, None, width), lambda i, h: (i, h, 0))  # noqa: E731
     edges = pl.BlockSpec((be,), lambda i, h: (i,))
     vec3 = pl.BlockSpec((3 * c,), lambda i, h: (0,))
-    in_specs = ([edges] * 3 + [_full(rt.shape), _full(st.shape), rows(3 * c), rows(c), vec3, vec3]
+    in_specs = ([edges] * 3 + [_full(rt.shape), _full(st.shape), rows(ew3.shape[-1]), rows(e.shape[-1]), vec3, vec3]
                 + [rows(x.shape[-1]) for x in extra] + [edges] * len(vectors) + [_full(t.shape) for t in tables])
     recv_p, send_p, mask_p, ew3_p, e_p, *extra_p = edge_args
+    # backward kernels: with gated_residual, `ew3` is the forward's output m (`_fused_rows_fwd`); with
+    # joint_edge_projection `e` (and in the forward `ew3`) is the joint [e | ew3] array
+    flags = dict(keep=opts.keep_tiles, joint=opts.joint_edge_projection)
+    if backward:
+        flags["gated"] = opts.gated_residual
     outs = pl.pallas_call(
-        functools.partial(kernel, c=c, inv=1.0 / math.sqrt(3 * c), keep=opts.keep_tiles),
+        functools.partial(kernel, c=c, inv=1.0 / math.sqrt(3 * c), **flags),
         grid=(ne // be, heads), in_specs=in_specs, out_specs=out_specs(rows, be),
         out_shape=out_shape(ne, ne // be, heads, c), compiler_params=_compiler_params(opts, backward),
         interpret=opts.resolved_interpret(), name=name, input_output_aliases=aliases or {},
@@ -459,19 +496,37 @@ def _rows_call(kernel, name, args, extra, out_shape, out_specs, opts, *, backwar
 
 def _rows_forward(args, opts):
     e, ew3 = args[3], args[2]
+    c = args[0].shape[-1] // 5
     m, n_edge, ne = _rows_call(_rows_fwd_kernel, "edge_gate_rows_fwd", args, [],
                                lambda ne, nb, h, c: _out_struct(e, (ne, h, 3 * c), ew3.dtype),
-                               lambda rows, be: rows(3 * e.shape[2]), opts, backward=False)
+                               lambda rows, be: rows(3 * c), opts, backward=False)
     return m[:n_edge] if ne != n_edge else m
 
 
 def _rows_cotangents(args, d_rt, d_st, dupd, de, part):
     """The custom VJP's cotangents of (rt, st, ew3, e, recv, send, mask, g1, b1): the node
     tables' gradients, d_upd (the gradient of e @ W3), d e, none for the indices, zero for the
-    mask, and the LayerNorm parameters' from the programs' partial sums."""
+    mask, and the LayerNorm parameters' from the programs' partial sums. With de None
+    (`joint_edge_projection`: ew3 and e are one [e | ew3] array given twice), `dupd` is that
+    array's whole gradient [d e | d_upd]: it goes to the ew3 place, zeros to the e place (autodiff
+    adds the two; XLA drops the add of zeros)."""
     rt, st, ew3, e, recv, send, mask, g1, b1 = args
-    return (d_rt.astype(rt.dtype), d_st.astype(st.dtype), dupd.astype(ew3.dtype), de.astype(e.dtype), None, None,
+    # zeros varying like e inside shard_map (a custom VJP's cotangent must match its primal's type)
+    de = _make_varying(jnp.zeros(e.shape, e.dtype), _varying_axes(e)) if de is None else de.astype(e.dtype)
+    return (d_rt.astype(rt.dtype), d_st.astype(st.dtype), dupd.astype(ew3.dtype), de, None, None,
             jnp.zeros_like(mask), *_ln1_grads(part, g1, b1))
+
+
+def _edge_grad_outputs(dm, ne, heads, c, joint):
+    """The first output structs of the per-edge backward kernels: d_upd [E, H, 3C] (joint: [d e |
+    d_upd], [E, H, 4C], see `_edge_grad_refs`) and its block spec width."""
+    width = 4 * c if joint else 3 * c
+    return _out_struct(dm, (ne, heads, width), jnp.float32), width
+
+
+def _dupd_part(dupd, joint, c):
+    """d_upd as a `segment_rows` part: the array, or with `joint` its columns C:4C."""
+    return (dupd, c, 3 * c) if joint else dupd
 
 
 def _rows_backward_atomic(args, dm, opts):
@@ -523,28 +578,30 @@ def _store_slot_sums(ref, slot, h, start, x, c):
 
 
 def _rows_bwd_slots_kernel(recv_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref, b1_ref, dm_ref,
-                           slot_ref, dupd_ref, dk_ref, de_ref, part_ref, dslot_ref, *, c, inv, keep):
+                           slot_ref, *outs, c, inv, keep, gated, joint):
     """`_rows_bwd_kernel` with the receiver side summed per block (`KernelOptions.receiver_slots`):
     per edge it writes d_upd (= d vm_j = d ew3), d k_j and d e; the receiver rows' gradient [d q |
     d qk | d vm_i] is summed over the block's edges that share a slot (`segment_kernel.block_slots`:
     the block's edges of one receiver) and written to the slot's row of dslot [n_slots, H, 5C]
-    (`_store_slot_sums`). A slot lies in one block, so each row has one writer."""
+    (`_store_slot_sums`). A slot lies in one block, so each row has one writer. Outputs d_upd,
+    d k, d e, partials, slots (joint: [d e | d_upd], d k, partials, slots)."""
     from jax.experimental import pallas as pl
 
-    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep)
+    (dupd_ref, dk_ref, de_ref, part_ref, dslot_ref), col = _edge_grad_refs(outs, joint, c, 2)
+    t = RowTiles(recv_ref, send_ref, rt_ref, st_ref, ew3_ref, e_ref, c, inv, keep, gated, joint)
     slot = slot_ref[...]
 
     def add_slots(start, x):  # the block's sums per slot, one row each
         _store_slot_sums(dslot_ref, slot, t.h, start, x, c)
 
     def store_dupd(kk, dupd):  # the gradient of vm_i, vm_j and e @ W3 alike
-        dupd_ref[:, pl.ds(kk * c, c)] = dupd.astype(dupd_ref.dtype)
+        dupd_ref[:, pl.ds(col + kk * c, c)] = dupd.astype(dupd_ref.dtype)
         add_slots((2 + kk) * c, dupd)
 
     def store_grad(name, x):  # d q and d qk: the receiver row's first two chunks; d k, d e per edge
         if name in ("k", "e"):
             ref = dk_ref if name == "k" else de_ref
-            ref[...] = x.astype(ref.dtype)
+            ref[:, pl.ds(0, c)] = x.astype(ref.dtype)
         else:
             add_slots(c if name == "qk" else 0, x)
 
@@ -556,28 +613,33 @@ def _rows_backward_slots(args, dm, opts):
     """`_rows_backward` with the receiver table's gradient summed per (edge block, receiver) slot in
     the backward kernel and then per receiver by the segment kernel (`KernelOptions.receiver_slots`);
     the sender side as with `sorted_sums`."""
-    rt, st, e, recv, send = args[0], args[1], args[3], args[4], args[5]
-    n_node, c = rt.shape[0], e.shape[2]
+    rt, st, recv, send = args[0], args[1], args[4], args[5]
+    n_node, heads, c = rt.shape[0], rt.shape[1], rt.shape[2] // 5
+    joint = opts.joint_edge_projection
     f32 = jnp.float32
     slot, slot_node = block_slots(recv, opts.block_edges, n_node)
     n_slots = slot_node.shape[0]
+    d_e = [] if joint else [None]  # joint: d e is part of the first output
 
     def out_shape(ne, nb, h, c):
         sds = functools.partial(_out_struct, dm)
-        return [sds((ne, h, 3 * c), f32), sds((ne, h, c), f32), sds((ne, h, c), f32), sds((nb, h, 8, c), f32),
-                sds((n_slots, h, 5 * c), f32)]
+        return ([_edge_grad_outputs(dm, ne, h, c, joint)[0], sds((ne, h, c), f32)]
+                + [sds((ne, h, c), f32) for _ in d_e] + [sds((nb, h, 8, c), f32), sds((n_slots, h, 5 * c), f32)])
 
     def out_specs(rows, be):
-        return [rows(3 * c), rows(c), rows(c), _partials_spec(c), _full((n_slots, e.shape[1], 5 * c))]
+        return ([rows(_edge_grad_outputs(dm, 0, heads, c, joint)[1]), rows(c)] + [rows(c) for _ in d_e]
+                + [_partials_spec(c), _full((n_slots, heads, 5 * c))])
 
     outs, n_edge, ne = _rows_call(_rows_bwd_slots_kernel, "edge_gate_rows_bwd_slots", args, [dm], out_shape,
                                   out_specs, opts, backward=True, vectors=[slot])
-    dupd, dk, de, part, dslot = outs
+    dupd, dk, *d_e, part, dslot = outs
+    de = d_e[0] if d_e else None
     if ne != n_edge:
-        dupd, dk, de = (x[:n_edge] for x in (dupd, dk, de))
+        dupd, dk, de = (None if x is None else x[:n_edge] for x in (dupd, dk, de))
     # each receiver's slots: a run of slot rows (slots ascend with the receiver); unused rows are not read
     d_rt, = segment_rows([dslot], None, segment_bounds(slot_node, n_node), c, opts)
-    return _rows_cotangents(args, d_rt, _sender_sums(dk, dupd, send, st.shape[0], c, opts), dupd, de, part)
+    d_st = _sender_sums(dk, _dupd_part(dupd, joint, c), send, st.shape[0], c, opts)
+    return _rows_cotangents(args, d_rt, d_st, dupd, de, part)
 
 
 class RunTiles(TableTiles):
@@ -586,8 +648,8 @@ class RunTiles(TableTiles):
     the block; k_j and vm_j are gather loads of the sender table's rows, ew3 and e loads of the
     block's edge positions `pos` (whole per-edge arrays, indexed in the kernel)."""
 
-    def __init__(self, recv_chunks, st_ref, ew3_ref, e_ref, send_rows, pos, h, c, inv):
-        super().__init__(None, st_ref, ew3_ref, e_ref, c, inv)
+    def __init__(self, recv_chunks, st_ref, ew3_ref, e_ref, send_rows, pos, h, c, inv, gated=False):
+        super().__init__(None, st_ref, ew3_ref, e_ref, c, inv, gated=gated)
         self.recv_chunks, self.send_rows, self.pos, self.h = recv_chunks, send_rows, pos, h
 
     def _recv(self, chunk):
@@ -609,7 +671,8 @@ class RunTiles(TableTiles):
         return self._load(self.e_ref, 0)
 
     def upd(self, kk):
-        return self._recv(2 + kk) + self._load(self.s_ref, (1 + kk) * self.c) + self._load(self.ew3_ref, kk * self.c)
+        return (self._recv(2 + kk) + self._load(self.s_ref, (1 + kk) * self.c)
+                + self._load(self.ew3_ref, self.ew3_start + kk * self.c))
 
 
 def _store_edge_rows(ref, pos, inside, h, start, x, c, masked):
@@ -628,7 +691,8 @@ def _store_edge_rows(ref, pos, inside, h, start, x, c, masked):
 
 
 def _rows_bwd_runs_kernel(start_ref, stop_ref, end_ref, send_ref, mask_ref, rt_ref, st_ref, ew3_ref, e_ref, g1_ref,
-                          b1_ref, dm_ref, dupd_ref, dk_ref, de_ref, drt_ref, part_ref, *, c, inv, be, n_rows, masked):
+                          b1_ref, dm_ref, dupd_ref, dk_ref, de_ref, drt_ref, part_ref, *, c, inv, be, n_rows, masked,
+                          gated):
     """One program per (receiver n, head h) over n's run of edge positions start:stop, in blocks
     of BE (receivers sorted: `segment_bounds`). Per edge it writes d_upd (= d vm_j = d ew3), d k_j
     and d e, like `_rows_bwd_kernel`; the receiver row's gradient [d q | d qk | d vm_i] is the
@@ -650,7 +714,7 @@ def _rows_bwd_runs_kernel(start_ref, stop_ref, end_ref, send_ref, mask_ref, rt_r
         inside, in_run = pos < end, pos < stop
         pos = jnp.minimum(pos, n_rows - 1)  # a valid row to load; outside the run, masked off
         mask = jnp.where(in_run, mask_ref[pos], 0.0)
-        t = RunTiles(recv_chunks, st_ref, ew3_ref, e_ref, send_ref[pos], pos, h, c, inv)
+        t = RunTiles(recv_chunks, st_ref, ew3_ref, e_ref, send_ref[pos], pos, h, c, inv, gated)
         store = lambda ref, col, x: _store_edge_rows(ref, pos, inside, h, col, x, c, masked)  # noqa: E731
         upd_sums, recv_sums = [], {}
 
@@ -697,7 +761,7 @@ def _rows_backward_runs(args, dm, opts):
     vec3 = pl.BlockSpec((3 * c,), lambda n, h: (0,))
     dupd, dk, de, d_rt, part = pl.pallas_call(
         functools.partial(_rows_bwd_runs_kernel, c=c, inv=1.0 / math.sqrt(3 * c), be=opts.block_edges,
-                          n_rows=n_edge, masked=masked),
+                          n_rows=n_edge, masked=masked, gated=opts.gated_residual),
         grid=(n_node, heads),
         in_specs=[scalar] * 3 + [whole(a.shape) for a in inputs] + [vec3, vec3, whole(dm.shape)],
         out_specs=[whole(o.shape) for o in out_shape[:3]]
@@ -712,7 +776,8 @@ def _rows_backward_runs(args, dm, opts):
 
 def _sender_sums(dk, dupd, send, n_node, c, opts):
     """The sender table's gradient [N, H, 4C]: [d k | d_upd] summed over each sender's edges by the
-    segment kernel, through the edges' order by sender (`sorted_sums`)."""
+    segment kernel, through the edges' order by sender (`sorted_sums`). dupd: a `segment_rows` part
+    (an array or a column window of one)."""
     d_st = segment_rows([dk, dupd], sort_order(send), segment_bounds(send, n_node), c, opts)
     return jnp.concatenate(d_st, axis=-1)
 
@@ -724,32 +789,37 @@ def _rows_backward(args, dm, opts):
         return _rows_backward_runs(args, dm, opts)
     if opts.receiver_slots:
         return _rows_backward_slots(args, dm, opts)
-    rt, st, e, recv, send = args[0], args[1], args[3], args[4], args[5]
+    rt, st, recv, send = args[0], args[1], args[4], args[5]
+    heads, c = rt.shape[1], rt.shape[2] // 5
+    joint = opts.joint_edge_projection
     f32 = jnp.float32
+    d_e = [] if joint else [None]  # joint: d e is part of the first output
 
     def out_shape(ne, nb, h, c):
         sds = functools.partial(_out_struct, dm)
-        return ([sds((ne, h, 3 * c), f32)] + [sds((ne, h, c), f32)] * 4 + [sds((nb, h, 8, c), f32)])
+        return ([_edge_grad_outputs(dm, ne, h, c, joint)[0]] + [sds((ne, h, c), f32)] * (3 + len(d_e))
+                + [sds((nb, h, 8, c), f32)])
 
     def out_specs(rows, be):
-        c = e.shape[2]
-        return [rows(3 * c)] + [rows(c)] * 4 + [_partials_spec(c)]
+        return [rows(_edge_grad_outputs(dm, 0, heads, c, joint)[1])] + [rows(c)] * (3 + len(d_e)) + [_partials_spec(c)]
 
     outs, n_edge, ne = _rows_call(_rows_bwd_kernel, "edge_gate_rows_bwd", args, [dm], out_shape, out_specs, opts,
                                   backward=True)
-    dupd, dq, dqk, dk, de, part = outs
+    dupd, dq, dqk, dk, *d_e, part = outs
+    de = d_e[0] if d_e else None
     if ne != n_edge:
-        dupd, dq, dqk, dk, de = (x[:n_edge] for x in (dupd, dq, dqk, dk, de))
+        dupd, dq, dqk, dk, de = (None if x is None else x[:n_edge] for x in (dupd, dq, dqk, dk, de))
+    dupd_part = _dupd_part(dupd, joint, c)
     if opts.sorted_sums:  # the gathers' transposes as runs of edges per node (segment_kernel.py)
-        c = e.shape[2]
         # receivers: the edges' own order (sorted by receiver, as segment sums elsewhere assume)
-        d_rt = segment_rows([dq, dqk, dupd], None, segment_bounds(recv, rt.shape[0]), c, opts)
-        d_st = _sender_sums(dk, dupd, send, st.shape[0], c, opts)
+        d_rt = segment_rows([dq, dqk, dupd_part], None, segment_bounds(recv, rt.shape[0]), c, opts)
+        d_st = _sender_sums(dk, dupd_part, send, st.shape[0], c, opts)
         return _rows_cotangents(args, jnp.concatenate(d_rt, axis=-1), d_st, dupd, de, part)
     # the gathers' transposes: float32 scatter-adds, no sortedness hint (see layers.gather); XLA
     # fuses each concatenation into its scatter
-    d_rt = jnp.zeros(rt.shape, f32).at[recv].add(jnp.concatenate([dq, dqk, dupd], axis=-1), mode="promise_in_bounds")
-    d_st = jnp.zeros(st.shape, f32).at[send].add(jnp.concatenate([dk, dupd], axis=-1), mode="promise_in_bounds")
+    d_upd = dupd[..., c:] if joint else dupd
+    d_rt = jnp.zeros(rt.shape, f32).at[recv].add(jnp.concatenate([dq, dqk, d_upd], axis=-1), mode="promise_in_bounds")
+    d_st = jnp.zeros(st.shape, f32).at[send].add(jnp.concatenate([dk, d_upd], axis=-1), mode="promise_in_bounds")
     return _rows_cotangents(args, d_rt, d_st, dupd, de, part)
 
 
@@ -760,7 +830,10 @@ def _fused_rows(rt, st, ew3, e, recv, send, mask, g1, b1, opts):
 
 def _fused_rows_fwd(rt, st, ew3, e, recv, send, mask, g1, b1, opts):
     args = (rt, st, ew3, e, recv, send, mask, g1, b1)
-    return _rows_forward(args, opts), args  # residuals: the inputs (node tables, no per-edge copies)
+    m = _rows_forward(args, opts)
+    if opts.gated_residual:  # m in ew3's place: the backward reads m's chunks instead of upd's
+        return m, (rt, st, m, e, recv, send, mask, g1, b1)
+    return m, args  # residuals: the inputs (node tables, no per-edge copies)
 
 
 def _fused_rows_bwd(opts, args, dm):
@@ -786,11 +859,22 @@ def fused_gate_rows(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_sc
     [H, 5C] row per node), or with `opts.receiver_slots` the receiver side summed per (edge block,
     receiver) slot in the backward kernel and the slots per receiver by the segment kernel (d q and
     d qk not written either; one [H, 5C] row per slot). With sorted_sums, receivers must be sorted
-    (as the batches built here are; `batching.graph_to_jraph` checks)."""
+    (as the batches built here are; `batching.graph_to_jraph` checks). With
+    `opts.joint_edge_projection`, ew3 is the joint [E, H, 4C] array [e | e @ W3] and e is None (one
+    array in, and one gradient out, for both; ew3 and e given apart are concatenated first)."""
+    if opts.joint_edge_projection:  # ew3 is the joint [e | e @ W3] array: given in both places
+        if e is not None:  # given apart: joined here (a copy; MatformerConv computes the joint array)
+            ew3, e = jnp.concatenate([e, ew3.astype(e.dtype)], axis=-1), None
+        c = recv_tab.shape[-1] // 5
+        if ew3.shape[-1] != 4 * c:
+            raise ValueError(f"fused_gate_rows: joint [e | e @ W3] rows [..., {4 * c}] expected, got {ew3.shape}")
+        joint = ew3
+        ew3, e = joint[..., c:], joint[..., :c]  # for the shape checks and the reference only
     _check(recv_tab, send_tab, ew3, e, opts, "fused_gate_rows")
     if e.shape[0] == 0:
         return jnp.zeros(ew3.shape, ew3.dtype)
     receivers, senders = receivers.astype(jnp.int32), senders.astype(jnp.int32)
-    per_edge = (recv_tab, send_tab, ew3, e, receivers, senders, mask.astype(jnp.float32))
+    edge_in = (joint, joint) if opts.joint_edge_projection else (ew3, e)
+    per_edge = (recv_tab, send_tab, *edge_in, receivers, senders, mask.astype(jnp.float32))
     return _call_fused(_fused_rows, per_edge, (ln1_scale, ln1_bias), opts, lambda: gate_message_reference(
         recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_scale, ln1_bias))

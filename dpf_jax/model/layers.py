@@ -15,6 +15,7 @@ collection as `mean` / `var`. Parameters are always float32; `dtype` is the comp
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any
@@ -289,8 +290,15 @@ def mean_pool(x, graph_index, node_mask, num_graphs: int):
 #   9.35 -> 8.97 ("-16x8-sorted-sum"); real pre-training B=64 (below the threshold) 2.98 ms with
 #   the small kernel against 3.00 with the slots pair, so smaller budgets keep
 #   `EDGE_KERNEL_AUTO_GPU_SMALL`. First-epoch pre-training loss curve against "-16x8-sorted-sum":
-#   within 2.4e-5 (first 10 steps) and 9.9e-5 (all 106).
-EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8x4-sorted-slots-slotsum"
+#   within 2.4e-5 (first 10 steps) and 9.9e-5 (all 106);
+# - since session 28 (scripts/results/h100_session28/) that pair with "-keep" (q, qk, k, e loaded
+#   once per program), "-joint" (e and e @ W3 as one [E, H, 4C] matmul output, its gradient one
+#   array: `_edge_joint`) and "-mres" (the backward reads the forward's output m instead of
+#   forming upd): synthetic fine-tuning B=256 22.53 -> 21.37 ms, real pre-training B=256 8.70 ->
+#   8.06 (one machine, both with the node projections as one matmul, `_node_projections`); the
+#   first-epoch loss curve within 2.5e-5 (10 steps) / 8.5e-5 (106) of session 27's default's
+#   (recorded on another H100; no atomics anywhere, so a rerun gives the same curve).
+EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8x4-keep-joint-mres-sorted-slots-slotsum"
 EDGE_KERNEL_AUTO_GPU_SMALL = "pallas_gate_rows-16x8-sorted"
 AUTO_SUM_MIN_EDGES = 16384
 
@@ -458,7 +466,6 @@ class MatformerConv(nn.Module):
         dense = lambda f, name, bias=True: Linear(f, bias, dt, self.precision, name=name)  # noqa: E731
         ein = lambda spec, a, b: jnp.einsum(spec, a, b, precision=self.precision)  # noqa: E731
 
-        lin_q, lin_k, lin_v = dense(H * C, "lin_query"), dense(H * C, "lin_key"), dense(H * C, "lin_value")
         # lin_edge's kernel (no bias), kept for folding it into e @ W3 (same parameter as a Linear)
         w_edge = LinearParams(edge_attr.shape[-1], H * C, use_bias=False, name="lin_edge")()[0].astype(dt)
         e = jnp.matmul(edge_attr.astype(dt), w_edge, precision=self.precision).reshape(n_edge, H, C)
@@ -467,49 +474,53 @@ class MatformerConv(nn.Module):
         inv = jnp.asarray(1.0 / math.sqrt(3 * C), dt)
 
         fold = resolve_fold_edge_weights(self.fold_edge_weights, self.formulation, kernel)
+        skip = None  # lin_skip(x): computed with q, k, v in the "node" formulation, else by `_update`
         if self.formulation == "node":
-            q = lin_q(x).reshape(n_node, H, C)
-            k = lin_k(x).reshape(n_node, H, C)
-            v = lin_v(x).reshape(n_node, H, C)
+            q, k, v, skip = self._node_projections(x)
             w1, w2, w3 = w_msg[:C], w_msg[C:2 * C], w_msg[2 * C:]
             edge_w3 = lambda: self._edge_times_w3(e, edge_attr, w_edge, w3, fold)  # noqa: E731 - [E, H, 3C]
-            # per node: the value_i (+ bias) and value_j parts of lin_msg_update, q_i * k_i
-            recv_tab = jnp.concatenate([q, q * k, ein("nhc,cd->nhd", v, w1) + b_msg], axis=-1)  # [N, H, 5C]
-            send_tab = jnp.concatenate([k, ein("nhc,cd->nhd", v, w2)], axis=-1)  # [N, H, 4C]
+            # per node: the value_i (+ bias) and value_j parts of lin_msg_update (one matmul with W1 and
+            # W2 side by side), q_i * k_i
+            vm = ein("nhc,cd->nhd", v, jnp.concatenate([w1, w2], axis=1))  # [N, H, 6C]
+            recv_tab = jnp.concatenate([q, q * k, vm[..., :3 * C] + b_msg], axis=-1)  # [N, H, 5C]
+            send_tab = jnp.concatenate([k, vm[..., 3 * C:]], axis=-1)  # [N, H, 4C]
+            update = functools.partial(self._aggregate_and_update, x, receivers=receivers, node_mask=node_mask,
+                                       train=train, edge_count=edge_count, skip=skip)
             if kernel.startswith("pallas_node"):  # gathers and chain in one kernel pair
                 *params, opts = self._chain_params(kernel)
-                msg = fused_node_message(recv_tab, send_tab, e, receivers, senders, edge_mask, w3, *params, opts)
-                return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
+                return update(fused_node_message(recv_tab, send_tab, e, receivers, senders, edge_mask, w3, *params,
+                                                 opts))
             if kernel.startswith("pallas_gate_rows"):  # the gate kernel pair gathering rows itself
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
                 opts = self._kernel_options(kernel)
-                msg = fused_gate_rows(recv_tab, send_tab, edge_w3(), e, receivers, senders, edge_mask,
+                # e and e @ W3 as one [E, H, 4C] array (KernelOptions.joint_edge_projection), or apart
+                edge_in = ((self._edge_joint(e, edge_attr, w_edge, w3, fold), None) if opts.joint_edge_projection
+                           else (edge_w3(), e))
+                msg = fused_gate_rows(recv_tab, send_tab, *edge_in, receivers, senders, edge_mask,
                                       ln1_scale, ln1_bias, opts)
                 if opts.message_sum:  # msg_layer_1 and the receiver sums in one kernel pair
                     return self._update(x, self._message_sum(msg, receivers, edge_mask, edge_count, n_node, opts),
-                                        node_mask, train)
-                msg = self._message_out(msg, edge_mask)
-                return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
+                                        node_mask, train, skip)
+                return update(self._message_out(msg, edge_mask))
             if kernel == "xla_recompute":  # the gate in jax.numpy, its backward recomputing
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
                 msg = gate_message(recv_tab, send_tab, edge_w3(), e, receivers, senders, edge_mask,
                                    ln1_scale, ln1_bias)
-                msg = self._message_out(msg, edge_mask)
-                return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
+                return update(self._message_out(msg, edge_mask))
             r = gather(recv_tab, receivers, dt)
             s = gather(send_tab, senders, dt)
             if kernel.startswith("pallas_gate"):  # the gate in one kernel pair, matmuls in XLA
                 ln1_scale, ln1_bias = NormParams(3 * C, name="layer_norm")()
                 msg = fused_gate(r, s, edge_w3(), e, edge_mask, ln1_scale, ln1_bias,
                                  self._kernel_options(kernel))
-                msg = self._message_out(msg, edge_mask)
-                return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
+                return update(self._message_out(msg, edge_mask))
             q_i, qk_ii, vm_i = r[..., :C], r[..., C:2 * C], r[..., 2 * C:]
             k_j, vm_j = s[..., :C], s[..., C:]
             upd = vm_i + vm_j + edge_w3()
         elif self.formulation == "edge":
             if kernel.startswith(("pallas_node", "pallas_gate", "xla_recompute")):  # incl. pallas_gate_rows
                 raise ValueError(f"edge_kernel {kernel!r} needs formulation 'node' (use 'pallas' with 'edge')")
+            lin_q, lin_k, lin_v = dense(H * C, "lin_query"), dense(H * C, "lin_key"), dense(H * C, "lin_value")
             x_i = gather(x, receivers, dt)
             x_j = gather(x, senders, dt)
             q_i = lin_q(x_i).reshape(n_edge, H, C)
@@ -540,7 +551,23 @@ class MatformerConv(nn.Module):
             raise ValueError(f"unknown MatformerConv edge_kernel {kernel!r} (xla, xla_recompute, pallas, pallas_node, "
                              "pallas_gate, pallas_gate_rows; the pallas ones optionally "
                              "-<block_edges>x<num_warps>[x<backward_warps>])")
-        return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count)
+        return self._aggregate_and_update(x, msg, receivers, node_mask, train, edge_count, skip)
+
+    def _node_projections(self, x):
+        """q, k, v [N, H, C] and lin_skip(x) [N, C] as one matmul: the kernels of lin_query, lin_key,
+        lin_value and lin_skip side by side (their parameters as four Linears), so each output
+        column is the same dot product over x as with four matmuls, but one kernel runs forward and
+        one for each gradient instead of four (and the adds of four d x products)."""
+        H, C, dt = self.heads, self.channels, self.dtype
+        widths = (H * C, H * C, H * C, C)
+        params = [LinearParams(x.shape[-1], w, name=name)()
+                  for name, w in zip(("lin_query", "lin_key", "lin_value", "lin_skip"), widths)]
+        kernel = jnp.concatenate([w for w, _ in params], axis=1).astype(dt)
+        bias = jnp.concatenate([b for _, b in params]).astype(dt)
+        y = jnp.matmul(x.astype(dt), kernel, precision=self.precision) + bias
+        q, k, v, skip = jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
+        n_node = x.shape[0]
+        return q.reshape(n_node, H, C), k.reshape(n_node, H, C), v.reshape(n_node, H, C), skip
 
     def _edge_times_w3(self, e, edge_attr, w_edge, w3, fold: bool):
         """e @ W3 per head, [E, H, 3C]: the edge's part of lin_msg_update.
@@ -556,6 +583,21 @@ class MatformerConv(nn.Module):
         H, C = self.heads, self.channels
         w_c = jnp.einsum("khc,cd->khd", w_edge.reshape(-1, H, C), w3, precision=self.precision)
         return jnp.einsum("ek,khd->ehd", edge_attr.astype(w_c.dtype), w_c, precision=self.precision)
+
+    def _edge_joint(self, e, edge_attr, w_edge, w3, fold: bool):
+        """[e | e @ W3] per head, [E, H, 4C] (`KernelOptions.joint_edge_projection`). With `fold`, one
+        matmul of edge_attr with lin_edge's kernel and the folded W_c (`_edge_times_w3`) side by side
+        per head: each column the same dot product as in the two matmuls, and the backward has one
+        product for d edge_attr and one for the kernels' gradient instead of two each and an add.
+        Without, e and e @ W3 concatenated (a copy)."""
+        if not fold:
+            return jnp.concatenate([e, self._edge_times_w3(e, edge_attr, w_edge, w3, False)], axis=-1)
+        H, C = self.heads, self.channels
+        w_e = w_edge.reshape(-1, H, C)
+        w_c = jnp.einsum("khc,cd->khd", w_e, w3, precision=self.precision)
+        w_joint = jnp.concatenate([w_e, w_c], axis=-1).reshape(-1, H * 4 * C)
+        joint = jnp.matmul(edge_attr.astype(w_joint.dtype), w_joint, precision=self.precision)
+        return joint.reshape(-1, H, 4 * C)
 
     def _message_out(self, gated, edge_mask):
         """msg_layer_0 -> LayerNorm_C -> edge mask of the gated message [E, H, 3C]: [E, H, C] float32."""
@@ -591,19 +633,23 @@ class MatformerConv(nn.Module):
         """The fused kernels' settings from the kernel name ("pallas_gate-32x4" etc.) and the precision."""
         return KernelOptions.parse(kernel, allow_tf32=not _is_highest(self.precision))
 
-    def _aggregate_and_update(self, x, msg, receivers, node_mask, train, edge_count):
-        """Receiver sums of the messages [E, H, C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)."""
+    def _aggregate_and_update(self, x, msg, receivers, node_mask, train, edge_count, skip=None):
+        """Receiver sums of the messages [E, H, C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)
+        (`skip`, where the caller computed it)."""
         n_node, (n_edge, H, C) = x.shape[0], msg.shape
         if edge_count is not None:  # merged edges: one message for several equal ones
             msg = msg * edge_count.astype(msg.dtype)[:, None, None]
         agg = segment_sum_sorted(msg.reshape(n_edge, H * C), receivers, n_node)  # float32
-        return self._update(x, agg, node_mask, train)
+        return self._update(x, agg, node_mask, train, skip)
 
-    def _update(self, x, agg, node_mask, train):
-        """The receivers' message sums [N, H * C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)."""
+    def _update(self, x, agg, node_mask, train, skip=None):
+        """The receivers' message sums [N, H * C] -> lin_concate -> BatchNorm -> SiLU, + lin_skip(x)
+        (`skip`: lin_skip(x) as the caller computed it; None: here)."""
         C, dt = self.channels, self.dtype
         out = Linear(C, True, dt, self.precision, name="lin_concate")(agg.astype(dt))
         bn = MaskedBatchNorm(axis_name=self.axis_name, dtype=dt, stats=self.batch_norm_stats, name="bn")
         out = bn(out, node_mask, train)
         out = jax.nn.silu(out)
-        return out + Linear(C, True, dt, self.precision, name="lin_skip")(x)
+        if skip is None:
+            skip = Linear(C, True, dt, self.precision, name="lin_skip")(x)
+        return out + skip

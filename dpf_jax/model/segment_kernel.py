@@ -74,9 +74,17 @@ def sort_order(node_of_edge):
     return jnp.argsort(node_of_edge, stable=True).astype(jnp.int32)
 
 
+def _window(part):
+    """A `segment_rows` part as (array, first column, width): an array stands for all its columns."""
+    if isinstance(part, tuple):
+        return part
+    return part, 0, part.shape[-1]
+
+
 def segment_rows_reference(parts, order, bounds):
     """out[k][n, h] = sum of parts[k][order[p], h] over p in bounds[n]:bounds[n + 1], float32."""
     n_node = bounds.shape[0] - 1
+    parts = [a[..., start:start + width] for a, start, width in map(_window, parts)]
     n_edge = parts[0].shape[0]
     node_of_position = jnp.searchsorted(bounds, jnp.arange(n_edge), side="right") - 1
     rows = jnp.arange(n_edge) if order is None else order
@@ -84,16 +92,18 @@ def segment_rows_reference(parts, order, bounds):
                                 indices_are_sorted=True) for p in parts]
 
 
-def _segment_rows_kernel(start_ref, stop_ref, *refs, c, be, n_rows, widths, has_order):
+def _segment_rows_kernel(start_ref, stop_ref, *refs, c, be, n_rows, windows, has_order):
     from jax.experimental import pallas as pl
 
+    widths = [w for _, w in windows]
     order_ref = refs[0] if has_order else None
     x_refs = refs[int(has_order):int(has_order) + len(widths)]
     out_refs = refs[int(has_order) + len(widths):]
     h = pl.program_id(1)
     start, stop = start_ref[...], stop_ref[...]  # this node's run of positions, as scalars
     lane = jax.lax.broadcasted_iota(jnp.int32, (be,), 0)
-    chunks = [(x_ref, q) for x_ref, w in zip(x_refs, widths) for q in range(w // c)]
+    # (part, chunk of c columns in the part's array): each part's window of columns
+    chunks = [(x_ref, first // c + q) for x_ref, (first, w) in zip(x_refs, windows) for q in range(w // c)]
 
     def add_block(i, sums):
         pos = start + i * be + lane
@@ -117,19 +127,26 @@ def segment_rows(parts, order, bounds, c: int, opts: KernelOptions = KernelOptio
     """Per node n and head h, the float32 sum of rows parts[k][order[p], h, :] over the positions
     p in bounds[n]:bounds[n + 1] (order None: p itself), for every part k at once.
 
-    parts: [E, H, w_k] arrays (w_k a multiple of c, c a power of two); order: [E] int32 or None;
-    bounds: [N + 1] int32 from `segment_bounds`. Returns [N, H, w_k] float32 arrays. One program
-    per (node, head); `opts.block_edges` rows per load; `opts.segment_warps`, else the backward-pass
-    warps (`opts.backward_warps`, else `opts.num_warps`): it runs in the backward passes (and in
-    the message-sum forward with `message_sum_slots`)."""
+    parts: [E, H, w_k] arrays (w_k a multiple of c, c a power of two), or (array, first column,
+    w_k) for a window of an array's columns (first a multiple of c too; read in place, no copy);
+    order: [E] int32 or None; bounds: [N + 1] int32 from `segment_bounds`. Returns [N, H, w_k]
+    float32 arrays. One program per (node, head); `opts.block_edges` rows per load;
+    `opts.segment_warps`, else the backward-pass warps (`opts.backward_warps`, else
+    `opts.num_warps`): it runs in the backward passes (and in the message-sum forward with
+    `message_sum_slots`)."""
     from jax.experimental import pallas as pl
 
+    parts = [_window(p) for p in parts]
+    windows = tuple((first, w) for _, first, w in parts)
+    parts = [a for a, _, _ in parts]
     n_edge, heads = parts[0].shape[:2]
     n_node = bounds.shape[0] - 1
-    widths = tuple(p.shape[2] for p in parts)
-    if any(w % c for w in widths) or any(p.shape[:2] != (n_edge, heads) for p in parts):
-        raise ValueError(f"segment_rows: parts {[p.shape for p in parts]} must share [E, H] and have widths "
-                         f"that are multiples of {c}")
+    widths = tuple(w for _, w in windows)
+    outside = any(w % c or first % c or w < 1 or first < 0 or first + w > p.shape[2] for p, (first, w) in
+                  zip(parts, windows))
+    if outside or any(p.shape[:2] != (n_edge, heads) for p in parts):
+        raise ValueError(f"segment_rows: parts {[p.shape for p in parts]} (column windows {windows}) must share "
+                         f"[E, H] and have windows inside the array whose start and width are multiples of {c}")
     if n_edge == 0 or n_node == 0:
         return [jnp.zeros((n_node, heads, w), jnp.float32) for w in widths]
     bounds = bounds.astype(jnp.int32)
@@ -138,7 +155,7 @@ def segment_rows(parts, order, bounds, c: int, opts: KernelOptions = KernelOptio
     has_order = order is not None
     inputs = [bounds[:-1], bounds[1:]] + ([order.astype(jnp.int32)] if has_order else []) + list(parts)
     in_specs = [scalar, scalar] + [whole(a) for a in inputs[2:]]
-    kernel = functools.partial(_segment_rows_kernel, c=c, be=opts.block_edges, n_rows=n_edge, widths=widths,
+    kernel = functools.partial(_segment_rows_kernel, c=c, be=opts.block_edges, n_rows=n_edge, windows=windows,
                                has_order=has_order)
     return pl.pallas_call(
         kernel, grid=(n_node, heads), in_specs=in_specs,
