@@ -62,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     # dpf_jax/model/edge_kernel.py), "pallas_node" (node formulation: the gathers and e @ W3 in
     # the kernels too; dpf_jax/model/gather_kernel.py); "-16x8" appended sets the tile (edges
     # per program x warps), and "-16x8-keep" for the gate kernels keeps q, qk, k, e in registers
-    # instead of reloading them (slower, session 17); "pallas_gate_rows-16x8-atomic" sums the node
+    # instead of reloading them (slower alone, session 17; faster with "-joint-mres", session 28,
+    # in the "auto" choice); "pallas_gate_rows-16x8-atomic" sums the node
     # tables' gradients inside the backward kernel instead of XLA's scatter-adds (slower, session
     # 18), "-sorted" sums them per node with a segment kernel, each node's run of edges (faster,
     # session 19: in every "auto" choice), "-sorted-runs" sums the receiver side in the backward kernel

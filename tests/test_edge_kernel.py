@@ -617,6 +617,28 @@ def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge,
         fused(args[0], args[0], *args[2:])  # a [..., 5C] table where [..., 4C] belongs
 
 
+def test_gate_rows_gated_residual_keeps_the_output_for_the_backward_in_float32_only():
+    """`gated_residual`: the custom VJP keeps the forward's output m where it kept ew3 (so the
+    backward reads m, and ew3 is not held for it); with bfloat16 inputs the flag is dropped (m
+    would be stored rounded to bfloat16): the gradients are then exactly those without it."""
+    from dpf_jax.model.gate_kernel import _fused_rows_fwd
+
+    args = random_rows_args(8, 40, 2, 16, 36)
+    mask = args[6].astype(jnp.float32)
+    plain = KernelOptions(block_edges=16, interpret=True, sorted_sums=True, receiver_slots=True)
+    gated = dataclasses.replace(plain, gated_residual=True)
+    for opts, kept in ((plain, args[2]), (gated, None)):
+        m, residuals = _fused_rows_fwd(*args[:6], mask, *args[7:], opts)
+        np.testing.assert_array_equal(residuals[2], m if kept is None else kept)
+        assert residuals[2].shape == args[2].shape  # m and ew3 are both [E, H, 3C]
+    bf16 = [a.astype(jnp.bfloat16) if a.dtype == jnp.float32 and a.ndim == 3 else a for a in args]
+    w = jax.random.normal(jax.random.PRNGKey(2), (40, 2, 48))
+    grads = [jax.grad(lambda *a, o=o: jnp.sum(fused_gate_rows(*a, opts=o).astype(jnp.float32) * w),
+                      argnums=(0, 1, 2, 3, 7, 8))(*bf16) for o in (plain, gated)]
+    for g_plain, g_gated in zip(*grads):
+        np.testing.assert_array_equal(np.asarray(g_plain, np.float32), np.asarray(g_gated, np.float32))
+
+
 def test_gate_rows_receiver_runs_write_every_edge_of_stray_receivers():
     """With receiver runs, each program writes its run's per-edge gradients; padding edges whose
     receiver lies past the node table (no run; no batch built here has them) are written by the

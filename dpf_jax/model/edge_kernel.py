@@ -94,8 +94,10 @@ class KernelOptions:
       (upd * sigmoid(LayerNorm(alpha)), kept anyway as msg_layer_0's input) where it needs upd * g,
       instead of forming upd from the receiver row's vm_i, the sender row's vm_j and ew3: one
       [E, H, 3C] read in place of another plus two table-row gathers, and ew3 is no longer kept
-      for the backward. Equal up to float32 rounding (m = upd * g rounded once). Spelled "-mres"
-      before "-sorted" ("pallas_gate_rows-16x8x4-mres-sorted-slots-slotsum").
+      for the backward. Equal up to float32 rounding (m = upd * g rounded once). float32 inputs
+      only: with bfloat16 ones m would be stored rounded to bfloat16, so `fused_gate_rows` then
+      runs without the flag. Spelled "-mres" before "-sorted"
+      ("pallas_gate_rows-16x8x4-mres-sorted-slots-slotsum").
     joint_edge_projection: `pallas_gate_rows` only, not with atomic_grads or receiver_runs: e and
       e @ W3 come as one [E, H, 4C] array, [e | e @ W3] per head (MatformerConv computes it as one
       matmul of edge_attr with lin_edge's and the folded W3's kernels side by side), and the

@@ -26,6 +26,7 @@ and gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -862,6 +863,10 @@ def fused_gate_rows(recv_tab, send_tab, ew3, e, receivers, senders, mask, ln1_sc
     (as the batches built here are; `batching.graph_to_jraph` checks). With
     `opts.joint_edge_projection`, ew3 is the joint [E, H, 4C] array [e | e @ W3] and e is None (one
     array in, and one gradient out, for both; ew3 and e given apart are concatenated first)."""
+    if opts.gated_residual and ew3.dtype != jnp.float32:
+        # m is stored in ew3's dtype: a bfloat16 m would round upd * g where the kernel otherwise
+        # forms it in float32, so the backward forms upd as without the flag
+        opts = dataclasses.replace(opts, gated_residual=False)
     if opts.joint_edge_projection:  # ew3 is the joint [e | e @ W3] array: given in both places
         if e is not None:  # given apart: joined here (a copy; MatformerConv computes the joint array)
             ew3, e = jnp.concatenate([e, ew3.astype(e.dtype)], axis=-1), None

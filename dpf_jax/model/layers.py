@@ -297,7 +297,7 @@ def mean_pool(x, graph_index, node_mask, num_graphs: int):
 #   forming upd): synthetic fine-tuning B=256 22.53 -> 21.37 ms, real pre-training B=256 8.70 ->
 #   8.06 (one machine, both with the node projections as one matmul, `_node_projections`); the
 #   first-epoch loss curve within 2.5e-5 (10 steps) / 8.5e-5 (106) of session 27's default's
-#   (recorded on another H100; no atomics anywhere, so a rerun gives the same curve).
+#   (recorded then on another H100, same jax, seed and batches).
 EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8x4-keep-joint-mres-sorted-slots-slotsum"
 EDGE_KERNEL_AUTO_GPU_SMALL = "pallas_gate_rows-16x8-sorted"
 AUTO_SUM_MIN_EDGES = 16384
