@@ -518,11 +518,10 @@ def _rows_cotangents(args, d_rt, d_st, dupd, de, part):
             jnp.zeros_like(mask), *_ln1_grads(part, g1, b1))
 
 
-def _edge_grad_outputs(dm, ne, heads, c, joint):
-    """The first output structs of the per-edge backward kernels: d_upd [E, H, 3C] (joint: [d e |
-    d_upd], [E, H, 4C], see `_edge_grad_refs`) and its block spec width."""
-    width = 4 * c if joint else 3 * c
-    return _out_struct(dm, (ne, heads, width), jnp.float32), width
+def _dupd_width(joint, c):
+    """Width of the per-edge backward kernels' first output: d_upd [E, H, 3C], or with `joint`
+    [d e | d_upd] [E, H, 4C] (see `_edge_grad_refs`)."""
+    return 4 * c if joint else 3 * c
 
 
 def _dupd_part(dupd, joint, c):
@@ -624,11 +623,11 @@ def _rows_backward_slots(args, dm, opts):
 
     def out_shape(ne, nb, h, c):
         sds = functools.partial(_out_struct, dm)
-        return ([_edge_grad_outputs(dm, ne, h, c, joint)[0], sds((ne, h, c), f32)]
+        return ([sds((ne, h, _dupd_width(joint, c)), f32), sds((ne, h, c), f32)]
                 + [sds((ne, h, c), f32) for _ in d_e] + [sds((nb, h, 8, c), f32), sds((n_slots, h, 5 * c), f32)])
 
     def out_specs(rows, be):
-        return ([rows(_edge_grad_outputs(dm, 0, heads, c, joint)[1]), rows(c)] + [rows(c) for _ in d_e]
+        return ([rows(_dupd_width(joint, c)), rows(c)] + [rows(c) for _ in d_e]
                 + [_partials_spec(c), _full((n_slots, heads, 5 * c))])
 
     outs, n_edge, ne = _rows_call(_rows_bwd_slots_kernel, "edge_gate_rows_bwd_slots", args, [dm], out_shape,
@@ -791,18 +790,18 @@ def _rows_backward(args, dm, opts):
     if opts.receiver_slots:
         return _rows_backward_slots(args, dm, opts)
     rt, st, recv, send = args[0], args[1], args[4], args[5]
-    heads, c = rt.shape[1], rt.shape[2] // 5
+    c = rt.shape[2] // 5
     joint = opts.joint_edge_projection
     f32 = jnp.float32
     d_e = [] if joint else [None]  # joint: d e is part of the first output
 
     def out_shape(ne, nb, h, c):
         sds = functools.partial(_out_struct, dm)
-        return ([_edge_grad_outputs(dm, ne, h, c, joint)[0]] + [sds((ne, h, c), f32)] * (3 + len(d_e))
+        return ([sds((ne, h, _dupd_width(joint, c)), f32)] + [sds((ne, h, c), f32)] * (3 + len(d_e))
                 + [sds((nb, h, 8, c), f32)])
 
     def out_specs(rows, be):
-        return [rows(_edge_grad_outputs(dm, 0, heads, c, joint)[1])] + [rows(c)] * (3 + len(d_e)) + [_partials_spec(c)]
+        return [rows(_dupd_width(joint, c))] + [rows(c)] * (3 + len(d_e)) + [_partials_spec(c)]
 
     outs, n_edge, ne = _rows_call(_rows_bwd_kernel, "edge_gate_rows_bwd", args, [dm], out_shape, out_specs, opts,
                                   backward=True)
