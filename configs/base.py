@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.formulation = "node"
     # How the per-edge message chain runs, same parameters and maths: "auto" (default: on a GPU
     # per padded budget the fastest measured, "pallas_gate_rows-16x8x4-keep-joint-mres-sorted-slots-slotsum", below
-    # 16,384 edges "pallas_gate_rows-16x8-sorted"; elsewhere "xla"; dpf_jax/model/layers.py
+    # 16,384 edges "pallas_gate_rows-16x8-keep-joint-mres-sorted"; elsewhere "xla"; dpf_jax/model/layers.py
     # resolve_edge_kernel), "xla" (jax.numpy), "pallas_gate_rows" (node formulation: the gate
     # alpha -> LayerNorm -> sigmoid -> x upd as one Triton kernel pair that gathers the node-table
     # rows itself, matmuls in XLA; dpf_jax/model/gate_kernel.py), "pallas_gate" (the same gate on

@@ -46,7 +46,8 @@ from dpf_jax.model.edge_kernel import KernelOptions, _compiler_params  # noqa: E
 from dpf_jax.model.gate_kernel import fused_gate_rows  # noqa: E402
 from dpf_jax.model.message_sum_kernel import fused_message_sum  # noqa: E402
 
-DEFAULT_TILES = ["16x8-sorted", "16x8x4-keep-joint-mres-sorted-slots-slotsum", "16x8x4-sorted-slots-slotsum"]
+DEFAULT_TILES = ["16x8-keep-joint-mres-sorted", "16x8x4-keep-joint-mres-sorted-slots-slotsum", "16x8-sorted",
+                 "16x8x4-sorted-slots-slotsum"]
 
 
 def kernel_warps(name: str, opts: KernelOptions) -> int:

@@ -112,7 +112,8 @@ def test_no_edges():
                                     "pallas_gate_rows-16x4-sorted-slots-slotsum",
                                     "pallas_gate_rows-16x4-mres-sorted-slots-slotsum",
                                     "pallas_gate_rows-16x4-joint-sorted", "pallas_gate_rows-16x4-joint",
-                                    "pallas_gate_rows-16x4-keep-joint-mres-sorted-slots-slotsum"])
+                                    "pallas_gate_rows-16x4-keep-joint-mres-sorted-slots-slotsum",
+                                    "pallas_gate_rows-16x4-keep-joint-mres-sorted"])
 def test_conv_pallas_equals_xla_with_gradients(kernel):
     """MatformerConv with a fused kernel and with jax.numpy: same parameter tree, same outputs,
     same gradients (of parameters and of the node features)."""
@@ -561,7 +562,8 @@ def random_rows_args(n_node, n_edge, heads, c, n_real, seed=1):
     (12, 70, 65, 2, 16, 16, True, "xla", "mres"), (8, 90, 80, 2, 16, 16, False, "runs", "mres"),
     (8, 90, 80, 2, 16, 16, False, "slots", "mres"), (9, 40, 33, 4, 128, 32, False, "slots", "mres"),
     (12, 70, 65, 2, 16, 16, False, "xla", "joint"), (12, 70, 65, 2, 16, 16, True, "sorted", "joint"),
-    (8, 90, 80, 2, 16, 16, False, "slots", "joint"), (9, 40, 33, 4, 128, 32, True, "slots", "joint mres")])
+    (8, 90, 80, 2, 16, 16, False, "slots", "joint"), (9, 40, 33, 4, 128, 32, True, "slots", "joint mres"),
+    (12, 70, 65, 2, 16, 16, True, "sorted", "joint mres")])
 def test_gate_rows_kernel_matches_reference_values_and_gradients(n_node, n_edge, n_real, heads, c, block, keep,
                                                                  sums, flags):
     """The gate kernel that gathers node rows itself: values and every gradient (both node
@@ -679,7 +681,8 @@ def gate_rows_shapes(n_node, n_edge, heads=4, c=128):
 
 @pytest.mark.parametrize("keep,sums,flags", [(False, "xla", ""), (True, "xla", ""), (False, "atomic", ""),
                                              (False, "sorted", ""), (False, "runs", ""), (False, "slots", ""),
-                                             (True, "slots", "joint mres"), (False, "sorted", "joint")])
+                                             (True, "slots", "joint mres"), (False, "sorted", "joint"),
+                                             (True, "sorted", "joint mres")])
 def test_gate_rows_kernel_triton_lowering_inside_data_parallel_step(keep, sums, flags):
     """The kernel pair lowers for Triton inside the data-parallel step's shard_map (where a custom
     VJP's cotangents must vary over the mesh like its inputs), with each way of summing the
@@ -819,7 +822,8 @@ def test_auto_edge_kernel_resolves_per_backend(monkeypatch):
     assert (small.receiver_slots, large.receiver_slots, large.receiver_runs) == (False, True, False)
     # session 28: the large budgets' backward reads the forward's output, e and e @ W3 come as one array
     assert (large.keep_tiles, large.joint_edge_projection, large.gated_residual) == (True, True, True)
-    assert (small.keep_tiles, small.joint_edge_projection, small.gated_residual) == (False, False, False)
+    # session 29: the small budgets' kernel with the same three flags
+    assert (small.keep_tiles, small.joint_edge_projection, small.gated_residual) == (True, True, True)
     described = layers.describe_auto_edge_kernel(layers.EDGE_KERNEL_AUTO_GPU)
     assert layers.EDGE_KERNEL_AUTO_GPU in described and layers.EDGE_KERNEL_AUTO_GPU_SMALL in described
     assert layers.describe_auto_edge_kernel("xla") == "xla"

@@ -200,7 +200,9 @@ def _numpy_matformer_conv(p, x, edge_attr, senders, receivers, node_mask, edge_m
     # session 28's default (e and e @ W3 as one matmul, the backward reading the forward's output), and
     # the joint input without the fold (e and e @ W3 concatenated)
     ("node", "pallas_gate_rows-16x8x4-keep-joint-mres-sorted-slots-slotsum", True),
-    ("node", "pallas_gate_rows-16x8-joint-sorted", False)])
+    ("node", "pallas_gate_rows-16x8-joint-sorted", False),
+    # session 29's kernel for budgets below 16,384 edges (the same flags, no slots)
+    ("node", "pallas_gate_rows-16x8-keep-joint-mres-sorted", True)])
 def test_conv_matches_numpy_reference(crystals, formulation, edge_kernel, fold):
     graphs = [build_crystal_graph(c) for c in crystals[:3]]
     b = padded_batch(graphs)

@@ -297,9 +297,15 @@ def mean_pool(x, graph_index, node_mask, num_graphs: int):
 #   forming upd): synthetic fine-tuning B=256 22.53 -> 21.37 ms, real pre-training B=256 8.70 ->
 #   8.06 (one machine, both with the node projections as one matmul, `_node_projections`); the
 #   first-epoch loss curve within 2.5e-5 (10 steps) / 8.5e-5 (106) of session 27's default's
-#   (recorded then on another H100, same jax, seed and batches).
+#   (recorded then on another H100, same jax, seed and batches);
+# - since session 29 the smaller budgets run their kernel with the same three flags: real
+#   pre-training B=64 on one H100 3.09 -> 2.96 ms with "-joint-mres" (same process), each GPU's
+#   share of B=256 on 4 x H200 3.11 -> 3.00 ("-joint-mres") -> 2.96 ms ("-keep-joint-mres"; one
+#   machine); first-epoch pre-training loss curve with this kernel on every budget against the
+#   default on one H100: within 1.3e-5 (10 steps) / 9.0e-5 (106) (scripts/results/h100_session29/,
+#   h200x4_session29/).
 EDGE_KERNEL_AUTO_GPU = "pallas_gate_rows-16x8x4-keep-joint-mres-sorted-slots-slotsum"
-EDGE_KERNEL_AUTO_GPU_SMALL = "pallas_gate_rows-16x8-sorted"
+EDGE_KERNEL_AUTO_GPU_SMALL = "pallas_gate_rows-16x8-keep-joint-mres-sorted"
 AUTO_SUM_MIN_EDGES = 16384
 
 
