@@ -277,20 +277,24 @@ def _slots_backward(args, dout, n_node, opts):
             part[1].astype(bias.dtype), jnp.zeros_like(weight), None)
 
 
+def _form(opts):
+    """(forward, backward) of the form `opts` picks: per edge block into slots
+    (`message_sum_slots`), or one program per receiver."""
+    return (_slots_forward, _slots_backward) if opts.message_sum_slots else (_forward, _backward)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _fused(pre, b0, scale, bias, weight, receivers, n_node, opts):
-    forward = _slots_forward if opts.message_sum_slots else _forward
-    return forward((pre, b0, scale, bias, weight, receivers), n_node, opts)
+    return _form(opts)[0]((pre, b0, scale, bias, weight, receivers), n_node, opts)
 
 
 def _fused_fwd(pre, b0, scale, bias, weight, receivers, n_node, opts):
     args = (pre, b0, scale, bias, weight, receivers)
-    forward = _slots_forward if opts.message_sum_slots else _forward
-    return forward(args, n_node, opts), args  # residuals: the inputs (pre is kept for the W0 gradient anyway)
+    return _form(opts)[0](args, n_node, opts), args  # residuals: the inputs (pre is kept for the W0 gradient anyway)
 
 
 def _fused_bwd(n_node, opts, args, dout):
-    return (_slots_backward if opts.message_sum_slots else _backward)(args, dout, n_node, opts)
+    return _form(opts)[1](args, dout, n_node, opts)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
