@@ -163,9 +163,8 @@ class KernelOptions:
             raise ValueError(f"edge kernel {spec!r}: expected 'pallas', 'pallas_node', 'pallas_gate' or "
                              "'pallas_gate_rows', optionally with '-<block_edges>x<num_warps>' (then for the "
                              "gate kernels '-keep', for 'pallas_gate_rows' '-joint', '-mres' and '-atomic' or "
-                             "'-sorted', "
-                             "the latter optionally followed by '-runs' or '-slots', and last '-sum' or "
-                             "'-slotsum'; a tile may add 'x<backward_warps>' and then 'x<segment_warps>')")
+                             "'-sorted', the latter optionally followed by '-runs' or '-slots', and last '-sum' "
+                             "or '-slotsum'; a tile may add 'x<backward_warps>' and then 'x<segment_warps>')")
         if rest:
             try:
                 block, warps, *back = (int(t) for t in rest[0].split("x"))

@@ -103,8 +103,8 @@ class MatformerEncoder(nn.Module):
         see `dpf_jax.model.layers.MatformerConv` for their FLOPs and measured speed.
       edge_kernel: how the per-edge message chain runs (same parameters): "xla" (this class's
         default), "auto" (the configs' default: on a GPU per padded budget
-        "pallas_gate_rows-16x8x4-keep-joint-mres-sorted-slots-slotsum", "pallas_gate_rows-16x8-keep-joint-mres-sorted" below
-        16,384 edges; else "xla";
+        "pallas_gate_rows-16x8x4-keep-joint-mres-sorted-slots-slotsum",
+        "pallas_gate_rows-16x8-keep-joint-mres-sorted" below 16,384 edges; else "xla";
         `dpf_jax.model.layers.resolve_edge_kernel`), "pallas_gate_rows" (the gate as one Triton
         kernel pair gathering node rows itself), "pallas" (the chain as one fused Triton kernel
         pair, `dpf_jax.model.edge_kernel`), "pallas_node" (gathers inside too), "pallas_gate"
