@@ -156,6 +156,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.pack_batches = True
     # and each step's metrics as one vector, fetched in one copy instead of ~9 (train/step.py)
     c.train.pack_metrics = True
+    # with optim.flatten: the optimiser, the parameter update and the skip of a non-finite step on
+    # the concatenated parameters, split into leaves once at the end (train/step.py
+    # train_step_fn), instead of one add and select per parameter leaf; the same numbers
+    c.train.flat_update = True
     # how XLA's CUDA graphs run the training step's kernels (train/parallel.py; changes no number):
     # "xla" keeps XLA's defaults; "concurrent" lets independent kernels overlap;
     # "concurrent_collectives" also puts the collectives in the graphs; "auto" (default) picks

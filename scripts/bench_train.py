@@ -783,12 +783,21 @@ def bench_one(args, data_kind, name, batch_size, precision, mesh, cache, dump, f
                 s, _ = train_step(s, dev)
             return s
 
+        hlo = None
         try:
+            # the first padded shape's program names the kernels: the pool's other shapes compile
+            # to programs whose fusions may share a name, so a kernel's "source" is approximate
             hlo = "\n".join(train_step.lower(state, d).compile().as_text() for d in pool_dev[:1])
             res["trace"] = profile_step.trace_kernels(one_pass, hlo, S, args.trace)
             print(profile_step.format_kernels(res["trace"]), flush=True)
         except Exception as e:  # noqa: BLE001 - the timing stands without the trace
             res["trace"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        if args.dump_hlo and hlo:  # that program, to read the kernels' fusions against
+            form = str(res["formulation"] or "config").replace("+", "_")
+            out = Path(args.dump_hlo) / f"{data_kind}_{name}_B{batch_size}_{precision}_{D}dev_{form}.hlo"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(hlo)
+            res["hlo_file"] = str(out)
     if peaks:
         res["floor_ms_compute_xla"] = 1e3 * (xla_flops / S) / (peaks[unit] * 1e12)
         res["floor_ms_bytes_xla"] = 1e3 * (xla_bytes / S) / (peaks["hbm_tb_s"] * 1e12)
@@ -979,6 +988,9 @@ def parse_args(argv):
     p.add_argument("--trace", type=int, default=0, metavar="TOP",
                    help="after timing, trace one pass over the pool with jax.profiler and report the TOP "
                         "kernels by device time per step (the JSON's 'trace'; GPU)")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR",
+                   help="with --trace: write each traced step's optimised HLO text (its first padded shape) "
+                        "into DIR, one file per data, model, batch size, precision, device count and formulation")
     p.add_argument("--max-seconds", type=float, default=5.0,
                    help="stop timing a configuration after this long (at least 3 pool passes; 0: no cap)")
     p.add_argument("--time-budget", type=float, default=540.0,

@@ -92,7 +92,8 @@ def compile_step(config_name: str, batch_size: int, records: int, flatten: bool 
     mesh = make_mesh(num_devices)
     state = put_replicated(create_state(model, tx, jax.tree_util.tree_map(lambda x: x[0], batch), 0, stats), mesh)
     options = step_compiler_options(config.train.get("cuda_graphs", "auto"), mesh, config.train.batch_size)
-    step = make_train_step(objective, model, tx, mesh, compiler_options=options)
+    step = make_train_step(objective, model, tx, mesh, compiler_options=options,
+                           flat_update=loop.flat_update_enabled(config))
     compiled = step.lower(state, put_batch(batch, mesh)).compile()
     return compiled, batch, state
 

@@ -45,6 +45,8 @@ def _op_names(hlo_text: str) -> dict:
     names = {}
     for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
         names.setdefault(m.group(1), m.group(2))
+        # the GPU names a fusion's kernel after the instruction with "." and "-" as "_"
+        names.setdefault(re.sub(r"[.\-]", "_", m.group(1)), m.group(2))
     return names
 
 
@@ -201,7 +203,7 @@ def main(argv=None):
         tx = make_optimizer(config.optim, 1000)
         example = jax.tree_util.tree_map(lambda x: x[0], host)
         state = put_replicated(create_state(model, tx, example, 0, stats), mesh)
-        step = make_train_step(objective, model, tx, mesh)
+        step = make_train_step(objective, model, tx, mesh, flat_update=loop.flat_update_enabled(config))
         t0 = time.perf_counter()
         state, m = step(state, batch)
         jax.block_until_ready(m["loss"])

@@ -2,6 +2,7 @@
 and its FLOP count matches the numbers documented in the script."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,9 +48,13 @@ def test_small_benchmark_writes_json_and_batches(tmp_path):
     out, npz = tmp_path / "bench.json", tmp_path / "batches.npz"
     res = bench.main(["--small", "--models", "finetune", "--precision", "default", "--batch-sizes", "8",
                       "--pool", "2", "--steps", "2", "--warmup", "1", "--out", str(out), "--dump-npz", str(npz),
-                      "--trace", "3",
+                      "--trace", "3", "--dump-hlo", str(tmp_path / "hlo"),
                       "--set", "optim.flatten=False", "train.balance_shares=False", "model.remat=dots"])
     data = json.loads(out.read_text())
+    # the traced program's HLO, named by its configuration
+    hlo_file = Path(data["results"][0]["hlo_file"])
+    assert hlo_file.parent == tmp_path / "hlo" and hlo_file.name.startswith("real_finetune_B8_default_4dev_")
+    assert "ENTRY" in hlo_file.read_text()
     # the kernel trace ran (on a CPU no accelerator kernels: the fields, empty)
     assert "error" not in data["results"][0]["trace"]
     assert {"device_busy_ms_per_step", "top", "kernels_per_step"} <= set(data["results"][0]["trace"])

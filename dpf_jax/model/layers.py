@@ -31,6 +31,7 @@ from dpf_jax.model.gate_kernel import fused_gate, fused_gate_rows
 from dpf_jax.model.gate_recompute import gate_message
 from dpf_jax.model.gather_kernel import fused_node_message
 from dpf_jax.model.message_sum_kernel import fused_message_sum
+from dpf_jax.model.row_sums import add_bias, broadcast_rows, column_sum
 
 Dtype = Any
 Precision = Any  # None | str | jax.lax.Precision | tuple
@@ -83,7 +84,7 @@ class Linear(nn.Module):
         kernel = self.param("kernel", init, (fan_in, self.features), jnp.float32)
         y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
         if self.use_bias:
-            y = y + self.param("bias", init, (self.features,), jnp.float32).astype(self.dtype)
+            y = add_bias(y, self.param("bias", init, (self.features,), jnp.float32))
         return y
 
 
@@ -188,13 +189,15 @@ class MaskedBatchNorm(nn.Module):
             # "gathered" on several devices: this device's own mean and squared deviations, then
             # one collective; otherwise the sums are psum-ed before the mean (none on one device)
             gathered = self.axis_name is not None and self.stats == "gathered" and _INVARIANT_GATHER
-            total = jnp.sum(jnp.where(m, w * xf, 0.0), axis=0)
+            # the sums over rows (and, through broadcast_rows, their gradients) in two stages
+            # (row_sums.py: XLA's one-pass column sums left most of a GPU idle)
+            total = column_sum(jnp.where(m, w * xf, 0.0))
             if self.axis_name is not None and not gathered:
                 count, total = jax.lax.psum((count, total), self.axis_name)
             n = jnp.maximum(count, 1.0)
             mean = total / n
-            dev = jnp.where(m, xf - mean, 0.0)
-            sq = jnp.sum(w * dev * dev, axis=0)
+            dev = jnp.where(m, xf - broadcast_rows(mean, xf), 0.0)
+            sq = column_sum(w * dev * dev)
             if gathered:
                 # every device's (count, mean, squared deviations) in one collective, then
                 # combined exactly (Chan et al.): no global mean is needed before the squares
@@ -216,8 +219,8 @@ class MaskedBatchNorm(nn.Module):
                 ra_var.value = jnp.where(have, mom * ra_var.value + (1 - mom) * unbiased, ra_var.value)
         else:
             mean, var = ra_mean.value, ra_var.value
-        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-        return y.astype(self.dtype)
+        y = (xf - broadcast_rows(mean, xf)) * broadcast_rows(jax.lax.rsqrt(var + self.epsilon) * scale, xf)
+        return (y + broadcast_rows(bias, xf)).astype(self.dtype)
 
 
 def rbf_expansion(d, vmin: float = 0.0, vmax: float = 8.0, bins: int = 128):
@@ -570,7 +573,7 @@ class MatformerConv(nn.Module):
                   for name, w in zip(("lin_query", "lin_key", "lin_value", "lin_skip"), widths)]
         kernel = jnp.concatenate([w for w, _ in params], axis=1).astype(dt)
         bias = jnp.concatenate([b for _, b in params]).astype(dt)
-        y = jnp.matmul(x.astype(dt), kernel, precision=self.precision) + bias
+        y = add_bias(jnp.matmul(x.astype(dt), kernel, precision=self.precision), bias)
         q, k, v, skip = jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
         n_node = x.shape[0]
         return q.reshape(n_node, H, C), k.reshape(n_node, H, C), v.reshape(n_node, H, C), skip

@@ -261,6 +261,11 @@ def step_crystals(config, num_runs: int = 0) -> int:
     return config.train.batch_size * max(num_runs, 1)
 
 
+def flat_update_enabled(config) -> bool:
+    """`train.flat_update`, which needs the optimiser state of one flat vector (`optim.flatten`)."""
+    return bool(config.train.get("flat_update", True) and config.optim.get("flatten", False))
+
+
 def build_run_step(config, objective, model, tx, mesh, state, example_batch_fn, num_runs: int = 0,
                    steps_per_call: int = 1) -> RunStep:
     """`make_train_step` with the packings `config.train` asks for; `state`: the (replicated)
@@ -271,7 +276,8 @@ def build_run_step(config, objective, model, tx, mesh, state, example_batch_fn, 
     metrics = MetricsPacking() if config.train.get("pack_metrics", False) else None
     options = step_compiler_options(config.train.get("cuda_graphs", "auto"), mesh, step_crystals(config, num_runs))
     step = make_train_step(objective, model, tx, mesh, num_runs=num_runs, steps_per_call=steps_per_call,
-                           packing=packing, transfer=transfer, metrics_packing=metrics, compiler_options=options)
+                           packing=packing, transfer=transfer, metrics_packing=metrics, compiler_options=options,
+                           flat_update=flat_update_enabled(config))
     return RunStep(step, packing, transfer, metrics.unpack if metrics else None)
 
 
