@@ -26,6 +26,20 @@ def load_script(name: str):
     return module
 
 
+def all_reduced_elements(hlo_text: str) -> list[int]:
+    """Elements of each all-reduce operand in the ENTRY computation of an optimised HLO
+    module's text (`scripts/count_step_ops.py` parses the instructions)."""
+    import re
+
+    import numpy as np
+
+    sizes = []
+    for _, (_, typ, opcode, _) in load_script("count_step_ops").entry_instructions(hlo_text):
+        if opcode in ("all-reduce", "all-reduce-start"):
+            sizes += [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in re.findall(r"\[([\d,]*)\]", typ)]
+    return sizes
+
+
 def tiny(config, records=96, epochs=2, batch=16, layers=2, channels=16, heads=2):
     """A small model and data slice so CPU tests run in seconds; the code path is the real one."""
     config.model.num_layers = layers

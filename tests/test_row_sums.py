@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import all_reduced_elements
 from dpf_jax.model.row_sums import add_bias, broadcast_rows, column_sum
 
 
@@ -57,19 +58,6 @@ def test_bias_and_row_broadcast_gradients_are_the_row_sums():
         broadcast_rows(v[0], jnp.ones((64, 4, 5)))  # [F] against [rows, H, F]: not what it repeats
 
 
-def _all_reduced_elements(hlo_text: str) -> list[int]:
-    """Elements of each all-reduce operand in an optimised HLO module's text."""
-    import re
-
-    sizes = []
-    for line in hlo_text.splitlines():
-        m = re.search(r"= (\(.*?\)|\S+) all-reduce(?:-start)?\(", line)  # tuples hold /*index=5*/
-        if m:
-            shapes = re.findall(r"\[([\d,]*)\]", m.group(1))
-            sizes += [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in shapes]
-    return sizes
-
-
 def test_bias_gradient_all_reduces_the_bias_not_its_rows():
     """A replicated bias added to per-device rows (inside shard_map, 4 devices): the gradient's
     all-reduce is of the [F] bias gradient. Marked varying only at the add, the bias would have
@@ -89,6 +77,6 @@ def test_bias_gradient_all_reduces_the_bias_not_its_rows():
                          in_specs=(P(), P(AXIS)), out_specs=P())
 
     grad = jax.jit(jax.grad(loss(add_bias)))
-    sizes = _all_reduced_elements(grad.lower(b, x).compile().as_text())
+    sizes = all_reduced_elements(grad.lower(b, x).compile().as_text())
     assert sizes and max(sizes) == 16, sizes
     np.testing.assert_allclose(grad(b, x), jax.grad(loss(lambda x, b: x + b))(b, x), rtol=1e-5)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO, load_script, terminate_after_epochs, tiny, train_setup
+from conftest import DATA, REPO, all_reduced_elements, load_script, terminate_after_epochs, tiny, train_setup
 from configs import finetune_jarvis, pretrain_mask30
 from dpf_jax.train import loop, parallel
 from dpf_jax.train.checkpoint import load_raw_checkpoint
@@ -528,8 +528,6 @@ def test_four_device_step_all_reduces_the_gradients_and_no_more():
     per-device rows: a replicated bias marked varying only where it was added to the rows had
     its [rows, F] cotangent all-reduced (session 30, `dpf_jax/model/row_sums.py`: 144,227 values
     here)."""
-    from test_row_sums import _all_reduced_elements
-
     from dpf_jax.train.step import make_train_step
 
     config = tiny(pretrain_mask30.get_config(), records=64, batch=32)
@@ -538,7 +536,7 @@ def test_four_device_step_all_reduces_the_gradients_and_no_more():
     step = make_train_step(t.objective, t.model, t.tx, t.mesh, flat_update=True)
     text = step.lower(put_replicated(t.state, t.mesh), put_batch(t.batch, t.mesh)).compile().as_text()
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(t.state.params))
-    sizes = _all_reduced_elements(text)
+    sizes = all_reduced_elements(text)
     assert n_params <= sum(sizes) <= 1.25 * n_params, (n_params, sorted(sizes)[-8:])
 
 
