@@ -127,7 +127,12 @@ def get_config() -> ml_collections.ConfigDict:
     # ("quantile": at the k/levels quantiles, the placement up to session 21). Issue #9's synthetic
     # fine-tuning B=256 on one H100 (session 22): quantile x 2 levels 29.35 ms per step (11.1% of
     # edge slots padding), cost x 2 28.21, x 3 27.47, x 4 26.60 (2.3%); each level ~27 s to compile there.
-    c.train.num_budget_levels = 4
+    # Session 31 (one H200, same benchmark): x 4 17.77 ms, x 8 17.55 (1.3%); over 200 epochs
+    # 3.8% -> 1.9% padding edges (x 8 uses 7 shapes there: ~60 s more compilation, once)
+    c.train.num_budget_levels = 8
+    # at most this many for the validation / test batches and for prediction: forward-only
+    # steps, where a compilation costs more than the padding it saves
+    c.train.eval_budget_levels = 4
     c.train.budget_placement = "cost"
     # split each global batch over the devices by edge count (heaviest crystal first to the
     # lightest share), so the edge padding stays near its one-device level
@@ -136,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
     # multiples of budget_search_granule) and keep the one whose compiled training step XLA
     # counts the fewest bytes for: on a GPU the same batch can step 20-30% faster at a slightly
     # larger padded shape (dpf_jax/train/budget_search.py). Costs that many compilations.
-    # (with four budget levels that is four searches, also for levels no batch may reach)
+    # (with eight budget levels that is eight searches, also for levels no batch may reach)
     c.train.budget_search = 0
     c.train.budget_search_granule = 1024
     c.train.budget_search_cache = ".cache/budget_search.json"  # byte counts found ("": none)

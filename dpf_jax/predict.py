@@ -303,8 +303,11 @@ class Predictor:
         self.load()
         tg = np.zeros(n) if targets is None else np.nan_to_num(np.asarray(targets, np.float64), nan=0.0)
         jr = [graph_to_jraph(g, float(t)) for g, t in zip(graphs, tg)]
-        batcher = GraphBatcher(jr, self._batch_size_for(n), self.num_devices,
-                               num_levels=int(self.config.train.get("num_budget_levels", 2)), seed=0,
+        # the run's levels, at most train.eval_budget_levels (as for its validation batches;
+        # configs saved before that key: at most 4)
+        levels = min(int(self.config.train.get("num_budget_levels", 2)),
+                     int(self.config.train.get("eval_budget_levels", 4)))
+        batcher = GraphBatcher(jr, self._batch_size_for(n), self.num_devices, num_levels=levels, seed=0,
                                budget_placement=self.config.train.get("budget_placement", "quantile"))
         preds = np.full(n, np.nan)
         order = batcher.epoch_order(0, 0, shuffle=False)

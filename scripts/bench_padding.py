@@ -7,6 +7,9 @@
         --batch-sizes 32 256 1024 --out scripts/results/padding_levels.json
     python scripts/bench_padding.py --configs synthetic --batch-sizes 256 --devices 1 --levels 2 3 4 \
         --placements quantile cost --out scripts/results/padding_levels_synthetic.json   # issue #9's crystals
+    # the expected padding (many epochs) with 4 to 16 levels (session 31):
+    python scripts/bench_padding.py --configs synthetic pretrain_mask30 --batch-sizes 256 1024 --devices 1 \
+        --levels 4 6 8 12 16 --epochs 200 --out scripts/results/padding_levels_session31.json
 
 Every device's share of a global batch is padded to one budget (the one that holds the largest
 share), so a split whose shares differ in size pads the smaller ones up to the largest. With
@@ -48,6 +51,9 @@ def main(argv=None) -> dict:
     p.add_argument("--levels", nargs="+", type=int, default=None, help="compare these numbers of budget levels")
     p.add_argument("--placements", nargs="+", default=None, choices=BUDGET_PLACEMENTS,
                    help="compare these budget placements (default with --levels: the config's)")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="shuffled epochs to count over (many: the expected padding; "
+                        "a small set has few batches per epoch)")
     p.add_argument("--out", default=str(REPO / "scripts" / "results" / "padding_shares.json"))
     args = p.parse_args(argv)
 
@@ -69,14 +75,14 @@ def main(argv=None) -> dict:
                     continue
                 row = {"config": name, "batch_size": bs, "num_devices": n_dev, "crystals": len(graphs)}
                 if args.levels or args.placements:
-                    rows.extend(dict(row, **level_row(graphs, bs, n_dev, config, placement, levels))
+                    rows.extend(dict(row, **level_row(graphs, bs, n_dev, config, placement, levels, args.epochs))
                                 for placement in args.placements or [config.train.budget_placement]
                                 for levels in args.levels or [config.train.num_budget_levels])
                     continue
                 for balance in (False, True):
                     b = GraphBatcher(graphs, bs, n_dev, num_levels=config.train.num_budget_levels, seed=0,
                                      balance=balance, budget_placement=config.train.budget_placement)
-                    waste = b.padding_waste(seed=config.seed)
+                    waste = b.padding_waste(seed=config.seed, epochs=args.epochs)
                     tag = "balanced" if balance else "contiguous"
                     row[f"edge_padding_{tag}"] = waste["edge_padding"]
                     row[f"node_padding_{tag}"] = waste["node_padding"]
@@ -88,8 +94,9 @@ def main(argv=None) -> dict:
                       flush=True)
     what = ("budget levels and placements (balanced shares)" if args.levels or args.placements
             else "contiguous vs balanced device shares")
-    out = {"description": "padding waste over one shuffled training epoch (GraphBatcher.padding_waste): "
-                          f"padded / all node and edge slots, {what}",
+    out = {"description": f"padding waste over {args.epochs} shuffled training epoch(s) "
+                          f"(GraphBatcher.padding_waste): padded / all node and edge slots, {what}",
+           "epochs": args.epochs,
            "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -105,18 +112,18 @@ def synthetic_data():
     return bench_train.synthetic_data(bench_train.parse_args(["--synthetic"]))[0]
 
 
-def level_row(graphs, batch_size: int, num_devices: int, config, placement: str, levels: int) -> dict:
-    """Padding waste over one epoch with `levels` budget levels placed by `placement`."""
+def level_row(graphs, batch_size: int, num_devices: int, config, placement: str, levels: int, epochs: int = 1) -> dict:
+    """Padding waste over `epochs` epochs with `levels` budget levels placed by `placement`."""
     from dpf_jax.data.batching import GraphBatcher
 
     b = GraphBatcher(graphs, batch_size, num_devices, num_levels=levels, seed=0, budget_placement=placement)
-    waste = b.padding_waste(seed=config.seed)
+    waste = b.padding_waste(seed=config.seed, epochs=epochs)
     print(f"  B={batch_size:5d} {num_devices} device(s) {placement:8s} x {levels}: edge padding "
           f"{100 * waste['edge_padding']:5.1f}%, node {100 * waste['node_padding']:5.1f}%, "
           f"{waste['budgets_used']} of {len(b.budgets)} shapes used", flush=True)
     return {"placement": placement, "levels": levels, "edge_padding": waste["edge_padding"],
             "node_padding": waste["node_padding"], "budgets": [[x.n_node, x.n_edge, x.n_graph] for x in b.budgets],
-            "budgets_used_in_epoch": waste["budgets_used"]}
+            "budgets_used": waste["budgets_used"]}
 
 
 if __name__ == "__main__":

@@ -355,6 +355,23 @@ def test_balanced_shares_pad_less_and_keep_global_positions(jarvis_graphs):
     np.testing.assert_array_equal(one.globals["index"][0][:32], np.arange(32))
 
 
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_padding_waste_over_epochs_counts_the_padded_slots_of_the_batches(jarvis_graphs, num_devices):
+    """padding_waste(seed, epochs) is the padded share of the node and edge slots of exactly the
+    batches `iterate` makes in those epochs, counted here from the batches themselves."""
+    batcher = GraphBatcher(jarvis_graphs, batch_size=16, num_devices=num_devices, seed=0, num_levels=3)
+    slots = real = np.zeros(2)
+    for epoch in range(3):
+        for batch in batcher.iterate(seed=5, epoch=epoch):
+            counts = np.stack([np.asarray(batch.n_node), np.asarray(batch.n_edge)])  # [2, (devices,) graphs]
+            mask = np.asarray(batch.globals["mask"]) > 0
+            slots = slots + counts.reshape(2, -1).sum(1)
+            real = real + (counts * mask).reshape(2, -1).sum(1)
+    waste = batcher.padding_waste(seed=5, epochs=3)
+    np.testing.assert_allclose([waste["node_padding"], waste["edge_padding"]], 1 - real / slots, rtol=1e-12)
+    assert waste != batcher.padding_waste(seed=5, epochs=1)  # other epochs, other batches
+
+
 def test_split_evenly():
     assert sorted(len(p) for p in split_evenly(list(range(10)), 4)) == [2, 2, 3, 3]
     assert sum(split_evenly(list(range(10)), 4), []) == list(range(10))

@@ -219,6 +219,26 @@ def test_the_batcher_places_its_padding_budgets_as_configured():
     assert len({tuple(b) for b in budgets.values()}) == len(budgets), budgets
 
 
+@pytest.mark.parametrize("levels, eval_levels, expected", [(8, 4, 4), (8, 3, 3), (2, 4, 2)])
+def test_evaluation_batchers_get_at_most_eval_budget_levels(levels, eval_levels, expected):
+    """Validation / test batchers (forward-only steps) get min(train.num_budget_levels,
+    train.eval_budget_levels) levels, the training batcher all of train.num_budget_levels."""
+    from dpf_jax.data.batching import choose_budgets
+
+    config = tiny(finetune_jarvis.get_config(), records=400, batch=32)
+    config.train.num_budget_levels, config.train.eval_budget_levels = levels, eval_levels
+    assert (loop.budget_levels(config), loop.budget_levels(config, evaluation=True)) == (levels, expected)
+    data = loop.load_data(config)
+    split = data.splits["train"]
+    train_b = loop.make_batcher(split, config, 1)
+    eval_b = loop.make_batcher(split, config, 1, evaluation=True)
+    for batcher, n in ((train_b, levels), (eval_b, expected)):
+        assert batcher.budgets == choose_budgets(batcher.n_node, batcher.n_edge, 32, num_levels=n)
+        assert 1 <= len(batcher.budgets) <= n
+    # these sizes give 5 distinct budgets for 8 levels, 2 / 3 / 4 for 2 / 3 / 4: a lost setting would show
+    assert (train_b.budgets == eval_b.budgets) == (levels == expected)
+
+
 def test_a_wrong_cuda_graphs_mode_or_padding_setting_fails_before_the_data_loads(tmp_path):
     config = tiny(finetune_jarvis.get_config())
     config.data.path = str(tmp_path / "missing.jsonl.gz")  # would be the error if the data loaded first
@@ -227,7 +247,8 @@ def test_a_wrong_cuda_graphs_mode_or_padding_setting_fails_before_the_data_loads
         loop.train_and_evaluate(config, str(tmp_path / "run"))
     config.train.cuda_graphs = "auto"  # and a wrong padding setting
     for key, value, message in (("budget_placement", "median", "train.budget_placement must be one of"),
-                                ("num_budget_levels", 0, "train.num_budget_levels must be a whole number >= 1")):
+                                ("num_budget_levels", 0, "train.num_budget_levels must be a whole number >= 1"),
+                                ("eval_budget_levels", 0, "train.eval_budget_levels must be a whole number >= 1")):
         wrong = config.copy_and_resolve_references()
         wrong.train[key] = value
         with pytest.raises(ValueError, match=message):

@@ -384,7 +384,8 @@ def choose_budgets(
     padded size (edges + `NODE_COST_IN_EDGES` x nodes) over the simulated batches is smallest
     (exact dynamic programming over the candidates); "quantile" (up to session 21): level k at
     the k/num_levels quantile. Padding waste of B=256 synthetic JARVIS-like batches with two
-    levels: ~11% (quantile); a third or fourth level lowers it further (README, padding).
+    levels: ~11% (quantile); more levels lower it further (four by cost: ~2-4%, eight: ~1-2%;
+    README, padding).
     """
     if placement not in BUDGET_PLACEMENTS:
         raise ValueError(f"budget placement must be one of {BUDGET_PLACEMENTS}, got {placement!r}")
@@ -592,20 +593,22 @@ class GraphBatcher:
         for b in range(start_batch, self.num_batches(drop_remainder)):
             yield self.make_batch(order[b * self.batch_size:(b + 1) * self.batch_size])
 
-    def padding_waste(self, seed: int = 0) -> dict:
-        """Fraction of padded node and edge slots over one epoch, and how many of the budgets
-        (padded shapes, one compilation each) its batches use (for benchmarks and logs)."""
+    def padding_waste(self, seed: int = 0, epochs: int = 1) -> dict:
+        """Fraction of padded node and edge slots over the first `epochs` shuffled epochs (one
+        epoch of a small set is few batches; many give the expected padding), and how many of
+        the budgets (padded shapes, one compilation each) their batches use (for benchmarks and logs)."""
         real_n = real_e = tot_n = tot_e = 0
         used = set()
-        order = self.epoch_order(seed, 0, True)
-        for b in range(self.num_batches()):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            budget = self.share_budget(self.shares(idx))
-            used.add(budget)
-            real_n += int(self.n_node[idx].sum())
-            real_e += int(self.n_edge[idx].sum())
-            tot_n += budget.n_node * self.num_devices
-            tot_e += budget.n_edge * self.num_devices
+        for epoch in range(epochs):
+            order = self.epoch_order(seed, epoch, True)
+            for b in range(self.num_batches()):
+                idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+                budget = self.share_budget(self.shares(idx))
+                used.add(budget)
+                real_n += int(self.n_node[idx].sum())
+                real_e += int(self.n_edge[idx].sum())
+                tot_n += budget.n_node * self.num_devices
+                tot_e += budget.n_edge * self.num_devices
         return {"node_padding": 1 - real_n / tot_n, "edge_padding": 1 - real_e / tot_e, "budgets_used": len(used)}
 
 

@@ -167,22 +167,33 @@ def check_step_settings(config) -> None:
     """train.cuda_graphs, train.budget_placement and train.num_budget_levels, checked before the
     data loads (by every entry point that trains)."""
     check_cuda_graphs(config.train.get("cuda_graphs", "auto"))
-    placement, levels = config.train.get("budget_placement", "cost"), config.train.num_budget_levels
+    placement = config.train.get("budget_placement", "cost")
     if placement not in BUDGET_PLACEMENTS:
         raise ValueError(f"train.budget_placement must be one of {BUDGET_PLACEMENTS}, got {placement!r}")
-    if not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"train.num_budget_levels must be a whole number >= 1, got {levels!r}")
+    for key in ("num_budget_levels", "eval_budget_levels"):
+        levels = config.train.get(key, 1)
+        if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+            raise ValueError(f"train.{key} must be a whole number >= 1, got {levels!r}")
 
 
-def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_fn=None) -> GraphBatcher | None:
+def budget_levels(config, evaluation: bool = False) -> int:
+    """How many padding budget levels a batcher gets: train.num_budget_levels for training,
+    at most train.eval_budget_levels (default 4) of them for evaluation and prediction."""
+    levels = int(config.train.num_budget_levels)
+    return min(levels, int(config.train.get("eval_budget_levels", 4))) if evaluation else levels
+
+
+def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_fn=None,
+                 evaluation: bool = False) -> GraphBatcher | None:
     """The split's batcher; in pre-training with `rebuild_topology`, one that perturbs on the
-    host and rebuilds each perturbed crystal's graph, keyed by `key_fn(epoch, batch)`."""
+    host and rebuilds each perturbed crystal's graph, keyed by `key_fn(epoch, batch)`.
+    `evaluation`: a validation / test batcher (fewer budget levels, `budget_levels`)."""
     if not split.graphs:
         return None
     balance = config.train.get("balance_shares", True)
     # budgets are sampled with a fixed seed, not the run's: runs that differ only in seed then
     # share padded shapes, hence compiled executables in the persistent compilation cache
-    padding = dict(num_levels=config.train.num_budget_levels, seed=0,
+    padding = dict(num_levels=budget_levels(config, evaluation), seed=0,
                    budget_placement=config.train.get("budget_placement", "cost"))
     if config.mode == "pretrain" and _corruption(config) == "official":  # corrupted once, here
         return OfficialBatcher(split.graphs, config.train.batch_size, num_devices, config.seed,
@@ -478,8 +489,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # key of the step that consumes batch b of epoch e (used when perturbing on the host)
     train_key_fn = lambda e, b: jax.random.fold_in(run_key, e * steps_per_epoch + b)
     train_b = make_batcher(data.splits["train"], config, num_devices, key_fn=train_key_fn)
-    val_b = make_batcher(data.splits["val"], config, num_devices, key_fn=lambda e, b: eval_key)
-    test_b = make_batcher(data.splits["test"], config, num_devices, key_fn=lambda e, b: eval_key)
+    val_b = make_batcher(data.splits["val"], config, num_devices, key_fn=lambda e, b: eval_key, evaluation=True)
+    test_b = make_batcher(data.splits["test"], config, num_devices, key_fn=lambda e, b: eval_key, evaluation=True)
     assert steps_per_epoch == train_b.num_batches(drop_remainder=drop)
     total_steps = steps_per_epoch * config.train.epochs
     checkpointer = ckpt_lib.Checkpointer(workdir)

@@ -120,8 +120,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str, str
     n_train = len(data.splits["train"])
     drop, steps_per_epoch = loop.epoch_steps(n_train, config.train.batch_size)
     train_b = loop.make_batcher(data.splits["train"], config, num_devices)
-    val_b = loop.make_batcher(data.splits["val"], config, num_devices)
-    test_b = loop.make_batcher(data.splits["test"], config, num_devices)
+    val_b = loop.make_batcher(data.splits["val"], config, num_devices, evaluation=True)
+    test_b = loop.make_batcher(data.splits["test"], config, num_devices, evaluation=True)
     batches = _Batches(train_b, [c.seed for c in configs], config.train.batch_size, drop)
     checkpointers = [ckpt_lib.Checkpointer(w) for w in workdirs]
     saved = [set(ck.latest.all_steps()) for ck in checkpointers]
