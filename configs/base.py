@@ -122,6 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
     # SIGTERM / Ctrl-C and at max_steps); 0: every epoch. Saves cost ~1 s each.
     c.train.checkpoint_every_secs = 120
     c.train.max_steps = 0  # >0: stop (and checkpoint) there, as if interrupted; rerun resumes
+    # JAX's persistent compilation cache for `python -m dpf_jax.main` / multirun (relative to the
+    # working directory; "": off; the environment's JAX_COMPILATION_CACHE_DIR wins): a rerun, a
+    # resumed run or a sweep's next run with the same padded shapes skips their compilations
+    c.train.compilation_cache_dir = ".cache/jax"
     # padded (nodes, edges) shapes per run, each one jit compilation (data/batching.py
     # choose_budgets), placed by "cost": the least mean padded size over simulated batches
     # ("quantile": at the k/levels quantiles, the placement up to session 21). Issue #9's synthetic

@@ -39,6 +39,27 @@ def put_config_root_on_path(argv: list[str]) -> None:
         sys.path.insert(0, str(root))
 
 
+def enable_compilation_cache(path: str) -> str | None:
+    """JAX's persistent compilation cache in `path` (`train.compilation_cache_dir`), so that a
+    rerun, a resumed run or the next run of a sweep with the same padded shapes loads its
+    compiled steps instead of compiling them again (~10-30 s per shape on a GPU). The
+    environment variable JAX_COMPILATION_CACHE_DIR, which JAX reads itself, wins; an empty
+    `path` leaves the cache off. Returns the directory in use, or None. Call before the first
+    compilation."""
+    import os
+
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env:
+        return env
+    if not path:
+        return None
+    import jax
+
+    path = str(Path(path).expanduser())
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def run_app(main, argv: list[str] | None = None) -> None:
     """`absl.app.run(main, argv)`, with a `--config.x=y` override naming no config field
     reported in one line instead of a traceback. Everything else passes through unchanged: errors

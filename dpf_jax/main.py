@@ -13,7 +13,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpf_jax.cli import explain, put_config_root_on_path, run_app
+from dpf_jax.cli import enable_compilation_cache, explain, put_config_root_on_path, run_app
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -34,6 +34,9 @@ def main(argv):
 
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
+    cache = enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
+    if cache:
+        logging.info("persistent compilation cache: %s", cache)
     try:
         train_and_evaluate(config, workdir)
     except (TrainingError, FileNotFoundError, ValueError) as e:

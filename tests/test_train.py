@@ -362,8 +362,8 @@ def test_finetuning_starts_from_the_pretrained_encoder(tmp_path):
         loop.restore_encoder(state8, str(pre_dir))
 
 
-def _cli(*args, cwd=REPO, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def _cli(*args, cwd=REPO, timeout=600, **env_vars):
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env_vars)
     return subprocess.run([sys.executable, "-m", "dpf_jax.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -409,11 +409,26 @@ def test_cli_runs_and_reports_bad_config(tmp_path):
     (line,) = [x for x in typo.stderr.splitlines() if x.startswith("error:")]
     assert line.startswith("error: bad command line: --config.train.epoch: no config field 'epoch'")
     assert "epochs" in line  # ml_collections' suggestion, kept
+    cache = tmp_path / "jax_cache"  # train.compilation_cache_dir: the compiled programs are kept there
     ok = _cli("--config", "configs/finetune_jarvis.py", "--workdir", str(tmp_path / "ok"),
-              "--config.init_checkpoint=", *common)
+              "--config.init_checkpoint=", f"--config.train.compilation_cache_dir={cache}", *common,
+              JAX_COMPILATION_CACHE_DIR="", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     assert ok.returncode == 0, ok.stderr[-3000:]
     res = json.loads((tmp_path / "ok" / "results.json").read_text())
     assert np.isfinite(res["test_mae_final"]) and res["task"] == "formation_energy_peratom"
+    assert f"persistent compilation cache: {cache}" in ok.stderr
+    assert any(p.name.startswith("jit_") for p in cache.iterdir())
+
+
+def test_the_compilation_cache_setting_yields_to_the_environment(monkeypatch):
+    """JAX_COMPILATION_CACHE_DIR (read by JAX itself) wins over train.compilation_cache_dir;
+    an empty setting without it leaves the cache off (neither touches this process's JAX)."""
+    from dpf_jax.cli import enable_compilation_cache
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    assert enable_compilation_cache(".cache/jax") == "/elsewhere"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    assert enable_compilation_cache("") is None
 
 
 def test_checkpoint_boundaries_and_changed_settings(tmp_path):
@@ -586,7 +601,7 @@ def test_sigterm_saves_and_the_rerun_finishes(tmp_path):
             "--config.model.num_layers=1", "--config.model.channels=8", "--config.model.heads=1",
             "--config.model.rbf_bins=8", "--config.data.max_records=64", "--config.data.cache_dir=",
             "--config.train.epochs=400", "--config.train.batch_size=16", "--config.train.progress_bar=False",
-            "--config.init_checkpoint="]
+            "--config.init_checkpoint=", f"--config.train.compilation_cache_dir={tmp_path / 'jax_cache'}"]
     code, out = terminate_after_epochs([sys.executable, "-m", "dpf_jax.main", *args], tmp_path / "metrics.csv")
     assert code != 0 and "interrupted (signal 15)" in out, out[-3000:]
     _, meta = _final_params(tmp_path)

@@ -287,7 +287,7 @@ def main(argv=None):
     from absl import app, flags
     from ml_collections import config_flags
 
-    from dpf_jax.cli import explain, put_config_root_on_path, run_app
+    from dpf_jax.cli import enable_compilation_cache, explain, put_config_root_on_path, run_app
 
     cli_argv = sys.argv if argv is None else argv
     put_config_root_on_path(cli_argv)
@@ -304,6 +304,9 @@ def main(argv=None):
             raise app.UsageError(f"unexpected arguments: {argv_[1:]}")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("absl").setLevel(logging.WARNING)
+        cache = enable_compilation_cache(flags_.config.train.get("compilation_cache_dir", ""))
+        if cache:
+            logging.info("persistent compilation cache: %s", cache)
         inits = ["" if i in ("", "scratch") else i for i in flags_.init_checkpoints] or [""]
         specs = run_workdirs(flags_.workdir, flags_.seeds, inits)
         todo = [s for s in specs if not (Path(s[2]) / "results.json").exists()]
