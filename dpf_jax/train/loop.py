@@ -164,8 +164,8 @@ def data_stats(config, data: PreparedData) -> dict:
 
 
 def check_step_settings(config) -> None:
-    """train.cuda_graphs, train.budget_placement and train.num_budget_levels, checked before the
-    data loads (by every entry point that trains)."""
+    """train.cuda_graphs, train.budget_placement, train.num_budget_levels and
+    train.eval_budget_levels, checked before the data loads (by every entry point that trains)."""
     check_cuda_graphs(config.train.get("cuda_graphs", "auto"))
     placement = config.train.get("budget_placement", "cost")
     if placement not in BUDGET_PLACEMENTS:
@@ -208,6 +208,16 @@ def make_batcher(split: SplitData, config, num_devices: int, budgets=None, key_f
     targets = np.nan_to_num(split.targets, nan=0.0)
     graphs = [graph_to_jraph(g, float(t)) for g, t in zip(split.graphs, targets)]
     return GraphBatcher(graphs, config.train.batch_size, num_devices, budgets=budgets, balance=balance, **padding)
+
+
+def describe_budgets(train_b, *eval_batchers) -> str:
+    """One log line: the padded (nodes, edges) shapes per device of the training batches and how
+    many the evaluation batchers have; each is one compilation, made when a batch first needs it
+    (the pauses of a first epoch)."""
+    shapes = ", ".join(f"{b.n_node}x{b.n_edge}" for b in train_b.budgets)
+    n_eval = len({b for e in eval_batchers if e is not None for b in e.budgets})
+    return (f"padding budgets (nodes x edges per device): {len(train_b.budgets)} training shapes ({shapes}), "
+            f"{n_eval} evaluation shapes; each compiles when a batch first needs it")
 
 
 def maybe_tune_budgets(config, batcher, train_step, state, host_batch_fn, mesh, run_axis: bool = False) -> list[dict]:
@@ -538,6 +548,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return run.unpack(carried)
 
     budget_rows = maybe_tune_budgets(config, train_b, train_step, carried, lambda: bundle(first_batch), mesh)
+    log.info("%s", describe_budgets(train_b, val_b, test_b))
     eval_step = make_eval_step(objective, model, mesh)
     eval_key = put_replicated(eval_key, mesh)
     metric_name = "mae" if config.mode == "finetune" else "loss"
