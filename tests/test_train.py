@@ -612,7 +612,8 @@ def test_sigterm_saves_and_the_rerun_finishes(tmp_path):
     log_text = (tmp_path / "train.log").read_text()
     assert f"at step {meta['step']} of {400 * 3}" in log_text  # in the log too
     # the padded shapes (one compilation each) are logged: the first epoch's pauses explained
-    assert "training shapes (" in log_text and "evaluation shapes; each compiles when a batch first needs it" in log_text
+    assert "training shapes (" in log_text
+    assert "evaluation shapes; each compiles when a batch first needs it" in log_text
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 400 * 3
     again = _cli(*args)  # a finished run started again says so
     assert again.returncode == 0 and f"at step {400 * 3} of {400 * 3} (the run had finished" in again.stdout
