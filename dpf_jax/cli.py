@@ -44,20 +44,21 @@ def enable_compilation_cache(path: str) -> str | None:
     rerun, a resumed run or the next run of a sweep with the same padded shapes loads its
     compiled steps instead of compiling them again (~10-30 s per shape on a GPU). The
     environment variable JAX_COMPILATION_CACHE_DIR, which JAX reads itself, wins; an empty
-    `path` leaves the cache off. Returns the directory in use, or None. Call before the first
-    compilation."""
+    `path` leaves the cache off. Returns the directory in use (logged), or None. Call before the
+    first compilation."""
+    import logging
     import os
 
     env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    if env:
-        return env
-    if not path:
+    if not env and not path:
         return None
-    import jax
+    if not env:
+        import jax
 
-    path = str(Path(path).expanduser())
-    jax.config.update("jax_compilation_cache_dir", path)
-    return path
+        path = str(Path(path).expanduser())
+        jax.config.update("jax_compilation_cache_dir", path)
+    logging.getLogger(__name__).info("persistent compilation cache: %s", env or path)
+    return env or path
 
 
 def run_app(main, argv: list[str] | None = None) -> None:

@@ -34,9 +34,7 @@ def main(argv):
 
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
-    cache = enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
-    if cache:
-        logging.info("persistent compilation cache: %s", cache)
+    enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
     try:
         train_and_evaluate(config, workdir)
     except (TrainingError, FileNotFoundError, ValueError) as e:

@@ -295,6 +295,7 @@ class Predictor:
         from tqdm.auto import tqdm
 
         from dpf_jax.data.batching import GraphBatcher, graph_to_jraph, prefetch
+        from dpf_jax.train.loop import budget_levels
         from dpf_jax.train.parallel import prefetch_to_device
 
         n = len(graphs)
@@ -303,11 +304,9 @@ class Predictor:
         self.load()
         tg = np.zeros(n) if targets is None else np.nan_to_num(np.asarray(targets, np.float64), nan=0.0)
         jr = [graph_to_jraph(g, float(t)) for g, t in zip(graphs, tg)]
-        # the run's levels, at most train.eval_budget_levels (as for its validation batches;
-        # configs saved before that key: at most 4)
-        levels = min(int(self.config.train.get("num_budget_levels", 2)),
-                     int(self.config.train.get("eval_budget_levels", 4)))
-        batcher = GraphBatcher(jr, self._batch_size_for(n), self.num_devices, num_levels=levels, seed=0,
+        # as many levels as the run's validation batches had
+        batcher = GraphBatcher(jr, self._batch_size_for(n), self.num_devices,
+                               num_levels=budget_levels(self.config, evaluation=True), seed=0,
                                budget_placement=self.config.train.get("budget_placement", "quantile"))
         preds = np.full(n, np.nan)
         order = batcher.epoch_order(0, 0, shuffle=False)

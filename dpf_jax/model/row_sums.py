@@ -23,6 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dpf_jax.model.edge_kernel import _make_varying, _varying_axes
+
 # rows summed by the first stage (the largest of these dividing the row count; none: one pass)
 ROW_GROUPS = (32, 16, 8)
 
@@ -59,19 +61,6 @@ def _broadcast_rows_bwd(rows, _, g):
 _broadcast_rows.defvjp(_broadcast_rows_fwd, _broadcast_rows_bwd)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
-    """The mesh axes x varies over inside `shard_map` (its type's `vma` up to JAX 0.9, its
-    `manual_axis_type.varying` since 0.10); empty outside, and on JAX without such types."""
-    typeof = getattr(jax, "typeof", None)
-    if typeof is None:
-        return frozenset()
-    aval = typeof(x)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-    return frozenset(vma or ())
-
-
 def _varying_like(v: jax.Array, x: jax.Array) -> jax.Array:
     """v marked as varying over the mesh axes that x varies over (inside `shard_map`; elsewhere,
     and on JAX without varying-axis types, v itself).
@@ -82,13 +71,8 @@ def _varying_like(v: jax.Array, x: jax.Array) -> jax.Array:
     barrier keeps XLA from moving the all-reduce past the sums): in CPU compiles of the
     four-device step a [rows, F] all-reduce per bias and BatchNorm parameter instead of its [F]
     gradient (session 30; the GPU program was not inspected). Marked here, on v, the
-    all-reduce is of [F]."""
-    axes = tuple(sorted(_varying_axes(x) - _varying_axes(v)))
-    if not axes:
-        return v
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(v, axes, to="varying")
-    return jax.lax.pvary(v, axes)  # JAX 0.6 - 0.9
+    all-reduce is of [F]. (The kernels' own helpers, which mark their parameters the same way.)"""
+    return _make_varying(v, _varying_axes(x))
 
 
 def broadcast_rows(v: jax.Array, like: jax.Array) -> jax.Array:

@@ -178,8 +178,9 @@ def check_step_settings(config) -> None:
 
 def budget_levels(config, evaluation: bool = False) -> int:
     """How many padding budget levels a batcher gets: train.num_budget_levels for training,
-    at most train.eval_budget_levels (default 4) of them for evaluation and prediction."""
-    levels = int(config.train.num_budget_levels)
+    at most train.eval_budget_levels (default 4) of them for evaluation and prediction (defaults
+    2 and 4 for the saved configs of runs older than those settings)."""
+    levels = int(config.train.get("num_budget_levels", 2))
     return min(levels, int(config.train.get("eval_budget_levels", 4))) if evaluation else levels
 
 

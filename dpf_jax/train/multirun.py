@@ -304,9 +304,7 @@ def main(argv=None):
             raise app.UsageError(f"unexpected arguments: {argv_[1:]}")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("absl").setLevel(logging.WARNING)
-        cache = enable_compilation_cache(flags_.config.train.get("compilation_cache_dir", ""))
-        if cache:
-            logging.info("persistent compilation cache: %s", cache)
+        enable_compilation_cache(flags_.config.train.get("compilation_cache_dir", ""))
         inits = ["" if i in ("", "scratch") else i for i in flags_.init_checkpoints] or [""]
         specs = run_workdirs(flags_.workdir, flags_.seeds, inits)
         todo = [s for s in specs if not (Path(s[2]) / "results.json").exists()]
